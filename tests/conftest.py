@@ -1,0 +1,234 @@
+"""Shared test helpers: the one tolerance table, seeded inputs, calls by cell name, the cuda marker.
+
+Every test that compares two implementations should take its tolerances from ``tol`` and its
+inputs from ``make_inputs``, and run a cell by name through ``run_forward``/``run_backward``, so
+that adding a cell means adding one entry to ``CELLS`` and nothing else.
+
+Import from here in a test module with ``from conftest import ...`` (pytest puts tests/ on the
+path); this module imports nothing from rnnfast at import time, so it works before the extension
+is built.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+# the cell kinds, named as rnnfast._validate.GATES names them
+CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+GRAD_NAMES = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
+
+# ---- the tolerance table ----------------------------------------------------------------------
+# Keyed by the dtype under test; the expected values always come from the float64 reference.
+# An element passes when |actual - expected| <= atol + rtol * |expected| (as numpy.isclose).
+#   float64: the same arithmetic in another order (BLAS blocking, OpenMP reductions, libm tanh),
+#            a few ulps per step that grow mildly over T; weight gradients sum over T*N rows.
+#   float32: float32 rounding against float64 truth; weight gradients sum over T*N rows, so
+#            they get a looser bound than outputs and state.
+TOLERANCES = {
+    np.dtype(np.float64): {
+        "output": {"rtol": 1e-12, "atol": 1e-12},  # y, h_n, c_n
+        "grad": {"rtol": 1e-10, "atol": 1e-11},  # dx, dh0, dc0, dw_*, db_*
+    },
+    np.dtype(np.float32): {
+        "output": {"rtol": 1e-5, "atol": 1e-5},
+        "grad": {"rtol": 1e-4, "atol": 1e-4},
+    },
+}
+
+
+def tol(dtype, kind: str = "output") -> dict:
+    """``{"rtol": ..., "atol": ...}`` for arrays of ``dtype``; kind is "output" or "grad"."""
+    return dict(TOLERANCES[np.dtype(dtype)][kind])
+
+
+def assert_close(actual, expected, rtol: float, atol: float, name: str = "array") -> None:
+    """Assert |actual - expected| <= atol + rtol*|expected| elementwise (NaN equals only NaN).
+
+    Compares in float64, so a float32 result can be checked against the float64 reference. On
+    failure the message gives the shapes, the number of bad elements, the max absolute and max
+    relative error and where the worst element is. ``None`` must meet ``None``.
+    """
+    if actual is None or expected is None:
+        assert actual is None and expected is None, (
+            f"{name}: one side is None (actual {type(actual).__name__}, "
+            f"expected {type(expected).__name__})"
+        )
+        return
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{name}: shape {a.shape} != expected {e.shape}"
+    nan_a, nan_e = np.isnan(a), np.isnan(e)
+    assert np.array_equal(nan_a, nan_e), (
+        f"{name}: NaN in different places ({int(nan_a.sum())} in actual, {int(nan_e.sum())} "
+        "expected)"
+    )
+    err = np.where(nan_e, 0.0, np.abs(a - e))
+    bad = err > atol + rtol * np.abs(e)
+    if bad.any():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(err == 0, 0.0, err / np.abs(e))
+        worst = np.unravel_index(np.argmax(err), err.shape)
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.size} elements differ beyond rtol={rtol:g}, "
+            f"atol={atol:g}; max abs err {err.max():.3e} at {tuple(map(int, worst))} "
+            f"(actual {a[worst]:.17g}, expected {e[worst]:.17g}), max rel err {np.max(rel):.3e}"
+        )
+
+
+def assert_grads_close(actual: dict, expected: dict, dtype, names=GRAD_NAMES) -> None:
+    """assert_close on every gradient present in ``expected`` (keys from GRAD_NAMES)."""
+    assert set(actual) == set(expected), f"gradient keys {sorted(actual)} != {sorted(expected)}"
+    for k in names:
+        if k in expected:
+            assert_close(actual[k], expected[k], **tol(dtype, "grad"), name=k)
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+LENGTHS_KINDS = [None, "full", "mixed", "positive", "zero"]
+
+
+def make_lengths(kind, T: int, N: int, rng: np.random.Generator):
+    """Sequence lengths (int64, shape (N,)) or None.
+
+    kind: None (no lengths argument), "full" (all T), "zero" (all 0), "mixed" (random in
+    [0, T], containing both 0 and T when N >= 2), "positive" (random in [1, T], containing T and,
+    when N >= 2 and T >= 1, 1; what torch's pack_padded_sequence accepts).
+    """
+    if kind is None:
+        return None
+    if kind == "full":
+        return np.full(N, T, dtype=np.int64)
+    if kind == "zero":
+        return np.zeros(N, dtype=np.int64)
+    if kind == "mixed":
+        lengths = rng.integers(0, T + 1, size=N)
+        fixed = [T, 0]
+    elif kind == "positive":
+        lengths = rng.integers(min(1, T), T + 1, size=N)
+        fixed = [T, min(1, T)]
+    else:
+        raise ValueError(f"unknown lengths kind {kind!r}; one of {LENGTHS_KINDS}")
+    picks = rng.permutation(N)[: min(N, 2)]
+    lengths[picks] = fixed[: len(picks)]
+    return lengths.astype(np.int64)
+
+
+def make_inputs(cell: str, T: int, N: int, C: int, H: int, dtype, rng: np.random.Generator,
+                with_state: bool = True, with_bias: bool = True,
+                lengths_kind=None) -> dict:  # fmt: skip
+    """Seeded forward inputs for ``cell``: a dict with keys x w_ih w_hh b_ih b_hh h0 c0 lengths.
+
+    Values are drawn in float64 and then cast to ``dtype``, so the same rng state gives the same
+    numbers in float32 and float64 (up to rounding). x and states are standard normal; weights and
+    biases uniform in +-1/sqrt(H), as PyTorch initialises them. b_ih/b_hh are None without bias,
+    h0 (and c0) None without state, c0 None for any cell but LSTM, lengths from ``make_lengths``.
+    All keys are always present, so ``run_forward(api, cell, **inputs)`` works for every cell.
+    """
+    G = GATES[cell]
+    k = 1.0 / np.sqrt(H)
+
+    def draw(shape, scale=None):
+        a = rng.standard_normal(shape) if scale is None else rng.uniform(-scale, scale, shape)
+        return a.astype(dtype)
+
+    inputs = {
+        "x": draw((T, N, C)),
+        "w_ih": draw((G * H, C), k),
+        "w_hh": draw((G * H, H), k),
+        "b_ih": draw((G * H,), k) if with_bias else None,
+        "b_hh": draw((G * H,), k) if with_bias else None,
+        "h0": draw((N, H)) if with_state else None,
+        "c0": draw((N, H)) if with_state and cell == "lstm" else None,
+    }
+    inputs["lengths"] = make_lengths(lengths_kind, T, N, rng)
+    return inputs
+
+
+def make_upstream(cell: str, T: int, N: int, H: int, dtype, rng: np.random.Generator,
+                  with_final: bool = True) -> dict:  # fmt: skip
+    """Seeded upstream gradients: dict with dy (T, N, H), dh_n and dc_n (N, H).
+
+    dh_n and dc_n are None without ``with_final``; dc_n is None for any cell but LSTM.
+    """
+    lstm = cell == "lstm"
+    return {
+        "dy": rng.standard_normal((T, N, H)).astype(dtype),
+        "dh_n": rng.standard_normal((N, H)).astype(dtype) if with_final else None,
+        "dc_n": rng.standard_normal((N, H)).astype(dtype) if with_final and lstm else None,
+    }
+
+
+def cast(arrays: dict, dtype) -> dict:
+    """A copy of a dict of arrays with every floating array cast to ``dtype`` (None, ints kept)."""
+    return {
+        k: v.astype(dtype) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v
+        for k, v in arrays.items()
+    }
+
+
+def noncontiguous(a: np.ndarray) -> np.ndarray:
+    """A non-C-contiguous view with the same values as ``a`` (every other element of its last
+    axis in a buffer twice as wide, the other half filled with NaN so a stride bug shows)."""
+    a = np.asarray(a)
+    buf = np.full(a.shape[:-1] + (2 * a.shape[-1],), np.nan, dtype=a.dtype)
+    view = buf[..., ::2]
+    view[...] = a
+    assert not view.flags.c_contiguous or a.size <= 1
+    return view
+
+
+# ---- calling a cell by name -------------------------------------------------------------------
+
+
+def run_forward(api, cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
+                lengths=None, training: bool = True):  # fmt: skip
+    """Call ``api.<cell>_forward`` (api: rnnfast.ops, rnnfast.reference or anything with the same
+    functions) and return ``(y, h_n, c_n, ctx)`` for every cell, c_n None but for LSTM."""
+    if cell == "lstm":
+        return api.lstm_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths,
+                                training=training)  # fmt: skip
+    assert c0 is None, f"c0 given for {cell}"
+    if cell == "gru":
+        y, h_n, ctx = api.gru_forward(x, w_ih, w_hh, b_ih, b_hh, h0, lengths=lengths,
+                                      training=training)  # fmt: skip
+    else:
+        nonlinearity = cell.removeprefix("rnn_")
+        y, h_n, ctx = api.rnn_forward(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity=nonlinearity,
+                                      lengths=lengths, training=training)  # fmt: skip
+    return y, h_n, None, ctx
+
+
+def run_backward(api, cell: str, ctx, dy, dh_n=None, dc_n=None) -> dict:
+    """Call ``api.<cell>_backward``; returns its gradient dict (dc0 only for LSTM)."""
+    if cell == "lstm":
+        return api.lstm_backward(ctx, dy, dh_n, dc_n)
+    assert dc_n is None, f"dc_n given for {cell}"
+    backward = api.gru_backward if cell == "gru" else api.rnn_backward
+    return backward(ctx, dy, dh_n)
+
+
+# ---- the cuda marker --------------------------------------------------------------------------
+
+
+@functools.cache
+def cuda_available() -> bool:
+    """True when rnnfast imports and its ``cuda_available()`` says True (False when missing)."""
+    try:
+        import rnnfast
+    except ImportError:
+        return False
+    probe = getattr(rnnfast, "cuda_available", None)
+    try:
+        return bool(probe()) if callable(probe) else False
+    except Exception:
+        return False
+
+
+def pytest_runtest_setup(item):
+    # tests marked @pytest.mark.cuda skip (never fail) where there is no GPU or no CUDA build
+    if item.get_closest_marker("cuda") is not None and not cuda_available():
+        pytest.skip("needs an NVIDIA GPU and rnnfast built with CUDA (rnnfast.cuda_available())")
