@@ -1,0 +1,330 @@
+"""Optimizers over a dict of NumPy parameters, with torch.optim's names, defaults and update rules.
+
+``opt = Adam(model.params, lr=1e-3)`` keeps a reference to the dict; ``opt.step(grads)`` updates
+every parameter in place from the gradient of the same name (a name missing from ``grads``, or
+mapped to None, is skipped, as torch skips a parameter whose ``.grad`` is None). Each rule follows
+torch.optim's single-tensor implementation line for line, so that the two agree step for step.
+Hyperparameters are plain attributes (``opt.lr = 1e-4`` is how a schedule changes them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW"]
+
+
+def _check_nonneg(name, value):
+    if not (isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value)):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if value < 0:
+        raise ValueError(f"invalid {name}: {value} (must be >= 0)")
+
+
+def _check_unit(name, value, closed=False):
+    _check_nonneg(name, value)
+    if value > 1 or (value == 1 and not closed):
+        raise ValueError(f"invalid {name}: {value} (must be in [0, 1{']' if closed else ')'})")
+
+
+class Optimizer:
+    """Base class: holds ``params`` (name -> ndarray, updated in place) and per-parameter state.
+
+    Subclasses list their hyperparameters in ``_hparams`` and implement ``_update``.
+    """
+
+    _hparams: tuple[str, ...] = ()
+
+    def __init__(self, params: Mapping[str, np.ndarray]):
+        if not isinstance(params, Mapping):
+            raise TypeError(
+                "params must be a dict of name -> ndarray (for example layer.params), got "
+                f"{type(params).__name__}"
+            )
+        if not params:
+            raise ValueError("optimizer got an empty params dict")
+        for name, p in params.items():
+            if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
+                raise TypeError(
+                    f"parameter {name!r} must be a floating-point ndarray, got "
+                    f"{type(p).__name__}{'' if not isinstance(p, np.ndarray) else ' ' + str(p.dtype)}"
+                )
+            if not p.flags.writeable:
+                raise ValueError(f"parameter {name!r} is read-only; the optimizer updates in place")
+        self.params = params
+        self.state: dict[str, dict[str, np.ndarray]] = {}
+
+    @property
+    def hparams(self) -> dict:
+        """The hyperparameters as a dict (a copy)."""
+        return {k: getattr(self, k) for k in self._hparams}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
+        return f"{type(self).__name__}({args})"
+
+    def step(self, grads: Mapping[str, np.ndarray | None]) -> None:
+        """One update of every parameter from ``grads`` (same names as ``params``)."""
+        if not isinstance(grads, Mapping):
+            raise TypeError(f"grads must be a dict of name -> ndarray, got {type(grads).__name__}")
+        unknown = set(grads) - set(self.params)
+        if unknown:
+            raise KeyError(f"grads has names that are not parameters: {sorted(unknown)}")
+        checked = {}
+        for name, p in self.params.items():
+            g = grads.get(name)
+            if g is None:
+                continue
+            g = np.asarray(g)
+            if g.shape != p.shape:
+                raise ValueError(
+                    f"gradient {name!r} has shape {g.shape} but the parameter has shape {p.shape}"
+                )
+            checked[name] = g.astype(p.dtype, copy=False)
+        for name, g in checked.items():
+            self._update(self.params[name], g, self.state.setdefault(name, {}))
+
+    def _update(self, p: np.ndarray, g: np.ndarray, state: dict) -> None:
+        raise NotImplementedError
+
+    def zero_grad(self, grads: Mapping[str, np.ndarray]) -> None:
+        """Zeroes the given gradient arrays in place (layers also have their own zero_grad)."""
+        for g in grads.values():
+            if g is not None:
+                g[...] = 0
+
+    def state_dict(self) -> dict:
+        """``{"hparams": {...}, "state": {param name: {buffer name: ndarray}}}``, all copies."""
+        return {
+            "hparams": self.hparams,
+            "state": {n: {k: np.array(v, copy=True) for k, v in s.items()} for n, s in self.state.items()},
+        }  # fmt: skip
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restores hyperparameters and state from ``state_dict()``; checks everything first."""
+        if not isinstance(state_dict, Mapping) or set(state_dict) != {"hparams", "state"}:
+            raise ValueError("optimizer state_dict must be a dict with keys 'hparams' and 'state'")
+        hp, st = state_dict["hparams"], state_dict["state"]
+        if set(hp) != set(self._hparams):
+            raise ValueError(
+                f"{type(self).__name__} state_dict has hyperparameters {sorted(hp)}, expected "
+                f"{sorted(self._hparams)} (is it from another optimizer?)"
+            )
+        unknown = set(st) - set(self.params)
+        if unknown:
+            raise KeyError(f"optimizer state for unknown parameters: {sorted(unknown)}")
+        new_state = {}
+        for name, s in st.items():
+            p = self.params[name]
+            new_state[name] = {}
+            for k, v in s.items():
+                v = np.asarray(v)
+                if k != "step" and v.shape != p.shape:
+                    raise ValueError(
+                        f"optimizer state {name}/{k} has shape {v.shape}, parameter has {p.shape}"
+                    )
+                new_state[name][k] = np.array(v, dtype=p.dtype if k != "step" else np.float64)
+        for k, v in hp.items():
+            if isinstance(v, np.ndarray):
+                v = v.tolist()
+            setattr(self, k, tuple(v) if isinstance(v, list) else v)
+        self.state = new_state
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum, as torch.optim.SGD."""
+
+    _hparams = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False):  # fmt: skip
+        super().__init__(params)
+        for k, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            _check_nonneg(k, v)
+        _check_nonneg("dampening", dampening)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+        self.lr, self.momentum, self.dampening = lr, momentum, dampening
+        self.weight_decay, self.nesterov, self.maximize = weight_decay, bool(nesterov), maximize
+
+    def _update(self, p, g, state):
+        g = -g if self.maximize else g
+        if self.weight_decay != 0:
+            g = g + self.weight_decay * p
+        if self.momentum != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = np.array(g, copy=True)
+            else:
+                buf *= self.momentum
+                buf += (1 - self.dampening) * g
+            g = g + self.momentum * buf if self.nesterov else buf
+        p -= self.lr * g
+
+
+class Adagrad(Optimizer):
+    """Adagrad, as torch.optim.Adagrad."""
+
+    _hparams = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "maximize")
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False):  # fmt: skip
+        super().__init__(params)
+        for k in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"):
+            _check_nonneg(k, locals()[k])
+        self.lr, self.lr_decay, self.weight_decay = lr, lr_decay, weight_decay
+        self.initial_accumulator_value, self.eps, self.maximize = (
+            initial_accumulator_value, eps, maximize,
+        )  # fmt: skip
+
+    def _update(self, p, g, state):
+        if not state:
+            state["step"] = np.zeros((), np.float64)
+            state["sum"] = np.full_like(p, self.initial_accumulator_value)
+        g = -g if self.maximize else g
+        state["step"] += 1
+        step = float(state["step"])
+        if self.weight_decay != 0:
+            g = g + self.weight_decay * p
+        clr = self.lr / (1 + (step - 1) * self.lr_decay)
+        state["sum"] += g * g
+        p -= clr * g / (np.sqrt(state["sum"]) + self.eps)
+
+
+class RMSprop(Optimizer):
+    """RMSprop (optionally centered, with momentum), as torch.optim.RMSprop."""
+
+    _hparams = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                 centered=False, maximize=False):  # fmt: skip
+        super().__init__(params)
+        for k in ("lr", "eps", "weight_decay", "momentum"):
+            _check_nonneg(k, locals()[k])
+        _check_unit("alpha", alpha, closed=True)
+        self.lr, self.alpha, self.eps, self.weight_decay = lr, alpha, eps, weight_decay
+        self.momentum, self.centered, self.maximize = momentum, bool(centered), maximize
+
+    def _update(self, p, g, state):
+        if not state:
+            state["step"] = np.zeros((), np.float64)
+            state["square_avg"] = np.zeros_like(p)
+            if self.momentum > 0:
+                state["momentum_buffer"] = np.zeros_like(p)
+            if self.centered:
+                state["grad_avg"] = np.zeros_like(p)
+        g = -g if self.maximize else g
+        state["step"] += 1
+        if self.weight_decay != 0:
+            g = g + self.weight_decay * p
+        sq = state["square_avg"]
+        sq *= self.alpha
+        sq += (1 - self.alpha) * g * g
+        if self.centered:
+            ga = state["grad_avg"]
+            ga += (1 - self.alpha) * (g - ga)
+            avg = np.sqrt(sq - ga * ga)
+        else:
+            avg = np.sqrt(sq)
+        avg += self.eps
+        if self.momentum > 0:
+            buf = state["momentum_buffer"]
+            buf *= self.momentum
+            buf += g / avg
+            p -= self.lr * buf
+        else:
+            p -= self.lr * g / avg
+
+
+class Adadelta(Optimizer):
+    """Adadelta, as torch.optim.Adadelta."""
+
+    _hparams = ("lr", "rho", "eps", "weight_decay", "maximize")
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False):
+        super().__init__(params)
+        for k in ("lr", "eps", "weight_decay"):
+            _check_nonneg(k, locals()[k])
+        _check_unit("rho", rho, closed=True)
+        self.lr, self.rho, self.eps, self.weight_decay, self.maximize = (
+            lr, rho, eps, weight_decay, maximize,
+        )  # fmt: skip
+
+    def _update(self, p, g, state):
+        if not state:
+            state["step"] = np.zeros((), np.float64)
+            state["square_avg"] = np.zeros_like(p)
+            state["acc_delta"] = np.zeros_like(p)
+        g = -g if self.maximize else g
+        state["step"] += 1
+        if self.weight_decay != 0:
+            g = g + self.weight_decay * p
+        sq, acc = state["square_avg"], state["acc_delta"]
+        sq *= self.rho
+        sq += (1 - self.rho) * g * g
+        delta = np.sqrt(acc + self.eps) / np.sqrt(sq + self.eps) * g
+        acc *= self.rho
+        acc += (1 - self.rho) * delta * delta
+        p -= self.lr * delta
+
+
+class Adam(Optimizer):
+    """Adam (optionally AMSGrad), as torch.optim.Adam; weight_decay is L2 added to the gradient."""
+
+    _hparams = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+    _decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, maximize=False):  # fmt: skip
+        super().__init__(params)
+        for k in ("lr", "eps", "weight_decay"):
+            _check_nonneg(k, locals()[k])
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        _check_unit("betas[0]", betas[0])
+        _check_unit("betas[1]", betas[1])
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.amsgrad, self.maximize = bool(amsgrad), maximize
+
+    def _update(self, p, g, state):
+        if not state:
+            state["step"] = np.zeros((), np.float64)
+            state["exp_avg"] = np.zeros_like(p)
+            state["exp_avg_sq"] = np.zeros_like(p)
+            if self.amsgrad:
+                state["max_exp_avg_sq"] = np.zeros_like(p)
+        beta1, beta2 = self.betas
+        g = -g if self.maximize else g
+        state["step"] += 1
+        step = float(state["step"])
+        if self.weight_decay != 0:
+            if self._decoupled:
+                p *= 1 - self.lr * self.weight_decay
+            else:
+                g = g + self.weight_decay * p
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m += (1 - beta1) * (g - m)
+        v *= beta2
+        v += (1 - beta2) * g * g
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+        if self.amsgrad:
+            vmax = state["max_exp_avg_sq"]
+            np.maximum(vmax, v, out=vmax)
+            denom = np.sqrt(vmax) / bias_correction2_sqrt + self.eps
+        else:
+            denom = np.sqrt(v) / bias_correction2_sqrt + self.eps
+        p -= (self.lr / bias_correction1) * m / denom
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (p *= 1 - lr * weight_decay), as torch.optim.AdamW."""
+
+    _decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False):  # fmt: skip
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)

@@ -1,0 +1,215 @@
+"""rnnfast.optim, rnnfast.clip and rnnfast.init: against torch where it is installed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import assert_close
+
+from rnnfast import clip, init, optim
+
+SHAPES = {"weight_ih_l0": (8, 5), "weight_hh_l0": (8, 2), "bias_ih_l0": (8,)}
+
+CONFIGS = [
+    ("SGD", {"lr": 0.1}),
+    ("SGD", {"lr": 0.1, "momentum": 0.9}),
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "dampening": 0.3, "weight_decay": 0.01}),
+    ("SGD", {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 0.01}),
+    ("SGD", {"lr": 0.05, "momentum": 0.5, "maximize": True}),
+    ("Adagrad", {}),
+    (
+        "Adagrad",
+        {"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.1, "initial_accumulator_value": 0.2},
+    ),
+    ("RMSprop", {}),
+    ("RMSprop", {"centered": True}),
+    ("RMSprop", {"momentum": 0.9, "alpha": 0.9}),
+    ("RMSprop", {"momentum": 0.9, "centered": True, "weight_decay": 0.05}),
+    ("Adadelta", {}),
+    ("Adadelta", {"lr": 0.5, "rho": 0.8, "weight_decay": 0.1}),
+    ("Adam", {}),
+    ("Adam", {"lr": 0.01, "betas": (0.8, 0.99), "amsgrad": True}),
+    ("Adam", {"lr": 0.01, "weight_decay": 0.1}),
+    ("AdamW", {}),
+    ("AdamW", {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}),
+]
+
+
+def _params(rng):
+    return {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+
+
+def _grads(rng, step):
+    g = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    if step % 7 == 3:
+        g["bias_ih_l0"] = None  # a parameter without a gradient is skipped, as torch skips it
+    return g
+
+
+@pytest.mark.parametrize(
+    "name,kwargs", CONFIGS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CONFIGS)]
+)
+def test_matches_torch_step_for_step(name, kwargs):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    params = _params(rng)
+    tparams = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    ours = getattr(optim, name)(params, **kwargs)
+    theirs = getattr(torch.optim, name)(list(tparams.values()), **kwargs)
+    for step in range(20):
+        grads = _grads(rng, step)
+        for k, t in tparams.items():
+            t.grad = None if grads[k] is None else torch.tensor(grads[k])
+        theirs.step()
+        ours.step(grads)
+        for k, t in tparams.items():
+            assert_close(params[k], t.detach().numpy(), rtol=1e-6, atol=1e-12, name=f"{k}@{step}")
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW"])
+def test_defaults_match_torch(name):
+    torch = pytest.importorskip("torch")
+    ours = getattr(optim, name)({"w": np.zeros(3)}).hparams
+    theirs = getattr(torch.optim, name)([torch.zeros(3, requires_grad=True)]).defaults
+    for k, v in ours.items():
+        assert theirs[k] == v, f"{name}.{k}: ours {v}, torch {theirs[k]}"
+
+
+@pytest.mark.parametrize("name,kwargs", [("SGD", {"momentum": 0.9}), ("RMSprop", {"centered": True}),
+                                         ("Adam", {"amsgrad": True}), ("Adadelta", {})])  # fmt: skip
+def test_state_dict_resumes_exactly(name, kwargs):
+    rng = np.random.default_rng(1)
+    grads = [_grads(rng, s) for s in range(10)]
+    a = _params(np.random.default_rng(2))
+    b = {k: v.copy() for k, v in a.items()}
+    opt_a = getattr(optim, name)(a, **kwargs)
+    for g in grads:
+        opt_a.step(g)
+    opt_b = getattr(optim, name)(b, **kwargs)
+    for g in grads[:5]:
+        opt_b.step(g)
+    sd = opt_b.state_dict()
+    opt_c = getattr(optim, name)(b, lr=123.0)  # hyperparameters come back too
+    opt_c.load_state_dict(sd)
+    assert opt_c.hparams == opt_b.hparams
+    for g in grads[5:]:
+        opt_c.step(g)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_step_and_state_errors():
+    p = {"w": np.zeros((2, 3))}
+    opt = optim.Adam(p)
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        opt.step({"w": np.zeros(3)})
+    with pytest.raises(KeyError, match="not parameters"):
+        opt.step({"v": np.zeros(3)})
+    with pytest.raises(ValueError, match="lr"):
+        optim.SGD(p, lr=-1)
+    with pytest.raises(ValueError, match="Nesterov"):
+        optim.SGD(p, nesterov=True)
+    with pytest.raises(ValueError, match="betas"):
+        optim.Adam(p, betas=(1.5, 0.9))
+    with pytest.raises(TypeError, match="dict"):
+        optim.Adam([np.zeros(3)])
+    with pytest.raises(ValueError, match="hyperparameters"):
+        opt.load_state_dict(optim.SGD(p).state_dict())
+    opt.step({"w": np.ones((2, 3))})
+    sd = opt.state_dict()
+    sd["state"]["w"]["exp_avg"] = np.zeros(5)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="exp_avg"):
+        opt.load_state_dict(sd)
+    np.testing.assert_array_equal(opt.state["w"]["exp_avg"], before["state"]["w"]["exp_avg"])
+
+
+# ---- clipping ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "max_norm,norm_type", [(0.5, 2.0), (100.0, 2.0), (0.5, 1.0), (0.3, math.inf)]
+)
+def test_clip_grad_norm_matches_torch(max_norm, norm_type):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    grads = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    ts = [torch.tensor(v, requires_grad=True) for v in grads.values()]
+    for t, g in zip(ts, grads.values()):
+        t.grad = torch.tensor(g)
+    expected = torch.nn.utils.clip_grad_norm_(ts, max_norm, norm_type)
+    total = clip.clip_grad_norm_(grads, max_norm, norm_type)
+    assert total == pytest.approx(float(expected), rel=1e-12)
+    for t, g in zip(ts, grads.values()):
+        assert_close(g, t.grad.numpy(), rtol=1e-12, atol=0, name="clipped")
+
+
+def test_clip_grad_value_matches_torch():
+    torch = pytest.importorskip("torch")
+    g = np.random.default_rng(4).standard_normal((5, 7))
+    t = torch.tensor(g, requires_grad=True)
+    t.grad = torch.tensor(g)
+    torch.nn.utils.clip_grad_value_([t], 0.5)
+    clip.clip_grad_value_({"g": g}, 0.5)
+    np.testing.assert_array_equal(g, t.grad.numpy())
+    with pytest.raises(ValueError):
+        clip.clip_grad_value_({"g": g}, -1)
+
+
+def test_clip_grad_norm_nonfinite():
+    g = {"a": np.array([np.inf, 1.0])}
+    with pytest.raises(RuntimeError, match="non-finite"):
+        clip.clip_grad_norm_(g, 1.0, error_if_nonfinite=True)
+
+
+# ---- init -------------------------------------------------------------------------------------
+
+
+def test_orthogonal_per_gate_block():
+    w = init.orthogonal_(np.empty((4 * 16, 16)), rng=0, gates=4)
+    for k in range(4):
+        b = w[16 * k : 16 * (k + 1)]
+        assert_close(b @ b.T, np.eye(16), rtol=0, atol=1e-12, name="block")
+    tall = init.orthogonal_(np.empty((6, 3)), gain=2.0, rng=1)
+    assert_close(tall.T @ tall, 4 * np.eye(3), rtol=0, atol=1e-12, name="tall")
+
+
+def test_scaled_inits_bounds_and_spread():
+    rng = np.random.default_rng(5)
+    w = init.xavier_uniform_(np.empty((300, 200)), rng=rng)
+    bound = math.sqrt(6 / 500)
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+    w = init.kaiming_normal_(np.empty((400, 300)), rng=rng)
+    assert w.std() == pytest.approx(math.sqrt(2 / 300), rel=0.02)
+    w = init.lecun_uniform_(np.empty((400, 300)), rng=rng)
+    assert np.abs(w).max() <= math.sqrt(3 / 300)
+    w = init.xavier_normal_(np.empty((3 * 100, 50)), rng=rng, gates=3)
+    assert w.std() == pytest.approx(math.sqrt(2 / 150), rel=0.03)
+    w = init.identity_(np.empty((6, 3)), gain=0.5, gates=2)
+    np.testing.assert_array_equal(w, np.vstack([0.5 * np.eye(3)] * 2))
+    b = init.forget_gate_bias_(np.zeros(12))
+    np.testing.assert_array_equal(b, [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    a = init.uniform_(np.empty(10), -1, 1, rng=7)
+    np.testing.assert_array_equal(a, init.uniform_(np.empty(10), -1, 1, rng=7))  # seeded
+
+
+def test_init_gains_match_torch():
+    torch = pytest.importorskip("torch")
+    for nl in ["linear", "sigmoid", "tanh", "relu", "selu"]:
+        assert init.calculate_gain(nl) == pytest.approx(torch.nn.init.calculate_gain(nl))
+    assert init.calculate_gain("leaky_relu", 0.2) == pytest.approx(
+        torch.nn.init.calculate_gain("leaky_relu", 0.2)
+    )
+
+
+def test_init_errors():
+    with pytest.raises(ValueError, match="gates"):
+        init.orthogonal_(np.empty((10, 3)), gates=3)
+    with pytest.raises(TypeError, match="ndarray"):
+        init.xavier_uniform_([[1.0]])
+    with pytest.raises(ValueError, match="dimensions"):
+        init.xavier_uniform_(np.empty(5))
+    with pytest.raises(TypeError, match="rng"):
+        init.normal_(np.empty(3), rng="seed")
