@@ -137,7 +137,8 @@ def _check_model_state(model, state: dict, path: str) -> None:
     missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {path!r} does not fit the model: missing {missing}, unexpected {unexpected}"
+            f"checkpoint {path!r} does not fit the model: missing {missing}, "
+            f"unexpected {unexpected}"
         )
     for k, v in current.items():
         if state[k].shape != np.shape(v):

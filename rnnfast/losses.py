@@ -29,8 +29,13 @@ def softmax(logits: np.ndarray, axis: int = -1, temperature: float = 1.0) -> np.
     return z / z.sum(axis=axis, keepdims=True)
 
 
-def softmax_cross_entropy(logits: np.ndarray, targets, mask=None, ignore_index: int | None = None,
-                          reduction: str = "mean") -> tuple[float | np.ndarray, np.ndarray]:  # fmt: skip
+def softmax_cross_entropy(
+    logits: np.ndarray,
+    targets,
+    mask=None,
+    ignore_index: int | None = None,
+    reduction: str = "mean",
+) -> tuple[float | np.ndarray, np.ndarray]:
     """Cross-entropy of integer ``targets`` under softmax(``logits``); returns (loss, dlogits).
 
     logits: (..., V) float, for example (T, N, V); targets: integers of shape logits.shape[:-1].
@@ -70,7 +75,8 @@ def softmax_cross_entropy(logits: np.ndarray, targets, mask=None, ignore_index: 
     if bad.any():
         raise IndexError(
             f"target {int(targets[bad].flat[0])} is out of range for {V} classes "
-            f"(valid: 0..{V - 1}{'' if ignore_index is None else f' or ignore_index={ignore_index}'})"
+            f"(valid: 0..{V - 1}"
+            f"{'' if ignore_index is None else f' or ignore_index={ignore_index}'})"
         )
     safe = np.where(kept, targets, 0)
     logp = log_softmax(logits)

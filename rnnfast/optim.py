@@ -50,7 +50,7 @@ class Optimizer:
             if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
                 raise TypeError(
                     f"parameter {name!r} must be a floating-point ndarray, got "
-                    f"{type(p).__name__}{'' if not isinstance(p, np.ndarray) else ' ' + str(p.dtype)}"
+                    f"{getattr(p, 'dtype', type(p).__name__)}"
                 )
             if not p.flags.writeable:
                 raise ValueError(f"parameter {name!r} is read-only; the optimizer updates in place")
@@ -98,10 +98,10 @@ class Optimizer:
 
     def state_dict(self) -> dict:
         """``{"hparams": {...}, "state": {param name: {buffer name: ndarray}}}``, all copies."""
-        return {
-            "hparams": self.hparams,
-            "state": {n: {k: np.array(v, copy=True) for k, v in s.items()} for n, s in self.state.items()},
-        }  # fmt: skip
+        state = {
+            n: {k: np.array(v, copy=True) for k, v in s.items()} for n, s in self.state.items()
+        }
+        return {"hparams": self.hparams, "state": state}
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         """Restores hyperparameters and state from ``state_dict()``; checks everything first."""

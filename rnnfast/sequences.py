@@ -22,8 +22,13 @@ __all__ = [
 ]
 
 
-def pad_sequences(sequences: Sequence, batch_first: bool = False, padding_value=0,
-                  dtype=None, max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def pad_sequences(
+    sequences: Sequence,
+    batch_first: bool = False,
+    padding_value=0,
+    dtype=None,
+    max_len: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Pads a list of sequences to one array; returns ``(padded, lengths)``.
 
     Each sequence is a (T_i, *features) array or a list of tokens (T_i,). ``padded`` has shape

@@ -77,8 +77,10 @@ def test_defaults_match_torch(name):
         assert theirs[k] == v, f"{name}.{k}: ours {v}, torch {theirs[k]}"
 
 
-@pytest.mark.parametrize("name,kwargs", [("SGD", {"momentum": 0.9}), ("RMSprop", {"centered": True}),
-                                         ("Adam", {"amsgrad": True}), ("Adadelta", {})])  # fmt: skip
+RESUME = [("SGD", {"momentum": 0.9}), ("RMSprop", {"centered": True}), ("Adam", {"amsgrad": True})]
+
+
+@pytest.mark.parametrize("name,kwargs", [*RESUME, ("Adadelta", {})])
 def test_state_dict_resumes_exactly(name, kwargs):
     rng = np.random.default_rng(1)
     grads = [_grads(rng, s) for s in range(10)]
@@ -137,12 +139,12 @@ def test_clip_grad_norm_matches_torch(max_norm, norm_type):
     rng = np.random.default_rng(3)
     grads = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
     ts = [torch.tensor(v, requires_grad=True) for v in grads.values()]
-    for t, g in zip(ts, grads.values()):
+    for t, g in zip(ts, grads.values(), strict=True):
         t.grad = torch.tensor(g)
     expected = torch.nn.utils.clip_grad_norm_(ts, max_norm, norm_type)
     total = clip.clip_grad_norm_(grads, max_norm, norm_type)
     assert total == pytest.approx(float(expected), rel=1e-12)
-    for t, g in zip(ts, grads.values()):
+    for t, g in zip(ts, grads.values(), strict=True):
         assert_close(g, t.grad.numpy(), rtol=1e-12, atol=0, name="clipped")
 
 
