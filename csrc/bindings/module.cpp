@@ -1,0 +1,266 @@
+// The pybind11 module rnnfast._C: checks every argument, allocates the outputs and the reserve,
+// releases the GIL and dispatches to the CPU kernels. One bind line per cell kind.
+#include <cblas.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "rnnfast/cell.h"
+
+namespace py = pybind11;
+using rnnfast::CellKind;
+using rnnfast::Dims;
+
+namespace {
+
+template <typename T>
+struct Kernels {
+  void (*forward)(const Dims&, const rnnfast::cpu::ForwardIO<T>&);
+  void (*backward)(const Dims&, const rnnfast::cpu::BackwardIO<T>&);
+};
+
+template <typename T>
+Kernels<T> kernels_for(CellKind cell) {
+  namespace cpu = rnnfast::cpu;
+  switch (cell) {
+    case CellKind::lstm:
+      return {cpu::lstm_forward<T>, cpu::lstm_backward<T>};
+    case CellKind::gru:
+      return {cpu::gru_forward<T>, cpu::gru_backward<T>};
+    default:
+      return {cpu::rnn_forward<T>, cpu::rnn_backward<T>};
+  }
+}
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// The data of `obj` when it is a C-contiguous array of T with exactly `shape`; null for None when
+// `optional`. Anything else raises: the kernels never see a wrong dtype, layout or size.
+template <typename T>
+const T* input(const py::object& obj, const char* name, const std::vector<int64_t>& shape,
+               bool optional = false) {
+  if (obj.is_none()) {
+    if (optional) return nullptr;
+    throw py::type_error(std::string(name) + " is required");
+  }
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string(name) + " must be an ndarray");
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) +
+                         ", expected " + std::string(py::str(py::dtype::of<T>())));
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + " must be C-contiguous");
+  bool ok = a.ndim() == py::ssize_t(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = a.shape(i) == shape[i];
+  if (!ok) {
+    std::string want = "(";
+    for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
+    throw py::value_error(std::string(name) + " must have shape " + want +
+                          (shape.size() == 1 ? ",)" : ")") + ", got " + shape_str(a));
+  }
+  return static_cast<const T*>(a.data());
+}
+
+const int32_t* lengths_input(const py::object& obj, int64_t N, int64_t T) {
+  const int32_t* len = input<int32_t>(obj, "lengths", {N}, true);
+  for (int64_t n = 0; len && n < N; ++n)
+    if (len[n] < 0 || len[n] > T)
+      throw py::value_error("lengths[" + std::to_string(n) + "] = " + std::to_string(len[n]) +
+                            " is outside [0, T = " + std::to_string(T) + "]");
+  return len;
+}
+
+template <typename T>
+T* data(py::array_t<T>& a) {
+  return a.mutable_data();
+}
+
+Dims dims_of(CellKind cell, const py::array& x, const py::array& w_hh) {
+  if (x.ndim() != 3) throw py::value_error("x must be 3-D (T, N, C), got shape " + shape_str(x));
+  if (w_hh.ndim() != 2) throw py::value_error("w_hh must be 2-D, got shape " + shape_str(w_hh));
+  const Dims d{x.shape(0), x.shape(1), x.shape(2), w_hh.shape(1), cell};
+  if (d.N < 1 || d.C < 1 || d.H < 1)
+    throw py::value_error("N, C and H must be at least 1; x has shape " + shape_str(x) + ", w_hh " +
+                          shape_str(w_hh));
+  return d;
+}
+
+template <typename T>
+py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih,
+                        const py::array& w_hh, const py::object& b_ih, const py::object& b_hh,
+                        const py::object& h0, const py::object& c0, const py::object& lengths,
+                        bool training) {
+  const Dims d = dims_of(cell, x, w_hh);
+  const int64_t GH = d.GH(), NH = d.N * d.H;
+  const bool lstm = cell == CellKind::lstm;
+  rnnfast::cpu::ForwardIO<T> io{};
+  io.x = input<T>(x, "x", {d.T, d.N, d.C});
+  io.w_ih = input<T>(w_ih, "w_ih", {GH, d.C});
+  io.w_hh = input<T>(w_hh, "w_hh", {GH, d.H});
+  io.b_ih = input<T>(b_ih, "b_ih", {GH}, true);
+  io.b_hh = input<T>(b_hh, "b_hh", {GH}, true);
+  io.h0 = input<T>(h0, "h0", {d.N, d.H}, true);
+  io.c0 = input<T>(c0, "c0", {d.N, d.H}, true);
+  if (io.c0 && !lstm) throw py::value_error("c0 is only for LSTM");
+  io.lengths = lengths_input(lengths, d.N, d.T);
+
+  // y is a view of the h sequence, which in training is the start of the reserve
+  const int64_t hs_size = (d.T + 1) * NH;
+  py::array_t<T> store(training ? rnnfast::reserve_layout(d).total : hs_size);
+  py::array_t<T> h_n({d.N, d.H});
+  py::object c_n = py::none();
+  io.hs = data(store);
+  io.reserve = training ? io.hs : nullptr;
+  io.h_n = data(h_n);
+  if (lstm) {
+    py::array_t<T> c({d.N, d.H});
+    io.c_n = data(c);
+    c_n = c;
+  }
+  {
+    py::gil_scoped_release release;
+    kernels_for<T>(cell).forward(d, io);
+  }
+  const py::ssize_t s = sizeof(T);
+  py::array y(py::dtype::of<T>(), {d.T, d.N, d.H}, {NH * s, d.H * s, s}, io.hs + NH, store);
+  return py::make_tuple(y, h_n, c_n, training ? py::object(store) : py::none());
+}
+
+template <CellKind Cell>
+py::tuple forward(const py::array& x, const py::array& w_ih, const py::array& w_hh,
+                  const py::object& b_ih, const py::object& b_hh, const py::object& h0,
+                  const py::object& c0, const py::object& lengths, bool training) {
+  if (x.dtype().is(py::dtype::of<float>()))
+    return forward_typed<float>(Cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training);
+  if (x.dtype().is(py::dtype::of<double>()))
+    return forward_typed<double>(Cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training);
+  throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
+}
+
+template <typename T>
+py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_ih,
+                         const py::array& w_hh, bool has_b_ih, bool has_b_hh,
+                         const py::object& lengths, const py::object& reserve, const py::object& dy,
+                         const py::object& dh_n, const py::object& dc_n) {
+  const Dims d = dims_of(cell, x, w_hh);
+  const int64_t GH = d.GH();
+  const bool lstm = cell == CellKind::lstm;
+  rnnfast::cpu::BackwardIO<T> io{};
+  io.x = input<T>(x, "x", {d.T, d.N, d.C});
+  io.w_ih = input<T>(w_ih, "w_ih", {GH, d.C});
+  io.w_hh = input<T>(w_hh, "w_hh", {GH, d.H});
+  io.lengths = lengths_input(lengths, d.N, d.T);
+  io.reserve = input<T>(reserve, "reserve", {rnnfast::reserve_layout(d).total});
+  io.dy = input<T>(dy, "dy", {d.T, d.N, d.H}, true);
+  io.dh_n = input<T>(dh_n, "dh_n", {d.N, d.H}, true);
+  io.dc_n = input<T>(dc_n, "dc_n", {d.N, d.H}, true);
+  if (io.dc_n && !lstm) throw py::value_error("dc_n is only for LSTM");
+
+  py::array_t<T> dx({d.T, d.N, d.C}), dh0({d.N, d.H}), dw_ih({GH, d.C}), dw_hh({GH, d.H});
+  py::object dc0 = py::none(), db_ih = py::none(), db_hh = py::none();
+  io.dx = data(dx);
+  io.dh0 = data(dh0);
+  io.dw_ih = data(dw_ih);
+  io.dw_hh = data(dw_hh);
+  if (lstm) {
+    py::array_t<T> a({d.N, d.H});
+    io.dc0 = data(a);
+    dc0 = a;
+  }
+  if (has_b_ih) {
+    py::array_t<T> a(GH);
+    io.db_ih = data(a);
+    db_ih = a;
+  }
+  if (has_b_hh) {
+    py::array_t<T> a(GH);
+    io.db_hh = data(a);
+    db_hh = a;
+  }
+  {
+    py::gil_scoped_release release;
+    kernels_for<T>(cell).backward(d, io);
+  }
+  return py::make_tuple(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh);
+}
+
+template <CellKind Cell>
+py::tuple backward(const py::array& x, const py::array& w_ih, const py::array& w_hh, bool has_b_ih,
+                   bool has_b_hh, const py::object& lengths, const py::object& reserve,
+                   const py::object& dy, const py::object& dh_n, const py::object& dc_n) {
+  if (x.dtype().is(py::dtype::of<float>()))
+    return backward_typed<float>(Cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
+                                 dh_n, dc_n);
+  if (x.dtype().is(py::dtype::of<double>()))
+    return backward_typed<double>(Cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
+                                  dh_n, dc_n);
+  throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
+}
+
+template <CellKind Cell>
+void bind_cell(py::module_& m, const char* name) {
+  using namespace py::literals;
+  m.def((std::string(name) + "_forward").c_str(), &forward<Cell>, "x"_a, "w_ih"_a, "w_hh"_a,
+        "b_ih"_a.none(true), "b_hh"_a.none(true), "h0"_a.none(true), "c0"_a.none(true),
+        "lengths"_a.none(true), "training"_a,
+        "(y, h_n, c_n or None, reserve or None); see rnnfast.ops");
+  m.def((std::string(name) + "_backward").c_str(), &backward<Cell>, "x"_a, "w_ih"_a, "w_hh"_a,
+        "has_b_ih"_a, "has_b_hh"_a, "lengths"_a.none(true), "reserve"_a, "dy"_a.none(true),
+        "dh_n"_a.none(true), "dc_n"_a.none(true),
+        "(dx, dh0, dc0 or None, dw_ih, dw_hh, db_ih or None, db_hh or None); see rnnfast.ops");
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = RNNFAST_VERSION;
+#if defined(__clang__)
+  info["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = "gcc " __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+#if defined(RNNFAST_WITH_OPENMP)
+  info["openmp"] = true;
+  info["openmp_version"] = _OPENMP;
+#else
+  info["openmp"] = false;
+#endif
+  info["threads"] = rnnfast::cpu::get_num_threads();
+  info["blas"] = RNNFAST_BLAS_NAME;
+  info["blas_config"] = std::string(scipy_openblas_get_config());
+  info["blas_core"] = std::string(scipy_openblas_get_corename());
+#if defined(__AVX512F__)
+  info["simd"] = "AVX-512";
+#elif defined(__AVX2__)
+  info["simd"] = "AVX2+FMA";
+#else
+  info["simd"] = "SSE2";
+#endif
+  __builtin_cpu_init();
+  info["cpu_avx512f"] = bool(__builtin_cpu_supports("avx512f"));
+  info["cuda"] = false;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "rnnfast CPU kernels (private; use rnnfast.ops)";
+  m.attr("__version__") = RNNFAST_VERSION;
+  bind_cell<CellKind::lstm>(m, "lstm");
+  bind_cell<CellKind::gru>(m, "gru");
+  bind_cell<CellKind::rnn_tanh>(m, "rnn_tanh");
+  bind_cell<CellKind::rnn_relu>(m, "rnn_relu");
+  m.def("build_info", &build_info);
+  m.def("set_num_threads", &rnnfast::cpu::set_num_threads);
+  m.def("get_num_threads", &rnnfast::cpu::get_num_threads);
+}

@@ -1,0 +1,67 @@
+// The CPU kernels' public contract: one forward and one backward per cell, over caller-owned
+// buffers. Knows nothing of Python; the bindings check shapes and allocate before calling in.
+#pragma once
+
+#include <cstdint>
+
+#include "rnnfast/cell.h"
+
+namespace rnnfast::cpu {
+
+// All arrays are C-contiguous, of one dtype T (float or double), and must not alias each other.
+// Optional inputs may be null: biases (no bias), h0/c0 (zero), lengths (every sequence runs T
+// steps).
+template <typename T>
+struct ForwardIO {
+  const T* x;              // [T, N, C]
+  const T* w_ih;           // [G*H, C]
+  const T* w_hh;           // [G*H, H]
+  const T* b_ih;           // [G*H] or null
+  const T* b_hh;           // [G*H] or null
+  const T* h0;             // [N, H] or null
+  const T* c0;             // [N, H] or null; LSTM only
+  const int32_t* lengths;  // [N], each in [0, T], or null
+  T* hs;       // [T+1, N, H] out: slot 0 = h0, y = hs[1:]; the reserve's start in training
+  T* h_n;      // [N, H] out: h after each sequence's own last step
+  T* c_n;      // [N, H] out, LSTM only (else null)
+  T* reserve;  // [reserve_layout(dims).total] out, or null for inference; hs points into it
+};
+
+template <typename T>
+struct BackwardIO {
+  const T* x;              // [T, N, C]
+  const T* w_ih;           // [G*H, C]
+  const T* w_hh;           // [G*H, H]
+  const int32_t* lengths;  // [N] or null
+  const T* reserve;        // [reserve_layout(dims).total] from the training forward
+  const T* dy;             // [T, N, H] or null (zero)
+  const T* dh_n;           // [N, H] or null (zero)
+  const T* dc_n;           // [N, H] or null (zero); LSTM only
+  T* dx;                   // [T, N, C] out
+  T* dh0;                  // [N, H] out
+  T* dc0;                  // [N, H] out, LSTM only (else null)
+  T* dw_ih;                // [G*H, C] out
+  T* dw_hh;                // [G*H, H] out
+  T* db_ih;                // [G*H] out, or null where the forward had no b_ih
+  T* db_hh;                // [G*H] out, or null where the forward had no b_hh
+};
+
+template <typename T>
+void lstm_forward(const Dims& d, const ForwardIO<T>& io);
+template <typename T>
+void lstm_backward(const Dims& d, const BackwardIO<T>& io);
+template <typename T>
+void gru_forward(const Dims& d, const ForwardIO<T>& io);
+template <typename T>
+void gru_backward(const Dims& d, const BackwardIO<T>& io);
+// d.cell says tanh or relu
+template <typename T>
+void rnn_forward(const Dims& d, const ForwardIO<T>& io);
+template <typename T>
+void rnn_backward(const Dims& d, const BackwardIO<T>& io);
+
+// Threads the kernels use; defaults to OpenMP's default (one per core).
+void set_num_threads(int n);
+int get_num_threads();
+
+}  // namespace rnnfast::cpu

@@ -1,0 +1,92 @@
+// LSTM (gates i, f, g, o): the fused pointwise forward and backward passes, over the shared driver.
+#include "cpu/recurrent.h"
+
+namespace rnnfast::cpu {
+namespace {
+
+struct Lstm {
+  static constexpr bool has_c = true, has_gates = true, is_gru = false;
+
+  template <typename T>
+  static void forward(const ForwardStep<T>& s) {
+    const int64_t H = s.H, GH = 4 * H, j0 = s.units.begin, nu = s.units.size();
+    for (int64_t n = 0; n < s.N; ++n) {
+      const T* c_prev = s.c_prev + n * H;
+      T* h = s.h + n * H;
+      T* c = s.c + n * H;
+      T* gates = s.gates ? s.gates + n * GH : nullptr;
+      if (!s.valid(n)) {
+        for (int64_t j = j0; j < s.units.end; ++j) {
+          h[j] = T(0);
+          c[j] = c_prev[j];
+        }
+        if (gates) zero_gate_rows<T>(4, H, s.units, gates);
+        continue;
+      }
+      const T* gx = s.gx + n * GH;
+      const T* gh = s.gh + n * 4 * nu;
+      for (int64_t u = 0; u < nu; ++u) {
+        const int64_t j = j0 + u;
+        const LstmPoint<T> p = lstm_point_forward(gx[j] + gh[u], gx[H + j] + gh[nu + u],
+                                                  gx[2 * H + j] + gh[2 * nu + u],
+                                                  gx[3 * H + j] + gh[3 * nu + u], c_prev[j]);
+        c[j] = p.c;
+        h[j] = p.h;
+        if (gates) {
+          gates[j] = p.i;
+          gates[H + j] = p.f;
+          gates[2 * H + j] = p.g;
+          gates[3 * H + j] = p.o;
+        }
+      }
+    }
+  }
+
+  template <typename T>
+  static void backward(const BackwardStep<T>& s) {
+    const int64_t H = s.H, GH = 4 * H;
+    for (int64_t n = 0; n < s.N; ++n) {
+      T* dg = s.dgx + n * GH;
+      if (!s.valid(n)) {
+        zero_gate_rows<T>(4, H, s.units, dg);
+        continue;
+      }
+      const T* gates = s.gates + n * GH;
+      const T* c_prev = s.c_prev + n * H;
+      const T* c = s.c + n * H;
+      const T* dy = s.dy ? s.dy + n * H : nullptr;
+      T* dh = s.dh + n * H;
+      T* dc = s.dc + n * H;
+      for (int64_t j = s.units.begin; j < s.units.end; ++j) {
+        const LstmPointGrad<T> g =
+            lstm_point_backward(gates[j], gates[H + j], gates[2 * H + j], gates[3 * H + j],
+                                c_prev[j], c[j], dh[j] + (dy ? dy[j] : T(0)), dc[j]);
+        dg[j] = g.da_i;
+        dg[H + j] = g.da_f;
+        dg[2 * H + j] = g.da_g;
+        dg[3 * H + j] = g.da_o;
+        dc[j] = g.dc_prev;
+        dh[j] = T(0);  // h_{t-1} reaches h_t only through w_hh
+      }
+    }
+  }
+};
+
+}  // namespace
+
+template <typename T>
+void lstm_forward(const Dims& d, const ForwardIO<T>& io) {
+  run_forward<Lstm, T>(d, io);
+}
+
+template <typename T>
+void lstm_backward(const Dims& d, const BackwardIO<T>& io) {
+  run_backward<Lstm, T>(d, io);
+}
+
+template void lstm_forward<float>(const Dims&, const ForwardIO<float>&);
+template void lstm_forward<double>(const Dims&, const ForwardIO<double>&);
+template void lstm_backward<float>(const Dims&, const BackwardIO<float>&);
+template void lstm_backward<double>(const Dims&, const BackwardIO<double>&);
+
+}  // namespace rnnfast::cpu

@@ -1,0 +1,52 @@
+// Threading and BLAS plumbing for the CPU kernels: every parallel loop is an OpenMP team whose
+// threads call a single-threaded BLAS on their own block, so no two thread pools fight.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/kernels.h"
+
+#if defined(RNNFAST_WITH_OPENMP)
+#include <omp.h>
+#endif
+
+namespace rnnfast::cpu {
+
+struct Range {
+  int64_t begin, end;
+  int64_t size() const { return end - begin; }
+};
+
+// Part k of `parts` of [0, n), in whole multiples of `align` (the last part takes the rest).
+inline Range split(int64_t n, int parts, int k, int64_t align = 1) {
+  const int64_t blocks = (n + align - 1) / align;
+  const int64_t per = blocks / parts, extra = blocks % parts;
+  const int64_t b0 = k * per + std::min<int64_t>(k, extra);
+  const int64_t b1 = b0 + per + (k < extra ? 1 : 0);
+  return {std::min(n, b0 * align), std::min(n, b1 * align)};
+}
+
+inline int thread_index() {
+#if defined(RNNFAST_WITH_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Row-major C[M, N] = alpha * op(A) op(B) + beta * C through the BLAS; any zero size is handled.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+          int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
+
+// The same product with the rows of C split across `threads` threads (one OpenMP team).
+template <typename T>
+void parallel_gemm(int threads, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                   const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
+
+// out[j] = sum over rows of a[rows, cols] (column sums, in a fixed order: bitwise reproducible).
+template <typename T>
+void column_sums(int threads, int64_t rows, int64_t cols, const T* a, T* out);
+
+}  // namespace rnnfast::cpu

@@ -1,0 +1,213 @@
+// The algorithm every cell shares. Forward: the input projection of all T*N rows as one GEMM, then
+// per step each thread multiplies h_{t-1} by the w_hh rows of the hidden units it owns and applies
+// the cell's pointwise math to them, one barrier per step. Backward mirrors it, and finishes with
+// the weight gradients and dx as large GEMMs. A cell supplies only its two pointwise passes.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+
+#include "cpu/parallel.h"
+
+namespace rnnfast::cpu {
+
+// One thread's slice of one forward step.
+template <typename T>
+struct ForwardStep {
+  int64_t N, H, t;
+  Range units;             // the hidden units this thread owns
+  const int32_t* lengths;  // [N] or null
+  const T* gx;             // [N, G*H] input projection with the biases folded in
+  const T* gh;             // [N, G*units] this thread's recurrent product, gate-major per row
+  const T* bhn;            // [H] GRU: b_hn, kept out of gx since r multiplies it; else null
+  const T* h_prev;         // [N, H]
+  const T* c_prev;         // [N, H] LSTM, else null
+  T* h;                    // [N, H] out: zero where t >= length
+  T* c;                    // [N, H] out, LSTM: carried unchanged where t >= length
+  T* gates;                // [N, G*H] out, training only (else null)
+  T* ghn;                  // [N, H] out, GRU training only (else null)
+  bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
+};
+
+// One thread's slice of one backward step.
+template <typename T>
+struct BackwardStep {
+  int64_t N, H, t;
+  Range units;
+  const int32_t* lengths;  // [N] or null
+  const T* dy;             // [N, H] or null
+  const T* h_prev;         // [N, H]
+  const T* h;              // [N, H]
+  const T* c_prev;         // [N, H] LSTM
+  const T* c;              // [N, H] LSTM
+  const T* gates;          // [N, G*H] post-activation gates (LSTM, GRU)
+  const T* ghn;            // [N, H] GRU
+  T* dh;   // [N, H] in: gradient reaching h_t from later steps; out: its path to h_{t-1} that
+           // bypasses w_hh (the GEMM adds the rest)
+  T* dc;   // [N, H] LSTM: in dc_t, out dc_{t-1}
+  T* dgx;  // [N, G*H] out: gradient of the x-side pre-activations
+  T* dgh;  // [N, G*H] out: of the h-side products; the same buffer as dgx but for GRU
+  bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
+};
+
+template <typename T>
+std::unique_ptr<T[]> uninitialized(int64_t n) {
+  return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
+}
+
+// A step too small to share is not worth a barrier; otherwise each thread owns >= 16 units.
+inline int recurrent_threads(const Dims& d) {
+  if (d.N * d.GH() * d.H < 64 * 1024) return 1;
+  return int(std::min<int64_t>(get_num_threads(), (d.H + 15) / 16));
+}
+
+constexpr int64_t kUnitAlign = 16;  // a thread's units start on a 64-byte boundary (float)
+
+template <class Cell, typename T>
+void run_forward(const Dims& d, const ForwardIO<T>& io) {
+  const int64_t N = d.N, H = d.H, G = d.G(), GH = d.GH(), NH = N * H, TN = d.T * N;
+  const bool training = io.reserve != nullptr;
+  const ReserveLayout lay = reserve_layout(d);
+  T* hs = io.hs;
+  // c lives in the reserve in training, else in two alternating slots
+  auto cring = uninitialized<T>(Cell::has_c && !training ? 2 * NH : 0);
+  T* cs = Cell::has_c ? (training ? io.reserve + lay.cs : cring.get()) : nullptr;
+  auto c_slot = [&](int64_t t) { return cs + (training ? t : (t & 1)) * NH; };
+
+  if (io.h0)
+    std::memcpy(hs, io.h0, sizeof(T) * NH);
+  else
+    std::fill(hs, hs + NH, T(0));
+  if (Cell::has_c) {
+    if (io.c0)
+      std::memcpy(cs, io.c0, sizeof(T) * NH);
+    else
+      std::fill(cs, cs + NH, T(0));
+  }
+
+  // biases: b_ih, plus whichever parts of b_hh are plain sums, go into the input projection
+  auto bx = uninitialized<T>(GH);
+  auto bhn = uninitialized<T>(Cell::is_gru ? H : 0);
+  for (int64_t k = 0; k < GH; ++k) {
+    const T hh = io.b_hh ? io.b_hh[k] : T(0);
+    const bool folded = !Cell::is_gru || k < 2 * H;
+    bx[k] = (io.b_ih ? io.b_ih[k] : T(0)) + (folded ? hh : T(0));
+    if (!folded) bhn[k - 2 * H] = hh;
+  }
+
+  const int threads = get_num_threads();
+  auto gx = uninitialized<T>(TN * GH);
+  for (int64_t r = 0; r < TN; ++r) std::memcpy(gx.get() + r * GH, bx.get(), sizeof(T) * GH);
+  parallel_gemm<T>(threads, false, true, TN, GH, d.C, io.x, d.C, io.w_ih, d.C, T(1), gx.get(), GH);
+
+  // w_hh rows regrouped so that each thread's units (all their gates) are one contiguous block
+  const int nt = recurrent_threads(d);
+  auto wp = uninitialized<T>(GH * H);
+  for (int k = 0; k < nt; ++k) {
+    const Range u = split(H, nt, k, kUnitAlign);
+    for (int64_t g = 0; g < G; ++g)
+      std::memcpy(wp.get() + (G * u.begin + g * u.size()) * H, io.w_hh + (g * H + u.begin) * H,
+                  sizeof(T) * u.size() * H);
+  }
+
+#pragma omp parallel num_threads(nt)
+  {
+    const Range units = split(H, nt, thread_index(), kUnitAlign);
+    const int64_t width = G * units.size();
+    auto gh = uninitialized<T>(N * width);
+    const T* w = wp.get() + G * units.begin * H;
+    for (int64_t t = 0; t < d.T; ++t) {
+      ForwardStep<T> s{N, H, t, units, io.lengths};
+      s.gx = gx.get() + t * N * GH;
+      s.gh = gh.get();
+      s.bhn = bhn.get();
+      s.h_prev = hs + t * NH;
+      s.h = hs + (t + 1) * NH;
+      if (Cell::has_c) {
+        s.c_prev = c_slot(t);
+        s.c = c_slot(t + 1);
+      }
+      if (training) {
+        s.gates = Cell::has_gates ? io.reserve + lay.gates + t * N * GH : nullptr;
+        s.ghn = Cell::is_gru ? io.reserve + lay.ghn + t * NH : nullptr;
+      }
+      gemm<T>(false, true, N, width, H, T(1), s.h_prev, H, w, H, T(0), gh.get(), width);
+      Cell::forward(s);
+#pragma omp barrier
+    }
+  }
+
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t len = io.lengths ? io.lengths[n] : d.T;
+    std::memcpy(io.h_n + n * H, hs + len * NH + n * H, sizeof(T) * H);
+    if (Cell::has_c) std::memcpy(io.c_n + n * H, c_slot(d.T) + n * H, sizeof(T) * H);
+  }
+}
+
+template <class Cell, typename T>
+void run_backward(const Dims& d, const BackwardIO<T>& io) {
+  const int64_t N = d.N, H = d.H, GH = d.GH(), NH = N * H, TN = d.T * N;
+  const ReserveLayout lay = reserve_layout(d);
+  const T* hs = io.reserve + lay.hs;
+
+  auto dgx = uninitialized<T>(TN * GH);
+  auto dgh_own = uninitialized<T>(Cell::is_gru ? TN * GH : 0);
+  T* dgh = Cell::is_gru ? dgh_own.get() : dgx.get();
+
+  if (io.dh_n)
+    std::memcpy(io.dh0, io.dh_n, sizeof(T) * NH);
+  else
+    std::fill(io.dh0, io.dh0 + NH, T(0));
+  if (Cell::has_c) {
+    if (io.dc_n)
+      std::memcpy(io.dc0, io.dc_n, sizeof(T) * NH);
+    else
+      std::fill(io.dc0, io.dc0 + NH, T(0));
+  }
+
+  const int nt = recurrent_threads(d);
+#pragma omp parallel num_threads(nt)
+  {
+    const Range units = split(H, nt, thread_index(), kUnitAlign);
+    for (int64_t t = d.T - 1; t >= 0; --t) {
+      BackwardStep<T> s{N, H, t, units, io.lengths};
+      s.dy = io.dy ? io.dy + t * NH : nullptr;
+      s.h_prev = hs + t * NH;
+      s.h = hs + (t + 1) * NH;
+      if (Cell::has_c) {
+        s.c_prev = io.reserve + lay.cs + t * NH;
+        s.c = s.c_prev + NH;
+      }
+      if (Cell::has_gates) s.gates = io.reserve + lay.gates + t * N * GH;
+      if (Cell::is_gru) s.ghn = io.reserve + lay.ghn + t * NH;
+      s.dh = io.dh0;
+      s.dc = io.dc0;
+      s.dgx = dgx.get() + t * N * GH;
+      s.dgh = dgh + t * N * GH;
+      Cell::backward(s);
+#pragma omp barrier
+      // dh_{t-1}[:, units] += dgh_t @ w_hh[:, units]; rows past their length have dgh = 0
+      gemm<T>(false, false, N, units.size(), GH, T(1), s.dgh, GH, io.w_hh + units.begin, H, T(1),
+              io.dh0 + units.begin, H);
+    }
+  }
+
+  const int threads = get_num_threads();
+  parallel_gemm<T>(threads, true, false, GH, d.C, TN, dgx.get(), GH, io.x, d.C, T(0), io.dw_ih,
+                   d.C);
+  parallel_gemm<T>(threads, true, false, GH, H, TN, dgh, GH, hs, H, T(0), io.dw_hh, H);
+  parallel_gemm<T>(threads, false, false, TN, d.C, GH, dgx.get(), GH, io.w_ih, d.C, T(0), io.dx,
+                   d.C);
+  if (io.db_ih) column_sums<T>(threads, TN, GH, dgx.get(), io.db_ih);
+  if (io.db_hh) column_sums<T>(threads, TN, GH, dgh, io.db_hh);
+}
+
+// Zeroes a padded row's gate gradients for this thread's units (G gates).
+template <typename T>
+void zero_gate_rows(int64_t G, int64_t H, Range units, T* row) {
+  for (int64_t g = 0; g < G; ++g)
+    std::fill(row + g * H + units.begin, row + g * H + units.end, T(0));
+}
+
+}  // namespace rnnfast::cpu

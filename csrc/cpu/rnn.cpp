@@ -1,0 +1,70 @@
+// Vanilla RNN (tanh or relu): the fused pointwise forward and backward passes over the shared
+// driver. The reserve is the h sequence alone: the derivative comes from h itself.
+#include "cpu/recurrent.h"
+
+namespace rnnfast::cpu {
+namespace {
+
+template <bool Relu>
+struct Rnn {
+  static constexpr bool has_c = false, has_gates = false, is_gru = false;
+
+  template <typename T>
+  static void forward(const ForwardStep<T>& s) {
+    const int64_t H = s.H, j0 = s.units.begin, nu = s.units.size();
+    for (int64_t n = 0; n < s.N; ++n) {
+      T* h = s.h + n * H;
+      if (!s.valid(n)) {
+        std::fill(h + j0, h + s.units.end, T(0));
+        continue;
+      }
+      const T* gx = s.gx + n * H;
+      const T* gh = s.gh + n * nu;
+      for (int64_t u = 0; u < nu; ++u) h[j0 + u] = rnn_point_forward(gx[j0 + u] + gh[u], Relu);
+    }
+  }
+
+  template <typename T>
+  static void backward(const BackwardStep<T>& s) {
+    const int64_t H = s.H;
+    for (int64_t n = 0; n < s.N; ++n) {
+      T* dg = s.dgx + n * H;
+      if (!s.valid(n)) {
+        zero_gate_rows<T>(1, H, s.units, dg);
+        continue;
+      }
+      const T* h = s.h + n * H;
+      const T* dy = s.dy ? s.dy + n * H : nullptr;
+      T* dh = s.dh + n * H;
+      for (int64_t j = s.units.begin; j < s.units.end; ++j) {
+        dg[j] = rnn_point_backward(h[j], dh[j] + (dy ? dy[j] : T(0)), Relu);
+        dh[j] = T(0);
+      }
+    }
+  }
+};
+
+}  // namespace
+
+template <typename T>
+void rnn_forward(const Dims& d, const ForwardIO<T>& io) {
+  if (d.cell == CellKind::rnn_relu)
+    run_forward<Rnn<true>, T>(d, io);
+  else
+    run_forward<Rnn<false>, T>(d, io);
+}
+
+template <typename T>
+void rnn_backward(const Dims& d, const BackwardIO<T>& io) {
+  if (d.cell == CellKind::rnn_relu)
+    run_backward<Rnn<true>, T>(d, io);
+  else
+    run_backward<Rnn<false>, T>(d, io);
+}
+
+template void rnn_forward<float>(const Dims&, const ForwardIO<float>&);
+template void rnn_forward<double>(const Dims&, const ForwardIO<double>&);
+template void rnn_backward<float>(const Dims&, const BackwardIO<float>&);
+template void rnn_backward<double>(const Dims&, const BackwardIO<double>&);
+
+}  // namespace rnnfast::cpu

@@ -1,0 +1,146 @@
+// Shape conventions and the pointwise gate math of every cell, shared by the CPU and CUDA kernels.
+// Everything here is per hidden unit and per batch row, so it compiles for host and device alike.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define RNNFAST_HD __host__ __device__ __forceinline__
+#else
+#define RNNFAST_HD inline
+#endif
+
+namespace rnnfast {
+
+// Shape letters, fixed everywhere: T steps, N batch, C input size, H hidden, G gates.
+// Layouts are time-major and row-major: x [T, N, C], y [T, N, H], gates [T, N, G*H] with gate g of
+// unit j at column g*H + j, weights exactly as PyTorch lays them out (w_ih [G*H, C], w_hh [G*H,
+// H]).
+enum class CellKind : int { rnn_tanh = 0, rnn_relu = 1, lstm = 2, gru = 3 };
+
+constexpr int gate_count(CellKind cell) {
+  return cell == CellKind::lstm ? 4 : cell == CellKind::gru ? 3 : 1;
+}
+
+struct Dims {
+  int64_t T, N, C, H;
+  CellKind cell;
+  int64_t G() const { return gate_count(cell); }
+  int64_t GH() const { return G() * H; }
+};
+
+// The reserve (what a training forward leaves for backward), in elements, laid out back to back:
+//   hs    [T+1, N, H]  slot 0 is h0; slot t+1 is h after step t (zero where t >= length), so y =
+//   hs[1:] cs    [T+1, N, H]  LSTM only; c after each step (carried unchanged past a sequence's
+//   length) gates [T, N, G*H]  post-activation gates (LSTM i f g o; GRU r z n); none for vanilla
+//   RNN, whose
+//                      derivative comes from h itself
+//   ghn   [T, N, H]    GRU only: W_hn h + b_hn, the recurrent part of n that r multiplies
+struct ReserveLayout {
+  int64_t hs, cs, gates, ghn, total;  // offsets of each part, and the total size
+};
+
+inline ReserveLayout reserve_layout(const Dims& d) {
+  const int64_t state = (d.T + 1) * d.N * d.H;
+  ReserveLayout r{};
+  r.hs = 0;
+  r.cs = state;
+  r.gates = r.cs + (d.cell == CellKind::lstm ? state : 0);
+  const bool has_gates = d.cell == CellKind::lstm || d.cell == CellKind::gru;
+  r.ghn = r.gates + (has_gates ? d.T * d.N * d.GH() : 0);
+  r.total = r.ghn + (d.cell == CellKind::gru ? d.T * d.N * d.H : 0);
+  return r;
+}
+
+template <typename T>
+RNNFAST_HD T sigmoid(T a) {
+  return T(1) / (T(1) + std::exp(-a));
+}
+
+// ---- LSTM: i, f, g, o -------------------------------------------------------------------------
+// a_* are the full pre-activations (x W_ih^T + b_ih + h W_hh^T + b_hh).
+template <typename T>
+struct LstmPoint {
+  T i, f, g, o, c, h;
+};
+
+template <typename T>
+RNNFAST_HD LstmPoint<T> lstm_point_forward(T a_i, T a_f, T a_g, T a_o, T c_prev) {
+  LstmPoint<T> p;
+  p.i = sigmoid(a_i);
+  p.f = sigmoid(a_f);
+  p.g = std::tanh(a_g);
+  p.o = sigmoid(a_o);
+  p.c = p.f * c_prev + p.i * p.g;
+  p.h = p.o * std::tanh(p.c);
+  return p;
+}
+
+template <typename T>
+struct LstmPointGrad {
+  T da_i, da_f, da_g, da_o, dc_prev;
+};
+
+// dh and dc are the total gradients reaching h_t and c_t.
+template <typename T>
+RNNFAST_HD LstmPointGrad<T> lstm_point_backward(T i, T f, T g, T o, T c_prev, T c, T dh, T dc) {
+  const T tc = std::tanh(c);
+  dc += dh * o * (T(1) - tc * tc);
+  LstmPointGrad<T> d;
+  d.da_o = dh * tc * o * (T(1) - o);
+  d.da_i = dc * g * i * (T(1) - i);
+  d.da_f = dc * c_prev * f * (T(1) - f);
+  d.da_g = dc * i * (T(1) - g * g);
+  d.dc_prev = dc * f;
+  return d;
+}
+
+// ---- GRU: r, z, n; the reset gate multiplies the recurrent product (cuDNN and PyTorch) ------
+// x_* = x W_i*^T + b_i*, h_* = h W_h*^T + b_h*.
+template <typename T>
+struct GruPoint {
+  T r, z, n, h;
+};
+
+template <typename T>
+RNNFAST_HD GruPoint<T> gru_point_forward(T x_r, T x_z, T x_n, T h_r, T h_z, T h_n, T h_prev) {
+  GruPoint<T> p;
+  p.r = sigmoid(x_r + h_r);
+  p.z = sigmoid(x_z + h_z);
+  p.n = std::tanh(x_n + p.r * h_n);
+  p.h = (T(1) - p.z) * p.n + p.z * h_prev;
+  return p;
+}
+
+template <typename T>
+struct GruPointGrad {
+  T da_r, da_z, dx_n, dh_n, dh_prev;  // dx_n: to x_n; dh_n: to h_n (= dx_n * r)
+};
+
+template <typename T>
+RNNFAST_HD GruPointGrad<T> gru_point_backward(T r, T z, T n, T h_n, T h_prev, T dh) {
+  GruPointGrad<T> d;
+  const T dn = dh * (T(1) - z) * (T(1) - n * n);
+  d.da_z = dh * (h_prev - n) * z * (T(1) - z);
+  d.da_r = dn * h_n * r * (T(1) - r);
+  d.dx_n = dn;
+  d.dh_n = dn * r;
+  d.dh_prev = dh * z;
+  return d;
+}
+
+// ---- vanilla RNN -------------------------------------------------------------------------------
+template <typename T>
+RNNFAST_HD T rnn_point_forward(T a, bool relu) {
+  // a NaN pre-activation stays NaN, as in torch.relu
+  return relu ? (a > T(0) || a != a ? a : T(0)) : std::tanh(a);
+}
+
+// derivative through the activation, from its output h
+template <typename T>
+RNNFAST_HD T rnn_point_backward(T h, T dh, bool relu) {
+  return relu ? (h > T(0) || h != h ? dh : T(0)) : dh * (T(1) - h * h);
+}
+
+}  // namespace rnnfast

@@ -1,0 +1,48 @@
+"""rnnfast: fused recurrent-network kernels (RNN, LSTM, GRU) with a NumPy-native API."""
+
+from ._blas import preload as _preload_blas
+
+_preload_blas()
+
+from . import _C, ops, reference  # noqa: E402
+from .ops import (  # noqa: E402
+    gru_backward,
+    gru_forward,
+    lstm_backward,
+    lstm_forward,
+    rnn_backward,
+    rnn_forward,
+)
+
+__version__ = _C.__version__
+
+
+def build_info() -> dict:
+    """What this build really contains: version, compiler, OpenMP and threads, BLAS, SIMD, CUDA."""
+    return dict(_C.build_info())
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the CPU kernels use (default: the OpenMP default, one per core)."""
+    if int(n) < 1:
+        raise ValueError(f"set_num_threads needs n >= 1, got {n}")
+    _C.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return int(_C.get_num_threads())
+
+
+__all__ = [
+    "build_info",
+    "get_num_threads",
+    "gru_backward",
+    "gru_forward",
+    "lstm_backward",
+    "lstm_forward",
+    "ops",
+    "reference",
+    "rnn_backward",
+    "rnn_forward",
+    "set_num_threads",
+]

@@ -1,0 +1,109 @@
+"""Argument checks shared by the kernels' API (ops) and the NumPy reference.
+
+Every check raises with the offending name, shape or value, so that a bad call never reaches a
+kernel. The checked arrays come back C-contiguous (copied only where needed, never modified).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+@dataclass(frozen=True)
+class Checked:
+    """Validated, C-contiguous forward inputs. h0 and c0 are None where zero; lengths is int32."""
+
+    x: np.ndarray
+    w_ih: np.ndarray
+    w_hh: np.ndarray
+    b_ih: np.ndarray | None
+    b_hh: np.ndarray | None
+    h0: np.ndarray | None
+    c0: np.ndarray | None
+    lengths: np.ndarray | None
+
+    @property
+    def dims(self) -> tuple[int, int, int, int]:
+        T, N, C = self.x.shape
+        return T, N, C, self.w_hh.shape[1]
+
+
+def _array(name, a, dtype=None):
+    if hasattr(a, "__cuda_array_interface__"):
+        raise TypeError(f"{name} is a GPU array; pass GPU arrays only together (see rnnfast.cuda)")
+    a = np.asarray(a)
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got dtype {a.dtype}")
+    if dtype is not None and a.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {a.dtype} but x has dtype {dtype}; mixing dtypes is not allowed "
+            "(cast explicitly)"
+        )
+    return np.ascontiguousarray(a)
+
+
+def _shaped(name, a, shape, dtype):
+    a = _array(name, a, dtype)
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    return a
+
+
+def check_lengths(lengths, T: int, N: int) -> np.ndarray | None:
+    """lengths as a contiguous int32 array of size N with values in [0, T], or None."""
+    if lengths is None:
+        return None
+    lengths = np.asarray(lengths)
+    if lengths.dtype == np.bool_ or not np.issubdtype(lengths.dtype, np.integer):
+        raise TypeError(f"lengths must be an integer array, got dtype {lengths.dtype}")
+    if lengths.shape != (N,):
+        raise ValueError(f"lengths must have shape ({N},) (one per batch row), got {lengths.shape}")
+    if N and lengths.min() < 0:
+        raise ValueError(f"lengths must be >= 0, got {int(lengths.min())}")
+    if N and lengths.max() > T:
+        raise ValueError(f"lengths must be <= T = {T} (the number of steps in x), got "
+                         f"{int(lengths.max())}")  # fmt: skip
+    return np.ascontiguousarray(lengths, dtype=np.int32)
+
+
+def check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths) -> Checked:
+    G = GATES[cell]
+    x = _array("x", x)
+    if x.ndim != 3:
+        raise ValueError(f"x must be 3-D (T, N, C), time-major, got shape {x.shape}")
+    T, N, C = x.shape
+    if N == 0:
+        raise ValueError(f"x has an empty batch (shape {x.shape}); N must be at least 1")
+    if C == 0:
+        raise ValueError(f"x has input size 0 (shape {x.shape}); C must be at least 1")
+    w_hh = _array("w_hh", w_hh, x.dtype)
+    if w_hh.ndim != 2 or w_hh.shape[1] == 0 or w_hh.shape[0] != G * w_hh.shape[1]:
+        raise ValueError(
+            f"w_hh must have shape ({G}*H, H) for {cell} (G = {G} gates), got {w_hh.shape}"
+        )
+    H = w_hh.shape[1]
+    w_ih = _shaped("w_ih", w_ih, (G * H, C), x.dtype)
+    b_ih = None if b_ih is None else _shaped("b_ih", b_ih, (G * H,), x.dtype)
+    b_hh = None if b_hh is None else _shaped("b_hh", b_hh, (G * H,), x.dtype)
+    h0 = None if h0 is None else _shaped("h0", h0, (N, H), x.dtype)
+    if c0 is not None and cell != "lstm":
+        raise ValueError(f"c0 is only for LSTM, not {cell}")
+    c0 = None if c0 is None else _shaped("c0", c0, (N, H), x.dtype)
+    return Checked(x, w_ih, w_hh, b_ih, b_hh, h0, c0, check_lengths(lengths, T, N))
+
+
+def check_backward_inputs(cell, a: Checked, dy, dh_n, dc_n):
+    """dy, dh_n, dc_n checked against the forward's shapes and dtype (None stays None)."""
+    T, N, _, H = a.dims
+    dtype = a.x.dtype
+    dy = None if dy is None else _shaped("dy", dy, (T, N, H), dtype)
+    dh_n = None if dh_n is None else _shaped("dh_n", dh_n, (N, H), dtype)
+    if dc_n is not None and cell != "lstm":
+        raise ValueError(f"dc_n is only for LSTM, not {cell}")
+    dc_n = None if dc_n is None else _shaped("dc_n", dc_n, (N, H), dtype)
+    return dy, dh_n, dc_n

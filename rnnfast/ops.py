@@ -1,0 +1,134 @@
+"""Functional API over the fused kernels: forward and backpropagation through time.
+
+Shapes (time-major): x (T, N, C); states (N, H); y (T, N, H). Weights as PyTorch lays them out:
+w_ih (G*H, C), w_hh (G*H, H), b_ih and b_hh (G*H,) or None, with G = 4 (LSTM: i, f, g, o),
+3 (GRU: r, z, n) or 1 (RNN). The dtype follows x (float32 or float64); every other array must
+match it. Inputs need not be C-contiguous and are never modified.
+
+``lengths`` (1-D integers, size N, each in [0, T]) runs sequence n for lengths[n] steps: its
+outputs past that are zero, its final state is the state after its own last step (the initial
+state for a length of 0), and padded positions receive no gradient.
+
+A training forward returns a context that holds the reserve for backward; ``training=False``
+keeps nothing beyond the outputs and the final state, and its context cannot be differentiated.
+In training mode ``y`` is a read-only view of the reserve (backward reads it): copy it before
+writing to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _C
+from ._validate import Checked, check_backward_inputs, check_forward_inputs
+
+__all__ = [
+    "RecurrentContext",
+    "lstm_forward",
+    "lstm_backward",
+    "gru_forward",
+    "gru_backward",
+    "rnn_forward",
+    "rnn_backward",
+]
+
+# one row per cell kind: the kernels' entry points
+_KERNELS = {
+    "lstm": (_C.lstm_forward, _C.lstm_backward),
+    "gru": (_C.gru_forward, _C.gru_backward),
+    "rnn_tanh": (_C.rnn_tanh_forward, _C.rnn_tanh_backward),
+    "rnn_relu": (_C.rnn_relu_forward, _C.rnn_relu_backward),
+}
+
+
+@dataclass(frozen=True)
+class RecurrentContext:
+    """What backward needs from a forward call. ``reserve`` is None for an inference forward."""
+
+    cell: str
+    inputs: Checked
+    reserve: np.ndarray | None
+
+    @property
+    def training(self) -> bool:
+        return self.reserve is not None
+
+
+def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
+    a = check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths)
+    forward, _ = _KERNELS[cell]
+    y, h_n, c_n, reserve = forward(
+        a.x, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.h0, a.c0, a.lengths, bool(training)
+    )
+    if reserve is not None:
+        y.flags.writeable = False
+    return y, h_n, c_n, RecurrentContext(cell, a, reserve)
+
+
+def _backward(cell, ctx, dy, dh_n, dc_n):
+    if not isinstance(ctx, RecurrentContext) or ctx.cell != cell:
+        raise TypeError(f"{cell}_backward needs the context returned by {cell}_forward")
+    if not ctx.training:
+        raise RuntimeError(
+            f"{cell}_backward: this context comes from an inference forward (training=False), "
+            "which keeps no reserve; run the forward with training=True to differentiate it"
+        )
+    a = ctx.inputs
+    dy, dh_n, dc_n = check_backward_inputs(cell, a, dy, dh_n, dc_n)
+    _, backward = _KERNELS[cell]
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = backward(
+        a.x, a.w_ih, a.w_hh, a.b_ih is not None, a.b_hh is not None, a.lengths, ctx.reserve,
+        dy, dh_n, dc_n,
+    )  # fmt: skip
+    grads = {"dx": dx, "dh0": dh0, "dw_ih": dw_ih, "dw_hh": dw_hh, "db_ih": db_ih, "db_hh": db_hh}
+    if cell == "lstm":
+        grads["dc0"] = dc0
+    return grads
+
+
+def lstm_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
+                 training=True):  # fmt: skip
+    """LSTM over a whole sequence. Returns ``(y, h_n, c_n, ctx)``; see the module docstring."""
+    return _forward("lstm", x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training)
+
+
+def lstm_backward(ctx, dy, dh_n=None, dc_n=None):
+    """Gradients of an LSTM forward: dict with dx dh0 dc0 dw_ih dw_hh db_ih db_hh.
+
+    dy (T, N, H), dh_n and dc_n (N, H) may each be None (zero). db_* is None where the forward
+    had no bias.
+    """
+    return _backward("lstm", ctx, dy, dh_n, dc_n)
+
+
+def gru_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, lengths=None, training=True):
+    """GRU over a whole sequence. Returns ``(y, h_n, ctx)``; see the module docstring."""
+    y, h_n, _, ctx = _forward("gru", x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths, training)
+    return y, h_n, ctx
+
+
+def gru_backward(ctx, dy, dh_n=None):
+    """Gradients of a GRU forward: dict with dx dh0 dw_ih dw_hh db_ih db_hh."""
+    return _backward("gru", ctx, dy, dh_n, None)
+
+
+def rnn_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearity="tanh",
+                lengths=None, training=True):  # fmt: skip
+    """Vanilla RNN (h = act(x W_ih^T + b_ih + h W_hh^T + b_hh)), act tanh or relu.
+
+    Returns ``(y, h_n, ctx)``; see the module docstring.
+    """
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    cell = "rnn_" + nonlinearity
+    y, h_n, _, ctx = _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths, training)
+    return y, h_n, ctx
+
+
+def rnn_backward(ctx, dy, dh_n=None):
+    """Gradients of a vanilla RNN forward: dict with dx dh0 dw_ih dw_hh db_ih db_hh."""
+    if not isinstance(ctx, RecurrentContext) or not ctx.cell.startswith("rnn_"):
+        raise TypeError("rnn_backward needs the context returned by rnn_forward")
+    return _backward(ctx.cell, ctx, dy, dh_n, None)
