@@ -1,0 +1,628 @@
+"""Layers with state: stacked, bidirectional RNN/LSTM/GRU over the fused kernels, Embedding, Linear.
+
+Parameters live in ``layer.params`` and gradients in ``layer.grads``: dicts of ndarrays named
+exactly as torch's state_dict names them, so a torch state_dict converted to NumPy loads as it is.
+``y, state = layer(x)`` runs forward; ``dx = layer.backward(dy)`` (``dx, dstate0`` for the
+recurrent layers) backpropagates through the last training forward and *adds* into
+``layer.grads`` (call ``zero_grad()`` between steps, as in torch). Parameters and gradients are
+updated in place only (optimizers, zero_grad, load_state_dict), so any dict that holds the same
+arrays, such as a model's merged ``params``, stays valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from . import init as _init
+from . import ops
+from ._validate import check_lengths
+from .sequences import reverse_index
+
+__all__ = ["Module", "RNN", "LSTM", "GRU", "Embedding", "Linear", "IncompatibleKeys"]
+
+
+class IncompatibleKeys(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class Module:
+    """Base of every layer: params, grads, train/eval, zero_grad, state_dict, children.
+
+    A model made of layers registers them with ``add_module(name, layer)``; its ``params`` and
+    ``grads`` then hold the children's arrays (the same objects) under ``name.param`` keys, as a
+    torch.nn.Module's state_dict does.
+    """
+
+    def __init__(self) -> None:
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+        self.training = True
+        self._children: dict[str, Module] = {}
+
+    def add_module(self, name: str, module: Module) -> Module:
+        if not isinstance(module, Module):
+            raise TypeError(f"add_module needs a Module, got {type(module).__name__}")
+        if "." in name or not name:
+            raise ValueError(f"module name must be non-empty without '.', got {name!r}")
+        self._children[name] = module
+        for k, v in module.params.items():
+            self.params[f"{name}.{k}"] = v
+        for k, v in module.grads.items():
+            self.grads[f"{name}.{k}"] = v
+        setattr(self, name, module)
+        return module
+
+    def _add_param(self, name: str, value: np.ndarray) -> None:
+        self.params[name] = value
+        self.grads[name] = np.zeros_like(value)
+
+    def train(self, mode: bool = True) -> Module:
+        """Training mode (dropout on, forward keeps what backward needs); returns self."""
+        self.training = bool(mode)
+        for m in self._children.values():
+            m.train(mode)
+        return self
+
+    def eval(self) -> Module:
+        """Inference mode: no dropout, and forward keeps nothing for backward; returns self."""
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        """Sets every gradient to zero, in place."""
+        for g in self.grads.values():
+            g[...] = 0
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.params.values())
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """A copy of every parameter, keyed as in ``params`` (and as torch's state_dict)."""
+        return {k: v.copy() for k, v in self.params.items()}
+
+    def load_state_dict(self, state_dict: Mapping, strict: bool = True) -> IncompatibleKeys:
+        """Copies arrays into the parameters in place (casting to their dtype).
+
+        Accepts a torch state_dict converted to NumPy (``{k: v.numpy() for k, v in ...}``). With
+        ``strict`` any missing or unexpected key is an error; shapes must always match. Nothing
+        changes unless every check passes. Returns the missing and unexpected keys, as torch.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        missing = sorted(set(self.params) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(self.params))
+        if strict and (missing or unexpected):
+            raise KeyError(
+                f"state_dict does not fit {type(self).__name__}: missing keys {missing}, "
+                f"unexpected keys {unexpected}"
+            )
+        values = {}
+        for k in set(self.params) & set(state_dict):
+            v = state_dict[k]
+            v = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+            if v.shape != self.params[k].shape:
+                raise ValueError(
+                    f"state_dict[{k!r}] has shape {v.shape}, the parameter has shape "
+                    f"{self.params[k].shape}"
+                )
+            if v.dtype.kind not in "fiu":
+                raise TypeError(f"state_dict[{k!r}] has non-numeric dtype {v.dtype}")
+            values[k] = v
+        for k, v in values.items():
+            self.params[k][...] = v
+        return IncompatibleKeys(missing, unexpected)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+def _float_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def _check_input(name: str, x, dtype: np.dtype) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the layer's parameters are {dtype}; cast the input "
+            f"(x.astype(np.{dtype.name})) or build the layer with dtype=np.{x.dtype.name}"
+        )
+    return x
+
+
+# ---- the recurrent layers --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """One row of the cell table: gate count, whether it has a cell state, and uniform calls.
+
+    forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training) -> (y, h_n, c_n, ctx);
+    backward(ctx, dy, dh_n, dc_n) -> the kernels' gradient dict.
+    """
+
+    gates: int
+    has_c: bool
+    forward: Callable
+    backward: Callable
+
+
+def _rnn_row(nonlinearity: str) -> _Cell:
+    def forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
+        y, h, ctx = ops.rnn_forward(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity=nonlinearity,
+                                    lengths=lengths, training=training)  # fmt: skip
+        return y, h, None, ctx
+
+    return _Cell(1, False, forward, lambda ctx, dy, dh, dc: ops.rnn_backward(ctx, dy, dh))
+
+
+def _gru_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
+    y, h, ctx = ops.gru_forward(x, w_ih, w_hh, b_ih, b_hh, h0, lengths=lengths, training=training)
+    return y, h, None, ctx
+
+
+def _lstm_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
+    return ops.lstm_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths, training=training)
+
+
+_CELLS = {
+    "lstm": _Cell(
+        4, True, _lstm_forward, lambda ctx, dy, dh, dc: ops.lstm_backward(ctx, dy, dh, dc)
+    ),
+    "gru": _Cell(3, False, _gru_forward, lambda ctx, dy, dh, dc: ops.gru_backward(ctx, dy, dh)),
+    "rnn_tanh": _rnn_row("tanh"),
+    "rnn_relu": _rnn_row("relu"),
+}
+
+
+def _init_torch(name: str, w: np.ndarray, rng: np.random.Generator, H: int, G: int) -> None:
+    k = 1.0 / np.sqrt(H)
+    _init.uniform_(w, -k, k, rng)
+
+
+def _init_orthogonal(name: str, w: np.ndarray, rng: np.random.Generator, H: int, G: int) -> None:
+    if name.startswith("weight_ih"):
+        _init.xavier_uniform_(w, rng=rng, gates=G)
+    elif name.startswith("weight_hh"):
+        _init.orthogonal_(w, rng=rng, gates=G)
+    else:
+        _init.zeros_(w)
+        if G == 4 and name.startswith("bias_ih"):
+            _init.forget_gate_bias_(w, 1.0)
+
+
+_INITS = {"uniform": _init_torch, "orthogonal": _init_orthogonal}
+
+
+class _Recurrent(Module):
+    """Stacked, optionally bidirectional recurrent layer over one row of the cell table."""
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, *, dtype=np.float32, seed=None,
+                 init: str | Callable = "uniform", learn_initial_state: bool = False):  # fmt: skip
+        super().__init__()
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
+                        ("num_layers", num_layers)):  # fmt: skip
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        self.cell = _CELLS[cell]
+        self.mode = cell
+        self.input_size, self.hidden_size = int(input_size), int(hidden_size)
+        self.num_layers, self.bias, self.batch_first = int(num_layers), bool(bias), batch_first
+        self.dropout, self.bidirectional = float(dropout), bool(bidirectional)
+        self.num_directions = 2 if bidirectional else 1
+        self.learn_initial_state = bool(learn_initial_state)
+        self.dtype = _float_dtype(dtype)
+        self.rng = _init.as_generator(seed)
+        if isinstance(init, str):
+            if init not in _INITS:
+                raise ValueError(
+                    f"init must be one of {sorted(_INITS)} or a callable, got {init!r}"
+                )
+            init = _INITS[init]
+        elif not callable(init):
+            raise TypeError(f"init must be a scheme name or a callable, got {init!r}")
+        G, H = self.cell.gates, self.hidden_size
+        for layer in range(self.num_layers):
+            C = self.input_size if layer == 0 else H * self.num_directions
+            for suffix in self._suffixes(layer):
+                shapes = {"weight_ih": (G * H, C), "weight_hh": (G * H, H)}
+                if self.bias:
+                    shapes.update(bias_ih=(G * H,), bias_hh=(G * H,))
+                for kind, shape in shapes.items():
+                    w = np.zeros(shape, dtype=self.dtype)
+                    init(kind + suffix, w, self.rng, H, G)
+                    self._add_param(kind + suffix, w)
+        if self.learn_initial_state:
+            state_shape = (self.num_layers * self.num_directions, 1, H)
+            self._add_param("h0", np.zeros(state_shape, dtype=self.dtype))
+            if self.cell.has_c:
+                self._add_param("c0", np.zeros(state_shape, dtype=self.dtype))
+        self._cache = None
+
+    def _suffixes(self, layer: int) -> list[str]:
+        s = f"_l{layer}"
+        return [s, s + "_reverse"] if self.bidirectional else [s]
+
+    def __repr__(self) -> str:
+        extra = "".join(
+            f", {k}={getattr(self, k)!r}"
+            for k, default in (
+                ("num_layers", 1),
+                ("bias", True),
+                ("batch_first", False),
+                ("dropout", 0.0),
+                ("bidirectional", False),
+                ("learn_initial_state", False),
+            )  # fmt: skip
+            if getattr(self, k) != default
+        )
+        return f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra})"
+
+    # -- forward --
+
+    def _state_in(self, name, s, N, unbatched):
+        LD, H = self.num_layers * self.num_directions, self.hidden_size
+        s = _check_input(name, s, self.dtype)
+        shape = (LD, H) if unbatched else (LD, N, H)
+        if s.shape != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} (num_layers * num_directions, "
+                f"{'' if unbatched else 'batch, '}hidden_size), got {s.shape}"
+            )
+        return s[:, None] if unbatched else s
+
+    def _split_state(self, state, N, unbatched):
+        if state is None:
+            if not self.learn_initial_state:
+                return None, None
+            h0 = np.broadcast_to(
+                self.params["h0"], (self.params["h0"].shape[0], N, self.hidden_size)
+            )
+            c0 = None
+            if self.cell.has_c:
+                c0 = np.broadcast_to(self.params["c0"], h0.shape)
+            return h0, c0
+        if self.cell.has_c:
+            if not isinstance(state, tuple) or len(state) != 2:
+                raise TypeError(f"{type(self).__name__} state must be a tuple (h0, c0)")
+            h0, c0 = state
+            h0 = None if h0 is None else self._state_in("h0", h0, N, unbatched)
+            c0 = None if c0 is None else self._state_in("c0", c0, N, unbatched)
+            return h0, c0
+        if isinstance(state, tuple):
+            raise TypeError(f"{type(self).__name__} state is one array h0, not a tuple")
+        return self._state_in("h0", state, N, unbatched), None
+
+    def forward(self, x, state=None, lengths=None):
+        """Runs the stack. Returns ``(y, state)``, shapes as torch.nn.
+
+        x: (T, N, C) (or (N, T, C) with batch_first, or (T, C) unbatched); state: h0, or (h0, c0)
+        for LSTM, each (num_layers * num_directions, N, H), None for zeros (or the learned initial
+        state). lengths: (N,) ints in [0, T]: sequence n runs lengths[n] steps; y is zero past its
+        end, its final state is its state after its own last step, and the reverse direction starts
+        at its last valid step (as torch's packed sequences). y has D*H features, directions
+        concatenated (forward first); the returned state is stacked as the input state.
+        """
+        x = _check_input("x", x, self.dtype)
+        if x.ndim not in (2, 3):
+            raise ValueError(
+                f"x must be 3-D ({'N, T' if self.batch_first else 'T, N'}, C) or 2-D (T, C) for "
+                f"one unbatched sequence, got shape {x.shape}"
+            )
+        unbatched = x.ndim == 2
+        if unbatched:
+            x = x[:, None]
+            if lengths is not None:
+                lengths = np.asarray(lengths).reshape(-1)
+        elif self.batch_first:
+            x = x.swapaxes(0, 1)
+        T, N, C = x.shape
+        if C != self.input_size:
+            raise ValueError(f"x has {C} features but the layer's input_size is {self.input_size}")
+        lengths = check_lengths(lengths, T, N)
+        h0, c0 = self._split_state(state, N, unbatched)
+        learned = state is None and self.learn_initial_state
+        D, H, L = self.num_directions, self.hidden_size, self.num_layers
+        rev = None
+        if D == 2:
+            rev = (
+                (reverse_index(lengths, T), np.arange(N)[None, :]) if lengths is not None else None
+            )
+        training = self.training
+        ctxs, masks = [], []
+        h_n = np.empty((L * D, N, H), dtype=self.dtype)
+        c_n = np.empty((L * D, N, H), dtype=self.dtype) if self.cell.has_c else None
+        inp = x
+        for layer in range(L):
+            outs, layer_ctxs = [], []
+            for d, suffix in enumerate(self._suffixes(layer)):
+                p, k = self.params, layer * D + d
+                xin = inp if d == 0 else (inp[::-1] if rev is None else inp[rev])
+                y, h, c, ctx = self.cell.forward(
+                    xin, p["weight_ih" + suffix], p["weight_hh" + suffix],
+                    p.get("bias_ih" + suffix), p.get("bias_hh" + suffix),
+                    None if h0 is None else h0[k], None if c0 is None else c0[k],
+                    lengths, training,
+                )  # fmt: skip
+                if d == 1:
+                    y = y[::-1] if rev is None else y[rev]
+                outs.append(y)
+                layer_ctxs.append(ctx)
+                h_n[k] = h
+                if c_n is not None:
+                    c_n[k] = c
+            inp = outs[0] if D == 1 else np.concatenate(outs, axis=2)
+            mask = None
+            if training and self.dropout > 0 and layer < L - 1:
+                keep = 1.0 - self.dropout
+                mask = (self.rng.random(inp.shape) < keep).astype(self.dtype) / self.dtype.type(
+                    keep
+                )
+                inp = inp * mask
+            ctxs.append(layer_ctxs)
+            masks.append(mask)
+        y = inp if inp.flags.writeable else inp.copy()
+        self._cache = None
+        if training:
+            self._cache = {"ctxs": ctxs, "masks": masks, "rev": rev, "shape": (T, N, C),
+                           "unbatched": unbatched, "learned": learned}  # fmt: skip
+        if unbatched:
+            y, h_n = y[:, 0], h_n[:, 0]
+            c_n = None if c_n is None else c_n[:, 0]
+        elif self.batch_first:
+            y = y.swapaxes(0, 1)
+        return y, ((h_n, c_n) if self.cell.has_c else h_n)
+
+    # -- backward --
+
+    def backward(self, dy, dstate=None):
+        """Backpropagates through the last training forward; returns ``(dx, dstate0)``.
+
+        dy: the gradient of y (same shape as y, None for zero); dstate: that of the final state
+        (an array, or (dh_n, dc_n) for LSTM, any part None for zero). Adds the parameter gradients
+        into ``self.grads`` (into h0/c0 too when the learned initial state was used) and returns
+        the gradients of x and of the initial state, shaped as they were given. Each forward can
+        be differentiated once.
+        """
+        cache = self._cache
+        if cache is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward needs a forward in training mode first (after "
+                "eval() the forward keeps nothing for backward; call train(), with dropout=0 for "
+                "deterministic outputs), and each forward can be differentiated only once"
+            )
+        T, N, C = cache["shape"]
+        unbatched = cache["unbatched"]
+        D, H, L = self.num_directions, self.hidden_size, self.num_layers
+        LD = L * D
+        if dy is None:
+            dy = np.zeros((T, N, D * H), dtype=self.dtype)
+        else:
+            dy = _check_input("dy", dy, self.dtype)
+            want = (
+                (T, D * H) if unbatched else ((N, T, D * H) if self.batch_first else (T, N, D * H))
+            )
+            if dy.shape != want:
+                raise ValueError(f"dy must have the shape of y, {want}, got {dy.shape}")
+            dy = dy[:, None] if unbatched else (dy.swapaxes(0, 1) if self.batch_first else dy)
+        dh_n = dc_n = None
+        if dstate is not None:
+            if self.cell.has_c:
+                if not isinstance(dstate, tuple) or len(dstate) != 2:
+                    raise TypeError("LSTM dstate must be a tuple (dh_n, dc_n) (either may be None)")
+                dh_n, dc_n = dstate
+            elif isinstance(dstate, tuple):
+                raise TypeError(f"{type(self).__name__} dstate is one array dh_n, not a tuple")
+            else:
+                dh_n = dstate
+            dh_n = None if dh_n is None else self._state_in("dh_n", dh_n, N, unbatched)
+            dc_n = None if dc_n is None else self._state_in("dc_n", dc_n, N, unbatched)
+        self._cache = None
+        rev = cache["rev"]
+        dh0 = np.zeros((LD, N, H), dtype=self.dtype)
+        dc0 = np.zeros((LD, N, H), dtype=self.dtype) if self.cell.has_c else None
+        dcur = dy
+        for layer in reversed(range(L)):
+            dx = None
+            for d, suffix in enumerate(self._suffixes(layer)):
+                k = layer * D + d
+                dyd = dcur[..., d * H : (d + 1) * H]
+                if d == 1:
+                    dyd = dyd[::-1] if rev is None else dyd[rev]
+                g = self.cell.backward(
+                    cache["ctxs"][layer][d], dyd,
+                    None if dh_n is None else dh_n[k], None if dc_n is None else dc_n[k],
+                )  # fmt: skip
+                dxd = g["dx"]
+                if d == 1:
+                    dxd = dxd[::-1] if rev is None else dxd[rev]
+                dx = dxd if dx is None else dx + dxd
+                self.grads["weight_ih" + suffix] += g["dw_ih"]
+                self.grads["weight_hh" + suffix] += g["dw_hh"]
+                if self.bias:
+                    self.grads["bias_ih" + suffix] += g["db_ih"]
+                    self.grads["bias_hh" + suffix] += g["db_hh"]
+                dh0[k] = g["dh0"]
+                if dc0 is not None:
+                    dc0[k] = g["dc0"]
+            mask = cache["masks"][layer - 1] if layer > 0 else None
+            dcur = dx * mask if mask is not None else dx
+        if cache["learned"]:
+            self.grads["h0"] += dh0.sum(axis=1, keepdims=True)
+            if dc0 is not None:
+                self.grads["c0"] += dc0.sum(axis=1, keepdims=True)
+        if unbatched:
+            dcur, dh0 = dcur[:, 0], dh0[:, 0]
+            dc0 = None if dc0 is None else dc0[:, 0]
+        elif self.batch_first:
+            dcur = dcur.swapaxes(0, 1)
+        return dcur, ((dh0, dc0) if self.cell.has_c else dh0)
+
+
+class RNN(_Recurrent):
+    """Elman RNN, h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh), as torch.nn.RNN.
+
+    ``RNN(input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, *, dtype=np.float32, seed=None,
+    init="uniform", learn_initial_state=False)``: nonlinearity "tanh" or "relu"; dropout applies
+    to the outputs of every layer but the last, in training mode only; init "uniform" (torch's
+    U(-1/sqrt(H), 1/sqrt(H))), "orthogonal" (Xavier-uniform w_ih, orthogonal w_hh per gate, zero
+    biases, LSTM forget-gate bias 1) or a callable ``f(name, array, rng, H, G)`` that fills array
+    in place; learn_initial_state adds parameters h0 (and c0) of shape (num_layers *
+    num_directions, 1, H), used when forward gets no state.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0, bidirectional: bool = False, **kwargs):  # fmt: skip
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__("rnn_" + nonlinearity, input_size, hidden_size, num_layers, bias,
+                         batch_first, dropout, bidirectional, **kwargs)  # fmt: skip
+
+
+class LSTM(_Recurrent):
+    """LSTM (gates i, f, g, o), as torch.nn.LSTM; state is the tuple (h, c). See RNN for options."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 **kwargs):  # fmt: skip
+        super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, **kwargs)  # fmt: skip
+
+
+class GRU(_Recurrent):
+    """GRU (gates r, z, n; reset applied after the recurrent product), as torch.nn.GRU."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 **kwargs):  # fmt: skip
+        super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, **kwargs)  # fmt: skip
+
+
+# ---- Embedding and Linear --------------------------------------------------------------------
+
+
+class Embedding(Module):
+    """A lookup table, as torch.nn.Embedding: ids (any shape) -> vectors (*, embedding_dim).
+
+    weight is N(0, 1) initially, as torch; the row ``padding_idx`` (if given) starts at zero and
+    gets no gradient.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 *, dtype=np.float32, seed=None):  # fmt: skip
+        super().__init__()
+        if num_embeddings < 1 or embedding_dim < 1:
+            raise ValueError(
+                f"num_embeddings and embedding_dim must be >= 1, got {num_embeddings}, "
+                f"{embedding_dim}"
+            )
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx {padding_idx} out of range [0, {num_embeddings})")
+            padding_idx %= num_embeddings
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        self.padding_idx, self.dtype = padding_idx, _float_dtype(dtype)
+        w = _init.normal_(np.empty((num_embeddings, embedding_dim), dtype=self.dtype), rng=seed)
+        if padding_idx is not None:
+            w[padding_idx] = 0
+        self._add_param("weight", w)
+        self._ids = None
+
+    def __repr__(self) -> str:
+        return f"Embedding({self.num_embeddings}, {self.embedding_dim})"
+
+    def forward(self, ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"Embedding takes integer ids, got dtype {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_embeddings):
+            bad = ids.min() if ids.min() < 0 else ids.max()
+            raise IndexError(f"id {int(bad)} is out of range for {self.num_embeddings} embeddings")
+        self._ids = ids.copy() if self.training else None
+        return self.params["weight"][ids]
+
+    def backward(self, dy) -> None:
+        """Adds dy (shape ids.shape + (embedding_dim,)) into the rows it came from; returns None."""
+        if self._ids is None:
+            raise RuntimeError("Embedding.backward needs a forward in training mode first")
+        ids, self._ids = self._ids, None
+        dy = _check_input("dy", dy, self.dtype)
+        if dy.shape != ids.shape + (self.embedding_dim,):
+            raise ValueError(
+                f"dy must have shape {ids.shape + (self.embedding_dim,)}, got {dy.shape}"
+            )
+        flat = ids.reshape(-1)
+        rows = dy.reshape(-1, self.embedding_dim)
+        if self.padding_idx is not None:
+            keep = flat != self.padding_idx
+            flat, rows = flat[keep], rows[keep]
+        np.add.at(self.grads["weight"], flat, rows)
+        return None
+
+
+class Linear(Module):
+    """y = x W^T + b over the last axis, as torch.nn.Linear (same init: U(+-1/sqrt(in)))."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 dtype=np.float32, seed=None):  # fmt: skip
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(
+                f"in_features and out_features must be >= 1, got {in_features}, {out_features}"
+            )
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.dtype = _float_dtype(dtype)
+        rng = _init.as_generator(seed)
+        k = 1.0 / np.sqrt(in_features)
+        self._add_param("weight", _init.uniform_(np.empty((out_features, in_features), self.dtype),
+                                                 -k, k, rng))  # fmt: skip
+        if bias:
+            self._add_param("bias", _init.uniform_(np.empty(out_features, self.dtype), -k, k, rng))
+        self._x = None
+
+    def __repr__(self) -> str:
+        return f"Linear({self.in_features}, {self.out_features}, bias={'bias' in self.params})"
+
+    def forward(self, x) -> np.ndarray:
+        x = _check_input("x", x, self.dtype)
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have {self.in_features} features last, got shape {x.shape}")
+        self._x = x if self.training else None
+        y = x @ self.params["weight"].T
+        if "bias" in self.params:
+            y += self.params["bias"]
+        return y
+
+    def backward(self, dy) -> np.ndarray:
+        """Adds into grads and returns dx (the shape of x)."""
+        if self._x is None:
+            raise RuntimeError("Linear.backward needs a forward in training mode first")
+        x, self._x = self._x, None
+        dy = _check_input("dy", dy, self.dtype)
+        if dy.shape != x.shape[:-1] + (self.out_features,):
+            raise ValueError(
+                f"dy must have shape {x.shape[:-1] + (self.out_features,)}, got {dy.shape}"
+            )
+        x2, dy2 = x.reshape(-1, self.in_features), dy.reshape(-1, self.out_features)
+        self.grads["weight"] += dy2.T @ x2
+        if "bias" in self.params:
+            self.grads["bias"] += dy2.sum(axis=0)
+        return dy @ self.params["weight"]
