@@ -165,9 +165,9 @@ class CpuMeter:
     def __init__(self, pids):
         self.pids = list(pids)
         self.tick = os.sysconf("SC_CLK_TCK")
-        self.last = self._sample()
+        self.last = self.snapshot()
 
-    def _sample(self):
+    def snapshot(self):
         try:
             with open("/proc/stat") as f:
                 v = [int(x) for x in f.readline().split()[1:]]
@@ -185,14 +185,19 @@ class CpuMeter:
                 pass
         return time.time(), busy, steal, ours
 
-    def lap(self) -> dict:
-        now = self._sample()
-        if now is None or self.last is None:
-            return {}
-        (t0, b0, s0, o0), (t1, b1, s1, o1) = self.last, now
-        self.last = now
+    def load(self, a, b) -> dict:
+        """Foreign and steal fractions between two snapshots."""
+        if a is None or b is None:
+            return {"foreign": 0.0, "steal": 0.0}
+        (t0, b0, s0, o0), (t1, b1, s1, o1) = a, b
         cap = max(t1 - t0, 1e-9) * (os.cpu_count() or 1) * self.tick
         return {"foreign": max(b1 - b0 - (o1 - o0), 0) / cap, "steal": (s1 - s0) / cap}
+
+    def lap(self) -> dict:
+        now = self.snapshot()
+        d = self.load(self.last, now)
+        self.last = now
+        return d
 
 
 def log(msg: str) -> None:
@@ -211,6 +216,7 @@ def run_benchmark(args) -> dict:
         "rounds": args.rounds,
         "target_s": args.target,
         "settle_s": args.settle,
+        "quiet": args.quiet,
         "machine": machine_info(),
         "backends": {},
         "notes": [],
@@ -233,7 +239,10 @@ def run_benchmark(args) -> dict:
             meta["notes"].append(f"backend {name} unavailable: {rep['error'].splitlines()[-1]}")
             log(f"[init] {name} UNAVAILABLE: {rep['error']}")
 
-    store = {b: {c.key: {"times": [], "round_min": []} for c in cases} for b in workers}
+    store = {
+        b: {c.key: {"times": [], "quiet": [], "round_min": [], "foreign": []} for c in cases}
+        for b in workers
+    }
     errors: dict[str, dict[str, str]] = {b: {} for b in workers}
     checks: dict[str, dict[str, dict]] = {b: {} for b in workers}
     estimate: dict[tuple[str, str], float] = {}
@@ -243,12 +252,22 @@ def run_benchmark(args) -> dict:
         return b in workers and supports(b, c, args) and c.key not in errors[b]
 
     last = [None]
+    wait_left = [args.max_wait_total]
+    meter = CpuMeter([os.getpid()] + [w.proc.pid for w in workers.values()])
 
-    def settle(b: str) -> None:
-        # let the previous worker's spinning BLAS/OpenMP threads go to sleep before timing
-        if last[0] != b:
-            time.sleep(args.settle)
+    def gate(b: str) -> None:
+        """Pause before timing: let the previous worker's spinning BLAS/OpenMP threads go to
+        sleep, and wait (within limits) until other processes leave the CPUs alone."""
+        t0 = time.time()
+        a = meter.snapshot()
+        time.sleep(args.settle if last[0] != b else 0.1)
         last[0] = b
+        while meter.load(a, meter.snapshot())["foreign"] > args.quiet:
+            if time.time() - t0 > args.max_wait or wait_left[0] <= 0:
+                break
+            a = meter.snapshot()
+            time.sleep(0.1)
+            wait_left[0] -= 0.1
 
     # warm-up, and once per case a numerical check of every backend against torch.nn
     tmp = Path(tempfile.mkdtemp(prefix="rnnfast-bench-"))
@@ -284,14 +303,13 @@ def run_benchmark(args) -> dict:
 
     rng = random.Random(args.seed)
     bench_backends = [b for b in workers if b != "gemm"]
-    meter = CpuMeter([os.getpid()] + [w.proc.pid for w in workers.values()])
     meta["cpu_load"] = []
     for r in range(args.rounds):
         t_round = time.time()
         meta["loadavg"].append(os.getloadavg()[0])
         meter.lap()
         for g in gemms:
-            settle("gemm")
+            gate("gemm")
             rep = workers["gemm"].request(
                 op="time", case=g, target_s=args.target, min_calls=2, max_calls=20, warm=0
             )
@@ -303,7 +321,7 @@ def run_benchmark(args) -> dict:
             for b in bench_backends[k:] + bench_backends[:k]:
                 if not active(b, c):
                     continue
-                settle(b)
+                gate(b)
                 # one untimed call first where it is cheap: the first call after a switch of
                 # process pays for cold caches and sleeping thread pools
                 est = estimate.get((b, c.key), 1.0)
@@ -316,7 +334,9 @@ def run_benchmark(args) -> dict:
                         max_calls=args.max_calls,
                         warm=1 if est < 0.25 else 0,
                     )
+                a = meter.snapshot()
                 rep = workers[b].request(op="time", case=c.to_dict(), **req)
+                foreign = meter.load(a, meter.snapshot())["foreign"]
                 if not rep["ok"]:
                     errors[b][c.key] = rep["error"]
                     log(f"[round {r}] {b} {c.key}: ERROR {rep['error']}")
@@ -324,6 +344,9 @@ def run_benchmark(args) -> dict:
                 s = store[b][c.key]
                 s["times"].extend(rep["times"])
                 s["round_min"].append(min(rep["times"]))
+                s["foreign"].append(round(foreign, 3))
+                if foreign <= args.quiet:
+                    s["quiet"].extend(rep["times"])
                 estimate[(b, c.key)] = min(rep["times"])
         elapsed = time.time() - started
         load = meter.lap()
@@ -332,8 +355,10 @@ def run_benchmark(args) -> dict:
             f"[round {r + 1}/{args.rounds}] {time.time() - t_round:.0f} s "
             f"(total {elapsed:.0f} s; loadavg {meta['loadavg'][-1]:.2f}; other processes used "
             f"{100 * load.get('foreign', 0):.0f}% of the CPUs, "
-            f"steal {100 * load.get('steal', 0):.0f}%)"
+            f"steal {100 * load.get('steal', 0):.0f}%; "
+            f"{args.max_wait_total - wait_left[0]:.0f} s spent waiting for quiet)"
         )
+    meta["quiet_wait_s"] = args.max_wait_total - wait_left[0]
 
     for w in workers.values():
         w.close()
@@ -364,7 +389,10 @@ def run_benchmark(args) -> dict:
             summ = summarize(s["times"])
             summ["gflops"] = c.flops() / summ["min"] / 1e9
             summ["ceiling_frac"] = summ["gflops"] / ceiling["gflops"]
+            q = summarize(s["quiet"])
+            summ.update(n_quiet=q["n"], min_quiet=q.get("min"), median_quiet=q.get("median"))
             summ["round_min"] = s["round_min"]
+            summ["foreign"] = s["foreign"]
             summ["times"] = s["times"]
             row["backends"][b] = summ
         row["checks"] = {b: checks[b][c.key] for b in checks if c.key in checks[b]}
@@ -396,8 +424,14 @@ def geomean(xs) -> float | None:
 
 
 def stat(row: dict, b: str, what: str = "min") -> float | None:
+    """A backend's min or median time on a case; the median is over the quiet measurements
+    (other processes below the --quiet load) where there are at least 3 such calls."""
     s = row["backends"].get(b)
-    return s[what] if s else None
+    if not s:
+        return None
+    if what == "median" and s.get("n_quiet", 0) >= 3:
+        return s["median_quiet"]
+    return s[what]
 
 
 def table_rows(res: dict, mode: str) -> list[list[str]]:
@@ -628,7 +662,9 @@ def results_block(res: dict, json_name: str) -> str:
         f"{meta['threads']} threads per backend, each backend in its own process; "
         f"{meta.get('elapsed_s', 0):.0f} s in all "
         f"(raw times in bench/out/{json_name}, not in git). Times in ms, minimum and median over "
-        "all calls of all rounds; speed-up = anchor time / rnnfast time; GFLOP/s counts the GEMM "
+        "all calls of all rounds (the median over the calls made while other processes used under "
+        f"{100 * meta.get('quiet', 0.2):.0f}% of the CPUs, where there are 3 or more); "
+        "speed-up = anchor time / rnnfast time; GFLOP/s counts the GEMM "
         "FLOPs (forward 2*T*N*G*H*(C+H), training step 3x that) at the minimum time.",
         "",
         *machine_lines(res),
@@ -694,7 +730,17 @@ def main(argv=None) -> None:
     )
     p.add_argument("--min-calls", type=int, default=1)
     p.add_argument("--max-calls", type=int, default=40)
-    p.add_argument("--settle", type=float, default=0.1, help="pause (s) when switching backends")
+    p.add_argument("--settle", type=float, default=0.15, help="pause (s) when switching backends")
+    p.add_argument(
+        "--quiet",
+        type=float,
+        default=0.2,
+        help="a measurement is quiet when other processes use at most this fraction of the CPUs",
+    )
+    p.add_argument("--max-wait", type=float, default=2.0, help="longest wait (s) for quiet")
+    p.add_argument(
+        "--max-wait-total", type=float, default=180.0, help="total wait (s) for quiet in a run"
+    )
     p.add_argument(
         "--ref-max-gflop",
         type=float,
@@ -723,7 +769,7 @@ def main(argv=None) -> None:
             args.shapes = (
                 args.shapes if args.shapes != list(SHAPES) else [(4, 20, 64), (16, 10, 128)]
             )
-            args.rounds, args.target, args.settle = 2, 0.02, 0.02
+            args.rounds, args.target, args.settle, args.max_wait = 2, 0.02, 0.02, 0.2
         res = run_benchmark(args)
         OUT_DIR.mkdir(parents=True, exist_ok=True)
         tag = args.tag or (
