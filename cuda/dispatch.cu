@@ -1,0 +1,71 @@
+// The backend's entry points: sizes of the caller's buffers, and forward/backward by cell kind.
+#include <string>
+
+#include "recurrence.cuh"
+
+namespace rnnfast::cuda {
+
+size_t storage_size(DType s) {
+  size_t n = 0;
+  dispatch_dtype(s, [&](auto tag) { n = sizeof(decltype(tag)); });
+  return n;
+}
+
+size_t acc_size(DType s) { return s == DType::f64 ? sizeof(double) : sizeof(float); }
+
+size_t reserve_bytes(const Dims& d, DType s) { return reserve_layout(d).total * acc_size(s); }
+
+size_t forward_workspace_bytes(const Dims& d, DType s, bool) {
+  return forward_workspace(d, acc_size(s)).total;
+}
+
+size_t backward_workspace_bytes(const Dims& d, DType s) {
+  return backward_workspace(d, storage_size(s), acc_size(s)).total;
+}
+
+void forward(const Dims& d, DType s, const ForwardArgs& a, const Options& opt) {
+  switch (d.cell) {
+    case CellKind::lstm:
+      return lstm_forward(d, s, a, opt);
+    case CellKind::gru:
+      return gru_forward(d, s, a, opt);
+    case CellKind::rnn_tanh:
+    case CellKind::rnn_relu:
+      return rnn_forward(d, s, a, opt);
+  }
+  throw std::runtime_error("rnnfast CUDA: unknown cell kind");
+}
+
+void backward(const Dims& d, DType s, const BackwardArgs& a, const Options& opt) {
+  switch (d.cell) {
+    case CellKind::lstm:
+      return lstm_backward(d, s, a, opt);
+    case CellKind::gru:
+      return gru_backward(d, s, a, opt);
+    case CellKind::rnn_tanh:
+    case CellKind::rnn_relu:
+      return rnn_backward(d, s, a, opt);
+  }
+  throw std::runtime_error("rnnfast CUDA: unknown cell kind");
+}
+
+bool persistent_fits(const Dims& d, DType s) { return persistent_fits_impl(d, s); }
+
+std::string runtime_summary() {
+  int runtime = 0, driver = 0, device = -1;
+  cudaRuntimeGetVersion(&runtime);
+  cudaDriverGetVersion(&driver);
+  std::string out = "runtime " + std::to_string(runtime) + ", driver " + std::to_string(driver);
+  if (cudaGetDevice(&device) == cudaSuccess) {
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, device) == cudaSuccess)
+      out += ", device " + std::to_string(device) + " " + prop.name + " (sm_" +
+             std::to_string(prop.major) + std::to_string(prop.minor) + ", " +
+             std::to_string(prop.multiProcessorCount) + " SMs)";
+  } else {
+    cudaGetLastError();  // no device: clear the sticky-free error and report what we have
+  }
+  return out;
+}
+
+}  // namespace rnnfast::cuda

@@ -1,0 +1,442 @@
+// The algorithm every cell shares on the GPU: one cuBLAS GEMM for the input projection of all
+// T*N rows, then per step a recurrent GEMM and one fused pointwise kernel (or the persistent
+// kernel for the whole recurrence); backward mirrors it and ends with three large GEMMs.
+// Included by lstm.cu, gru.cu, rnn.cu (and persistent.cu for the pointwise functions).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace rnnfast::cuda {
+
+constexpr int kPointThreads = 256;
+
+// ---- pointers of one forward, shared by the stepped and the persistent kernels ----------------
+// h_acc / c_acc: the A-precision h and c. With stride N*H they are sequences (the reserve's hs and
+// cs, slot 0 the initial state); with stride 0 a single state updated in place (inference).
+template <typename S, typename A>
+struct FwdPtrs {
+  const A* gx;             // [T, N, G*H] x W_ih^T, no bias
+  const S* b_ih;           // [G*H] or null
+  const S* b_hh;           // [G*H] or null
+  const int32_t* lengths;  // [N] or null
+  S* hseq;                 // [T+1, N, H]
+  A* h_acc;                // see above
+  int64_t h_stride;
+  A* c_acc;  // LSTM only
+  int64_t c_stride;
+  A* gates;  // [T, N, G*H] or null (inference)
+  A* ghn;    // [T, N, H] GRU training, else null
+  S* h_n;    // [N, H]
+  S* c_n;    // [N, H] LSTM
+  int T, N, H;
+};
+
+template <typename A, typename S>
+__device__ __forceinline__ A bias_at(const S* b, int64_t k) {
+  return b ? to_acc<A>(b[k]) : A(0);
+}
+
+// One (n, j) of step t. ah[g] is row n of h W_hh^T at gate g, unit j (no bias).
+template <CellKind K, typename S, typename A>
+__device__ __forceinline__ void forward_point(const FwdPtrs<S, A>& p, int t, int n, int j,
+                                              const A* ah) {
+  constexpr int G = gate_count(K);
+  const int64_t H = p.H, NH = int64_t(p.N) * H, GH = G * H;
+  const int64_t i = int64_t(n) * H + j;
+  const int len = p.lengths ? p.lengths[n] : p.T;
+  S* h_out = p.hseq + (t + 1) * NH + i;
+  A* gates = p.gates ? p.gates + t * p.N * GH + n * GH + j : nullptr;
+  if (t >= len) {
+    // past its length a row outputs zero and carries its cell state unchanged
+    *h_out = from_acc<S>(A(0));
+    if (p.h_stride) p.h_acc[(t + 1) * p.h_stride + i] = A(0);
+    if constexpr (K == CellKind::lstm) {
+      if (p.c_stride) p.c_acc[(t + 1) * p.c_stride + i] = p.c_acc[t * p.c_stride + i];
+    }
+    if (gates) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) gates[g * H] = A(0);
+    }
+    if (p.ghn) p.ghn[t * NH + i] = A(0);
+    return;
+  }
+  const A* gx = p.gx + t * p.N * GH + n * GH + j;
+  A a[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) a[g] = gx[g * H];
+  A h;
+  if constexpr (K == CellKind::lstm) {
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+      a[g] += ah[g] + bias_at<A>(p.b_ih, g * H + j) + bias_at<A>(p.b_hh, g * H + j);
+    const A c_prev = p.c_acc[t * p.c_stride + i];
+    const LstmPoint<A> q = lstm_point_forward(a[0], a[1], a[2], a[3], c_prev);
+    p.c_acc[(t + 1) * p.c_stride + i] = q.c;
+    if (gates) {
+      gates[0] = q.i;
+      gates[H] = q.f;
+      gates[2 * H] = q.g;
+      gates[3 * H] = q.o;
+    }
+    if (t == len - 1) p.c_n[i] = from_acc<S>(q.c);
+    h = q.h;
+  } else if constexpr (K == CellKind::gru) {
+    A hh[3];
+#pragma unroll
+    for (int g = 0; g < 3; ++g) {
+      a[g] += bias_at<A>(p.b_ih, g * H + j);
+      hh[g] = ah[g] + bias_at<A>(p.b_hh, g * H + j);
+    }
+    const A h_prev = p.h_acc[t * p.h_stride + i];
+    const GruPoint<A> q = gru_point_forward(a[0], a[1], a[2], hh[0], hh[1], hh[2], h_prev);
+    if (gates) {
+      gates[0] = q.r;
+      gates[H] = q.z;
+      gates[2 * H] = q.n;
+    }
+    if (p.ghn) p.ghn[t * NH + i] = hh[2];
+    h = q.h;
+  } else {
+    const A pre = a[0] + ah[0] + bias_at<A>(p.b_ih, j) + bias_at<A>(p.b_hh, j);
+    h = rnn_point_forward(pre, K == CellKind::rnn_relu);
+  }
+  const S hs = from_acc<S>(h);
+  *h_out = hs;
+  p.h_acc[(t + 1) * p.h_stride + i] = h;
+  if (t == len - 1) p.h_n[i] = hs;
+}
+
+template <CellKind K, typename S, typename A>
+__global__ void forward_step_kernel(FwdPtrs<S, A> p, const A* __restrict__ gh, int t) {
+  constexpr int G = gate_count(K);
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= int64_t(p.N) * p.H) return;
+  const int n = static_cast<int>(idx / p.H), j = static_cast<int>(idx % p.H);
+  A ah[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) ah[g] = gh ? gh[int64_t(n) * G * p.H + g * p.H + j] : A(0);
+  forward_point<K>(p, t, n, j, ah);
+}
+
+// slot 0 of every sequence, the in-place states, and h_n/c_n for rows of length 0
+template <typename S, typename A>
+__global__ void forward_init_kernel(FwdPtrs<S, A> p, const S* __restrict__ h0,
+                                    const S* __restrict__ c0) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(p.N) * p.H) return;
+  const S hs = h0 ? h0[i] : from_acc<S>(A(0));
+  const A h = h0 ? to_acc<A>(h0[i]) : A(0);
+  p.hseq[i] = hs;
+  p.h_acc[i] = h;
+  p.h_n[i] = hs;
+  if (p.c_acc) {
+    p.c_acc[i] = c0 ? to_acc<A>(c0[i]) : A(0);
+    p.c_n[i] = c0 ? c0[i] : from_acc<S>(A(0));
+  }
+}
+
+// ---- backward ------------------------------------------------------------------------------
+template <typename S, typename A>
+struct BwdPtrs {
+  const S* dy;             // [T, N, H] or null
+  const int32_t* lengths;  // [N] or null
+  const A* hs;             // [T+1, N, H] reserve
+  const A* cs;             // [T+1, N, H] reserve, LSTM
+  const A* gates;          // [T, N, G*H] reserve
+  const A* ghn;            // [T, N, H] reserve, GRU
+  S* da_x;                 // [T, N, G*H] gradient of x W_ih^T + b_ih
+  S* da_h;                 // [T, N, G*H] gradient of h W_hh^T + b_hh (== da_x but for GRU)
+  A* dc;                   // [N, H] in place: dc_t in, dc_{t-1} out
+  int T, N, H;
+};
+
+// dh_in: the gradient reaching h_t from step t+1 (and dh_n); dh_out: the part of dh_{t-1} that
+// does not pass through W_hh (the GEMM after this kernel adds da_h W_hh to it).
+template <CellKind K, typename S, typename A>
+__global__ void backward_step_kernel(BwdPtrs<S, A> p, const A* __restrict__ dh_in,
+                                     A* __restrict__ dh_out, int t) {
+  constexpr int G = gate_count(K);
+  const int64_t NH = int64_t(p.N) * p.H;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= NH) return;
+  const int64_t H = p.H, GH = G * H;
+  const int n = static_cast<int>(i / H), j = static_cast<int>(i % H);
+  const int len = p.lengths ? p.lengths[n] : p.T;
+  const int64_t gofs = t * p.N * GH + n * GH + j;
+  S* dax = p.da_x + gofs;
+  S* dah = p.da_h + gofs;
+  if (t >= len) {
+    // a padded step: no gradient to its gates, and dh, dc pass through to the row's last step
+#pragma unroll
+    for (int g = 0; g < G; ++g) dax[g * H] = from_acc<S>(A(0));
+    if constexpr (K == CellKind::gru) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) dah[g * H] = from_acc<S>(A(0));
+    }
+    dh_out[i] = dh_in[i];
+    return;
+  }
+  const A dh = dh_in[i] + (p.dy ? to_acc<A>(p.dy[t * NH + i]) : A(0));
+  const A* gt = p.gates + gofs;
+  if constexpr (K == CellKind::lstm) {
+    const LstmPointGrad<A> d = lstm_point_backward(
+        gt[0], gt[H], gt[2 * H], gt[3 * H], p.cs[t * NH + i], p.cs[(t + 1) * NH + i], dh, p.dc[i]);
+    dax[0] = from_acc<S>(d.da_i);
+    dax[H] = from_acc<S>(d.da_f);
+    dax[2 * H] = from_acc<S>(d.da_g);
+    dax[3 * H] = from_acc<S>(d.da_o);
+    p.dc[i] = d.dc_prev;
+    dh_out[i] = A(0);
+  } else if constexpr (K == CellKind::gru) {
+    const GruPointGrad<A> d =
+        gru_point_backward(gt[0], gt[H], gt[2 * H], p.ghn[t * NH + i], p.hs[t * NH + i], dh);
+    const S dr = from_acc<S>(d.da_r), dz = from_acc<S>(d.da_z);
+    dax[0] = dr;
+    dax[H] = dz;
+    dax[2 * H] = from_acc<S>(d.dx_n);
+    dah[0] = dr;
+    dah[H] = dz;
+    dah[2 * H] = from_acc<S>(d.dh_n);
+    dh_out[i] = d.dh_prev;
+  } else {
+    dax[0] = from_acc<S>(rnn_point_backward(p.hs[(t + 1) * NH + i], dh, K == CellKind::rnn_relu));
+    dh_out[i] = A(0);
+  }
+}
+
+template <typename S, typename A>
+__global__ void backward_init_kernel(int64_t NH, const S* __restrict__ dh_n,
+                                     const S* __restrict__ dc_n, A* __restrict__ dh,
+                                     A* __restrict__ dc) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= NH) return;
+  dh[i] = dh_n ? to_acc<A>(dh_n[i]) : A(0);
+  if (dc) dc[i] = dc_n ? to_acc<A>(dc_n[i]) : A(0);
+}
+
+template <typename S, typename A>
+__global__ void backward_finish_kernel(int64_t NH, const A* __restrict__ dh,
+                                       const A* __restrict__ dc, S* __restrict__ dh0,
+                                       S* __restrict__ dc0) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= NH) return;
+  dh0[i] = from_acc<S>(dh[i]);
+  if (dc0) dc0[i] = from_acc<S>(dc[i]);
+}
+
+template <typename S>
+__global__ void fill_kernel(int64_t n, S* __restrict__ out, float v) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = from_acc<S>(v);
+}
+
+// ---- workspaces ------------------------------------------------------------------------------
+struct FwdWorkspace {
+  int64_t gx, gh, c_state, h_state, total;  // byte offsets
+};
+
+inline FwdWorkspace forward_workspace(const Dims& d, size_t acc) {
+  FwdWorkspace w{};
+  w.gx = 0;
+  w.gh = align_up(d.T * d.N * d.GH() * acc);
+  w.c_state = w.gh + align_up(d.N * d.GH() * acc);
+  w.h_state = w.c_state + align_up(d.N * d.H * acc);
+  w.total = w.h_state + align_up(d.N * d.H * acc);
+  return w;
+}
+
+struct BwdWorkspace {
+  int64_t da_x, da_h, dh, dc, ones, total;
+};
+
+inline BwdWorkspace backward_workspace(const Dims& d, size_t st, size_t acc) {
+  BwdWorkspace w{};
+  const int64_t da = align_up(d.T * d.N * d.GH() * st);
+  w.da_x = 0;
+  w.da_h = da;
+  w.dh = w.da_h + (d.cell == CellKind::gru ? da : 0);
+  w.dc = w.dh + 2 * align_up(d.N * d.H * acc);
+  w.ones = w.dc + align_up(d.N * d.H * acc);
+  w.total = w.ones + align_up(d.T * d.N * st);
+  return w;
+}
+
+// ---- the persistent recurrence (persistent.cu) -------------------------------------------------
+// Runs steps 0..T-1 of an initialised forward in one cooperative launch. Returns false (having
+// launched nothing) where the weights do not fit on chip or the grid cannot be co-resident.
+template <CellKind K, typename S>
+bool persistent_forward(const FwdPtrs<S, acc_t<S>>& p, const S* w_hh, cudaStream_t stream,
+                        bool require);
+bool persistent_fits_impl(const Dims& d, DType s);
+
+// ---- the drivers ------------------------------------------------------------------------------
+template <CellKind K, typename S>
+void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
+  using A = acc_t<S>;
+  constexpr int G = gate_count(K);
+  const int T = static_cast<int>(d.T), N = static_cast<int>(d.N), C = static_cast<int>(d.C),
+            H = static_cast<int>(d.H), GH = G * H;
+  const int64_t NH = int64_t(N) * H;
+  auto stream = static_cast<cudaStream_t>(opt.stream);
+  char* ws = static_cast<char*>(a.workspace);
+  const FwdWorkspace wl = forward_workspace(d, sizeof(A));
+  const bool training = a.reserve != nullptr;
+
+  FwdPtrs<S, A> p{};
+  p.gx = reinterpret_cast<const A*>(ws + wl.gx);
+  p.b_ih = static_cast<const S*>(a.b_ih);
+  p.b_hh = static_cast<const S*>(a.b_hh);
+  p.lengths = a.lengths;
+  p.hseq = static_cast<S*>(a.hseq);
+  p.h_n = static_cast<S*>(a.h_n);
+  p.c_n = static_cast<S*>(a.c_n);
+  p.T = T;
+  p.N = N;
+  p.H = H;
+  if (training) {
+    const ReserveLayout r = reserve_layout(d);
+    A* res = static_cast<A*>(a.reserve);
+    p.h_acc = res + r.hs;  // may be hseq itself (S == A): both writes then agree
+    p.h_stride = NH;
+    if (K == CellKind::lstm) {
+      p.c_acc = res + r.cs;
+      p.c_stride = NH;
+    }
+    if (K == CellKind::lstm || K == CellKind::gru) p.gates = res + r.gates;
+    if (K == CellKind::gru) p.ghn = res + r.ghn;
+  } else {
+    if constexpr (std::is_same_v<S, A>) {
+      p.h_acc = p.hseq;
+      p.h_stride = NH;
+    } else {
+      p.h_acc = reinterpret_cast<A*>(ws + wl.h_state);
+      p.h_stride = 0;
+    }
+    if (K == CellKind::lstm) {
+      p.c_acc = reinterpret_cast<A*>(ws + wl.c_state);
+      p.c_stride = 0;
+    }
+  }
+
+  forward_init_kernel<S, A><<<blocks_for(NH, kPointThreads), kPointThreads, 0, stream>>>(
+      p, static_cast<const S*>(a.h0), static_cast<const S*>(a.c0));
+  RNNFAST_CHECK_LAUNCH("forward_init_kernel");
+  if (T == 0) return;
+
+  cublas::Handle h = cublas::handle_for(opt.stream);
+  const A one = 1, zero = 0;
+  constexpr cublas::DataType st = blas_type<S>();
+  constexpr cublas::DataType at = blas_type<A>();
+  const cublas::ComputeType ct = blas_compute<S>(opt.tf32);
+  // gx [T*N, GH] = x [T*N, C] W_ih^T, with W_ih stored [GH, C]
+  cublas::gemm_rm(h, false, true, T * N, GH, C, &one, a.x, st, C, a.w_ih, st, C, &zero, ws + wl.gx,
+                  at, GH, ct);
+
+  if (opt.persistent != 0 &&
+      persistent_forward<K, S>(p, static_cast<const S*>(a.w_hh), stream, opt.persistent == 1))
+    return;
+
+  A* gh = reinterpret_cast<A*>(ws + wl.gh);
+  for (int t = 0; t < T; ++t) {
+    const bool zero_h = t == 0 && a.h0 == nullptr;  // h W_hh^T of a zero h0 is zero
+    if (!zero_h)
+      cublas::gemm_rm(h, false, true, N, GH, H, &one, p.hseq + t * NH, st, H, a.w_hh, st, H, &zero,
+                      gh, at, GH, ct);
+    forward_step_kernel<K, S, A>
+        <<<blocks_for(NH, kPointThreads), kPointThreads, 0, stream>>>(p, zero_h ? nullptr : gh, t);
+    RNNFAST_CHECK_LAUNCH("forward_step_kernel");
+  }
+}
+
+template <CellKind K, typename S>
+void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
+  using A = acc_t<S>;
+  constexpr int G = gate_count(K);
+  const int T = static_cast<int>(d.T), N = static_cast<int>(d.N), C = static_cast<int>(d.C),
+            H = static_cast<int>(d.H), GH = G * H;
+  const int64_t NH = int64_t(N) * H;
+  auto stream = static_cast<cudaStream_t>(opt.stream);
+  char* ws = static_cast<char*>(a.workspace);
+  const BwdWorkspace wl = backward_workspace(d, sizeof(S), sizeof(A));
+  const ReserveLayout r = reserve_layout(d);
+  const A* res = static_cast<const A*>(a.reserve);
+
+  BwdPtrs<S, A> p{};
+  p.dy = static_cast<const S*>(a.dy);
+  p.lengths = a.lengths;
+  p.hs = res + r.hs;
+  p.cs = K == CellKind::lstm ? res + r.cs : nullptr;
+  p.gates = res + r.gates;
+  p.ghn = K == CellKind::gru ? res + r.ghn : nullptr;
+  p.da_x = reinterpret_cast<S*>(ws + wl.da_x);
+  p.da_h = reinterpret_cast<S*>(ws + (K == CellKind::gru ? wl.da_h : wl.da_x));
+  p.dc = K == CellKind::lstm ? reinterpret_cast<A*>(ws + wl.dc) : nullptr;
+  p.T = T;
+  p.N = N;
+  p.H = H;
+  A* dh[2] = {reinterpret_cast<A*>(ws + wl.dh),
+              reinterpret_cast<A*>(ws + wl.dh + align_up(NH * sizeof(A)))};
+
+  const unsigned pb = blocks_for(NH, kPointThreads);
+  backward_init_kernel<S, A><<<pb, kPointThreads, 0, stream>>>(
+      NH, static_cast<const S*>(a.dh_n), static_cast<const S*>(a.dc_n), dh[0], p.dc);
+  RNNFAST_CHECK_LAUNCH("backward_init_kernel");
+
+  cublas::Handle h = cublas::handle_for(opt.stream);
+  const A one = 1, zero = 0;
+  constexpr cublas::DataType st = blas_type<S>();
+  constexpr cublas::DataType at = blas_type<A>();
+  const cublas::ComputeType ct = blas_compute<S>(opt.tf32);
+  const S* w_hh = static_cast<const S*>(a.w_hh);
+
+  int cur = 0;
+  for (int t = T - 1; t >= 0; --t) {
+    backward_step_kernel<K, S, A><<<pb, kPointThreads, 0, stream>>>(p, dh[cur], dh[1 - cur], t);
+    RNNFAST_CHECK_LAUNCH("backward_step_kernel");
+    // dh_{t-1} += da_h[t] [N, GH] W_hh [GH, H]
+    cublas::gemm_rm(h, false, false, N, H, GH, &one, p.da_h + t * N * int64_t(GH), st, GH, w_hh, st,
+                    H, &one, dh[1 - cur], at, H, ct);
+    cur = 1 - cur;
+  }
+  backward_finish_kernel<S, A><<<pb, kPointThreads, 0, stream>>>(
+      NH, dh[cur], p.dc, static_cast<S*>(a.dh0), static_cast<S*>(a.dc0));
+  RNNFAST_CHECK_LAUNCH("backward_finish_kernel");
+
+  const int64_t TN = int64_t(T) * N;
+  auto zero_fill = [&](void* ptr, int64_t count) {
+    if (ptr) check_cuda(cudaMemsetAsync(ptr, 0, count * sizeof(S), stream), "cudaMemsetAsync");
+  };
+  if (TN == 0) {
+    zero_fill(a.dw_ih, int64_t(GH) * C);
+    zero_fill(a.dw_hh, int64_t(GH) * H);
+    zero_fill(a.db_ih, GH);
+    zero_fill(a.db_hh, GH);
+    return;
+  }
+  const int tn = static_cast<int>(TN);
+  // dx [TN, C] = da_x [TN, GH] W_ih [GH, C]
+  cublas::gemm_rm(h, false, false, tn, C, GH, &one, p.da_x, st, GH, a.w_ih, st, C, &zero, a.dx, st,
+                  C, ct);
+  // dw_ih [GH, C] = da_x^T x; dw_hh [GH, H] = da_h^T hseq[0:T]
+  cublas::gemm_rm(h, true, false, GH, C, tn, &one, p.da_x, st, GH, a.x, st, C, &zero, a.dw_ih, st,
+                  C, ct);
+  cublas::gemm_rm(h, true, false, GH, H, tn, &one, p.da_h, st, GH, a.hseq, st, H, &zero, a.dw_hh,
+                  st, H, ct);
+  if (a.db_ih || a.db_hh) {
+    // bias gradients as GEMVs against a ones vector: deterministic, and on the tensor cores
+    S* ones = reinterpret_cast<S*>(ws + wl.ones);
+    fill_kernel<S><<<blocks_for(TN, kPointThreads), kPointThreads, 0, stream>>>(TN, ones, 1.f);
+    RNNFAST_CHECK_LAUNCH("fill_kernel");
+    if (a.db_ih)
+      cublas::gemm_rm(h, true, false, GH, 1, tn, &one, p.da_x, st, GH, ones, st, 1, &zero, a.db_ih,
+                      st, 1, ct);
+    if (a.db_hh)
+      cublas::gemm_rm(h, true, false, GH, 1, tn, &one, p.da_h, st, GH, ones, st, 1, &zero, a.db_hh,
+                      st, 1, ct);
+  }
+}
+
+}  // namespace rnnfast::cuda
