@@ -46,3 +46,25 @@ __all__ = [
     "rnn_forward",
     "set_num_threads",
 ]
+
+# the training layer (layers, sequences, optimizers, clipping, init, losses, checkpoints)
+from . import checkpoint, clip, init, layers, losses, optim, sequences  # noqa: E402
+from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from .layers import GRU, LSTM, RNN, Embedding, Linear  # noqa: E402
+
+__all__ += [
+    "GRU",
+    "LSTM",
+    "RNN",
+    "Embedding",
+    "Linear",
+    "checkpoint",
+    "clip",
+    "init",
+    "layers",
+    "load_checkpoint",
+    "losses",
+    "optim",
+    "save_checkpoint",
+    "sequences",
+]
