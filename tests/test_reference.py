@@ -348,6 +348,7 @@ def test_zero_steps(cell):
     inputs, upstream = _setup(cell, 0, 2, 3, 4, _rng("empty", cell), lengths_kind="zero")
     y, h_n, c_n, ctx = run_forward(ref, cell, **inputs)
     assert y.shape == (0, 2, 4)
+    assert not np.shares_memory(h_n, inputs["h0"]), "h_n must not be the caller's h0"
     assert_close(h_n, inputs["h0"], 0, 0, name="h_n")
     assert_close(c_n, inputs["c0"], 0, 0, name="c_n")
     grads = run_backward(ref, cell, ctx, **upstream)
