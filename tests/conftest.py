@@ -228,6 +228,11 @@ def cuda_available() -> bool:
         return False
 
 
+def pytest_configure(config):
+    # also registered in pyproject.toml; repeated here so the marker is known wherever tests run
+    config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU and the CUDA build")
+
+
 def pytest_runtest_setup(item):
     # tests marked @pytest.mark.cuda skip (never fail) where there is no GPU or no CUDA build
     if item.get_closest_marker("cuda") is not None and not cuda_available():
