@@ -23,7 +23,12 @@ size_t backward_workspace_bytes(const Dims& d, DType s) {
   return backward_workspace(d, storage_size(s), acc_size(s)).total;
 }
 
+static void use_device(const Options& opt) {
+  if (opt.device >= 0) check_cuda(cudaSetDevice(opt.device), "cudaSetDevice");
+}
+
 void forward(const Dims& d, DType s, const ForwardArgs& a, const Options& opt) {
+  use_device(opt);
   switch (d.cell) {
     case CellKind::lstm:
       return lstm_forward(d, s, a, opt);
@@ -37,6 +42,7 @@ void forward(const Dims& d, DType s, const ForwardArgs& a, const Options& opt) {
 }
 
 void backward(const Dims& d, DType s, const BackwardArgs& a, const Options& opt) {
+  use_device(opt);
   switch (d.cell) {
     case CellKind::lstm:
       return lstm_backward(d, s, a, opt);

@@ -21,6 +21,7 @@ struct Options {
   void* stream = nullptr;  // cudaStream_t; every kernel and GEMM runs on it, in order
   bool tf32 = false;       // float32 GEMMs on TF32 tensor cores (about 1e-3 relative error)
   int persistent = -1;     // -1 the persistent recurrence where it fits, 0 never, 1 required
+  int device = -1;         // made current before any work (-1: leave the current device)
 };
 
 // The reserve: ReserveLayout(dims) elements of A (hs, cs, gates, ghn back to back). For

@@ -1,0 +1,361 @@
+"""The CUDA backend: rnnfast.ops on GPU arrays.
+
+rnnfast.ops hands its calls here when x is a GPU array: a CuPy array, or anything with
+``__cuda_array_interface__`` or ``__dlpack__`` on a CUDA device (a torch tensor, a JAX array).
+Every array of one call must be on the same GPU; the results are CuPy arrays on that device, and
+the work is queued on CuPy's current stream of it (``with cupy.cuda.Stream(): ...`` picks another).
+Same semantics as on the CPU (see rnnfast.ops), in float32, float64, float16 and bfloat16 (the
+last two accumulate in float32 and keep the cell state and the reserve in float32; bfloat16
+arrays need CuPy with ml_dtypes).
+
+Needs the CUDA module (built where nvcc was found), CuPy (``pip install rnnfast[cuda]``) and
+cuBLAS, loaded at run time from the nvidia-cublas wheel, the CUDA toolkit, or $RNNFAST_CUBLAS.
+``cuda_available()`` says whether all three are there; ``unavailable_reason()`` says why not.
+
+Options (``set_options``): ``tf32`` runs the float32 GEMMs on TF32 tensor cores (off by default,
+about 1e-3 relative error); ``persistent`` is "auto" (the persistent recurrence kernel where the
+recurrent weights fit on chip and the batch is small), "never" or "always" (raise where it can't).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._validate import GATES, check_lengths
+
+__all__ = [
+    "CudaContext",
+    "backward",
+    "build_info",
+    "cuda_available",
+    "forward",
+    "get_options",
+    "is_gpu_array",
+    "set_options",
+    "unavailable_reason",
+]
+
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+_PERSISTENT = {"auto": -1, "never": 0, "always": 1}
+_options: dict[str, Any] = {"tf32": False, "persistent": "auto"}
+_state: dict[str, Any] = {}  # the loaded module, or the reason it could not be loaded
+
+
+def _cublas_candidates() -> list[str]:
+    paths = []
+    if os.environ.get("RNNFAST_CUBLAS"):
+        paths.append(os.environ["RNNFAST_CUBLAS"])
+    try:  # the nvidia-cublas wheel (nvidia/cu13/lib), a namespace package
+        import nvidia
+
+        for root in list(getattr(nvidia, "__path__", [])):
+            for sub in ("cu13", "cublas"):
+                p = os.path.join(root, sub, "lib", "libcublas.so.13")
+                if os.path.exists(p):
+                    paths.append(p)
+    except ImportError:
+        pass
+    paths.append("libcublas.so.13")  # the loader's search, or one already loaded (CuPy, torch)
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            paths.append(os.path.join(home, "lib64", "libcublas.so.13"))
+    return paths
+
+
+def _load():
+    """The _cuda module with cuBLAS loaded, or None (the reason in _state['error'])."""
+    if "module" in _state:
+        return _state["module"]
+    mod, error = None, None
+    try:
+        from . import _cuda as mod
+    except ImportError as e:
+        error = f"rnnfast was built without its CUDA module ({e})"
+    if mod is not None:
+        reasons = []
+        for path in _cublas_candidates():
+            why = mod.load_cublas(path)
+            if not why:
+                break
+            reasons.append(why)
+        else:
+            error = "cuBLAS not found: " + "; ".join(reasons)
+            mod = None
+    _state["module"], _state["error"] = mod, error
+    return mod
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as e:
+        raise RuntimeError(
+            "GPU arrays need CuPy for rnnfast's CUDA backend (pip install rnnfast[cuda])"
+        ) from e
+    return cupy
+
+
+def unavailable_reason() -> str | None:
+    """None where the CUDA backend can run, else why not."""
+    if _load() is None:
+        return _state["error"]
+    try:
+        cupy = _cupy()
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "no CUDA device is visible"
+    except Exception as e:  # CuPy missing, or no driver
+        return str(e)
+    return None
+
+
+def cuda_available() -> bool:
+    """True where the CUDA module was built, cuBLAS loads, CuPy imports and a GPU is visible."""
+    return unavailable_reason() is None
+
+
+def build_info() -> dict:
+    """What the CUDA module was built for, and what it runs on (where it can)."""
+    mod = _load()
+    if mod is None:
+        return {"cuda": False, "reason": _state["error"]}
+    info = {
+        "cuda": True,
+        "architectures": mod.architectures,
+        "nvcc": mod.cuda_compiler_version,
+        "cublas": mod.cublas_path(),
+        "cublas_header_checked": bool(mod.cublas_header_checked),
+    }
+    try:
+        info["runtime"] = mod.runtime_summary()
+    except RuntimeError as e:
+        info["runtime"] = str(e)
+    return info
+
+
+def set_options(*, tf32: bool | None = None, persistent: str | None = None) -> None:
+    """Set the CUDA backend's options for later calls (see the module docstring)."""
+    if persistent is not None:
+        if persistent not in _PERSISTENT:
+            raise ValueError(f"persistent must be one of {sorted(_PERSISTENT)}, got {persistent!r}")
+        _options["persistent"] = persistent
+    if tf32 is not None:
+        _options["tf32"] = bool(tf32)
+
+
+def get_options() -> dict:
+    return dict(_options)
+
+
+# ---- arrays --------------------------------------------------------------------------------
+_DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
+
+
+def is_gpu_array(a) -> bool:
+    """Whether a is a CUDA array (CuPy, __cuda_array_interface__ or a CUDA __dlpack__)."""
+    if a is None or isinstance(a, np.ndarray):
+        return False
+    try:
+        if hasattr(a, "__cuda_array_interface__"):
+            return True
+    except Exception:  # torch raises TypeError for dtypes the interface lacks (bfloat16)
+        return hasattr(a, "__dlpack_device__")
+    dev = getattr(a, "__dlpack_device__", None)
+    if dev is None:
+        return False
+    try:
+        return int(dev()[0]) in _DLPACK_CUDA
+    except Exception:
+        return False
+
+
+def _as_cupy(cupy, name, a):
+    if isinstance(a, cupy.ndarray):
+        return a
+    if not is_gpu_array(a):
+        raise TypeError(
+            f"{name} is not a GPU array (got {type(a).__name__}); pass GPU arrays only together"
+        )
+    if hasattr(a, "__dlpack__"):
+        try:
+            return cupy.from_dlpack(a)
+        except Exception:
+            pass
+    return cupy.asarray(a)
+
+
+def _checked(cupy, name, a, dtype=None, shape=None):
+    a = _as_cupy(cupy, name, a)
+    if a.dtype.name not in DTYPES:
+        raise TypeError(f"{name} must be one of {', '.join(DTYPES)}, got dtype {a.dtype}")
+    if dtype is not None and a.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {a.dtype} but x has dtype {dtype}; mixing dtypes is not allowed "
+            "(cast explicitly)"
+        )
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    return a
+
+
+@dataclass(frozen=True)
+class CudaInputs:
+    """Validated, C-contiguous forward inputs on one device (h0, c0, biases may be None)."""
+
+    x: Any
+    w_ih: Any
+    w_hh: Any
+    b_ih: Any
+    b_hh: Any
+    h0: Any
+    c0: Any
+    lengths: Any  # int32 device array, or None
+
+    @property
+    def dims(self) -> tuple[int, int, int, int]:
+        T, N, C = self.x.shape
+        return T, N, C, self.w_hh.shape[1]
+
+
+@dataclass(frozen=True)
+class CudaContext:
+    """What backward needs from a GPU forward. ``reserve`` is None for an inference forward."""
+
+    cell: str
+    inputs: CudaInputs
+    reserve: Any
+    hseq: Any  # [T+1, N, H], slot 0 = h0; y is hseq[1:]
+
+    @property
+    def training(self) -> bool:
+        return self.reserve is not None
+
+
+def _check_forward(cupy, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths) -> CudaInputs:
+    G = GATES[cell]
+    x = _checked(cupy, "x", x)
+    if x.ndim != 3:
+        raise ValueError(f"x must be 3-D (T, N, C), time-major, got shape {x.shape}")
+    T, N, C = x.shape
+    if N == 0:
+        raise ValueError(f"x has an empty batch (shape {x.shape}); N must be at least 1")
+    if C == 0:
+        raise ValueError(f"x has input size 0 (shape {x.shape}); C must be at least 1")
+    dev = x.device.id
+    w_hh = _checked(cupy, "w_hh", w_hh, x.dtype)
+    if w_hh.ndim != 2 or w_hh.shape[1] == 0 or w_hh.shape[0] != G * w_hh.shape[1]:
+        raise ValueError(
+            f"w_hh must have shape ({G}*H, H) for {cell} (G = {G} gates), got {w_hh.shape}"
+        )
+    H = w_hh.shape[1]
+    w_ih = _checked(cupy, "w_ih", w_ih, x.dtype, (G * H, C))
+    b_ih = None if b_ih is None else _checked(cupy, "b_ih", b_ih, x.dtype, (G * H,))
+    b_hh = None if b_hh is None else _checked(cupy, "b_hh", b_hh, x.dtype, (G * H,))
+    h0 = None if h0 is None else _checked(cupy, "h0", h0, x.dtype, (N, H))
+    if c0 is not None and cell != "lstm":
+        raise ValueError(f"c0 is only for LSTM, not {cell}")
+    c0 = None if c0 is None else _checked(cupy, "c0", c0, x.dtype, (N, H))
+    if lengths is not None:
+        host = cupy.asnumpy(lengths) if is_gpu_array(lengths) else lengths
+        lengths = cupy.asarray(check_lengths(host, T, N))
+    arrays = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "h0": h0, "c0": c0}
+    for name, a in arrays.items():
+        if a is not None and a.device.id != dev:
+            raise ValueError(f"{name} is on device {a.device.id} but x is on device {dev}")
+    c = {k: None if a is None else cupy.ascontiguousarray(a) for k, a in arrays.items()}
+    return CudaInputs(lengths=lengths, **c)
+
+
+def _ptr(a) -> int:
+    return 0 if a is None else int(a.data.ptr)
+
+
+def _acc_dtype(cupy, dtype):
+    return cupy.dtype(cupy.float64) if dtype == cupy.float64 else cupy.dtype(cupy.float32)
+
+
+def _module():
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"rnnfast's CUDA backend is not available: {_state['error']}")
+    return mod
+
+
+def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
+    """The GPU side of rnnfast.ops' forward: returns (y, h_n, c_n or None, CudaContext)."""
+    mod = _module()
+    cupy = _cupy()
+    with cupy.cuda.Device(_as_cupy(cupy, "x", x).device.id) as device:
+        a = _check_forward(cupy, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths)
+        T, N, C, H = a.dims
+        dt = a.x.dtype
+        stream = cupy.cuda.get_current_stream()
+        reserve = None
+        if training:
+            acc = _acc_dtype(cupy, dt)
+            nbytes = mod.reserve_bytes(cell, dt.name, T, N, C, H)
+            reserve = cupy.empty(nbytes // acc.itemsize, dtype=acc)
+        if reserve is not None and reserve.dtype == dt:
+            hseq = reserve[: (T + 1) * N * H].reshape(T + 1, N, H)  # y is a view of the reserve
+        else:
+            hseq = cupy.empty((T + 1, N, H), dtype=dt)
+        h_n = cupy.empty((N, H), dtype=dt)
+        c_n = cupy.empty((N, H), dtype=dt) if cell == "lstm" else None
+        ws = cupy.empty(
+            mod.forward_workspace_bytes(cell, dt.name, T, N, C, H, training), cupy.uint8
+        )
+        mod.forward(
+            cell, dt.name, T, N, C, H,
+            _ptr(a.x), _ptr(a.w_ih), _ptr(a.w_hh), _ptr(a.b_ih), _ptr(a.b_hh), _ptr(a.h0),
+            _ptr(a.c0), _ptr(a.lengths), _ptr(hseq), _ptr(h_n), _ptr(c_n), _ptr(reserve),
+            _ptr(ws), stream.ptr, device.id, _options["tf32"], _PERSISTENT[_options["persistent"]],
+        )  # fmt: skip
+        return hseq[1:], h_n, c_n, CudaContext(cell, a, reserve, hseq)
+
+
+def backward(cell, ctx, dy, dh_n, dc_n):
+    """The GPU side of rnnfast.ops' backward: the gradients as a dict of CuPy arrays."""
+    if not isinstance(ctx, CudaContext) or ctx.cell != cell:
+        raise TypeError(f"{cell}_backward needs the context returned by {cell}_forward")
+    if not ctx.training:
+        raise RuntimeError(
+            f"{cell}_backward: this context comes from an inference forward (training=False), "
+            "which keeps no reserve; run the forward with training=True to differentiate it"
+        )
+    mod = _module()
+    cupy = _cupy()
+    a = ctx.inputs
+    T, N, C, H = a.dims
+    dt = a.x.dtype
+    G = GATES[cell]
+    with cupy.cuda.Device(a.x.device.id) as device:
+        dy = None if dy is None else cupy.ascontiguousarray(_checked(cupy, "dy", dy, dt, (T, N, H)))
+        if dh_n is not None:
+            dh_n = cupy.ascontiguousarray(_checked(cupy, "dh_n", dh_n, dt, (N, H)))
+        if dc_n is not None and cell != "lstm":
+            raise ValueError(f"dc_n is only for LSTM, not {cell}")
+        if dc_n is not None:
+            dc_n = cupy.ascontiguousarray(_checked(cupy, "dc_n", dc_n, dt, (N, H)))
+        stream = cupy.cuda.get_current_stream()
+        dx = cupy.empty((T, N, C), dtype=dt)
+        dh0 = cupy.empty((N, H), dtype=dt)
+        dc0 = cupy.empty((N, H), dtype=dt) if cell == "lstm" else None
+        dw_ih = cupy.empty((G * H, C), dtype=dt)
+        dw_hh = cupy.empty((G * H, H), dtype=dt)
+        db_ih = None if a.b_ih is None else cupy.empty((G * H,), dtype=dt)
+        db_hh = None if a.b_hh is None else cupy.empty((G * H,), dtype=dt)
+        ws = cupy.empty(mod.backward_workspace_bytes(cell, dt.name, T, N, C, H), cupy.uint8)
+        mod.backward(
+            cell, dt.name, T, N, C, H,
+            _ptr(a.x), _ptr(a.w_ih), _ptr(a.w_hh), _ptr(a.lengths), _ptr(ctx.reserve),
+            _ptr(ctx.hseq), _ptr(dy), _ptr(dh_n), _ptr(dc_n), _ptr(dx), _ptr(dh0), _ptr(dc0),
+            _ptr(dw_ih), _ptr(dw_hh), _ptr(db_ih), _ptr(db_hh), _ptr(ws), stream.ptr, device.id,
+            _options["tf32"],
+        )  # fmt: skip
+    grads = {"dx": dx, "dh0": dh0, "dw_ih": dw_ih, "dw_hh": dw_hh, "db_ih": db_ih, "db_hh": db_hh}
+    if cell == "lstm":
+        grads["dc0"] = dc0
+    return grads

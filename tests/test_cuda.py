@@ -1,0 +1,352 @@
+"""The CUDA backend (rnnfast.cuda) against the float64 NumPy reference and the CPU kernels.
+
+Every test is marked cuda and skips where there is no GPU or no CUDA build (see conftest.py).
+The grid: every cell x float32, float64, float16, bfloat16 x awkward shapes x lengths kinds, in
+both recurrence paths (the stepped cuBLAS one and the persistent kernel). float16 and bfloat16
+are compared by relative norm against the reference run on the same rounded inputs, since their
+elementwise error is dominated by the rounding of every stored value.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import numpy as np
+import pytest
+from conftest import (
+    CELLS,
+    GRAD_NAMES,
+    assert_close,
+    cast,
+    make_inputs,
+    make_upstream,
+    run_backward,
+    run_forward,
+)
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = ["float32", "float64", "float16", "bfloat16"]
+_TS, _NS, _SIZES = (1, 7, 33), (1, 3, 16), (1, 5, 64, 129)
+SHAPES = [
+    (_TS[i % 3], _NS[(i // 3) % 3], C, H)
+    for i, (C, H) in enumerate(itertools.product(_SIZES, _SIZES))
+]
+LENGTHS = [None, "mixed"]
+# batch tiles of 1, 3 (two tiles of 2), 16 (two of 8) and 40 (five of 8); H over several blocks
+PERSISTENT_SHAPES = [(7, 1, 5, 64), (9, 3, 33, 129), (5, 16, 64, 256), (4, 40, 8, 65)]
+
+# float32/float64 elementwise (as conftest's table, a little looser for float32: cuBLAS sums in
+# another order than the CPU BLAS); float16/bfloat16 by ||actual - expected|| / ||expected||
+ELEMENTWISE = {
+    "float64": {"output": {"rtol": 1e-11, "atol": 1e-11}, "grad": {"rtol": 1e-9, "atol": 1e-10}},
+    "float32": {"output": {"rtol": 3e-5, "atol": 3e-5}, "grad": {"rtol": 3e-4, "atol": 3e-4}},
+}
+RELATIVE_NORM = {
+    "float16": {"output": 5e-3, "grad": 1e-2},
+    "bfloat16": {"output": 3e-2, "grad": 5e-2},
+}
+
+
+def _np_dtype(name):
+    if name == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _cupy():
+    return pytest.importorskip("cupy")
+
+
+class _Gpu:
+    """rnnfast.ops' functions, on the GPU path directly (ops dispatches GPU arrays here)."""
+
+    @staticmethod
+    def _fwd(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
+        from rnnfast import cuda
+
+        return cuda.forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training)
+
+    def lstm_forward(self, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
+                     lengths=None, training=True):  # fmt: skip
+        return self._fwd("lstm", x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training)
+
+    def gru_forward(self, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, lengths=None,
+                    training=True):  # fmt: skip
+        y, h_n, _, ctx = self._fwd("gru", x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths, training)
+        return y, h_n, ctx
+
+    def rnn_forward(self, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearity="tanh",
+                    lengths=None, training=True):  # fmt: skip
+        cell = "rnn_" + nonlinearity
+        y, h_n, _, ctx = self._fwd(cell, x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths, training)
+        return y, h_n, ctx
+
+    @staticmethod
+    def lstm_backward(ctx, dy, dh_n=None, dc_n=None):
+        from rnnfast import cuda
+
+        return cuda.backward("lstm", ctx, dy, dh_n, dc_n)
+
+    @staticmethod
+    def gru_backward(ctx, dy, dh_n=None):
+        from rnnfast import cuda
+
+        return cuda.backward("gru", ctx, dy, dh_n, None)
+
+    @staticmethod
+    def rnn_backward(ctx, dy, dh_n=None):
+        from rnnfast import cuda
+
+        return cuda.backward(ctx.cell, ctx, dy, dh_n, None)
+
+
+GPU = _Gpu()
+
+
+@pytest.fixture
+def persistent_mode(request):
+    from rnnfast import cuda
+
+    before = cuda.get_options()
+    cuda.set_options(persistent=request.param)
+    yield request.param
+    cuda.set_options(**before)
+
+
+def _rounded(arrays: dict, dtype) -> dict:
+    """float64 arrays rounded through ``dtype`` (the values the GPU really sees)."""
+    return {
+        k: v.astype(dtype).astype(np.float64)
+        if isinstance(v, np.ndarray) and v.dtype.kind == "f"
+        else v
+        for k, v in arrays.items()
+    }
+
+
+@functools.cache
+def _case(cell, T, N, C, H, with_state, with_bias, lengths_kind, dtype_name, seed=0):
+    """Inputs in float64 (rounded through the dtype), and the reference's outputs and grads."""
+    from rnnfast import reference
+
+    rng = np.random.default_rng([seed, T, N, C, H, CELLS.index(cell)])
+    inputs = make_inputs(cell, T, N, C, H, np.float64, rng, with_state, with_bias, lengths_kind)
+    up = make_upstream(cell, T, N, H, np.float64, rng)
+    if dtype_name in ("float16", "bfloat16"):
+        inputs, up = _rounded(inputs, _np_dtype(dtype_name)), _rounded(up, _np_dtype(dtype_name))
+    y, h_n, c_n, ctx = run_forward(reference, cell, **inputs)
+    grads = run_backward(reference, cell, ctx, **up)
+    return inputs, up, (y, h_n, c_n), grads
+
+
+def _to_gpu(arrays: dict, dtype_name) -> dict:
+    cupy = _cupy()
+    dt = _np_dtype(dtype_name)
+    out = {}
+    for k, v in arrays.items():
+        if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+            out[k] = cupy.asarray(v.astype(dt))
+        elif isinstance(v, np.ndarray):
+            out[k] = cupy.asarray(v)
+        else:
+            out[k] = v
+    return out
+
+
+def _host(a):
+    if a is None:
+        return None
+    return _cupy().asnumpy(a).astype(np.float64)
+
+
+def _compare(actual, expected, dtype_name, kind, name):
+    if dtype_name in ELEMENTWISE:
+        assert_close(_host(actual), expected, **ELEMENTWISE[dtype_name][kind], name=name)
+        return
+    a, e = _host(actual), expected
+    if a is None or e is None:
+        assert a is None and e is None, f"{name}: one side is None"
+        return
+    assert a.shape == e.shape, f"{name}: shape {a.shape} != {e.shape}"
+    assert np.isfinite(a).all(), f"{name}: non-finite values"
+    scale = np.linalg.norm(e)
+    err = np.linalg.norm(a - e) / (scale if scale > 0 else 1.0)
+    limit = RELATIVE_NORM[dtype_name][kind]
+    assert err <= limit, (
+        f"{name} ({dtype_name}): relative norm error {err:.3e} > {limit:g}; "
+        f"max abs err {np.abs(a - e).max():.3e}"
+    )
+
+
+def _check(cell, dtype_name, case):
+    inputs, up, expected, expected_grads = case
+    y, h_n, c_n, ctx = run_forward(GPU, cell, **_to_gpu(inputs, dtype_name))
+    for name, a, e in zip(("y", "h_n", "c_n"), (y, h_n, c_n), expected, strict=True):
+        if a is not None:
+            assert a.dtype.name == dtype_name, f"{name} dtype {a.dtype} != {dtype_name}"
+        _compare(a, e, dtype_name, "output", name)
+    grads = run_backward(GPU, cell, ctx, **_to_gpu(up, dtype_name))
+    assert set(grads) == set(expected_grads)
+    for k in GRAD_NAMES:
+        if k in expected_grads:
+            _compare(grads[k], expected_grads[k], dtype_name, "grad", k)
+
+
+@pytest.mark.parametrize("persistent_mode", ["never", "auto"], indirect=True)
+@pytest.mark.parametrize("lengths_kind", LENGTHS, ids=lambda k: str(k))
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}N{}C{}H{}".format(*s))
+@pytest.mark.parametrize("cell", CELLS)
+def test_grid_against_reference(cell, shape, dtype_name, lengths_kind, persistent_mode):
+    _check(cell, dtype_name, _case(cell, *shape, True, True, lengths_kind, dtype_name))
+
+
+@pytest.mark.parametrize("persistent_mode", ["always"], indirect=True)
+@pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", PERSISTENT_SHAPES, ids=lambda s: "T{}N{}C{}H{}".format(*s))
+@pytest.mark.parametrize("cell", CELLS)
+def test_persistent_kernel_against_reference(cell, shape, dtype_name, persistent_mode):
+    _check(cell, dtype_name, _case(cell, *shape, True, True, "mixed", dtype_name))
+
+
+@pytest.mark.parametrize("lengths_kind", [None, "full", "zero", "mixed"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_states_biases_lengths(cell, with_state, with_bias, lengths_kind):
+    _check(
+        cell, "float64", _case(cell, 7, 3, 5, 64, with_state, with_bias, lengths_kind, "float64")
+    )
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_cpu_kernels(cell, dtype_name):
+    from rnnfast import ops
+
+    inputs, up, *_ = _case(cell, 20, 16, 33, 129, True, True, "mixed", dtype_name)
+    dt = np.dtype(dtype_name)
+    cpu_in, cpu_up = cast(inputs, dt), cast(up, dt)
+    y, h_n, c_n, ctx = run_forward(ops, cell, **cpu_in)
+    cpu_grads = run_backward(ops, cell, ctx, **cpu_up)
+    gy, gh, gc, gctx = run_forward(GPU, cell, **_to_gpu(inputs, dtype_name))
+    gpu_grads = run_backward(GPU, cell, gctx, **_to_gpu(up, dtype_name))
+    for name, a, e in (("y", gy, y), ("h_n", gh, h_n), ("c_n", gc, c_n)):
+        _compare(a, None if e is None else e.astype(np.float64), dtype_name, "output", name)
+    for k, e in cpu_grads.items():
+        _compare(gpu_grads[k], None if e is None else e.astype(np.float64), dtype_name, "grad", k)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_inference_matches_training_and_keeps_no_reserve(cell):
+    inputs, *_ = _case(cell, 7, 3, 5, 64, True, True, "mixed", "float32")
+    g = _to_gpu(inputs, "float32")
+    y, h_n, c_n, ctx = run_forward(GPU, cell, **g, training=True)
+    yi, hi, ci, ctx_i = run_forward(GPU, cell, **g, training=False)
+    assert ctx.training and not ctx_i.training and ctx_i.reserve is None
+    np.testing.assert_array_equal(_host(yi), _host(y))
+    np.testing.assert_array_equal(_host(hi), _host(h_n))
+    if c_n is not None:
+        np.testing.assert_array_equal(_host(ci), _host(c_n))
+    with pytest.raises(RuntimeError, match="training=True"):
+        run_backward(GPU, cell, ctx_i, dy=_cupy().ones_like(y))
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_reproducible(cell, dtype_name):
+    inputs, up, *_ = _case(cell, 20, 16, 33, 129, True, True, "mixed", dtype_name)
+    g, gu = _to_gpu(inputs, dtype_name), _to_gpu(up, dtype_name)
+    runs = []
+    for _ in range(3):
+        y, h_n, c_n, ctx = run_forward(GPU, cell, **g)
+        grads = run_backward(GPU, cell, ctx, **gu)
+        runs.append([_host(a) for a in [y, h_n, c_n] + [grads.get(k) for k in GRAD_NAMES]])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert (a is None and b is None) or np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_inputs_never_modified(cell):
+    inputs, up, *_ = _case(cell, 7, 3, 5, 64, True, True, "mixed", "float32")
+    g, gu = _to_gpu(inputs, "float32"), _to_gpu(up, "float32")
+    before = {k: _host(v) for k, v in {**g, **gu}.items() if v is not None}
+    *_, ctx = run_forward(GPU, cell, **g)
+    run_backward(GPU, cell, ctx, **gu)
+    for k, v in {**g, **gu}.items():
+        if v is not None:
+            np.testing.assert_array_equal(_host(v), before[k], err_msg=k)
+
+
+def test_zero_steps_returns_initial_state():
+    cupy = _cupy()
+    rng = np.random.default_rng(0)
+    inputs = _to_gpu(make_inputs("lstm", 0, 3, 4, 5, np.float64, rng), "float64")
+    y, h_n, c_n, ctx = run_forward(GPU, "lstm", **inputs)
+    assert y.shape == (0, 3, 5)
+    np.testing.assert_array_equal(_host(h_n), _host(inputs["h0"]))
+    np.testing.assert_array_equal(_host(c_n), _host(inputs["c0"]))
+    dh_n, dc_n = cupy.ones((3, 5)), cupy.full((3, 5), 2.0)
+    grads = GPU.lstm_backward(ctx, cupy.zeros((0, 3, 5)), dh_n, dc_n)
+    np.testing.assert_array_equal(_host(grads["dh0"]), _host(dh_n))
+    np.testing.assert_array_equal(_host(grads["dc0"]), _host(dc_n))
+    assert not _host(grads["dw_ih"]).any() and not _host(grads["db_hh"]).any()
+
+
+def test_runs_on_the_current_stream():
+    cupy = _cupy()
+    inputs, up, expected, _ = _case("lstm", 9, 4, 16, 32, True, True, "mixed", "float32")
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        g = _to_gpu(inputs, "float32")
+        y, h_n, c_n, ctx = run_forward(GPU, "lstm", **g)
+        stream.synchronize()
+    _compare(y, expected[0], "float32", "output", "y")
+
+
+def test_ops_dispatches_gpu_arrays():
+    """rnnfast.ops takes CuPy arrays and returns CuPy arrays (the lines in ops.py that route)."""
+    cupy = _cupy()
+    from rnnfast import ops
+
+    inputs, up, expected, expected_grads = _case("gru", 7, 3, 5, 64, True, True, "mixed",
+                                                 "float32")  # fmt: skip
+    y, h_n, ctx = ops.gru_forward(**{k: v for k, v in _to_gpu(inputs, "float32").items()
+                                     if k != "c0"})  # fmt: skip
+    assert isinstance(y, cupy.ndarray) and isinstance(h_n, cupy.ndarray)
+    _compare(y, expected[0], "float32", "output", "y")
+    grads = ops.gru_backward(ctx, **{k: v for k, v in _to_gpu(up, "float32").items()
+                                     if k != "dc_n"})  # fmt: skip
+    _compare(grads["dw_hh"], expected_grads["dw_hh"], "float32", "grad", "dw_hh")
+
+
+def test_torch_tensors_via_dlpack():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    cupy = _cupy()
+    inputs, _, expected, _ = _case("lstm", 7, 3, 5, 64, True, True, None, "bfloat16")
+    t = {k: torch.from_numpy(v).to("cuda", torch.bfloat16) if isinstance(v, np.ndarray) else v
+         for k, v in inputs.items()}  # fmt: skip
+    y, h_n, c_n, _ = run_forward(GPU, "lstm", **t)
+    assert isinstance(y, cupy.ndarray) and y.dtype.name == "bfloat16"
+    _compare(y, expected[0], "bfloat16", "output", "y")
+
+
+def test_cpu_and_gpu_arrays_do_not_mix():
+    inputs, *_ = _case("rnn_tanh", 3, 2, 4, 5, True, True, None, "float32")
+    g = _to_gpu(inputs, "float32")
+    g["w_hh"] = inputs["w_hh"].astype(np.float32)
+    with pytest.raises(TypeError, match="GPU arrays only together"):
+        run_forward(GPU, "rnn_tanh", **g)
+
+
+def test_build_info_names_the_architecture():
+    from rnnfast import cuda
+
+    info = cuda.build_info()
+    assert info["cuda"] and "90" in info["architectures"]
+    assert info["cublas"]
