@@ -1,0 +1,148 @@
+"""The command line: ``python -m rnnfast charlm|sample|digits ...`` (also installed as ``rnnfast``).
+
+python -m rnnfast charlm [--corpus FILE] [--hidden 256] [--layers 1] [--seq-len 64]
+                         [--batch 32] [--steps N] [--lr 3e-3] [--optimizer adam] [--clip 5]
+                         [--resume CK] [--seed 0] [--checkpoint charlm.npz]
+python -m rnnfast sample --checkpoint charlm.npz --prime "def " --temperature 0.8 --length 500
+python -m rnnfast digits [--cell gru] [--hidden 64] [--epochs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from e
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _nonneg_float(text):
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from e
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .models.charlm import OPTIMIZERS, TrainConfig
+
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m rnnfast", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("charlm", help="train a character-level LSTM language model",
+                       description="Train a character-level LSTM language model with truncated "
+                       "BPTT. Without --corpus it reads the running interpreter's standard library "
+                       "source (nothing is downloaded).")  # fmt: skip
+    c.add_argument(
+        "--corpus", default=None, help="a UTF-8 text file (default: Python stdlib source)"
+    )
+    c.add_argument("--hidden", type=_positive(int), default=d.hidden, help="LSTM hidden size")
+    c.add_argument("--embed", type=_positive(int), default=d.embed, help="embedding size")
+    c.add_argument("--layers", type=_positive(int), default=d.layers, help="LSTM layers")
+    c.add_argument("--dropout", type=_nonneg_float, default=d.dropout, help="between layers")
+    c.add_argument("--seq-len", type=_positive(int), default=d.seq_len, help="TBPTT chunk length")
+    c.add_argument("--batch", type=_positive(int), default=d.batch, help="parallel streams")
+    c.add_argument("--steps", type=_positive(int), default=d.steps, help="optimizer steps in all")
+    c.add_argument("--lr", type=_positive(float), default=d.lr, help="initial learning rate")
+    c.add_argument("--no-lr-decay", action="store_true", help="keep the learning rate constant "
+                   "(default: cosine decay to a tenth)")  # fmt: skip
+    c.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=d.optimizer)
+    c.add_argument("--clip", type=_nonneg_float, default=d.clip,
+                   help="global gradient-norm clip (0: off)")  # fmt: skip
+    c.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint (model, optimizer and step) up to --steps")  # fmt: skip
+    c.add_argument("--seed", type=int, default=d.seed)
+    c.add_argument("--checkpoint", default=d.checkpoint, help="where to save (atomically)")
+    c.add_argument("--eval-every", type=_positive(int), default=d.eval_every,
+                   help="validate and save every N steps")  # fmt: skip
+    c.add_argument("--sample-every", type=int, default=d.sample_every, help="0: never")
+    c.add_argument("--sample-length", type=int, default=d.sample_length)
+    c.add_argument("--temperature", type=_positive(float), default=d.temperature)
+    c.add_argument("--max-chars", type=_positive(int), default=None, help="cut the corpus")
+    c.add_argument("--threads", type=_positive(int), default=None, help="kernel threads")
+    c.add_argument("--json", default=None, metavar="FILE", help="write the run's summary here")
+    c.add_argument("--quiet", action="store_true", help="no progress output")
+
+    s = sub.add_parser("sample", help="generate text from a charlm checkpoint")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--prime", default="\n", help="text to start from")
+    s.add_argument("--temperature", type=_positive(float), default=0.8)
+    s.add_argument("--length", type=_positive(int), default=500)
+    s.add_argument("--seed", type=int, default=None)
+
+    g = sub.add_parser("digits", help="classify scikit-learn's digits as 8 rows of 8 pixels")
+    g.add_argument("--cell", choices=["gru", "lstm"], default="gru")
+    g.add_argument("--hidden", type=_positive(int), default=64)
+    g.add_argument("--epochs", type=_positive(int), default=30)
+    g.add_argument("--batch", type=_positive(int), default=32)
+    g.add_argument("--lr", type=_positive(float), default=5e-3)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", default=None, metavar="FILE", help="write the result here")
+    g.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _write_json(path, data) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+
+    try:
+        if args.command == "charlm":
+            from .models.charlm import TrainConfig, train
+
+            fields = set(TrainConfig.__dataclass_fields__)
+            cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+            cfg.lr_decay = not args.no_lr_decay
+            summary = train(cfg)
+            _write_json(args.json, summary)
+            print(f"validation perplexity {summary['val_perplexity']:.3f} (unigram baseline "
+                  f"{summary['unigram_perplexity']:.3f}) after {summary['steps']} steps in "
+                  f"{summary['seconds']:.1f} s")  # fmt: skip
+        elif args.command == "sample":
+            from .models.charlm import load_model, sample
+
+            model, vocab, _ = load_model(args.checkpoint)
+            try:
+                text = sample(model, vocab, args.prime, args.length, args.temperature, args.seed)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from e
+            sys.stdout.write(args.prime + text + "\n")
+        else:
+            from .models.digits import train_digits
+
+            result = train_digits(args.cell, args.hidden, args.epochs, args.batch, args.lr,
+                                  args.seed, args.quiet)  # fmt: skip
+            _write_json(args.json, result)
+            print(f"{args.cell.upper()} digits: test accuracy {result['test_accuracy']:.4f} "
+                  f"({result['n_test']} images), {result['seconds']:.1f} s")  # fmt: skip
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from e
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

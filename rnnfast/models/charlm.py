@@ -1,0 +1,367 @@
+"""A character-level LSTM language model: Embedding -> LSTM stack -> Linear, trained with TBPTT.
+
+``python -m rnnfast charlm`` trains it (see rnnfast.__main__); this module holds the model, the
+vocabulary, the default corpus (the Python standard library's own source, so nothing is
+downloaded), the training loop, evaluation and sampling.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import sys
+import sysconfig
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .. import checkpoint as ckpt
+from .. import optim as _optim
+from ..clip import clip_grad_norm_
+from ..init import as_generator
+from ..layers import LSTM, Embedding, Linear, Module
+from ..losses import perplexity, softmax, softmax_cross_entropy
+from ..sequences import TruncatedBPTT
+
+__all__ = [
+    "CharLM",
+    "Vocab",
+    "TrainConfig",
+    "default_corpus",
+    "load_corpus",
+    "unigram_perplexity",
+    "evaluate",
+    "sample",
+    "train",
+    "load_model",
+]
+
+OPTIMIZERS = {"sgd": _optim.SGD, "adam": _optim.Adam, "adamw": _optim.AdamW,
+              "rmsprop": _optim.RMSprop, "adagrad": _optim.Adagrad,
+              "adadelta": _optim.Adadelta}  # fmt: skip
+
+
+class Vocab:
+    """Characters <-> ids; ids follow the sorted characters."""
+
+    def __init__(self, chars):
+        self.chars = "".join(sorted(set(chars)))
+        if not self.chars:
+            raise ValueError("the vocabulary is empty (is the corpus empty?)")
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        missing = sorted(set(text) - set(self.index))
+        if missing:
+            raise ValueError(
+                f"characters not in the model's vocabulary: {''.join(missing)!r} "
+                f"(it knows {len(self)} characters)"
+            )
+        return np.fromiter((self.index[c] for c in text), dtype=np.int64, count=len(text))
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in np.ravel(ids))
+
+
+def _clean(text: str) -> str:
+    # the standard library holds a few hundred non-ASCII characters; fold them into one symbol
+    keep = {chr(c) for c in range(32, 127)} | {"\n"}
+    return "".join(c if c in keep else ("    " if c == "\t" else "?") for c in text)
+
+
+def default_corpus(max_chars: int | None = None) -> tuple[str, str]:
+    """(train, validation) text from the running interpreter's standard library source.
+
+    The top-level modules of ``sysconfig.get_paths()["stdlib"]`` in sorted order; every 20th file
+    goes to validation, so validation is unseen code. Falls back to rnnfast's own source where the
+    standard library ships without .py files.
+    """
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = sorted(glob.glob(os.path.join(stdlib, "*.py")))
+    if sum(os.path.getsize(f) for f in files) < 200_000:
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        files = sorted(glob.glob(os.path.join(here, "**", "*.py"), recursive=True))
+    train, val = [], []
+    for i, f in enumerate(files):
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            (val if i % 20 == 7 else train).append(_clean(fh.read()))
+    train_text, val_text = "\n".join(train), "\n".join(val)
+    if max_chars is not None:
+        train_text, val_text = train_text[:max_chars], val_text[: max(max_chars // 10, 1000)]
+    return train_text, val_text
+
+
+def load_corpus(path: str | None, max_chars: int | None = None) -> tuple[str, str]:
+    """(train, validation): the default corpus, or a text file split 90/10 (validation last)."""
+    if path is None:
+        return default_corpus(max_chars)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    except OSError as e:
+        raise SystemExit(f"cannot read corpus {path!r}: {e.strerror}") from e
+    if max_chars is not None:
+        text = text[:max_chars]
+    if len(text) < 1000:
+        raise SystemExit(f"corpus {path!r} has {len(text)} characters; need at least 1000")
+    cut = int(len(text) * 0.9)
+    return text[:cut], text[cut:]
+
+
+def unigram_perplexity(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int) -> float:
+    """Perplexity on validation of the character frequencies of train (add-one smoothed)."""
+    counts = np.bincount(train_ids, minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return math.exp(-logp[val_ids].mean())
+
+
+class CharLM(Module):
+    """Embedding(V, embed) -> LSTM(embed, hidden, layers, dropout) -> Linear(hidden, V)."""
+
+    def __init__(self, vocab_size: int, embed: int = 64, hidden: int = 256, layers: int = 1,
+                 dropout: float = 0.0, *, seed=None, dtype=np.float32):  # fmt: skip
+        super().__init__()
+        rng = as_generator(seed)
+        self.config = {"vocab_size": int(vocab_size), "embed": int(embed), "hidden": int(hidden),
+                       "layers": int(layers), "dropout": float(dropout)}  # fmt: skip
+        self.add_module("embed", Embedding(vocab_size, embed, dtype=dtype, seed=rng))
+        self.add_module("rnn", LSTM(embed, hidden, num_layers=layers, dropout=dropout,
+                                    dtype=dtype, seed=rng, init="orthogonal"))  # fmt: skip
+        self.add_module("head", Linear(hidden, vocab_size, dtype=dtype, seed=rng))
+
+    def forward(self, ids, state=None):
+        """ids (T, N) -> logits (T, N, V) and the LSTM's final state."""
+        y, state = self.rnn(self.embed(ids), state)
+        return self.head(y), state
+
+    def backward(self, dlogits) -> None:
+        dx, _ = self.rnn.backward(self.head.backward(dlogits))
+        self.embed.backward(dx)
+
+
+def evaluate(model: CharLM, ids: np.ndarray, batch: int = 32, seq_len: int = 256) -> float:
+    """Mean cross-entropy (nats per character) over ``ids``, read as ``batch`` parallel streams."""
+    was_training = model.training
+    model.eval()
+    try:
+        batch = max(1, min(batch, len(ids) // 2))
+        stream = TruncatedBPTT(ids, batch, seq_len)
+        total, count = 0.0, 0
+        for x, y in stream:
+            logits, state = model(x, stream.state)
+            stream.carry(state)
+            loss, _ = softmax_cross_entropy(logits, y, reduction="sum")
+            total, count = total + loss, count + y.size
+        return total / count
+    finally:
+        model.train(was_training)
+
+
+def sample(model: CharLM, vocab: Vocab, prime: str = "\n", length: int = 500,
+           temperature: float = 0.8, rng=None) -> str:  # fmt: skip
+    """Primes the model with ``prime`` and draws ``length`` characters at ``temperature``."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not prime:
+        prime = "\n"
+    rng = as_generator(rng)
+    was_training = model.training
+    model.eval()
+    try:
+        ids = vocab.encode(prime)
+        logits, state = model(ids[:, None])
+        out = []
+        for _ in range(int(length)):
+            p = softmax(logits[-1, 0].astype(np.float64), temperature=temperature)
+            nxt = int(rng.choice(len(p), p=p / p.sum()))
+            out.append(nxt)
+            logits, state = model(np.array([[nxt]]), state)
+        return vocab.decode(out)
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class TrainConfig:
+    corpus: str | None = None
+    hidden: int = 256
+    embed: int = 64
+    layers: int = 1
+    dropout: float = 0.0
+    seq_len: int = 64
+    batch: int = 32
+    steps: int = 2000
+    lr: float = 3e-3
+    optimizer: str = "adam"
+    clip: float = 5.0
+    seed: int = 0
+    eval_every: int = 500
+    sample_every: int = 500
+    sample_length: int = 200
+    temperature: float = 0.8
+    checkpoint: str = "charlm.npz"
+    resume: str | None = None
+    max_chars: int | None = None
+    val_chars: int | None = 200_000
+    lr_decay: bool = True
+    threads: int | None = None
+    quiet: bool = False
+
+
+class _Progress:
+    """A one-line progress bar on stderr (full lines when stderr is not a terminal)."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.quiet = total, quiet
+        self.tty = sys.stderr.isatty()
+        self.last_line = 0.0
+
+    def update(self, step: int, text: str) -> None:
+        if self.quiet:
+            return
+        width = 24
+        done = int(width * step / max(self.total, 1))
+        line = f"[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {text}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:150] + "\x1b[K")
+            sys.stderr.flush()
+        elif time.monotonic() - self.last_line > 10 or step == self.total:
+            self.last_line = time.monotonic()
+            print(line, file=sys.stderr, flush=True)
+
+    def print(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            sys.stderr.write("\r\x1b[K")
+        print(text, file=sys.stderr, flush=True)
+
+
+def _model_from_meta(meta: dict, path: str) -> tuple[CharLM, Vocab]:
+    try:
+        vocab = Vocab(meta["vocab"])
+        model = CharLM(**meta["model_config"])
+    except (KeyError, TypeError) as e:
+        raise ckpt.CheckpointError(f"{path!r} is not a charlm checkpoint ({e})") from e
+    return model, vocab
+
+
+def load_model(path: str) -> tuple[CharLM, Vocab, dict]:
+    """A trained CharLM, its vocabulary and the checkpoint's metadata from ``path``."""
+    _, _, meta = ckpt.read_checkpoint(path)
+    model, vocab = _model_from_meta(meta, path)
+    ckpt.load_checkpoint(path, model)
+    return model, vocab, meta
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Trains (or resumes) a CharLM; returns a summary dict (losses, perplexities, timings)."""
+    if cfg.threads:
+        from .. import set_num_threads
+
+        set_num_threads(cfg.threads)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise SystemExit(f"--optimizer must be one of {sorted(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    for name in ("hidden", "embed", "layers", "seq_len", "batch", "steps"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    t_start = time.perf_counter()
+    train_text, val_text = load_corpus(cfg.corpus, cfg.max_chars)
+    if cfg.val_chars:
+        val_text = val_text[: cfg.val_chars]
+    progress = _Progress(cfg.steps, cfg.quiet)
+    start_step = 0
+    if cfg.resume:
+        _, _, meta = ckpt.read_checkpoint(cfg.resume)
+        model, vocab = _model_from_meta(meta, cfg.resume)
+        missing = set(train_text + val_text) - set(vocab.chars)
+        if missing:
+            raise SystemExit(f"the corpus has characters the checkpoint's vocabulary lacks: "
+                             f"{''.join(sorted(missing))!r}")  # fmt: skip
+        opt = OPTIMIZERS[meta.get("optimizer_name", cfg.optimizer)](model.params, lr=cfg.lr)
+        ckpt.load_checkpoint(cfg.resume, model, opt)
+        start_step = int(meta.get("step", 0))
+        base_lr = float(meta.get("base_lr", opt.lr))
+        progress.print(f"resumed {cfg.resume} at step {start_step}")
+    else:
+        vocab = Vocab(train_text + val_text)
+        model = CharLM(len(vocab), cfg.embed, cfg.hidden, cfg.layers, cfg.dropout, seed=cfg.seed)
+        opt = OPTIMIZERS[cfg.optimizer](model.params, lr=cfg.lr)
+        base_lr = cfg.lr
+    train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
+    unigram = unigram_perplexity(train_ids, val_ids, len(vocab))
+    progress.print(
+        f"corpus: {len(train_ids):,} train / {len(val_ids):,} validation characters, vocabulary "
+        f"{len(vocab)}, unigram validation perplexity {unigram:.2f}; model {model.num_parameters():,} "
+        f"parameters"
+    )
+    rng = np.random.default_rng(cfg.seed + start_step)
+    bptt = TruncatedBPTT(train_ids, cfg.batch, cfg.seq_len, random_offset=True, rng=rng)
+    step, chars, t_train, history = start_step, 0, time.perf_counter(), []
+    loss_avg = None
+    val_loss = None
+    model.train()
+
+    def save():
+        ckpt.save_checkpoint(cfg.checkpoint, model, opt, step=step, model_config=model.config,
+                             vocab=vocab.chars, optimizer_name=type(opt).__name__.lower(), base_lr=base_lr,
+                             val_loss=val_loss, unigram_perplexity=unigram)  # fmt: skip
+
+    while step < cfg.steps:
+        for x, y in bptt:
+            if step >= cfg.steps:
+                break
+            if cfg.lr_decay:  # cosine to a tenth of the initial rate
+                frac = step / max(cfg.steps, 1)
+                opt.lr = base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            logits, state = model(x, bptt.state)
+            bptt.carry(state)
+            loss, dlogits = softmax_cross_entropy(logits, y)
+            model.zero_grad()
+            model.backward(dlogits)
+            if cfg.clip > 0:
+                clip_grad_norm_(model.grads, cfg.clip)
+            opt.step(model.grads)
+            step += 1
+            chars += y.size
+            loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
+            elapsed = time.perf_counter() - t_train
+            progress.update(step, f"loss {loss_avg:.3f} ppl {perplexity(loss_avg):.2f} "
+                                  f"{chars / elapsed:,.0f} chars/s")  # fmt: skip
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val_loss = evaluate(model, val_ids)
+                history.append((step, loss_avg, val_loss))
+                progress.print(f"step {step}: train loss {loss_avg:.3f}, validation perplexity "
+                               f"{perplexity(val_loss):.2f} (unigram {unigram:.2f})")  # fmt: skip
+                save()
+            if cfg.sample_every and step % cfg.sample_every == 0 and cfg.sample_length > 0:
+                text = sample(model, vocab, "\n", cfg.sample_length, cfg.temperature, rng)
+                progress.print(f"--- sample at step {step}, temperature {cfg.temperature} ---\n"
+                               f"{text}\n---")  # fmt: skip
+    if val_loss is None or not history or history[-1][0] != step:
+        val_loss = evaluate(model, val_ids)
+        history.append((step, loss_avg, val_loss))
+        save()
+    total = time.perf_counter() - t_start
+    summary = {
+        "steps": step,
+        "train_loss": loss_avg,
+        "val_loss": val_loss,
+        "val_perplexity": perplexity(val_loss),
+        "unigram_perplexity": unigram,
+        "seconds": total,
+        "chars_per_second": chars / max(time.perf_counter() - t_train, 1e-9),
+        "history": history,
+        "checkpoint": cfg.checkpoint,
+        "config": asdict(cfg),
+    }
+    progress.print(
+        f"done: {step} steps in {total:.0f} s, validation perplexity {summary['val_perplexity']:.2f} "
+        f"vs unigram {unigram:.2f}; checkpoint {cfg.checkpoint}"
+    )
+    return summary
