@@ -1,0 +1,98 @@
+"""Both examples end to end on tiny settings: the charlm command line (train, resume, sample) and
+the digits classifier."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rnnfast.__main__ import main
+from rnnfast.models import charlm
+
+TINY = ["--hidden", "48", "--embed", "16", "--seq-len", "32", "--batch", "16", "--lr", "1e-2",
+        "--max-chars", "30000", "--sample-length", "40", "--quiet"]  # fmt: skip
+
+
+def test_charlm_trains_resumes_and_samples(tmp_path, capsys):
+    ck, js = tmp_path / "lm.npz", tmp_path / "run.json"
+    rc = main(["charlm", *TINY, "--steps", "40", "--eval-every", "20", "--sample-every", "20",
+               "--checkpoint", str(ck), "--json", str(js)])  # fmt: skip
+    assert rc == 0 and ck.exists()
+    summary = json.loads(js.read_text())
+    vocab = len(charlm.Vocab("".join(charlm.default_corpus(30000))))
+    assert summary["steps"] == 40 and math.isfinite(summary["val_loss"])
+    assert summary["val_loss"] < math.log(vocab)  # better than uniform
+    assert summary["val_perplexity"] < summary["unigram_perplexity"]
+    assert "validation perplexity" in capsys.readouterr().out
+
+    # resuming continues from step 40 with the saved model and optimizer
+    rc = main(["charlm", *TINY, "--steps", "50", "--eval-every", "100", "--sample-every", "0",
+               "--checkpoint", str(ck), "--resume", str(ck), "--json", str(js)])  # fmt: skip
+    assert rc == 0 and json.loads(js.read_text())["steps"] == 50
+    model, vocab_, meta = charlm.load_model(str(ck))
+    assert meta["step"] == 50 and meta["model_config"]["hidden"] == 48
+
+    out = subprocess.run(
+        [sys.executable, "-m", "rnnfast", "sample", "--checkpoint", str(ck), "--prime", "def ",
+         "--temperature", "0.8", "--length", "60", "--seed", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("def ") and len(out.stdout) == 4 + 60 + 1
+    # the same seed gives the same text
+    text = charlm.sample(model, vocab_, "def ", 30, 0.8, rng=3)
+    assert text == charlm.sample(model, vocab_, "def ", 30, 0.8, rng=3)
+
+
+def test_charlm_command_line_errors(tmp_path):
+    run = [sys.executable, "-m", "rnnfast"]
+    out = subprocess.run([*run, "sample", "--checkpoint", str(tmp_path / "none.npz")],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode != 0 and "does not exist" in out.stderr
+    (tmp_path / "bad.npz").write_bytes(b"junk")
+    out = subprocess.run([*run, "sample", "--checkpoint", str(tmp_path / "bad.npz")],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode != 0 and "corrupt" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([*run, "charlm", "--steps", "0"], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 2 and "--steps" in out.stderr
+
+
+def test_charlm_custom_corpus_and_unknown_prime(tmp_path):
+    corpus = tmp_path / "abc.txt"
+    corpus.write_text("abcab cabca\n" * 400)
+    ck = tmp_path / "abc.npz"
+    main(["charlm", "--corpus", str(corpus), *TINY, "--steps", "30", "--eval-every", "30",
+          "--sample-every", "0", "--checkpoint", str(ck)])  # fmt: skip
+    model, vocab, meta = charlm.load_model(str(ck))
+    assert vocab.chars == "\n abc"
+    assert meta["val_loss"] < math.log(5)
+    with pytest.raises(ValueError, match="vocabulary"):
+        charlm.sample(model, vocab, "xyz", 5)
+
+
+def test_unigram_perplexity():
+    ids = np.array([0, 0, 1, 1])
+    assert charlm.unigram_perplexity(ids, ids, 2) == pytest.approx(2.0)
+
+
+def test_digits_tiny_run():
+    pytest.importorskip("sklearn")
+    from rnnfast.models.digits import train_digits
+
+    result = train_digits("lstm", hidden=24, epochs=3, batch=64, lr=1e-2, quiet=True)
+    assert result["n_test"] == 450 and result["test_accuracy"] > 0.5
+
+
+@pytest.mark.slow
+def test_digits_reaches_95_percent(capsys):
+    pytest.importorskip("sklearn")
+    assert main(["digits", "--cell", "gru", "--epochs", "12", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    accuracy = float(out.split("test accuracy ")[1].split()[0])
+    assert accuracy >= 0.95, out
