@@ -8,12 +8,38 @@ import ctypes
 import os
 
 
-def preload() -> None:
+def _has_avx512() -> bool:
     try:
-        import scipy_openblas32
-    except ImportError as e:  # a broken install: say which package is missing
-        raise ImportError(
-            "rnnfast needs the scipy-openblas32 package (pip install scipy-openblas32)"
-        ) from e
-    path = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(True))
-    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= set(line.split())
+    except OSError:
+        pass
+    return False
+
+
+def preload() -> None:
+    # This OpenBLAS instance is rnnfast's alone (NumPy and SciPy bundle their own), so it picks
+    # its kernels for itself: its run-time dispatch misreads some AVX-512 machines, and an
+    # OPENBLAS_CORETYPE set for NumPy's copy (Haswell on our CI machines) would halve its speed
+    # (bench/RESULTS.md). RNNFAST_OPENBLAS_CORETYPE overrides: a core name, or "auto".
+    choice = os.environ.get("RNNFAST_OPENBLAS_CORETYPE", "auto")
+    coretype = ("SkylakeX" if _has_avx512() else None) if choice.lower() == "auto" else choice
+    saved = os.environ.get("OPENBLAS_CORETYPE")
+    try:
+        if coretype is not None:
+            os.environ["OPENBLAS_CORETYPE"] = coretype
+        try:
+            import scipy_openblas32  # loads the library, reading OPENBLAS_CORETYPE once
+        except ImportError as e:  # a broken install: say which package is missing
+            raise ImportError(
+                "rnnfast needs the scipy-openblas32 package (pip install scipy-openblas32)"
+            ) from e
+        path = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(True))
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    finally:
+        if saved is None:
+            os.environ.pop("OPENBLAS_CORETYPE", None)
+        else:
+            os.environ["OPENBLAS_CORETYPE"] = saved

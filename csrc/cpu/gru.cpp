@@ -1,6 +1,9 @@
 // GRU (gates r, z, n; r multiplies the recurrent product as in cuDNN and PyTorch): the fused
 // pointwise forward and backward passes, over the shared driver.
+#include <type_traits>
+
 #include "cpu/recurrent.h"
+#include "cpu/vecmath.h"
 
 namespace rnnfast::cpu {
 namespace {
@@ -24,19 +27,27 @@ struct Gru {
       const T* gx = s.gx + n * GH;
       const T* gh = s.gh + n * 3 * nu;
       const T* h_prev = s.h_prev + n * H;
-      for (int64_t u = 0; u < nu; ++u) {
-        const int64_t j = j0 + u;
-        const T h_n = gh[2 * nu + u] + s.bhn[j];
-        const GruPoint<T> p =
-            gru_point_forward(gx[j], gx[H + j], gx[2 * H + j], gh[u], gh[nu + u], h_n, h_prev[j]);
-        h[j] = p.h;
-        if (gates) {
-          gates[j] = p.r;
-          gates[H + j] = p.z;
-          gates[2 * H + j] = p.n;
-          ghn[j] = h_n;
+      // one simd loop with the gate stores for training, one without for inference
+      auto row = [&](auto save) {
+#pragma omp simd
+        for (int64_t u = 0; u < nu; ++u) {
+          const int64_t j = j0 + u;
+          const T h_n = gh[2 * nu + u] + s.bhn[j];
+          const GruPoint<T> p = gru_point_forward<T, Math<T>>(gx[j], gx[H + j], gx[2 * H + j],
+                                                              gh[u], gh[nu + u], h_n, h_prev[j]);
+          h[j] = p.h;
+          if constexpr (decltype(save)::value) {
+            gates[j] = p.r;
+            gates[H + j] = p.z;
+            gates[2 * H + j] = p.n;
+            ghn[j] = h_n;
+          }
         }
-      }
+      };
+      if (gates)
+        row(std::true_type{});
+      else
+        row(std::false_type{});
     }
   }
 
@@ -54,12 +65,12 @@ struct Gru {
       const T* gates = s.gates + n * GH;
       const T* ghn = s.ghn + n * H;
       const T* h_prev = s.h_prev + n * H;
-      const T* dy = s.dy ? s.dy + n * H : nullptr;
+      const T* dy = s.dy + n * H;
       T* dh = s.dh + n * H;
+#pragma omp simd
       for (int64_t j = s.units.begin; j < s.units.end; ++j) {
-        const GruPointGrad<T> g =
-            gru_point_backward(gates[j], gates[H + j], gates[2 * H + j], ghn[j], h_prev[j],
-                               dh[j] + (dy ? dy[j] : T(0)));
+        const GruPointGrad<T> g = gru_point_backward(gates[j], gates[H + j], gates[2 * H + j],
+                                                     ghn[j], h_prev[j], dh[j] + dy[j]);
         dgx[j] = dgh[j] = g.da_r;
         dgx[H + j] = dgh[H + j] = g.da_z;
         dgx[2 * H + j] = g.dx_n;

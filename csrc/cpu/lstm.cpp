@@ -1,5 +1,8 @@
 // LSTM (gates i, f, g, o): the fused pointwise forward and backward passes, over the shared driver.
+#include <type_traits>
+
 #include "cpu/recurrent.h"
+#include "cpu/vecmath.h"
 
 namespace rnnfast::cpu {
 namespace {
@@ -25,20 +28,28 @@ struct Lstm {
       }
       const T* gx = s.gx + n * GH;
       const T* gh = s.gh + n * 4 * nu;
-      for (int64_t u = 0; u < nu; ++u) {
-        const int64_t j = j0 + u;
-        const LstmPoint<T> p = lstm_point_forward(gx[j] + gh[u], gx[H + j] + gh[nu + u],
-                                                  gx[2 * H + j] + gh[2 * nu + u],
-                                                  gx[3 * H + j] + gh[3 * nu + u], c_prev[j]);
-        c[j] = p.c;
-        h[j] = p.h;
-        if (gates) {
-          gates[j] = p.i;
-          gates[H + j] = p.f;
-          gates[2 * H + j] = p.g;
-          gates[3 * H + j] = p.o;
+      // one simd loop with the gate stores for training, one without for inference
+      auto row = [&](auto save) {
+#pragma omp simd
+        for (int64_t u = 0; u < nu; ++u) {
+          const int64_t j = j0 + u;
+          const LstmPoint<T> p = lstm_point_forward<T, Math<T>>(
+              gx[j] + gh[u], gx[H + j] + gh[nu + u], gx[2 * H + j] + gh[2 * nu + u],
+              gx[3 * H + j] + gh[3 * nu + u], c_prev[j]);
+          c[j] = p.c;
+          h[j] = p.h;
+          if constexpr (decltype(save)::value) {
+            gates[j] = p.i;
+            gates[H + j] = p.f;
+            gates[2 * H + j] = p.g;
+            gates[3 * H + j] = p.o;
+          }
         }
-      }
+      };
+      if (gates)
+        row(std::true_type{});
+      else
+        row(std::false_type{});
     }
   }
 
@@ -54,13 +65,14 @@ struct Lstm {
       const T* gates = s.gates + n * GH;
       const T* c_prev = s.c_prev + n * H;
       const T* c = s.c + n * H;
-      const T* dy = s.dy ? s.dy + n * H : nullptr;
+      const T* dy = s.dy + n * H;
       T* dh = s.dh + n * H;
       T* dc = s.dc + n * H;
+#pragma omp simd
       for (int64_t j = s.units.begin; j < s.units.end; ++j) {
-        const LstmPointGrad<T> g =
-            lstm_point_backward(gates[j], gates[H + j], gates[2 * H + j], gates[3 * H + j],
-                                c_prev[j], c[j], dh[j] + (dy ? dy[j] : T(0)), dc[j]);
+        const LstmPointGrad<T> g = lstm_point_backward<T, Math<T>>(
+            gates[j], gates[H + j], gates[2 * H + j], gates[3 * H + j], c_prev[j], c[j],
+            dh[j] + dy[j], dc[j]);
         dg[j] = g.da_i;
         dg[H + j] = g.da_f;
         dg[2 * H + j] = g.da_g;

@@ -36,7 +36,7 @@ struct BackwardStep {
   int64_t N, H, t;
   Range units;
   const int32_t* lengths;  // [N] or null
-  const T* dy;             // [N, H] or null
+  const T* dy;             // [N, H] (zeros where the caller gave none)
   const T* h_prev;         // [N, H]
   const T* h;              // [N, H]
   const T* c_prev;         // [N, H] LSTM
@@ -166,13 +166,16 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
       std::fill(io.dc0, io.dc0 + NH, T(0));
   }
 
+  auto zeros = uninitialized<T>(io.dy ? 0 : NH);
+  if (!io.dy) std::fill(zeros.get(), zeros.get() + NH, T(0));
+
   const int nt = recurrent_threads(d);
 #pragma omp parallel num_threads(nt)
   {
     const Range units = split(H, nt, thread_index(), kUnitAlign);
     for (int64_t t = d.T - 1; t >= 0; --t) {
       BackwardStep<T> s{N, H, t, units, io.lengths};
-      s.dy = io.dy ? io.dy + t * NH : nullptr;
+      s.dy = io.dy ? io.dy + t * NH : zeros.get();
       s.h_prev = hs + t * NH;
       s.h = hs + (t + 1) * NH;
       if (Cell::has_c) {

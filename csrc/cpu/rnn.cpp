@@ -1,6 +1,7 @@
 // Vanilla RNN (tanh or relu): the fused pointwise forward and backward passes over the shared
 // driver. The reserve is the h sequence alone: the derivative comes from h itself.
 #include "cpu/recurrent.h"
+#include "cpu/vecmath.h"
 
 namespace rnnfast::cpu {
 namespace {
@@ -20,7 +21,9 @@ struct Rnn {
       }
       const T* gx = s.gx + n * H;
       const T* gh = s.gh + n * nu;
-      for (int64_t u = 0; u < nu; ++u) h[j0 + u] = rnn_point_forward(gx[j0 + u] + gh[u], Relu);
+#pragma omp simd
+      for (int64_t u = 0; u < nu; ++u)
+        h[j0 + u] = rnn_point_forward<T, Math<T>>(gx[j0 + u] + gh[u], Relu);
     }
   }
 
@@ -34,10 +37,11 @@ struct Rnn {
         continue;
       }
       const T* h = s.h + n * H;
-      const T* dy = s.dy ? s.dy + n * H : nullptr;
+      const T* dy = s.dy + n * H;
       T* dh = s.dh + n * H;
+#pragma omp simd
       for (int64_t j = s.units.begin; j < s.units.end; ++j) {
-        dg[j] = rnn_point_backward(h[j], dh[j] + (dy ? dy[j] : T(0)), Relu);
+        dg[j] = rnn_point_backward(h[j], dh[j] + dy[j], Relu);
         dh[j] = T(0);
       }
     }

@@ -53,10 +53,18 @@ inline ReserveLayout reserve_layout(const Dims& d) {
   return r;
 }
 
-template <typename T>
-RNNFAST_HD T sigmoid(T a) {
-  return T(1) / (T(1) + std::exp(-a));
-}
+// The transcendental functions the cells use, as a policy so that a backend can swap in its
+// own (the CPU's float path uses vectorisable polynomials, csrc/cpu/vecmath.h).
+struct StdMath {
+  template <typename T>
+  static RNNFAST_HD T tanh(T a) {
+    return std::tanh(a);
+  }
+  template <typename T>
+  static RNNFAST_HD T sigmoid(T a) {
+    return T(1) / (T(1) + std::exp(-a));
+  }
+};
 
 // ---- LSTM: i, f, g, o -------------------------------------------------------------------------
 // a_* are the full pre-activations (x W_ih^T + b_ih + h W_hh^T + b_hh).
@@ -65,15 +73,15 @@ struct LstmPoint {
   T i, f, g, o, c, h;
 };
 
-template <typename T>
+template <typename T, class M = StdMath>
 RNNFAST_HD LstmPoint<T> lstm_point_forward(T a_i, T a_f, T a_g, T a_o, T c_prev) {
   LstmPoint<T> p;
-  p.i = sigmoid(a_i);
-  p.f = sigmoid(a_f);
-  p.g = std::tanh(a_g);
-  p.o = sigmoid(a_o);
+  p.i = M::sigmoid(a_i);
+  p.f = M::sigmoid(a_f);
+  p.g = M::tanh(a_g);
+  p.o = M::sigmoid(a_o);
   p.c = p.f * c_prev + p.i * p.g;
-  p.h = p.o * std::tanh(p.c);
+  p.h = p.o * M::tanh(p.c);
   return p;
 }
 
@@ -83,9 +91,9 @@ struct LstmPointGrad {
 };
 
 // dh and dc are the total gradients reaching h_t and c_t.
-template <typename T>
+template <typename T, class M = StdMath>
 RNNFAST_HD LstmPointGrad<T> lstm_point_backward(T i, T f, T g, T o, T c_prev, T c, T dh, T dc) {
-  const T tc = std::tanh(c);
+  const T tc = M::tanh(c);
   dc += dh * o * (T(1) - tc * tc);
   LstmPointGrad<T> d;
   d.da_o = dh * tc * o * (T(1) - o);
@@ -103,12 +111,12 @@ struct GruPoint {
   T r, z, n, h;
 };
 
-template <typename T>
+template <typename T, class M = StdMath>
 RNNFAST_HD GruPoint<T> gru_point_forward(T x_r, T x_z, T x_n, T h_r, T h_z, T h_n, T h_prev) {
   GruPoint<T> p;
-  p.r = sigmoid(x_r + h_r);
-  p.z = sigmoid(x_z + h_z);
-  p.n = std::tanh(x_n + p.r * h_n);
+  p.r = M::sigmoid(x_r + h_r);
+  p.z = M::sigmoid(x_z + h_z);
+  p.n = M::tanh(x_n + p.r * h_n);
   p.h = (T(1) - p.z) * p.n + p.z * h_prev;
   return p;
 }
@@ -131,10 +139,10 @@ RNNFAST_HD GruPointGrad<T> gru_point_backward(T r, T z, T n, T h_n, T h_prev, T 
 }
 
 // ---- vanilla RNN -------------------------------------------------------------------------------
-template <typename T>
+template <typename T, class M = StdMath>
 RNNFAST_HD T rnn_point_forward(T a, bool relu) {
   // a NaN pre-activation stays NaN, as in torch.relu
-  return relu ? (a > T(0) || a != a ? a : T(0)) : std::tanh(a);
+  return relu ? (a > T(0) || a != a ? a : T(0)) : M::tanh(a);
 }
 
 // derivative through the activation, from its output h
