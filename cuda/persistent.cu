@@ -86,6 +86,23 @@ Plan make_plan(int G, int N, int H, size_t s_bytes, size_t a_bytes, const Device
   return p;
 }
 
+// V partial sums per lane reduced across the warp in V-1 shuffles (a recursive halving; a
+// template so every index is a compile-time constant and v stays in registers): afterwards v[0]
+// of lane l holds value l % V summed over the lanes that differ from l only below bit log2(V)
+template <int Half, typename A, int V>
+__device__ __forceinline__ void transpose_reduce(A (&v)[V], int lane) {
+  if constexpr (Half >= 1) {
+    const bool upper = lane & Half;
+#pragma unroll
+    for (int q = 0; q < Half; ++q) {
+      const A send = upper ? v[q] : v[q + Half];
+      const A keep = upper ? v[q + Half] : v[q];
+      v[q] = keep + __shfl_xor_sync(0xffffffffu, send, Half);
+    }
+    transpose_reduce<Half / 2>(v, lane);
+  }
+}
+
 template <CellKind K, typename S, int NB>
 __global__ void __launch_bounds__(kThreads, 1)
     persistent_forward_kernel(FwdPtrs<S, acc_t<S>> p, const S* __restrict__ w_hh, int U, int Rpad,
@@ -136,17 +153,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             for (int nb = 0; nb < NB; ++nb) v[rb * NB + nb] += w * hv[nb];
           }
         }
-        // transpose-reduce: V sums in V-1 shuffles per lane; lane l ends with sum number l % V
-#pragma unroll
-        for (int s = V / 2; s >= 1; s /= 2) {
-          const bool upper = lane & s;
-#pragma unroll
-          for (int q = 0; q < s; ++q) {
-            const A send = upper ? v[q] : v[q + s];
-            const A keep = upper ? v[q + s] : v[q];
-            v[q] = keep + __shfl_xor_sync(0xffffffffu, send, s);
-          }
-        }
+        transpose_reduce<V / 2>(v, lane);
 #pragma unroll
         for (int s = V; s < 32; s *= 2) v[0] += __shfl_xor_sync(0xffffffffu, v[0], s);
         if (lane < V) part[(kp * NB + lane % NB) * Rpad + r0 + lane / NB] = v[0];
