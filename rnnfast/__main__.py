@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--clip", type=_nonneg_float, default=d.clip,
                    help="global gradient-norm clip (0: off)")  # fmt: skip
     c.add_argument("--resume", default=None, metavar="CHECKPOINT",
-                   help="continue from a checkpoint (model, optimizer and step) up to --steps")  # fmt: skip
+                   help="continue from a checkpoint up to --steps")  # fmt: skip
     c.add_argument("--seed", type=int, default=d.seed)
     c.add_argument("--checkpoint", default=d.checkpoint, help="where to save (atomically)")
     c.add_argument("--eval-every", type=_positive(int), default=d.eval_every,

@@ -297,8 +297,8 @@ def train(cfg: TrainConfig) -> dict:
     unigram = unigram_perplexity(train_ids, val_ids, len(vocab))
     progress.print(
         f"corpus: {len(train_ids):,} train / {len(val_ids):,} validation characters, vocabulary "
-        f"{len(vocab)}, unigram validation perplexity {unigram:.2f}; model {model.num_parameters():,} "
-        f"parameters"
+        f"{len(vocab)}, unigram validation perplexity {unigram:.2f}; model "
+        f"{model.num_parameters():,} parameters"
     )
     rng = np.random.default_rng(cfg.seed + start_step)
     bptt = TruncatedBPTT(train_ids, cfg.batch, cfg.seq_len, random_offset=True, rng=rng)
@@ -308,9 +308,11 @@ def train(cfg: TrainConfig) -> dict:
     model.train()
 
     def save():
-        ckpt.save_checkpoint(cfg.checkpoint, model, opt, step=step, model_config=model.config,
-                             vocab=vocab.chars, optimizer_name=type(opt).__name__.lower(), base_lr=base_lr,
-                             val_loss=val_loss, unigram_perplexity=unigram)  # fmt: skip
+        ckpt.save_checkpoint(
+            cfg.checkpoint, model, opt, step=step, model_config=model.config, vocab=vocab.chars,
+            optimizer_name=type(opt).__name__.lower(), base_lr=base_lr, val_loss=val_loss,
+            unigram_perplexity=unigram,
+        )  # fmt: skip
 
     while step < cfg.steps:
         for x, y in bptt:
@@ -361,7 +363,7 @@ def train(cfg: TrainConfig) -> dict:
         "config": asdict(cfg),
     }
     progress.print(
-        f"done: {step} steps in {total:.0f} s, validation perplexity {summary['val_perplexity']:.2f} "
-        f"vs unigram {unigram:.2f}; checkpoint {cfg.checkpoint}"
+        f"done: {step} steps in {total:.0f} s, validation perplexity "
+        f"{summary['val_perplexity']:.2f} vs unigram {unigram:.2f}; checkpoint {cfg.checkpoint}"
     )
     return summary
