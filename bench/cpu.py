@@ -217,6 +217,7 @@ def run_benchmark(args) -> dict:
         "target_s": args.target,
         "settle_s": args.settle,
         "quiet": args.quiet,
+        "nice": args.nice,
         "machine": machine_info(),
         "backends": {},
         "notes": [],
@@ -559,7 +560,8 @@ def machine_lines(res: dict) -> list[str]:
         f"hypervisor {m.get('hypervisor')}, L2 {m.get('l2')}, L3 {m.get('l3')}; "
         f"ISA {' '.join(m.get('isa', []))}",
         f"- Python {m['python']}, Linux {m['kernel']}, "
-        f"{res['meta']['threads']} threads per backend",
+        f"{res['meta']['threads']} threads per backend"
+        + (f", run at nice {res['meta']['nice']}" if res["meta"].get("nice") else ""),
     ]
     loads = [d for d in res["meta"].get("cpu_load", []) if d]
     if loads:
@@ -784,6 +786,13 @@ def main(argv=None) -> None:
     p.add_argument(
         "--no-check", dest="check", action="store_false", help="skip the check against torch"
     )
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="nice increment for the driver and its workers (negative, as root, to run ahead of "
+        "other processes on a shared machine)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     p.add_argument("--tag", default=None, help="name of the output files (default cpu-<date>)")
@@ -805,6 +814,8 @@ def main(argv=None) -> None:
             )
             args.rounds, args.target, args.settle, args.max_wait = 2, 0.02, 0.02, 0.2
             args.retry_budget = 0
+        if args.nice:
+            os.nice(args.nice)  # the workers inherit it
         res = run_benchmark(args)
         OUT_DIR.mkdir(parents=True, exist_ok=True)
         tag = args.tag or (
