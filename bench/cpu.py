@@ -82,16 +82,21 @@ class Worker:
     """One backend's process; request() sends a JSON line and waits for the reply."""
 
     def __init__(self, name: str, threads: int, log_dir: Path):
+        # "gemm:<core>" is the GEMM worker with OpenBLAS forced to another kernel set
         self.name = name
-        self.log_path = log_dir / f"worker-{name}.log"
+        backend, _, core = name.partition(":")
+        env = thread_env(threads)
+        if core:
+            env["OPENBLAS_CORETYPE"] = core
+        self.log_path = log_dir / f"worker-{name.replace(':', '-')}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), name, str(threads)],
+            [sys.executable, str(WORKER), backend, str(threads)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
-            env=thread_env(threads),
+            env=env,
             cwd=str(HERE),
         )
 
@@ -224,6 +229,7 @@ def run_benchmark(args) -> dict:
         "loadavg": [],
     }
     names = list(dict.fromkeys(list(args.backends) + ["gemm"]))
+    names += [f"gemm:{core}" for core in args.gemm_cores]
     workers: dict[str, Worker] = {}
     for name in names:
         w = Worker(name, args.threads, OUT_DIR)
@@ -247,7 +253,14 @@ def run_benchmark(args) -> dict:
     errors: dict[str, dict[str, str]] = {b: {} for b in workers}
     checks: dict[str, dict[str, dict]] = {b: {} for b in workers}
     estimate: dict[tuple[str, str], float] = {}
-    gemm_store = {json.dumps(g, sort_keys=True): [] for g in gemms}
+    gemm_jobs = [
+        (w, g)
+        for w in workers
+        if w.startswith("gemm")
+        for g in gemms
+        if w == "gemm" or g["lib"] == "openblas32"
+    ]
+    gemm_store = {(w, json.dumps(g, sort_keys=True)): [] for w, g in gemm_jobs}
 
     def active(b: str, c: Case) -> bool:
         return b in workers and supports(b, c, args) and c.key not in errors[b]
@@ -275,7 +288,7 @@ def run_benchmark(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="rnnfast-bench-"))
     try:
         for c in cases:
-            for b in [b for b in workers if b != "gemm"]:
+            for b in [b for b in workers if not b.startswith("gemm")]:
                 if not active(b, c):
                     continue
                 path = tmp / f"{b}-{c.key.replace('/', '_')}.npz"
@@ -287,7 +300,7 @@ def run_benchmark(args) -> dict:
                 estimate[(b, c.key)] = rep["seconds"]
             anchor = tmp / f"torch-{c.key.replace('/', '_')}.npz"
             for b in workers:
-                if b in ("torch", "gemm") or not active(b, c) or not anchor.exists():
+                if b == "torch" or b.startswith("gemm") or not active(b, c) or not anchor.exists():
                     continue
                 if args.check:
                     err = compare(tmp / f"{b}-{c.key.replace('/', '_')}.npz", anchor)
@@ -300,8 +313,8 @@ def run_benchmark(args) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    for g in gemms:  # warm the GEMM worker once
-        workers["gemm"].request(op="time", case=g, target_s=0, min_calls=1, max_calls=1, warm=0)
+    for w, g in gemm_jobs:  # warm the GEMM workers once
+        workers[w].request(op="time", case=g, target_s=0, min_calls=1, max_calls=1, warm=0)
 
     def measure(b: str, c: Case, label: str, max_wait: float | None = None) -> None:
         """One timed request: a few calls of backend b on case c, with the load around them."""
@@ -336,18 +349,18 @@ def run_benchmark(args) -> dict:
         estimate[(b, c.key)] = min(rep["times"])
 
     rng = random.Random(args.seed)
-    bench_backends = [b for b in workers if b != "gemm"]
+    bench_backends = [b for b in workers if not b.startswith("gemm")]
     meta["cpu_load"] = []
     for r in range(args.rounds):
         t_round = time.time()
         meta["loadavg"].append(os.getloadavg()[0])
         meter.lap()
-        for g in gemms:
-            gate("gemm")
-            rep = workers["gemm"].request(
+        for w, g in gemm_jobs:
+            gate(w)
+            rep = workers[w].request(
                 op="time", case=g, target_s=args.target, min_calls=2, max_calls=20, warm=0
             )
-            gemm_store[json.dumps(g, sort_keys=True)].extend(rep["times"])
+            gemm_store[(w, json.dumps(g, sort_keys=True))].extend(rep["times"])
         order = cases[:]
         rng.shuffle(order)
         for c in order:
@@ -392,16 +405,27 @@ def run_benchmark(args) -> dict:
 
     # the ceiling: the best sgemm rate of the run through the BLAS rnnfast links
     entries = []
-    for g in gemms:
-        s = summarize(gemm_store[json.dumps(g, sort_keys=True)])
+    default_core = meta["backends"].get("gemm", {}).get("openblas32_core", "?")
+    for w, g in gemm_jobs:
+        s = summarize(gemm_store[(w, json.dumps(g, sort_keys=True))])
         flops = 2.0 * g["M"] * g["N"] * g["K"]
-        entries.append({**g, **s, "gflops": flops / s["min"] / 1e9 if s["n"] else 0.0})
-    ours_blas = [e for e in entries if e["lib"] == "openblas32"]
+        core = w.partition(":")[2] or default_core
+        lib = g["lib"] if g["lib"] == "numpy" else f"openblas32[{core}]"
+        entries.append({**g, "lib": lib, "core": core, "forced": bool(w.partition(":")[2])})
+        entries[-1].update(s, gflops=flops / s["min"] / 1e9 if s["n"] else 0.0)
+    # the ceiling: the best rate of scipy-openblas32, with the kernels it picks for this CPU
+    # (what rnnfast gets) or with any kernel set forced through OPENBLAS_CORETYPE
+    ours_blas = [e for e in entries if e["lib"].startswith("openblas32")]
     best = max(ours_blas, key=lambda e: e["gflops"])
+    as_loaded = max((e for e in ours_blas if not e["forced"]), key=lambda e: e["gflops"])
     ceiling = {
         "gflops": best["gflops"],
         "source": f"scipy-openblas32 sgemm {best['op']} {best['M']}x{best['N']}x{best['K']} "
-        "(ctypes, best of the run)",
+        f"with its {best['core']} kernels"
+        + (" (forced by OPENBLAS_CORETYPE)" if best["forced"] else "")
+        + ", called through ctypes, best of the run",
+        "as_loaded_gflops": as_loaded["gflops"],
+        "as_loaded_core": as_loaded["core"],
         "entries": entries,
     }
 
@@ -792,6 +816,12 @@ def main(argv=None) -> None:
         default=0,
         help="nice increment for the driver and its workers (negative, as root, to run ahead of "
         "other processes on a shared machine)",
+    )
+    p.add_argument(
+        "--gemm-cores",
+        nargs="*",
+        default=["SkylakeX"],
+        help="also time scipy-openblas32 with these OPENBLAS_CORETYPE kernel sets (none: skip)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
