@@ -131,7 +131,7 @@ PYBIND11_MODULE(_cuda, m) {
          uintptr_t x, uintptr_t w_ih, uintptr_t w_hh, uintptr_t lengths, uintptr_t reserve,
          uintptr_t hseq, uintptr_t dy, uintptr_t dh_n, uintptr_t dc_n, uintptr_t dx, uintptr_t dh0,
          uintptr_t dc0, uintptr_t dw_ih, uintptr_t dw_hh, uintptr_t db_ih, uintptr_t db_hh,
-         uintptr_t workspace, uintptr_t stream, int device, bool tf32) {
+         uintptr_t workspace, uintptr_t stream, int device, bool tf32, int persistent) {
         const Dims d = dims(cell, T, N, C, H);
         need(x, "x");
         need(w_ih, "w_ih");
@@ -153,7 +153,7 @@ PYBIND11_MODULE(_cuda, m) {
                                  ptr<void*>(dw_ih),         ptr<void*>(dw_hh),
                                  ptr<void*>(db_ih),         ptr<void*>(db_hh),
                                  ptr<void*>(workspace)};
-        const rc::Options opt{ptr<void*>(stream), tf32, 0, device};
+        const rc::Options opt{ptr<void*>(stream), tf32, persistent, device};
         const rc::DType s = dtype(dt);
         py::gil_scoped_release release;
         rc::backward(d, s, a, opt);
@@ -163,7 +163,7 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("hseq"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("dx"),
       py::arg("dh0"), py::arg("dc0"), py::arg("dw_ih"), py::arg("dw_hh"), py::arg("db_ih"),
       py::arg("db_hh"), py::arg("workspace"), py::arg("stream"), py::arg("device") = -1,
-      py::arg("tf32") = false);
+      py::arg("tf32") = false, py::arg("persistent") = -1);
 
   m.attr("architectures") = RNNFAST_CUDA_ARCHS;
   m.attr("cuda_compiler_version") = RNNFAST_CUDA_COMPILER_VERSION;

@@ -42,7 +42,8 @@ set(_rnnfast_cuda_sources
     ${CMAKE_CURRENT_LIST_DIR}/lstm.cu
     ${CMAKE_CURRENT_LIST_DIR}/gru.cu
     ${CMAKE_CURRENT_LIST_DIR}/rnn.cu
-    ${CMAKE_CURRENT_LIST_DIR}/persistent.cu)
+    ${CMAKE_CURRENT_LIST_DIR}/persistent_forward.cu
+    ${CMAKE_CURRENT_LIST_DIR}/persistent_backward.cu)
 pybind11_add_module(_cuda MODULE ${_rnnfast_cuda_sources})
 target_include_directories(_cuda PRIVATE ${CMAKE_CURRENT_LIST_DIR}/../csrc ${CMAKE_CURRENT_LIST_DIR})
 # cudart is linked statically (CMake's default) and cuBLAS is dlopened: no run-time path needed

@@ -153,17 +153,14 @@ struct BwdPtrs {
   int T, N, H;
 };
 
-// dh_in: the gradient reaching h_t from step t+1 (and dh_n); dh_out: the part of dh_{t-1} that
-// does not pass through W_hh (the GEMM after this kernel adds da_h W_hh to it).
+// One (n, j) of step t. dh_in: the gradient reaching h_t from step t+1 (and dh_n), dy not
+// included; returns the part of dh_{t-1} that does not pass through W_hh (da_h W_hh is added to
+// it by the caller). Writes this step's gate gradients and updates dc in place.
 template <CellKind K, typename S, typename A>
-__global__ void backward_step_kernel(BwdPtrs<S, A> p, const A* __restrict__ dh_in,
-                                     A* __restrict__ dh_out, int t) {
+__device__ __forceinline__ A backward_point(const BwdPtrs<S, A>& p, int t, int n, int j, A dh_in) {
   constexpr int G = gate_count(K);
-  const int64_t NH = int64_t(p.N) * p.H;
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= NH) return;
-  const int64_t H = p.H, GH = G * H;
-  const int n = static_cast<int>(i / H), j = static_cast<int>(i % H);
+  const int64_t H = p.H, NH = int64_t(p.N) * H, GH = G * H;
+  const int64_t i = int64_t(n) * H + j;
   const int len = p.lengths ? p.lengths[n] : p.T;
   const int64_t gofs = t * p.N * GH + n * GH + j;
   S* dax = p.da_x + gofs;
@@ -176,10 +173,9 @@ __global__ void backward_step_kernel(BwdPtrs<S, A> p, const A* __restrict__ dh_i
 #pragma unroll
       for (int g = 0; g < G; ++g) dah[g * H] = from_acc<S>(A(0));
     }
-    dh_out[i] = dh_in[i];
-    return;
+    return dh_in;
   }
-  const A dh = dh_in[i] + (p.dy ? to_acc<A>(p.dy[t * NH + i]) : A(0));
+  const A dh = dh_in + (p.dy ? to_acc<A>(p.dy[t * NH + i]) : A(0));
   const A* gt = p.gates + gofs;
   if constexpr (K == CellKind::lstm) {
     const LstmPointGrad<A> d = lstm_point_backward(
@@ -189,7 +185,7 @@ __global__ void backward_step_kernel(BwdPtrs<S, A> p, const A* __restrict__ dh_i
     dax[2 * H] = from_acc<S>(d.da_g);
     dax[3 * H] = from_acc<S>(d.da_o);
     p.dc[i] = d.dc_prev;
-    dh_out[i] = A(0);
+    return A(0);
   } else if constexpr (K == CellKind::gru) {
     const GruPointGrad<A> d =
         gru_point_backward(gt[0], gt[H], gt[2 * H], p.ghn[t * NH + i], p.hs[t * NH + i], dh);
@@ -200,11 +196,20 @@ __global__ void backward_step_kernel(BwdPtrs<S, A> p, const A* __restrict__ dh_i
     dah[0] = dr;
     dah[H] = dz;
     dah[2 * H] = from_acc<S>(d.dh_n);
-    dh_out[i] = d.dh_prev;
+    return d.dh_prev;
   } else {
     dax[0] = from_acc<S>(rnn_point_backward(p.hs[(t + 1) * NH + i], dh, K == CellKind::rnn_relu));
-    dh_out[i] = A(0);
+    return A(0);
   }
+}
+
+template <CellKind K, typename S, typename A>
+__global__ void backward_step_kernel(BwdPtrs<S, A> p, const A* __restrict__ dh_in,
+                                     A* __restrict__ dh_out, int t) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(p.N) * p.H) return;
+  const int n = static_cast<int>(i / p.H), j = static_cast<int>(i % p.H);
+  dh_out[i] = backward_point<K>(p, t, n, j, dh_in[i]);
 }
 
 template <typename S, typename A>
@@ -270,6 +275,11 @@ inline BwdWorkspace backward_workspace(const Dims& d, size_t st, size_t acc) {
 template <CellKind K, typename S>
 bool persistent_forward(const FwdPtrs<S, acc_t<S>>& p, const S* w_hh, cudaStream_t stream,
                         bool require);
+// Runs steps T-1..0 of a backward in one cooperative launch: dh (initialised with dh_n) ends as
+// dh0 in A, dc as dc0, and the gate gradients da_x, da_h are all written. Returns false as above.
+template <CellKind K, typename S>
+bool persistent_backward(const BwdPtrs<S, acc_t<S>>& p, const S* w_hh, acc_t<S>* dh,
+                         cudaStream_t stream, bool require);
 bool persistent_fits_impl(const Dims& d, DType s);
 
 // ---- the drivers ------------------------------------------------------------------------------
@@ -393,7 +403,9 @@ void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
   const S* w_hh = static_cast<const S*>(a.w_hh);
 
   int cur = 0;
-  for (int t = T - 1; t >= 0; --t) {
+  const bool persistent =
+      opt.persistent != 0 && persistent_backward<K, S>(p, w_hh, dh[0], stream, opt.persistent == 1);
+  for (int t = persistent ? -1 : T - 1; t >= 0; --t) {
     backward_step_kernel<K, S, A><<<pb, kPointThreads, 0, stream>>>(p, dh[cur], dh[1 - cur], t);
     RNNFAST_CHECK_LAUNCH("backward_step_kernel");
     // dh_{t-1} += da_h[t] [N, GH] W_hh [GH, H]

@@ -353,7 +353,7 @@ def backward(cell, ctx, dy, dh_n, dc_n):
             _ptr(a.x), _ptr(a.w_ih), _ptr(a.w_hh), _ptr(a.lengths), _ptr(ctx.reserve),
             _ptr(ctx.hseq), _ptr(dy), _ptr(dh_n), _ptr(dc_n), _ptr(dx), _ptr(dh0), _ptr(dc0),
             _ptr(dw_ih), _ptr(dw_hh), _ptr(db_ih), _ptr(db_hh), _ptr(ws), stream.ptr, device.id,
-            _options["tf32"],
+            _options["tf32"], _PERSISTENT[_options["persistent"]],
         )  # fmt: skip
     grads = {"dx": dx, "dh0": dh0, "dw_ih": dw_ih, "dw_hh": dw_hh, "db_ih": db_ih, "db_hh": db_hh}
     if cell == "lstm":
