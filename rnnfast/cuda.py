@@ -288,7 +288,8 @@ def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
     """The GPU side of rnnfast.ops' forward: returns (y, h_n, c_n or None, CudaContext)."""
     mod = _module()
     cupy = _cupy()
-    with cupy.cuda.Device(_as_cupy(cupy, "x", x).device.id) as device:
+    device = cupy.cuda.Device(_as_cupy(cupy, "x", x).device.id)
+    with device:
         a = _check_forward(cupy, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths)
         T, N, C, H = a.dims
         dt = a.x.dtype
@@ -331,7 +332,8 @@ def backward(cell, ctx, dy, dh_n, dc_n):
     T, N, C, H = a.dims
     dt = a.x.dtype
     G = GATES[cell]
-    with cupy.cuda.Device(a.x.device.id) as device:
+    device = cupy.cuda.Device(a.x.device.id)
+    with device:
         dy = None if dy is None else cupy.ascontiguousarray(_checked(cupy, "dy", dy, dt, (T, N, H)))
         if dh_n is not None:
             dh_n = cupy.ascontiguousarray(_checked(cupy, "dh_n", dh_n, dt, (N, H)))
