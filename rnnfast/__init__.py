@@ -4,7 +4,19 @@ from ._blas import preload as _preload_blas
 
 _preload_blas()
 
-from . import _C, ops, reference  # noqa: E402
+try:
+    from . import _C  # noqa: E402
+except ImportError as e:  # most often: the source checkout shadows the installed package
+    import os as _os
+
+    raise ImportError(
+        f"rnnfast's compiled extension _C is missing from {_os.path.dirname(__file__)}. If that is "
+        "a source checkout, you are importing it instead of the installed package: run from "
+        "another directory (or `pytest`, not `python -m pytest`, in the checkout), or install in "
+        "place with `pip install -e .`"
+    ) from e
+
+from . import ops, reference  # noqa: E402
 from .ops import (  # noqa: E402
     gru_backward,
     gru_forward,

@@ -40,7 +40,7 @@ def test_charlm_trains_resumes_and_samples(tmp_path, capsys):
     out = subprocess.run(
         [sys.executable, "-m", "rnnfast", "sample", "--checkpoint", str(ck), "--prime", "def ",
          "--temperature", "0.8", "--length", "60", "--seed", "1"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,  # not the checkout
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("def ") and len(out.stdout) == 4 + 60 + 1
@@ -52,14 +52,14 @@ def test_charlm_trains_resumes_and_samples(tmp_path, capsys):
 def test_charlm_command_line_errors(tmp_path):
     run = [sys.executable, "-m", "rnnfast"]
     out = subprocess.run([*run, "sample", "--checkpoint", str(tmp_path / "none.npz")],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
     assert out.returncode != 0 and "does not exist" in out.stderr
     (tmp_path / "bad.npz").write_bytes(b"junk")
     out = subprocess.run([*run, "sample", "--checkpoint", str(tmp_path / "bad.npz")],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
     assert out.returncode != 0 and "corrupt" in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run([*run, "charlm", "--steps", "0"], capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
+                         timeout=60, cwd=tmp_path)  # fmt: skip
     assert out.returncode == 2 and "--steps" in out.stderr
 
 
