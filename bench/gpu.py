@@ -12,6 +12,15 @@ every number, for both backends, as DeepBench counts it. C = H, as in DeepBench.
 
 Writes a JSON file (default bench/out/gpu.json) and prints a table; paste the table, the device
 and the versions into bench/RESULTS.md.
+
+On the lent GPU machine (no network; python3 there has torch, CuPy 14 for CUDA 13, nvidia-cublas,
+ml_dtypes, scikit-build-core, pybind11, cmake, nvcc 13.0) only scipy-openblas32 is missing: carry
+its cp312 manylinux wheel in .whl (see the device tool's README), then in one call
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+    python3 -m pip install -q --no-build-isolation --no-deps --no-index .
+    pytest -q tests/test_cuda.py            # pytest, not python -m pytest (the checkout shadows)
+    python3 bench/gpu.py --out $OUT/gpu.json
 """
 
 from __future__ import annotations
