@@ -127,6 +127,8 @@ def machine_info() -> dict:
     flags = set(cpu.get("Flags", "").split())
     return {
         "cpu_model": cpu.get("Model name", platform.processor()),
+        "cpu_family_model": f"{cpu.get('Vendor ID')} family {cpu.get('CPU family')} "
+        f"model {cpu.get('Model')} stepping {cpu.get('Stepping')}",
         "cpus": os.cpu_count(),
         "cores_per_socket": cpu.get("Core(s) per socket"),
         "hypervisor": cpu.get("Hypervisor vendor"),

@@ -580,7 +580,8 @@ def machine_lines(res: dict) -> list[str]:
     m, b = res["meta"]["machine"], res["meta"]["backends"]
     g = b.get("gemm", {})
     lines = [
-        f"- CPU: {m['cpu_model']}, {m['cpus']} CPUs ({m.get('cores_per_socket')} cores/socket), "
+        f"- CPU: {m['cpu_model']} ({m.get('cpu_family_model')}), {m['cpus']} CPUs "
+        f"({m.get('cores_per_socket')} cores/socket), "
         f"hypervisor {m.get('hypervisor')}, L2 {m.get('l2')}, L3 {m.get('l3')}; "
         f"ISA {' '.join(m.get('isa', []))}",
         f"- Python {m['python']}, Linux {m['kernel']}, "
@@ -842,7 +843,7 @@ def main(argv=None) -> None:
             args.shapes = (
                 args.shapes if args.shapes != list(SHAPES) else [(4, 20, 64), (16, 10, 128)]
             )
-            args.rounds, args.target, args.settle, args.max_wait = 2, 0.02, 0.02, 0.2
+            args.rounds, args.target, args.settle, args.max_wait = 1, 0.02, 0.02, 0.1
             args.retry_budget = 0
         if args.nice:
             os.nice(args.nice)  # the workers inherit it
