@@ -107,8 +107,15 @@ def unavailable_reason() -> str | None:
         cupy = _cupy()
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return "no CUDA device is visible"
+        cc = str(cupy.cuda.Device().compute_capability)  # "90" for sm_90
     except Exception as e:  # CuPy missing, or no driver
         return str(e)
+    built = {a.split("-")[0].rstrip("af") for a in _state["module"].architectures.split(";")}
+    if cc not in built:
+        return (
+            f"the CUDA module was built for sm_{', sm_'.join(sorted(built))} but the current "
+            f"device is sm_{cc} (rebuild with RNNFAST_CUDA_ARCHITECTURES={cc})"
+        )
     return None
 
 
