@@ -8,6 +8,7 @@
 #include <cstring>
 #include <memory>
 
+#include "cpu/packed_gemm.h"
 #include "cpu/parallel.h"
 
 namespace rnnfast::cpu {
@@ -116,7 +117,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     const Range units = split(H, nt, thread_index(), kUnitAlign);
     const int64_t width = G * units.size();
     auto gh = uninitialized<T>(N * width);
-    const T* w = wp.get() + G * units.begin * H;
+    const StepProduct<T> recurrent(wp.get() + G * units.begin * H, H, width, H, true);
     for (int64_t t = 0; t < d.T; ++t) {
       ForwardStep<T> s{N, H, t, units, io.lengths};
       s.gx = gx.get() + t * N * GH;
@@ -132,7 +133,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
         s.gates = Cell::has_gates ? io.reserve + lay.gates + t * N * GH : nullptr;
         s.ghn = Cell::is_gru ? io.reserve + lay.ghn + t * NH : nullptr;
       }
-      gemm<T>(false, true, N, width, H, T(1), s.h_prev, H, w, H, T(0), gh.get(), width);
+      recurrent(N, s.h_prev, H, gh.get(), width, false);
       Cell::forward(s);
 #pragma omp barrier
     }
@@ -173,6 +174,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
 #pragma omp parallel num_threads(nt)
   {
     const Range units = split(H, nt, thread_index(), kUnitAlign);
+    const StepProduct<T> recurrent(io.w_hh + units.begin, H, units.size(), GH, false);
     for (int64_t t = d.T - 1; t >= 0; --t) {
       BackwardStep<T> s{N, H, t, units, io.lengths};
       s.dy = io.dy ? io.dy + t * NH : zeros.get();
@@ -191,8 +193,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
       Cell::backward(s);
 #pragma omp barrier
       // dh_{t-1}[:, units] += dgh_t @ w_hh[:, units]; rows past their length have dgh = 0
-      gemm<T>(false, false, N, units.size(), GH, T(1), s.dgh, GH, io.w_hh + units.begin, H, T(1),
-              io.dh0 + units.begin, H);
+      recurrent(N, s.dgh, GH, io.dh0 + units.begin, H, true);
     }
   }
 

@@ -1,0 +1,115 @@
+// The AVX-512 micro-kernel of the packed step product: a tile of R rows of A times two 16-wide
+// panels of W, kept in 2R zmm accumulators over the whole K, so each output is summed in one
+// fixed order (bitwise reproducible) and W streams from cache once per row tile.
+#include "cpu/packed_gemm.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <new>
+
+namespace rnnfast::cpu {
+
+bool cpu_has_avx512() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return has;
+}
+
+namespace {
+
+constexpr int64_t kPanel = 16;  // floats in a zmm
+constexpr int kMaxRows = 6;     // 2 * 6 accumulators + 2 panel loads + 1 broadcast fit in 32 zmm
+
+float* aligned_floats(int64_t n) {
+  void* p = std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64);
+  if (!p) throw std::bad_alloc();
+  return static_cast<float*>(p);
+}
+
+template <int R, int P>
+__attribute__((target("avx512f"))) void tile(int64_t K, const float* A, int64_t lda,
+                                             const float* panel, int64_t panel_stride, float* C,
+                                             int64_t ldc, __mmask16 last_mask, bool accumulate) {
+  __m512 acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[P];
+    for (int p = 0; p < P; ++p) b[p] = _mm512_load_ps(panel + p * panel_stride + k * kPanel);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(a, b[p], acc[r][p]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int p = 0; p < P; ++p) {
+      const __mmask16 m = p == P - 1 ? last_mask : __mmask16(0xFFFF);
+      float* c = C + r * ldc + p * kPanel;
+      __m512 v = acc[r][p];
+      if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), v);
+      _mm512_mask_storeu_ps(c, m, v);
+    }
+  }
+}
+
+using TileFn = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
+                        __mmask16, bool);
+
+template <int P>
+TileFn tile_for_rows(int rows) {
+  switch (rows) {
+    case 1:
+      return tile<1, P>;
+    case 2:
+      return tile<2, P>;
+    case 3:
+      return tile<3, P>;
+    case 4:
+      return tile<4, P>;
+    case 5:
+      return tile<5, P>;
+    default:
+      return tile<6, P>;
+  }
+}
+
+}  // namespace
+
+PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bool outputs_are_rows)
+    : M_(M),
+      K_(K),
+      panels_((M + kPanel - 1) / kPanel),
+      data_(aligned_floats(panels_ * K * kPanel), std::free) {
+  for (int64_t p = 0; p < panels_; ++p) {
+    float* panel = data_.get() + p * K * kPanel;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t c = 0; c < kPanel; ++c) {
+        const int64_t j = p * kPanel + c;
+        panel[k * kPanel + c] = j < M ? (outputs_are_rows ? W[j * ldw + k] : W[k * ldw + j]) : 0.0f;
+      }
+    }
+  }
+}
+
+void PackedPanels::multiply(int64_t N, const float* A, int64_t lda, float* C, int64_t ldc,
+                            bool accumulate) const {
+  const int64_t panel_stride = K_ * kPanel;
+  const int64_t tail = M_ % kPanel;
+  for (int64_t p0 = 0; p0 < panels_; p0 += 2) {
+    const int P = int(std::min<int64_t>(2, panels_ - p0));
+    const __mmask16 last = (p0 + P == panels_ && tail) ? __mmask16((1u << tail) - 1) : 0xFFFF;
+    const float* panel = data_.get() + p0 * panel_stride;
+    for (int64_t n0 = 0; n0 < N; n0 += kMaxRows) {
+      const int rows = int(std::min<int64_t>(kMaxRows, N - n0));
+      const TileFn f = P == 2 ? tile_for_rows<2>(rows) : tile_for_rows<1>(rows);
+      f(K_, A + n0 * lda, lda, panel, panel_stride, C + n0 * ldc + p0 * kPanel, ldc, last,
+        accumulate);
+    }
+  }
+}
+
+}  // namespace rnnfast::cpu
