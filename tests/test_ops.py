@@ -54,7 +54,7 @@ def _check(cell, dtype, case, transform=lambda a: a):
     args = {k: transform(v) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v
             for k, v in cast(inputs, dtype).items()}  # fmt: skip
     y, h_n, c_n, ctx = run_forward(ops, cell, **args)
-    for name, a, e in zip(("y", "h_n", "c_n"), (y, h_n, c_n), expected):
+    for name, a, e in zip(("y", "h_n", "c_n"), (y, h_n, c_n), expected, strict=True):
         if a is not None:
             assert a.dtype == dtype, f"{name} dtype {a.dtype} != {np.dtype(dtype)}"
         assert_close(a, e, **tol(dtype), name=name)
@@ -118,7 +118,7 @@ def test_bitwise_reproducible(cell, dtype):
         grads = run_backward(ops, cell, ctx, **up)
         runs.append([y.copy(), h_n, c_n] + [grads.get(k) for k in GRAD_NAMES])
     for other in runs[1:]:
-        for a, b in zip(runs[0], other):
+        for a, b in zip(runs[0], other, strict=True):
             assert (a is None and b is None) or np.array_equal(a, b)
 
 
@@ -241,3 +241,38 @@ def test_private_module_rejects_wrong_layout_instead_of_crashing():
     with pytest.raises(ValueError, match="reserve must have shape"):
         _C.lstm_backward(x, w_ih, w_hh, False, False, None, np.zeros(3, np.float32),
                          None, None, None)  # fmt: skip
+
+
+def test_blas_fallback_path_matches(tmp_path):
+    # machines without AVX-512 run the recurrent products through the BLAS; force that path here
+    script = tmp_path / "fallback.py"
+    script.write_text(
+        "import numpy as np, rnnfast\n"
+        "assert rnnfast.build_info()['recurrent_kernel'] == 'BLAS'\n"
+        "rng = np.random.default_rng(0)\n"
+        "x = rng.standard_normal((6, 5, 7)).astype(np.float32)\n"
+        "w_ih = rng.standard_normal((4 * 70, 7)).astype(np.float32) * 0.1\n"
+        "w_hh = rng.standard_normal((4 * 70, 70)).astype(np.float32) * 0.1\n"
+        "y, h, c, ctx = rnnfast.lstm_forward(x, w_ih, w_hh, lengths=np.array([6, 0, 3, 6, 1]))\n"
+        "g = rnnfast.lstm_backward(ctx, np.ones_like(y))\n"
+        "np.savez(r'%s', y=y, dx=g['dx'], dw_hh=g['dw_hh'])\n" % (tmp_path / "out.npz")
+    )
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RNNFAST_NO_AVX512": "1"}
+    out = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    got = np.load(tmp_path / "out.npz")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 5, 7))
+    w_ih = rng.standard_normal((4 * 70, 7)).astype(np.float32).astype(np.float64) * 0.1
+    w_hh = rng.standard_normal((4 * 70, 70)).astype(np.float32).astype(np.float64) * 0.1
+    x = x.astype(np.float32).astype(np.float64)
+    y, _, _, ctx = reference.lstm_forward(x, w_ih, w_hh, lengths=np.array([6, 0, 3, 6, 1]))
+    g = reference.lstm_backward(ctx, np.ones_like(y))
+    assert_close(got["y"], y, **tol(np.float32), name="y")
+    assert_close(got["dx"], g["dx"], **tol(np.float32, "grad"), name="dx")
+    assert_close(got["dw_hh"], g["dw_hh"], **tol(np.float32, "grad"), name="dw_hh")

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/packed_gemm.h"
 #include "rnnfast/cell.h"
 
 namespace py = pybind11;
@@ -247,6 +248,8 @@ py::dict build_info() {
 #endif
   __builtin_cpu_init();
   info["cpu_avx512f"] = bool(__builtin_cpu_supports("avx512f"));
+  info["recurrent_kernel"] =
+      rnnfast::cpu::cpu_has_avx512() ? "avx512 packed (float32), BLAS (float64)" : "BLAS";
   info["cuda"] = false;
   return info;
 }

@@ -12,7 +12,10 @@
 namespace rnnfast::cpu {
 
 bool cpu_has_avx512() {
+  // RNNFAST_NO_AVX512=1 takes the BLAS path, to test it on machines that have AVX-512
   static const bool has = [] {
+    const char* off = std::getenv("RNNFAST_NO_AVX512");
+    if (off && *off && *off != '0') return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") != 0;
   }();
