@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -41,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     from .models.charlm import OPTIMIZERS, TrainConfig
 
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m rnnfast", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m rnnfast", description="Train and sample rnnfast's example models."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("charlm", help="train a character-level LSTM language model",
@@ -144,5 +147,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def _reexec_with_passive_openmp() -> None:
+    # The kernels' OpenMP threads spin after each parallel region by default; between kernel
+    # calls NumPy's own BLAS threads then fight them for the cores, which slowed training steps
+    # by 3-10x on a busy 2-core machine. libgomp reads OMP_WAIT_POLICY only when it loads (with
+    # the package, before this module runs), so the command restarts itself once with it set.
+    # An explicit OMP_WAIT_POLICY in the environment is respected.
+    if os.name != "posix" or "OMP_WAIT_POLICY" in os.environ:
+        return
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    os.execve(sys.executable, [sys.executable, "-m", "rnnfast", *sys.argv[1:]], env)
+
+
 if __name__ == "__main__":
+    _reexec_with_passive_openmp()
     sys.exit(main())
