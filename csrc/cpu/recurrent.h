@@ -64,10 +64,11 @@ inline int recurrent_threads(const Dims& d) {
 }
 
 constexpr int64_t kUnitAlign = 16;  // a thread's units start on a 64-byte boundary (float)
+constexpr int64_t kProjectionChunk = int64_t(1) << 19;  // elements of gx computed at a time
 
 template <class Cell, typename T>
 void run_forward(const Dims& d, const ForwardIO<T>& io) {
-  const int64_t N = d.N, H = d.H, G = d.G(), GH = d.GH(), NH = N * H, TN = d.T * N;
+  const int64_t N = d.N, H = d.H, G = d.G(), GH = d.GH(), NH = N * H;
   const bool training = io.reserve != nullptr;
   const ReserveLayout lay = reserve_layout(d);
   T* hs = io.hs;
@@ -97,11 +98,6 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     if (!folded) bhn[k - 2 * H] = hh;
   }
 
-  const int threads = get_num_threads();
-  auto gx = uninitialized<T>(TN * GH);
-  for (int64_t r = 0; r < TN; ++r) std::memcpy(gx.get() + r * GH, bx.get(), sizeof(T) * GH);
-  parallel_gemm<T>(threads, false, true, TN, GH, d.C, io.x, d.C, io.w_ih, d.C, T(1), gx.get(), GH);
-
   // w_hh rows regrouped so that each thread's units (all their gates) are one contiguous block
   const int nt = recurrent_threads(d);
   auto wp = uninitialized<T>(GH * H);
@@ -112,30 +108,52 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
                   sizeof(T) * u.size() * H);
   }
 
-#pragma omp parallel num_threads(nt)
+  // the input projection runs a chunk of steps ahead of the recurrence: a bounded buffer (the
+  // inference workspace stays O(N*G*H)), still warm in cache when the steps read it
+  const int64_t chunk = std::clamp<int64_t>(kProjectionChunk / std::max<int64_t>(N * GH, 1), 1,
+                                            std::max<int64_t>(d.T, 1));
+  auto gx = uninitialized<T>(chunk * N * GH);
+  const int team = std::max(nt, get_num_threads());
+
+#pragma omp parallel num_threads(team)
   {
-    const Range units = split(H, nt, thread_index(), kUnitAlign);
+    const int k = thread_index();
+    const Range units = k < nt ? split(H, nt, k, kUnitAlign) : Range{0, 0};
     const int64_t width = G * units.size();
     auto gh = uninitialized<T>(N * width);
     const StepProduct<T> recurrent(wp.get() + G * units.begin * H, H, width, H, true);
-    for (int64_t t = 0; t < d.T; ++t) {
-      ForwardStep<T> s{N, H, t, units, io.lengths};
-      s.gx = gx.get() + t * N * GH;
-      s.gh = gh.get();
-      s.bhn = bhn.get();
-      s.h_prev = hs + t * NH;
-      s.h = hs + (t + 1) * NH;
-      if (Cell::has_c) {
-        s.c_prev = c_slot(t);
-        s.c = c_slot(t + 1);
-      }
-      if (training) {
-        s.gates = Cell::has_gates ? io.reserve + lay.gates + t * N * GH : nullptr;
-        s.ghn = Cell::is_gru ? io.reserve + lay.ghn + t * NH : nullptr;
-      }
-      recurrent(N, s.h_prev, H, gh.get(), width, false);
-      Cell::forward(s);
+    for (int64_t t0 = 0; t0 < d.T; t0 += chunk) {
+      const int64_t steps = std::min(chunk, d.T - t0);
+      const Range rows = split(steps * N, team, k, 4);
+      for (int64_t r = rows.begin; r < rows.end; ++r)
+        std::memcpy(gx.get() + r * GH, bx.get(), sizeof(T) * GH);
+      gemm<T>(false, true, rows.size(), GH, d.C, T(1), io.x + (t0 * N + rows.begin) * d.C, d.C,
+              io.w_ih, d.C, T(1), gx.get() + rows.begin * GH, GH);
 #pragma omp barrier
+      for (int64_t t = t0; t < t0 + steps; ++t) {
+        if (k < nt) {
+          ForwardStep<T> s{N, H, t, units, io.lengths};
+          s.gx = gx.get() + (t - t0) * N * GH;
+          s.gh = gh.get();
+          s.bhn = bhn.get();
+          s.h_prev = hs + t * NH;
+          s.h = hs + (t + 1) * NH;
+          if (Cell::has_c) {
+            s.c_prev = c_slot(t);
+            s.c = c_slot(t + 1);
+          }
+          if (training) {
+            s.gates = Cell::has_gates ? io.reserve + lay.gates + t * N * GH : nullptr;
+            s.ghn = Cell::is_gru ? io.reserve + lay.ghn + t * NH : nullptr;
+          }
+          recurrent(N, s.h_prev, H, gh.get(), width, false);
+          Cell::forward(s);
+        }
+        // a lone recurrent thread needs no barrier per step, only before gx is refilled
+        if (nt > 1 || t + 1 == t0 + steps) {
+#pragma omp barrier
+        }
+      }
     }
   }
 
