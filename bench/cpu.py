@@ -377,13 +377,22 @@ def run_benchmark(args) -> dict:
             f"steal {100 * load.get('steal', 0):.0f}%; "
             f"{args.max_wait_total - wait_left[0]:.0f} s spent waiting for quiet)"
         )
+        meta["rounds_done"] = r + 1
+        # stop early rather than overrun the time budget (a loaded machine is slow)
+        if r + 1 < args.rounds and elapsed + (time.time() - t_round) > args.time_budget:
+            meta["notes"].append(
+                f"stopped after {r + 1} of {args.rounds} rounds to stay within the "
+                f"{args.time_budget:.0f} s time budget"
+            )
+            log(f"[budget] stopping after {r + 1} rounds")
+            break
     meta["quiet_wait_s"] = args.max_wait_total - wait_left[0]
 
     # cases where some backend never got a quiet measurement: measure all their backends again
     # (so that the comparison stays local in time), waiting longer for quiet, within a budget
     t_retry, retried = time.time(), 0
     for c in cases:
-        if time.time() - t_retry > args.retry_budget:
+        if time.time() - t_retry > args.retry_budget or time.time() - started > args.time_budget:
             break
         if all(
             any(f <= args.quiet for f in store[b][c.key]["foreign"])
@@ -646,10 +655,14 @@ def ceiling_line(res: dict) -> str:
     )
 
 
+def rounds_done(meta: dict) -> int:
+    return meta.get("rounds_done", meta["rounds"])
+
+
 def print_report(res: dict) -> None:
     meta = res["meta"]
     print(
-        f"\nrnnfast CPU benchmark, {meta['date']}, {meta['rounds']} rounds, "
+        f"\nrnnfast CPU benchmark, {meta['date']}, {rounds_done(meta)} rounds, "
         f"{meta.get('elapsed_s', 0):.0f} s"
     )
     print("\n".join(machine_lines(res)))
@@ -710,7 +723,7 @@ def results_block(res: dict, json_name: str) -> str:
         BEGIN,
         f"## CPU ({meta['date']})",
         "",
-        f"`python bench/cpu.py {argv}`: {meta['rounds']} interleaved rounds, "
+        f"`python bench/cpu.py {argv}`: {rounds_done(meta)} interleaved rounds, "
         f"{meta['threads']} threads per backend, each backend in its own process; "
         f"{meta.get('elapsed_s', 0):.0f} s in all "
         f"(raw times in bench/out/{json_name}, not in git). Times in ms, minimum and median over "
@@ -777,6 +790,12 @@ def main(argv=None) -> None:
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=840.0,
+        help="start no round that would end past this many seconds from the start",
+    )
     p.add_argument(
         "--target", type=float, default=0.25, help="seconds of calls per case, backend and round"
     )
