@@ -23,6 +23,13 @@ inline void check_cuda(cudaError_t e, const char* what) {
 // after every launch: a bad configuration shows here, not at the next synchronisation
 #define RNNFAST_CHECK_LAUNCH(name) ::rnnfast::cuda::check_cuda(cudaGetLastError(), name)
 
+// every pointwise launch goes through here (kernel: a __global__ function or a pointer to one),
+// so that a host build can replace it to check the drivers and kernels on the CPU
+#ifndef RNNFAST_LAUNCH
+#define RNNFAST_LAUNCH(kernel, grid, block, stream, ...) \
+  kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#endif
+
 // A, the arithmetic and cell-state type of a storage type S
 template <typename S>
 struct AccOf {

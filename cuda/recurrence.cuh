@@ -331,8 +331,9 @@ void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
     }
   }
 
-  forward_init_kernel<S, A><<<blocks_for(NH, kPointThreads), kPointThreads, 0, stream>>>(
-      p, static_cast<const S*>(a.h0), static_cast<const S*>(a.c0));
+  const auto init = forward_init_kernel<S, A>;
+  RNNFAST_LAUNCH(init, blocks_for(NH, kPointThreads), kPointThreads, stream, p,
+                 static_cast<const S*>(a.h0), static_cast<const S*>(a.c0));
   RNNFAST_CHECK_LAUNCH("forward_init_kernel");
   if (T == 0) return;
 
@@ -355,8 +356,9 @@ void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
     if (!zero_h)
       cublas::gemm_rm(h, false, true, N, GH, H, &one, p.hseq + t * NH, st, H, a.w_hh, st, H, &zero,
                       gh, at, GH, ct);
-    forward_step_kernel<K, S, A>
-        <<<blocks_for(NH, kPointThreads), kPointThreads, 0, stream>>>(p, zero_h ? nullptr : gh, t);
+    const auto step = forward_step_kernel<K, S, A>;
+    RNNFAST_LAUNCH(step, blocks_for(NH, kPointThreads), kPointThreads, stream, p,
+                   zero_h ? nullptr : gh, t);
     RNNFAST_CHECK_LAUNCH("forward_step_kernel");
   }
 }
@@ -391,8 +393,9 @@ void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
               reinterpret_cast<A*>(ws + wl.dh + align_up(NH * sizeof(A)))};
 
   const unsigned pb = blocks_for(NH, kPointThreads);
-  backward_init_kernel<S, A><<<pb, kPointThreads, 0, stream>>>(
-      NH, static_cast<const S*>(a.dh_n), static_cast<const S*>(a.dc_n), dh[0], p.dc);
+  const auto init = backward_init_kernel<S, A>;
+  RNNFAST_LAUNCH(init, pb, kPointThreads, stream, NH, static_cast<const S*>(a.dh_n),
+                 static_cast<const S*>(a.dc_n), dh[0], p.dc);
   RNNFAST_CHECK_LAUNCH("backward_init_kernel");
 
   cublas::Handle h = cublas::handle_for(opt.stream);
@@ -406,15 +409,17 @@ void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
   const bool persistent =
       opt.persistent != 0 && persistent_backward<K, S>(p, w_hh, dh[0], stream, opt.persistent == 1);
   for (int t = persistent ? -1 : T - 1; t >= 0; --t) {
-    backward_step_kernel<K, S, A><<<pb, kPointThreads, 0, stream>>>(p, dh[cur], dh[1 - cur], t);
+    const auto step = backward_step_kernel<K, S, A>;
+    RNNFAST_LAUNCH(step, pb, kPointThreads, stream, p, dh[cur], dh[1 - cur], t);
     RNNFAST_CHECK_LAUNCH("backward_step_kernel");
     // dh_{t-1} += da_h[t] [N, GH] W_hh [GH, H]
     cublas::gemm_rm(h, false, false, N, H, GH, &one, p.da_h + t * N * int64_t(GH), st, GH, w_hh, st,
                     H, &one, dh[1 - cur], at, H, ct);
     cur = 1 - cur;
   }
-  backward_finish_kernel<S, A><<<pb, kPointThreads, 0, stream>>>(
-      NH, dh[cur], p.dc, static_cast<S*>(a.dh0), static_cast<S*>(a.dc0));
+  const auto finish = backward_finish_kernel<S, A>;
+  RNNFAST_LAUNCH(finish, pb, kPointThreads, stream, NH, dh[cur], p.dc, static_cast<S*>(a.dh0),
+                 static_cast<S*>(a.dc0));
   RNNFAST_CHECK_LAUNCH("backward_finish_kernel");
 
   const int64_t TN = int64_t(T) * N;
@@ -440,7 +445,8 @@ void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
   if (a.db_ih || a.db_hh) {
     // bias gradients as GEMVs against a ones vector: deterministic, and on the tensor cores
     S* ones = reinterpret_cast<S*>(ws + wl.ones);
-    fill_kernel<S><<<blocks_for(TN, kPointThreads), kPointThreads, 0, stream>>>(TN, ones, 1.f);
+    const auto fill = fill_kernel<S>;
+    RNNFAST_LAUNCH(fill, blocks_for(TN, kPointThreads), kPointThreads, stream, TN, ones, 1.f);
     RNNFAST_CHECK_LAUNCH("fill_kernel");
     if (a.db_ih)
       cublas::gemm_rm(h, true, false, GH, 1, tn, &one, p.da_x, st, GH, ones, st, 1, &zero, a.db_ih,

@@ -163,7 +163,7 @@ _DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
 
 def is_gpu_array(a) -> bool:
     """Whether a is a CUDA array (CuPy, __cuda_array_interface__ or a CUDA __dlpack__)."""
-    if a is None or isinstance(a, np.ndarray):
+    if a is None or type(a) is np.ndarray:
         return False
     try:
         if hasattr(a, "__cuda_array_interface__"):
