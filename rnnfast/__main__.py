@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--sample-length", type=int, default=d.sample_length)
     c.add_argument("--temperature", type=_positive(float), default=d.temperature)
     c.add_argument("--max-chars", type=_positive(int), default=None, help="cut the corpus")
+    c.add_argument("--time-limit", type=_nonneg_float, default=d.time_limit, metavar="SECONDS",
+                   help="stop training early to end within this time (0: none)")  # fmt: skip
     c.add_argument("--threads", type=_positive(int), default=None, help="kernel threads")
     c.add_argument("--json", default=None, metavar="FILE", help="write the run's summary here")
     c.add_argument("--quiet", action="store_true", help="no progress output")

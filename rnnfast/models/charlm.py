@@ -209,6 +209,7 @@ class TrainConfig:
     max_chars: int | None = None
     val_chars: int | None = 200_000
     lr_decay: bool = True
+    time_limit: float | None = 540.0
     threads: int | None = None
     quiet: bool = False
 
@@ -314,12 +315,26 @@ def train(cfg: TrainConfig) -> dict:
             unigram_perplexity=unigram,
         )  # fmt: skip
 
-    while step < cfg.steps:
+    # seconds kept for the final evaluation; re-estimated at each evaluation
+    reserve = min(30.0, 0.1 * cfg.time_limit) if cfg.time_limit else 0.0
+    stopped_early = False
+
+    def progress_fraction() -> float:
+        # training ends at --steps or at the time limit, whichever comes first, and the learning
+        # rate schedule follows whichever is further along
+        frac = step / cfg.steps
+        if cfg.time_limit:
+            budget = max(cfg.time_limit - reserve, 1e-9)
+            frac = max(frac, (time.perf_counter() - t_start) / budget)
+        return frac
+
+    while step < cfg.steps and not stopped_early:
         for x, y in bptt:
-            if step >= cfg.steps:
+            frac = progress_fraction()
+            if step >= cfg.steps or frac >= 1:
+                stopped_early = step < cfg.steps
                 break
             if cfg.lr_decay:  # cosine to a tenth of the initial rate
-                frac = step / max(cfg.steps, 1)
                 opt.lr = base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
             logits, state = model(x, bptt.state)
             bptt.carry(state)
@@ -336,7 +351,9 @@ def train(cfg: TrainConfig) -> dict:
             progress.update(step, f"loss {loss_avg:.3f} ppl {perplexity(loss_avg):.2f} "
                                   f"{chars / elapsed:,.0f} chars/s")  # fmt: skip
             if step % cfg.eval_every == 0 or step == cfg.steps:
+                t_eval = time.perf_counter()
                 val_loss = evaluate(model, val_ids)
+                reserve = 1.5 * (time.perf_counter() - t_eval) + 5.0
                 history.append((step, loss_avg, val_loss))
                 progress.print(f"step {step}: train loss {loss_avg:.3f}, validation perplexity "
                                f"{perplexity(val_loss):.2f} (unigram {unigram:.2f})")  # fmt: skip
@@ -345,6 +362,9 @@ def train(cfg: TrainConfig) -> dict:
                 text = sample(model, vocab, "\n", cfg.sample_length, cfg.temperature, rng)
                 progress.print(f"--- sample at step {step}, temperature {cfg.temperature} ---\n"
                                f"{text}\n---")  # fmt: skip
+    if stopped_early:
+        progress.print(f"time limit of {cfg.time_limit:.0f} s reached after {step} of "
+                       f"{cfg.steps} steps")  # fmt: skip
     if val_loss is None or not history or history[-1][0] != step:
         val_loss = evaluate(model, val_ids)
         history.append((step, loss_avg, val_loss))
@@ -352,6 +372,7 @@ def train(cfg: TrainConfig) -> dict:
     total = time.perf_counter() - t_start
     summary = {
         "steps": step,
+        "stopped_by_time_limit": stopped_early,
         "train_loss": loss_avg,
         "val_loss": val_loss,
         "val_perplexity": perplexity(val_loss),
