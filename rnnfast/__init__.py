@@ -1,14 +1,21 @@
 """rnnfast: fused recurrent-network kernels (RNN, LSTM, GRU) with a NumPy-native API."""
 
+import os as _os
+
 from ._blas import preload as _preload_blas
+
+# libgomp's threads spin ~300k rounds (over 10 ms) after every parallel region before sleeping;
+# between kernel calls they then starve NumPy's own BLAS threads (3-10x slower training steps on
+# 2 cores). A short spin still covers the microseconds between the steps inside a kernel. Read
+# once, when libgomp loads with the extension; an explicit setting of either variable wins.
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["GOMP_SPINCOUNT"] = "10000"
 
 _preload_blas()
 
 try:
     from . import _C  # noqa: E402
 except ImportError as e:  # most often: the source checkout shadows the installed package
-    import os as _os
-
     raise ImportError(
         f"rnnfast's compiled extension _C is missing from {_os.path.dirname(__file__)}. If that is "
         "a source checkout, you are importing it instead of the installed package: run from "
