@@ -271,6 +271,10 @@ def train(cfg: TrainConfig) -> dict:
     for name in ("hidden", "embed", "layers", "seq_len", "batch", "steps"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    out_dir = os.path.dirname(os.path.abspath(cfg.checkpoint))
+    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+        raise SystemExit(f"cannot write the checkpoint {cfg.checkpoint!r}: {out_dir!r} is not a "
+                         "writable directory")  # fmt: skip
     t_start = time.perf_counter()
     train_text, val_text = load_corpus(cfg.corpus, cfg.max_chars)
     if cfg.val_chars:
