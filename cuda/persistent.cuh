@@ -4,7 +4,9 @@
 // grid-wide barrier once per step: wins at small batch, where a GEMM launch per step is latency.
 #pragma once
 
+#if !defined(RNNFAST_EMULATE)
 #include <cooperative_groups.h>
+#endif
 
 #include <mutex>
 #include <string>
@@ -20,6 +22,11 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowBlock = 4;       // weight rows per warp pass (register blocking with the tile)
 constexpr int kAutoMaxBatch = 32;  // auto mode: above this the stepped cuBLAS path (to tune)
+
+// the dynamic shared memory of a block (cuda/emulate/emulate.h gives each emulated block its own)
+#ifndef RNNFAST_DYNAMIC_SHARED
+#define RNNFAST_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 // data written by other blocks during the launch: read from L2, never from a stale L1 line
 template <typename S>
@@ -158,11 +165,17 @@ __device__ __forceinline__ A sum_part(const A* part, int nb, int r, int NB, int 
   return s;
 }
 
-// A cooperative launch of kernel with the plan's grid; false where its blocks can't all be
-// resident at once (a grid barrier needs every block running).
-template <typename Kernel>
-bool launch_cooperative(Kernel kernel, void** params, const Plan& plan, const DeviceFacts& f,
-                        cudaStream_t stream, const char* name) {
+// A cooperative launch of kernel(args...) with the plan's grid; false where its blocks can't all
+// be resident at once (a grid barrier needs every block running).
+template <typename... Args>
+bool launch_cooperative(void (*kernel)(Args...), const Plan& plan, const DeviceFacts& f,
+                        cudaStream_t stream, const char* name, Args... args) {
+#if defined(RNNFAST_EMULATE)
+  (void)f;
+  (void)stream;
+  (void)name;
+  emulate_cooperative(kernel, plan.blocks, kThreads, plan.smem, args...);
+#else
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(plan.smem)),
              "cudaFuncSetAttribute");
@@ -170,9 +183,11 @@ bool launch_cooperative(Kernel kernel, void** params, const Plan& plan, const De
   check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan.smem),
              "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   if (per_sm * f.sms < plan.blocks) return false;
+  void* params[] = {&args...};
   check_cuda(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), plan.blocks,
                                          kThreads, params, plan.smem, stream),
              name);
+#endif
   return true;
 }
 

@@ -13,7 +13,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                     int U, int Rpad, int KS) {
   using A = acc_t<S>;
   constexpr int G = gate_count(K);
-  extern __shared__ __align__(16) unsigned char smem[];
+  RNNFAST_DYNAMIC_SHARED(smem);
   const int H = p.H, N = p.N, GH = G * H;
   const int j0 = blockIdx.x * U;
   const SmemLayout sl = smem_layout(Rpad, GH, NB, KS, sizeof(S), sizeof(A));
@@ -56,11 +56,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <CellKind K, typename S, int NB>
 bool launch(const BwdPtrs<S, acc_t<S>>& p, const S* w_hh, acc_t<S>* dh, const Plan& plan,
             const DeviceFacts& f, cudaStream_t stream) {
-  BwdPtrs<S, acc_t<S>> args = p;
-  int U = plan.U, Rpad = plan.Rpad, KS = plan.KS;
-  void* params[] = {&args, &w_hh, &dh, &U, &Rpad, &KS};
-  return launch_cooperative(backward_kernel<K, S, NB>, params, plan, f, stream,
-                            "cudaLaunchCooperativeKernel (persistent backward)");
+  return launch_cooperative(backward_kernel<K, S, NB>, plan, f, stream,
+                            "cudaLaunchCooperativeKernel (persistent backward)", p, w_hh, dh,
+                            plan.U, plan.Rpad, plan.KS);
 }
 
 }  // namespace

@@ -11,7 +11,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(FwdPtrs<S, acc_t<S>> p, const S* __restrict__ w_hh, int U, int Rpad, int KS) {
   using A = acc_t<S>;
   constexpr int G = gate_count(K);
-  extern __shared__ __align__(16) unsigned char smem[];
+  RNNFAST_DYNAMIC_SHARED(smem);
   const int H = p.H, N = p.N;
   const int j0 = blockIdx.x * U, R = G * U;
   const SmemLayout sl = smem_layout(Rpad, H, NB, KS, sizeof(S), sizeof(A));
@@ -51,11 +51,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <CellKind K, typename S, int NB>
 bool launch(const FwdPtrs<S, acc_t<S>>& p, const S* w_hh, const Plan& plan, const DeviceFacts& f,
             cudaStream_t stream) {
-  FwdPtrs<S, acc_t<S>> args = p;
-  int U = plan.U, Rpad = plan.Rpad, KS = plan.KS;
-  void* params[] = {&args, &w_hh, &U, &Rpad, &KS};
-  return launch_cooperative(forward_kernel<K, S, NB>, params, plan, f, stream,
-                            "cudaLaunchCooperativeKernel (persistent forward)");
+  return launch_cooperative(forward_kernel<K, S, NB>, plan, f, stream,
+                            "cudaLaunchCooperativeKernel (persistent forward)", p, w_hh, plan.U,
+                            plan.Rpad, plan.KS);
 }
 
 }  // namespace

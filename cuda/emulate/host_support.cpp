@@ -1,5 +1,7 @@
-// What the emulated build links instead of the CUDA runtime, cuBLAS and the persistent kernels:
-// host memory for device memory, a naive GEMM in double, and no persistent path.
+// What the emulated build links instead of the CUDA runtime and cuBLAS: host memory for device
+// memory, a naive GEMM in double, and a device of $RNNFAST_EMULATE_SMS multiprocessors (2, to
+// keep the threads few) with 8 MB of shared memory a block.
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -24,6 +26,13 @@ cudaError_t cudaRuntimeGetVersion(int* v) {
 }
 cudaError_t cudaDriverGetVersion(int* v) {
   *v = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
+  const char* sms = std::getenv("RNNFAST_EMULATE_SMS");
+  *v = attr == cudaDevAttrMultiProcessorCount            ? (sms ? std::atoi(sms) : 2)
+       : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 8 << 20
+                                                         : 0;
   return cudaSuccess;
 }
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
@@ -93,36 +102,5 @@ void gemm_rm(Handle, bool ta, bool tb, int M, int Nc, int K, const void* alpha, 
 }
 
 }  // namespace cublas
-
-template <CellKind K, typename S>
-bool persistent_forward(const FwdPtrs<S, acc_t<S>>&, const S*, cudaStream_t, bool require) {
-  if (require) throw std::runtime_error("the host emulation has no persistent kernel");
-  return false;
-}
-
-template <CellKind K, typename S>
-bool persistent_backward(const BwdPtrs<S, acc_t<S>>&, const S*, acc_t<S>*, cudaStream_t,
-                         bool require) {
-  if (require) throw std::runtime_error("the host emulation has no persistent kernel");
-  return false;
-}
-
-bool persistent_fits_impl(const Dims&, DType) { return false; }
-
-#define RNNFAST_EMULATED_PERSISTENT(K, S)                                                     \
-  template bool persistent_forward<K, S>(const FwdPtrs<S, acc_t<S>>&, const S*, cudaStream_t, \
-                                         bool);                                               \
-  template bool persistent_backward<K, S>(const BwdPtrs<S, acc_t<S>>&, const S*, acc_t<S>*,   \
-                                          cudaStream_t, bool);
-#define RNNFAST_EMULATED_CELL(K)         \
-  RNNFAST_EMULATED_PERSISTENT(K, float)  \
-  RNNFAST_EMULATED_PERSISTENT(K, double) \
-  RNNFAST_EMULATED_PERSISTENT(K, __half) \
-  RNNFAST_EMULATED_PERSISTENT(K, __nv_bfloat16)
-
-RNNFAST_EMULATED_CELL(CellKind::lstm)
-RNNFAST_EMULATED_CELL(CellKind::gru)
-RNNFAST_EMULATED_CELL(CellKind::rnn_tanh)
-RNNFAST_EMULATED_CELL(CellKind::rnn_relu)
 
 }  // namespace rnnfast::cuda
