@@ -149,18 +149,21 @@ def main(argv=None) -> int:
     return 0
 
 
-def _reexec_with_passive_openmp() -> None:
-    # The kernels' OpenMP threads spin after each parallel region by default; between kernel
-    # calls NumPy's own BLAS threads then fight them for the cores, which slowed training steps
-    # by 3-10x on a busy 2-core machine. libgomp reads OMP_WAIT_POLICY only when it loads (with
-    # the package, before this module runs), so the command restarts itself once with it set.
-    # An explicit OMP_WAIT_POLICY in the environment is respected.
-    if os.name != "posix" or "OMP_WAIT_POLICY" in os.environ:
+def _reexec_with_quiet_threads() -> None:
+    # By default the kernels' OpenMP threads spin after each parallel region and NumPy's own
+    # OpenBLAS keeps worker threads that spin too (for the head's matmuls); on a busy 2-core
+    # machine they fought for the cores and a training step took 3 to 10 times longer. Both
+    # libraries read their settings only when they load (with the package, before this module
+    # runs), so the command restarts itself once with OMP_WAIT_POLICY=passive and a serial NumPy
+    # BLAS (the kernels' own OpenBLAS is serial already: they parallelise with OpenMP). Values set
+    # in the environment are respected.
+    wanted = {"OMP_WAIT_POLICY": "passive", "OPENBLAS_NUM_THREADS": "1"}
+    if os.name != "posix" or all(k in os.environ for k in wanted):
         return
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    env = {**wanted, **os.environ}
     os.execve(sys.executable, [sys.executable, "-m", "rnnfast", *sys.argv[1:]], env)
 
 
 if __name__ == "__main__":
-    _reexec_with_passive_openmp()
+    _reexec_with_quiet_threads()
     sys.exit(main())
