@@ -56,7 +56,7 @@ def torch_run(torch, tlayer, x, state, lengths, batch_first):
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 def test_stack_matches_torch(cell, bidirectional, with_lengths):
     torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(hash((cell, bidirectional, with_lengths)) % 2**32)
+    rng = np.random.default_rng([len(cell), ord(cell[-1]), bidirectional, with_lengths])
     batch_first = with_lengths  # cover both layouts
     ours = make_layer(cell, num_layers=3, bidirectional=bidirectional, batch_first=batch_first,
                       dtype=np.float64, seed=1)  # fmt: skip
