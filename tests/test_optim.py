@@ -215,3 +215,15 @@ def test_init_errors():
         init.xavier_uniform_(np.empty(5))
     with pytest.raises(TypeError, match="rng"):
         init.normal_(np.empty(3), rng="seed")
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW"])
+def test_float32_stays_float32(name):
+    p = {"w": np.ones((2, 3), np.float32)}
+    kwargs = {"momentum": 0.9} if name in ("SGD", "RMSprop") else {}
+    opt = getattr(optim, name)(p, **kwargs)
+    w = p["w"]
+    for _ in range(3):
+        opt.step({"w": np.full((2, 3), 0.5, np.float32)})
+    assert p["w"] is w and w.dtype == np.float32 and not np.all(w == 1)
+    assert all(v.dtype == np.float32 for k, v in opt.state["w"].items() if k != "step")
