@@ -12,9 +12,15 @@ Needs the CUDA module (built where nvcc was found), CuPy (``pip install rnnfast[
 cuBLAS, loaded at run time from the nvidia-cublas wheel, the CUDA toolkit, or $RNNFAST_CUBLAS.
 ``cuda_available()`` says whether all three are there; ``unavailable_reason()`` says why not.
 
-Options (``set_options``): ``tf32`` runs the float32 GEMMs on TF32 tensor cores (off by default,
-about 1e-3 relative error); ``persistent`` is "auto" (the persistent recurrence kernel where the
-recurrent weights fit on chip and the batch is small), "never" or "always" (raise where it can't).
+Options (``set_options``): ``tf32`` runs the float32 cuBLAS GEMMs on TF32 tensor cores (off by
+default, about 1e-3 relative error); ``persistent`` is "auto" (the persistent recurrence kernels,
+forward and backward, where w_hh fits in the GPU's shared memory and the batch is at most 32;
+they multiply in float32 FMAs whatever tf32 says), "never" (a cuBLAS GEMM and a pointwise kernel
+per step) or "always" (raise where the persistent kernels can't run). float64 never takes them.
+
+A training forward's context holds the reserve (float32, or float64 for float64 inputs, laid out
+as csrc/rnnfast/cell.h's ReserveLayout) and the h sequence; for float32 and float64 ``y`` is a
+view of the reserve, so copy it before writing to it (CuPy has no read-only arrays).
 """
 
 from __future__ import annotations
