@@ -150,17 +150,15 @@ def main(argv=None) -> int:
 
 
 def _reexec_with_quiet_threads() -> None:
-    # By default the kernels' OpenMP threads spin after each parallel region and NumPy's own
-    # OpenBLAS keeps worker threads that spin too (for the head's matmuls); on a busy 2-core
-    # machine they fought for the cores and a training step took 3 to 10 times longer. Both
-    # libraries read their settings only when they load (with the package, before this module
-    # runs), so the command restarts itself once with OMP_WAIT_POLICY=passive and a serial NumPy
-    # BLAS (the kernels' own OpenBLAS is serial already: they parallelise with OpenMP). Values set
-    # in the environment are respected.
-    wanted = {"OMP_WAIT_POLICY": "passive", "OPENBLAS_NUM_THREADS": "1"}
-    if os.name != "posix" or all(k in os.environ for k in wanted):
+    # NumPy's own OpenBLAS (for the head's matmuls) keeps worker threads that spin after each
+    # call; on 2 cores they fought the kernels' OpenMP team and a training step took 3 to 10
+    # times longer. It reads its thread count only when it loads (with the package, before this
+    # module runs), so the command restarts itself once with a serial NumPy BLAS. The kernels'
+    # own OpenBLAS is serial anyway (they parallelise with OpenMP, whose idle spin rnnfast keeps
+    # short). A value set in the environment is respected.
+    if os.name != "posix" or "OPENBLAS_NUM_THREADS" in os.environ:
         return
-    env = {**wanted, **os.environ}
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     os.execve(sys.executable, [sys.executable, "-m", "rnnfast", *sys.argv[1:]], env)
 
 
