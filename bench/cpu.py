@@ -9,6 +9,7 @@ Per-call times are kept; the tables report the minimum and the median of each (b
     python bench/cpu.py --quick                # a smoke run of a few seconds
     python bench/cpu.py --cells lstm --shapes 1,100,256 64,50,512 --modes infer --rounds 3
     python bench/cpu.py --write-results        # ... and update bench/RESULTS.md
+    python bench/cpu.py --threads 1 --write-results   # the 1-thread block (robust when busy)
     python bench/cpu.py --from-json bench/out/cpu-latest.json --write-results   # no re-run
 
 Results go to bench/out/cpu-<date>.json and .png (and cpu-latest.*).
