@@ -26,10 +26,13 @@ def preload() -> None:
     # (bench/RESULTS.md). RNNFAST_OPENBLAS_CORETYPE overrides: a core name, or "auto".
     choice = os.environ.get("RNNFAST_OPENBLAS_CORETYPE", "auto")
     coretype = ("SkylakeX" if _has_avx512() else None) if choice.lower() == "auto" else choice
-    saved = os.environ.get("OPENBLAS_CORETYPE")
+    # it runs single-threaded inside the kernels' OpenMP team: no idle worker pool of its own
+    wanted = {"OPENBLAS_NUM_THREADS": "1"}
+    if coretype is not None:
+        wanted["OPENBLAS_CORETYPE"] = coretype
+    saved = {k: os.environ.get(k) for k in wanted}
     try:
-        if coretype is not None:
-            os.environ["OPENBLAS_CORETYPE"] = coretype
+        os.environ.update(wanted)
         try:
             import scipy_openblas32  # loads the library, reading OPENBLAS_CORETYPE once
         except ImportError as e:  # a broken install: say which package is missing
@@ -39,7 +42,8 @@ def preload() -> None:
         path = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(True))
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     finally:
-        if saved is None:
-            os.environ.pop("OPENBLAS_CORETYPE", None)
-        else:
-            os.environ["OPENBLAS_CORETYPE"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -33,26 +33,41 @@ float* aligned_floats(int64_t n) {
   return static_cast<float*>(p);
 }
 
+// one k of an R x 2P tile: P panel loads, R broadcasts, R * P FMAs
 template <int R, int P>
+__attribute__((target("avx512f"), always_inline)) inline void fma_k(__m512 (&acc)[R][P],
+                                                                    const float* A, int64_t lda,
+                                                                    const float* panel,
+                                                                    int64_t panel_stride,
+                                                                    int64_t k) {
+  __m512 b[P];
+  for (int p = 0; p < P; ++p) b[p] = _mm512_load_ps(panel + p * panel_stride + k * kPanel);
+  for (int r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+    for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(a, b[p], acc[r][p]);
+  }
+}
+
+// S independent sums over interleaved k per output: with few rows (R * P < 8) one chain per
+// output would leave the FMA units waiting on their 4-cycle latency
+template <int R, int P, int S = (R * P >= 8 ? 1 : (R * P >= 4 ? 2 : 4))>
 __attribute__((target("avx512f"))) void tile(int64_t K, const float* A, int64_t lda,
                                              const float* panel, int64_t panel_stride, float* C,
                                              int64_t ldc, __mmask16 last_mask, bool accumulate) {
-  __m512 acc[R][P];
-  for (int r = 0; r < R; ++r)
-    for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 b[P];
-    for (int p = 0; p < P; ++p) b[p] = _mm512_load_ps(panel + p * panel_stride + k * kPanel);
-    for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
-      for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(a, b[p], acc[r][p]);
-    }
-  }
+  __m512 acc[S][R][P];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) acc[s][r][p] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + S <= K; k += S)
+    for (int s = 0; s < S; ++s) fma_k<R, P>(acc[s], A, lda, panel, panel_stride, k + s);
+  for (; k < K; ++k) fma_k<R, P>(acc[0], A, lda, panel, panel_stride, k);
   for (int r = 0; r < R; ++r) {
     for (int p = 0; p < P; ++p) {
+      __m512 v = acc[0][r][p];
+      for (int s = 1; s < S; ++s) v = _mm512_add_ps(v, acc[s][r][p]);
       const __mmask16 m = p == P - 1 ? last_mask : __mmask16(0xFFFF);
       float* c = C + r * ldc + p * kPanel;
-      __m512 v = acc[r][p];
       if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), v);
       _mm512_mask_storeu_ps(c, m, v);
     }

@@ -64,7 +64,8 @@ inline int recurrent_threads(const Dims& d) {
 }
 
 constexpr int64_t kUnitAlign = 16;  // a thread's units start on a 64-byte boundary (float)
-constexpr int64_t kProjectionChunk = int64_t(1) << 19;  // elements of gx computed at a time
+constexpr int64_t kProjectionRows =
+    1024;  // rows of gx per chunk: one BLAS call packs w_ih per chunk
 
 template <class Cell, typename T>
 void run_forward(const Dims& d, const ForwardIO<T>& io) {
@@ -108,10 +109,10 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
                   sizeof(T) * u.size() * H);
   }
 
-  // the input projection runs a chunk of steps ahead of the recurrence: a bounded buffer (the
-  // inference workspace stays O(N*G*H)), still warm in cache when the steps read it
-  const int64_t chunk = std::clamp<int64_t>(kProjectionChunk / std::max<int64_t>(N * GH, 1), 1,
-                                            std::max<int64_t>(d.T, 1));
+  // the input projection runs a chunk of steps ahead of the recurrence: a buffer of at most
+  // max(N, 1024) x G*H whatever T is, large enough for the BLAS to amortise packing w_ih
+  const int64_t chunk =
+      std::clamp<int64_t>((kProjectionRows + N - 1) / N, 1, std::max<int64_t>(d.T, 1));
   auto gx = uninitialized<T>(chunk * N * GH);
   const int team = std::max(nt, get_num_threads());
 
