@@ -12,7 +12,7 @@ struct Gru {
   static constexpr bool has_c = false, has_gates = true, is_gru = true;
 
   template <typename T>
-  static void forward(const ForwardStep<T>& s) {
+  RNNFAST_PASS static void forward(const ForwardStep<T>& s) {
     const int64_t H = s.H, GH = 3 * H, j0 = s.units.begin, nu = s.units.size();
     for (int64_t n = 0; n < s.N; ++n) {
       T* h = s.h + n * H;
@@ -28,7 +28,7 @@ struct Gru {
       const T* gh = s.gh + n * 3 * nu;
       const T* h_prev = s.h_prev + n * H;
       // one simd loop with the gate stores for training, one without for inference
-      auto row = [&](auto save) {
+      auto row = [&](auto save) RNNFAST_INLINE {
 #pragma omp simd
         for (int64_t u = 0; u < nu; ++u) {
           const int64_t j = j0 + u;
@@ -52,7 +52,7 @@ struct Gru {
   }
 
   template <typename T>
-  static void backward(const BackwardStep<T>& s) {
+  RNNFAST_PASS static void backward(const BackwardStep<T>& s) {
     const int64_t H = s.H, GH = 3 * H;
     for (int64_t n = 0; n < s.N; ++n) {
       T* dgx = s.dgx + n * GH;

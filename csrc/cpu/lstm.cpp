@@ -11,7 +11,7 @@ struct Lstm {
   static constexpr bool has_c = true, has_gates = true, is_gru = false;
 
   template <typename T>
-  static void forward(const ForwardStep<T>& s) {
+  RNNFAST_PASS static void forward(const ForwardStep<T>& s) {
     const int64_t H = s.H, GH = 4 * H, j0 = s.units.begin, nu = s.units.size();
     for (int64_t n = 0; n < s.N; ++n) {
       const T* c_prev = s.c_prev + n * H;
@@ -29,7 +29,7 @@ struct Lstm {
       const T* gx = s.gx + n * GH;
       const T* gh = s.gh + n * 4 * nu;
       // one simd loop with the gate stores for training, one without for inference
-      auto row = [&](auto save) {
+      auto row = [&](auto save) RNNFAST_INLINE {
 #pragma omp simd
         for (int64_t u = 0; u < nu; ++u) {
           const int64_t j = j0 + u;
@@ -54,7 +54,7 @@ struct Lstm {
   }
 
   template <typename T>
-  static void backward(const BackwardStep<T>& s) {
+  RNNFAST_PASS static void backward(const BackwardStep<T>& s) {
     const int64_t H = s.H, GH = 4 * H;
     for (int64_t n = 0; n < s.N; ++n) {
       T* dg = s.dgx + n * GH;

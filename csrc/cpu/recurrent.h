@@ -52,6 +52,29 @@ struct BackwardStep {
   bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
 };
 
+// A cell's pointwise pass is inlined into two wrappers, one compiled for AVX-512: the passes'
+// polynomial math vectorises twice as wide there (25-35% of an LSTM step at H = 128).
+#define RNNFAST_INLINE __attribute__((always_inline))
+#define RNNFAST_PASS RNNFAST_INLINE inline
+#define RNNFAST_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq")))
+
+template <class Cell, typename T>
+RNNFAST_AVX512 void forward_pass_avx512(const ForwardStep<T>& s) {
+  Cell::forward(s);
+}
+template <class Cell, typename T>
+void forward_pass_baseline(const ForwardStep<T>& s) {
+  Cell::forward(s);
+}
+template <class Cell, typename T>
+RNNFAST_AVX512 void backward_pass_avx512(const BackwardStep<T>& s) {
+  Cell::backward(s);
+}
+template <class Cell, typename T>
+void backward_pass_baseline(const BackwardStep<T>& s) {
+  Cell::backward(s);
+}
+
 template <typename T>
 std::unique_ptr<T[]> uninitialized(int64_t n) {
   return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
@@ -70,7 +93,7 @@ constexpr int64_t kProjectionRows =
 template <class Cell, typename T>
 void run_forward(const Dims& d, const ForwardIO<T>& io) {
   const int64_t N = d.N, H = d.H, G = d.G(), GH = d.GH(), NH = N * H;
-  const bool training = io.reserve != nullptr;
+  const bool training = io.reserve != nullptr, avx512 = cpu_has_avx512();
   const ReserveLayout lay = reserve_layout(d);
   T* hs = io.hs;
   // c lives in the reserve in training, else in two alternating slots
@@ -148,7 +171,10 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
             s.ghn = Cell::is_gru ? io.reserve + lay.ghn + t * NH : nullptr;
           }
           recurrent(N, s.h_prev, H, gh.get(), width, false);
-          Cell::forward(s);
+          if (avx512)
+            forward_pass_avx512<Cell, T>(s);
+          else
+            forward_pass_baseline<Cell, T>(s);
         }
         // a lone recurrent thread needs no barrier per step, only before gx is refilled
         if (nt > 1 || t + 1 == t0 + steps) {
@@ -168,6 +194,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
 template <class Cell, typename T>
 void run_backward(const Dims& d, const BackwardIO<T>& io) {
   const int64_t N = d.N, H = d.H, GH = d.GH(), NH = N * H, TN = d.T * N;
+  const bool avx512 = cpu_has_avx512();
   const ReserveLayout lay = reserve_layout(d);
   const T* hs = io.reserve + lay.hs;
 
@@ -209,7 +236,10 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
       s.dc = io.dc0;
       s.dgx = dgx.get() + t * N * GH;
       s.dgh = dgh + t * N * GH;
-      Cell::backward(s);
+      if (avx512)
+        backward_pass_avx512<Cell, T>(s);
+      else
+        backward_pass_baseline<Cell, T>(s);
 #pragma omp barrier
       // dh_{t-1}[:, units] += dgh_t @ w_hh[:, units]; rows past their length have dgh = 0
       recurrent(N, s.dgh, GH, io.dh0 + units.begin, H, true);

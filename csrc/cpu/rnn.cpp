@@ -11,7 +11,7 @@ struct Rnn {
   static constexpr bool has_c = false, has_gates = false, is_gru = false;
 
   template <typename T>
-  static void forward(const ForwardStep<T>& s) {
+  RNNFAST_PASS static void forward(const ForwardStep<T>& s) {
     const int64_t H = s.H, j0 = s.units.begin, nu = s.units.size();
     for (int64_t n = 0; n < s.N; ++n) {
       T* h = s.h + n * H;
@@ -28,7 +28,7 @@ struct Rnn {
   }
 
   template <typename T>
-  static void backward(const BackwardStep<T>& s) {
+  RNNFAST_PASS static void backward(const BackwardStep<T>& s) {
     const int64_t H = s.H;
     for (int64_t n = 0; n < s.N; ++n) {
       T* dg = s.dgx + n * H;
