@@ -23,7 +23,8 @@ except ImportError as e:  # most often: the source checkout shadows the installe
         "place with `pip install -e .`"
     ) from e
 
-from . import ops, reference  # noqa: E402
+from . import cuda, ops, reference  # noqa: E402
+from .cuda import cuda_available  # noqa: E402
 from .ops import (  # noqa: E402
     gru_backward,
     gru_forward,
@@ -38,7 +39,9 @@ __version__ = _C.__version__
 
 def build_info() -> dict:
     """What this build really contains: version, compiler, OpenMP and threads, BLAS, SIMD, CUDA."""
-    return dict(_C.build_info())
+    info = dict(_C.build_info())
+    info["cuda"] = cuda.build_info()
+    return info
 
 
 def set_num_threads(n: int) -> None:
@@ -54,6 +57,8 @@ def get_num_threads() -> int:
 
 __all__ = [
     "build_info",
+    "cuda",
+    "cuda_available",
     "get_num_threads",
     "gru_backward",
     "gru_forward",

@@ -34,7 +34,11 @@ class Checked:
 
 
 def _array(name, a, dtype=None):
-    if hasattr(a, "__cuda_array_interface__"):
+    try:  # a bfloat16 CUDA torch tensor raises from the attribute itself
+        on_gpu = hasattr(a, "__cuda_array_interface__")
+    except Exception:
+        on_gpu = True
+    if on_gpu:
         raise TypeError(f"{name} is a GPU array; pass GPU arrays only together (see rnnfast.cuda)")
     a = np.asarray(a)
     if a.dtype not in FLOAT_DTYPES:

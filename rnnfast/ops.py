@@ -13,6 +13,9 @@ A training forward returns a context that holds the reserve for backward; ``trai
 keeps nothing beyond the outputs and the final state, and its context cannot be differentiated.
 In training mode ``y`` is a read-only view of the reserve (backward reads it): copy it before
 writing to it.
+
+GPU arrays (CuPy, or anything with ``__cuda_array_interface__`` or ``__dlpack__``) run on the
+CUDA kernels and return CuPy arrays on the same device and stream; see rnnfast.cuda.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _C
+from . import cuda as _gpu
 from ._validate import Checked, check_backward_inputs, check_forward_inputs
 
 __all__ = [
@@ -57,6 +61,8 @@ class RecurrentContext:
 
 
 def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
+    if _gpu.is_gpu_array(x):
+        return _gpu.forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training)
     a = check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths)
     forward, _ = _KERNELS[cell]
     y, h_n, c_n, reserve = forward(
@@ -68,6 +74,8 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
 
 
 def _backward(cell, ctx, dy, dh_n, dc_n):
+    if isinstance(ctx, _gpu.CudaContext) and ctx.cell == cell:
+        return _gpu.backward(cell, ctx, dy, dh_n, dc_n)
     if not isinstance(ctx, RecurrentContext) or ctx.cell != cell:
         raise TypeError(f"{cell}_backward needs the context returned by {cell}_forward")
     if not ctx.training:
@@ -129,6 +137,6 @@ def rnn_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearity="t
 
 def rnn_backward(ctx, dy, dh_n=None):
     """Gradients of a vanilla RNN forward: dict with dx dh0 dw_ih dw_hh db_ih db_hh."""
-    if not isinstance(ctx, RecurrentContext) or not ctx.cell.startswith("rnn_"):
+    if not isinstance(ctx, (RecurrentContext, _gpu.CudaContext)) or not ctx.cell.startswith("rnn_"):
         raise TypeError("rnn_backward needs the context returned by rnn_forward")
     return _backward(ctx.cell, ctx, dy, dh_n, None)
