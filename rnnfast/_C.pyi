@@ -1,0 +1,50 @@
+"""Type stub of the private extension rnnfast._C (use rnnfast.ops; it checks every argument)."""
+
+import numpy as np
+from numpy.typing import NDArray
+
+__version__: str
+
+_Forward = tuple[NDArray, NDArray, NDArray | None, NDArray | None]
+_Backward = tuple[
+    NDArray, NDArray, NDArray | None, NDArray, NDArray, NDArray | None, NDArray | None
+]
+
+def _forward(
+    x: NDArray,
+    w_ih: NDArray,
+    w_hh: NDArray,
+    b_ih: NDArray | None,
+    b_hh: NDArray | None,
+    h0: NDArray | None,
+    c0: NDArray | None,
+    lengths: NDArray[np.int32] | None,
+    training: bool,
+) -> _Forward: ...
+def _backward(
+    x: NDArray,
+    w_ih: NDArray,
+    w_hh: NDArray,
+    has_b_ih: bool,
+    has_b_hh: bool,
+    lengths: NDArray[np.int32] | None,
+    reserve: NDArray,
+    dy: NDArray | None,
+    dh_n: NDArray | None,
+    dc_n: NDArray | None,
+) -> _Backward: ...
+
+# (y, h_n, c_n or None, reserve or None); y is a view of the reserve in training
+lstm_forward = _forward
+gru_forward = _forward
+rnn_tanh_forward = _forward
+rnn_relu_forward = _forward
+# (dx, dh0, dc0 or None, dw_ih, dw_hh, db_ih or None, db_hh or None)
+lstm_backward = _backward
+gru_backward = _backward
+rnn_tanh_backward = _backward
+rnn_relu_backward = _backward
+
+def build_info() -> dict[str, object]: ...
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
