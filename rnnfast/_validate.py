@@ -111,3 +111,15 @@ def check_backward_inputs(cell, a: Checked, dy, dh_n, dc_n):
         raise ValueError(f"dc_n is only for LSTM, not {cell}")
     dc_n = None if dc_n is None else _shaped("dc_n", dc_n, (N, H), dtype)
     return dy, dh_n, dc_n
+
+
+def check_context(cell: str, ctx, context_type: type, api: str) -> None:
+    """Raises unless ctx is a training context of ``context_type`` from ``{api}.{cell}_forward``."""
+    if not isinstance(ctx, context_type) or ctx.cell != cell:
+        raise TypeError(f"{cell}_backward needs the context returned by {api}.{cell}_forward")
+    if not ctx.training:
+        raise RuntimeError(
+            f"{cell}_backward: this context comes from an inference forward (training=False), "
+            "which keeps nothing for backward; run the forward with training=True to "
+            "differentiate it"
+        )

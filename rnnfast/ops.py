@@ -26,7 +26,7 @@ import numpy as np
 
 from . import _C
 from . import cuda as _gpu
-from ._validate import Checked, check_backward_inputs, check_forward_inputs
+from ._validate import Checked, check_backward_inputs, check_context, check_forward_inputs
 
 __all__ = [
     "RecurrentContext",
@@ -76,13 +76,7 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
 def _backward(cell, ctx, dy, dh_n, dc_n):
     if isinstance(ctx, _gpu.CudaContext) and ctx.cell == cell:
         return _gpu.backward(cell, ctx, dy, dh_n, dc_n)
-    if not isinstance(ctx, RecurrentContext) or ctx.cell != cell:
-        raise TypeError(f"{cell}_backward needs the context returned by {cell}_forward")
-    if not ctx.training:
-        raise RuntimeError(
-            f"{cell}_backward: this context comes from an inference forward (training=False), "
-            "which keeps no reserve; run the forward with training=True to differentiate it"
-        )
+    check_context(cell, ctx, RecurrentContext, "rnnfast.ops")
     a = ctx.inputs
     dy, dh_n, dc_n = check_backward_inputs(cell, a, dy, dh_n, dc_n)
     _, backward = _KERNELS[cell]

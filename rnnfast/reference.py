@@ -26,7 +26,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._validate import GATES, Checked, check_backward_inputs, check_forward_inputs
+from ._validate import (
+    GATES,
+    Checked,
+    check_backward_inputs,
+    check_context,
+    check_forward_inputs,
+)
 
 __all__ = [
     "ReferenceContext",
@@ -190,13 +196,7 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
 
 
 def _backward(cell, ctx, dy, dh_n, dc_n):
-    if not isinstance(ctx, ReferenceContext) or ctx.cell != cell:
-        raise TypeError(f"{cell}_backward needs the context returned by reference.{cell}_forward")
-    if not ctx.training:
-        raise RuntimeError(
-            f"{cell}_backward: this context comes from an inference forward (training=False), "
-            "which keeps no saved state; run the forward with training=True to differentiate it"
-        )
+    check_context(cell, ctx, ReferenceContext, "rnnfast.reference")
     a = ctx.inputs
     dy, dh_n, dc_n = check_backward_inputs(cell, a, dy, dh_n, dc_n)
     T, N, C, H = a.dims
