@@ -27,12 +27,6 @@ namespace {
 constexpr int64_t kPanel = 16;  // floats in a zmm
 constexpr int kMaxRows = 6;     // 2 * 6 accumulators + 2 panel loads + 1 broadcast fit in 32 zmm
 
-float* aligned_floats(int64_t n) {
-  void* p = std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64);
-  if (!p) throw std::bad_alloc();
-  return static_cast<float*>(p);
-}
-
 // one k of an R x 2P tile: P panel loads, R broadcasts, R * P FMAs
 template <int R, int P>
 __attribute__((target("avx512f"), always_inline)) inline void fma_k(__m512 (&acc)[R][P],
@@ -101,7 +95,7 @@ PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bo
     : M_(M),
       K_(K),
       panels_((M + kPanel - 1) / kPanel),
-      data_(aligned_floats(panels_ * K * kPanel), std::free) {
+      data_(scratch<float>(panels_ * K * kPanel)) {
   for (int64_t p = 0; p < panels_; ++p) {
     float* panel = data_.get() + p * K * kPanel;
     for (int64_t k = 0; k < K; ++k) {

@@ -24,7 +24,7 @@ class PackedPanels {
 
  private:
   int64_t M_, K_, panels_;
-  std::unique_ptr<float[], void (*)(void*)> data_;
+  Scratch<float> data_;
 };
 
 // The step product through the packed AVX-512 kernel where it applies, else through the BLAS

@@ -3,9 +3,11 @@
 #include "cpu/parallel.h"
 
 #include <cblas.h>
+#include <sys/mman.h>
 
 #include <atomic>
 #include <climits>
+#include <new>
 #include <stdexcept>
 
 namespace rnnfast::cpu {
@@ -28,6 +30,16 @@ void scale(int64_t M, int64_t N, T beta, T* C, int64_t ldc) {
     for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
 }
 }  // namespace
+
+void* allocate_scratch(size_t bytes) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t align = bytes >= 2 * kHuge ? kHuge : 64;
+  const size_t size = (bytes + align - 1) / align * align;
+  void* p = std::aligned_alloc(align, size);
+  if (!p) throw std::bad_alloc();
+  if (align == kHuge) madvise(p, size, MADV_HUGEPAGE);  // advice only: failure changes nothing
+  return p;
+}
 
 void set_num_threads(int n) { g_threads = std::max(1, n); }
 

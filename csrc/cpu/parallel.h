@@ -3,7 +3,10 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 
 #include "cpu/kernels.h"
 
@@ -33,6 +36,17 @@ inline int thread_index() {
 #else
   return 0;
 #endif
+}
+
+// Scratch memory for one call. Large buffers are 2 MiB-aligned and advised as huge pages (as
+// NumPy does for its arrays): fresh memory then faults in 512x fewer times.
+void* allocate_scratch(size_t bytes);
+template <typename T>
+using Scratch = std::unique_ptr<T[], void (*)(void*)>;
+template <typename T>
+Scratch<T> scratch(int64_t n) {
+  return Scratch<T>(static_cast<T*>(allocate_scratch(sizeof(T) * size_t(std::max<int64_t>(n, 1)))),
+                    std::free);
 }
 
 // Row-major C[M, N] = alpha * op(A) op(B) + beta * C through the BLAS; any zero size is handled.

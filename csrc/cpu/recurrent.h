@@ -75,11 +75,6 @@ void backward_pass_baseline(const BackwardStep<T>& s) {
   Cell::backward(s);
 }
 
-template <typename T>
-std::unique_ptr<T[]> uninitialized(int64_t n) {
-  return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
-}
-
 // A step too small to share is not worth a barrier; otherwise each thread owns >= 16 units.
 inline int recurrent_threads(const Dims& d) {
   if (d.N * d.GH() * d.H < 64 * 1024) return 1;
@@ -97,7 +92,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   const ReserveLayout lay = reserve_layout(d);
   T* hs = io.hs;
   // c lives in the reserve in training, else in two alternating slots
-  auto cring = uninitialized<T>(Cell::has_c && !training ? 2 * NH : 0);
+  auto cring = scratch<T>(Cell::has_c && !training ? 2 * NH : 0);
   T* cs = Cell::has_c ? (training ? io.reserve + lay.cs : cring.get()) : nullptr;
   auto c_slot = [&](int64_t t) { return cs + (training ? t : (t & 1)) * NH; };
 
@@ -113,8 +108,8 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   }
 
   // biases: b_ih, plus whichever parts of b_hh are plain sums, go into the input projection
-  auto bx = uninitialized<T>(GH);
-  auto bhn = uninitialized<T>(Cell::is_gru ? H : 0);
+  auto bx = scratch<T>(GH);
+  auto bhn = scratch<T>(Cell::is_gru ? H : 0);
   for (int64_t k = 0; k < GH; ++k) {
     const T hh = io.b_hh ? io.b_hh[k] : T(0);
     const bool folded = !Cell::is_gru || k < 2 * H;
@@ -124,7 +119,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
 
   // w_hh rows regrouped so that each thread's units (all their gates) are one contiguous block
   const int nt = recurrent_threads(d);
-  auto wp = uninitialized<T>(GH * H);
+  auto wp = scratch<T>(GH * H);
   for (int k = 0; k < nt; ++k) {
     const Range u = split(H, nt, k, kUnitAlign);
     for (int64_t g = 0; g < G; ++g)
@@ -136,7 +131,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   // max(N, 1024) x G*H whatever T is, large enough for the BLAS to amortise packing w_ih
   const int64_t chunk =
       std::clamp<int64_t>((kProjectionRows + N - 1) / N, 1, std::max<int64_t>(d.T, 1));
-  auto gx = uninitialized<T>(chunk * N * GH);
+  auto gx = scratch<T>(chunk * N * GH);
   const int team = std::max(nt, get_num_threads());
 
 #pragma omp parallel num_threads(team)
@@ -144,7 +139,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     const int k = thread_index();
     const Range units = k < nt ? split(H, nt, k, kUnitAlign) : Range{0, 0};
     const int64_t width = G * units.size();
-    auto gh = uninitialized<T>(N * width);
+    auto gh = scratch<T>(N * width);
     const StepProduct<T> recurrent(wp.get() + G * units.begin * H, H, width, H, true);
     for (int64_t t0 = 0; t0 < d.T; t0 += chunk) {
       const int64_t steps = std::min(chunk, d.T - t0);
@@ -198,8 +193,8 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   const ReserveLayout lay = reserve_layout(d);
   const T* hs = io.reserve + lay.hs;
 
-  auto dgx = uninitialized<T>(TN * GH);
-  auto dgh_own = uninitialized<T>(Cell::is_gru ? TN * GH : 0);
+  auto dgx = scratch<T>(TN * GH);
+  auto dgh_own = scratch<T>(Cell::is_gru ? TN * GH : 0);
   T* dgh = Cell::is_gru ? dgh_own.get() : dgx.get();
 
   if (io.dh_n)
@@ -213,7 +208,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
       std::fill(io.dc0, io.dc0 + NH, T(0));
   }
 
-  auto zeros = uninitialized<T>(io.dy ? 0 : NH);
+  auto zeros = scratch<T>(io.dy ? 0 : NH);
   if (!io.dy) std::fill(zeros.get(), zeros.get() + NH, T(0));
 
   const int nt = recurrent_threads(d);
