@@ -773,9 +773,9 @@ def busy_warning(res: dict) -> list[str]:
         return []
     if len(busy) * 2 <= len(loads):
         return [
-            f"Note: in {len(busy)} of {len(loads)} rounds other processes used more than "
-            f"{100 * BUSY:.0f}% of the CPUs (up to {100 * max(busy):.0f}%); the other rounds were "
-            "quiet, and minimum times come from them.",
+            f"Note: in {len(busy)} of {len(loads)} rounds other processes used up to "
+            f"{100 * max(busy):.1f}% of the CPUs (the mark is {100 * BUSY:.0f}%); the other rounds "
+            "were quiet.",
             "",
         ]
     return [
