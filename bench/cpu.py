@@ -901,7 +901,7 @@ def main(argv=None) -> None:
             args.shapes = (
                 args.shapes if args.shapes != list(SHAPES) else [(4, 20, 64), (16, 10, 128)]
             )
-            args.rounds, args.target, args.settle, args.max_wait = 1, 0.02, 0.02, 0.1
+            args.rounds, args.target, args.max_wait = 1, 0.02, 0.1
             args.retry_budget = 0
         if args.nice:
             os.nice(args.nice)  # the workers inherit it
