@@ -4,6 +4,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -88,6 +90,11 @@ Dims dims_of(CellKind cell, const py::array& x, const py::array& w_hh) {
   if (x.ndim() != 3) throw py::value_error("x must be 3-D (T, N, C), got shape " + shape_str(x));
   if (w_hh.ndim() != 2) throw py::value_error("w_hh must be 2-D, got shape " + shape_str(w_hh));
   const Dims d{x.shape(0), x.shape(1), x.shape(2), w_hh.shape(1), cell};
+  // every matrix the kernels hand the BLAS must fit its 32-bit sizes
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  if (d.T * d.N > kMax || d.GH() > kMax || d.C > kMax)
+    throw py::value_error("x of shape " + shape_str(x) + " with w_hh of shape " + shape_str(w_hh) +
+                          " exceeds the BLAS's 32-bit matrix sizes");
   if (d.N < 1 || d.C < 1 || d.H < 1)
     throw py::value_error("N, C and H must be at least 1; x has shape " + shape_str(x) + ", w_hh " +
                           shape_str(w_hh));

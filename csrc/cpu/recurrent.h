@@ -5,8 +5,11 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <exception>
 #include <memory>
+#include <optional>
 
 #include "cpu/packed_gemm.h"
 #include "cpu/parallel.h"
@@ -81,6 +84,32 @@ inline int recurrent_threads(const Dims& d) {
   return int(std::min<int64_t>(get_num_threads(), (d.H + 15) / 16));
 }
 
+// A C++ exception must not leave an OpenMP region (it would terminate the process): a thread's
+// setup (allocation, packing) runs through this, every thread then meets one barrier, and if any
+// setup failed the whole team skips its work; the caller rethrows after the region.
+class TeamSetup {
+ public:
+  template <class F>
+  bool run(F&& setup) {
+    try {
+      setup();
+    } catch (...) {
+#pragma omp critical(rnnfast_team_setup)
+      if (!error_) error_ = std::current_exception();
+      failed_ = true;
+    }
+#pragma omp barrier
+    return !failed_;
+  }
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  std::exception_ptr error_;
+  std::atomic<bool> failed_{false};
+};
+
 constexpr int64_t kUnitAlign = 16;  // a thread's units start on a 64-byte boundary (float)
 constexpr int64_t kProjectionRows =
     1024;  // rows of gx per chunk: one BLAS call packs w_ih per chunk
@@ -134,14 +163,19 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   auto gx = scratch<T>(chunk * N * GH);
   const int team = std::max(nt, get_num_threads());
 
+  TeamSetup setup;
 #pragma omp parallel num_threads(team)
   {
     const int k = thread_index();
     const Range units = k < nt ? split(H, nt, k, kUnitAlign) : Range{0, 0};
     const int64_t width = G * units.size();
-    auto gh = scratch<T>(N * width);
-    const StepProduct<T> recurrent(wp.get() + G * units.begin * H, H, width, H, true);
-    for (int64_t t0 = 0; t0 < d.T; t0 += chunk) {
+    Scratch<T> gh(nullptr, std::free);
+    std::optional<StepProduct<T>> product;
+    const bool ok = setup.run([&] {
+      gh = scratch<T>(N * width);
+      product.emplace(wp.get() + G * units.begin * H, H, width, H, true);
+    });
+    for (int64_t t0 = 0; ok && t0 < d.T; t0 += chunk) {
       const int64_t steps = std::min(chunk, d.T - t0);
       const Range rows = split(steps * N, team, k, 4);
       for (int64_t r = rows.begin; r < rows.end; ++r)
@@ -165,7 +199,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
             s.gates = Cell::has_gates ? io.reserve + lay.gates + t * N * GH : nullptr;
             s.ghn = Cell::is_gru ? io.reserve + lay.ghn + t * NH : nullptr;
           }
-          recurrent(N, s.h_prev, H, gh.get(), width, false);
+          (*product)(N, s.h_prev, H, gh.get(), width, false);
           if (avx512)
             forward_pass_avx512<Cell, T>(s);
           else
@@ -178,6 +212,8 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
       }
     }
   }
+
+  setup.rethrow();
 
   for (int64_t n = 0; n < N; ++n) {
     const int64_t len = io.lengths ? io.lengths[n] : d.T;
@@ -212,11 +248,14 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   if (!io.dy) std::fill(zeros.get(), zeros.get() + NH, T(0));
 
   const int nt = recurrent_threads(d);
+  TeamSetup setup;
 #pragma omp parallel num_threads(nt)
   {
     const Range units = split(H, nt, thread_index(), kUnitAlign);
-    const StepProduct<T> recurrent(io.w_hh + units.begin, H, units.size(), GH, false);
-    for (int64_t t = d.T - 1; t >= 0; --t) {
+    std::optional<StepProduct<T>> product;
+    const bool ok =
+        setup.run([&] { product.emplace(io.w_hh + units.begin, H, units.size(), GH, false); });
+    for (int64_t t = d.T - 1; ok && t >= 0; --t) {
       BackwardStep<T> s{N, H, t, units, io.lengths};
       s.dy = io.dy ? io.dy + t * NH : zeros.get();
       s.h_prev = hs + t * NH;
@@ -237,9 +276,11 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
         backward_pass_baseline<Cell, T>(s);
 #pragma omp barrier
       // dh_{t-1}[:, units] += dgh_t @ w_hh[:, units]; rows past their length have dgh = 0
-      recurrent(N, s.dgh, GH, io.dh0 + units.begin, H, true);
+      (*product)(N, s.dgh, GH, io.dh0 + units.begin, H, true);
     }
   }
+
+  setup.rethrow();
 
   const int threads = get_num_threads();
   parallel_gemm<T>(threads, true, false, GH, d.C, TN, dgx.get(), GH, io.x, d.C, T(0), io.dw_ih,
