@@ -51,8 +51,8 @@ def _array(name, a, dtype=None):
     return np.ascontiguousarray(a)
 
 
-def _shaped(name, a, shape, dtype):
-    a = _array(name, a, dtype)
+def _shaped(name, a, shape, dtype, array=_array):
+    a = array(name, a, dtype)
     if a.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
     return a
@@ -75,9 +75,11 @@ def check_lengths(lengths, T: int, N: int) -> np.ndarray | None:
     return np.ascontiguousarray(lengths, dtype=np.int32)
 
 
-def check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths) -> Checked:
+def check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, array=_array) -> Checked:
+    """The forward arguments checked and made contiguous by ``array(name, a, dtype=None)`` (NumPy
+    here; rnnfast.cuda passes its CuPy conversion). lengths must be on the host."""
     G = GATES[cell]
-    x = _array("x", x)
+    x = array("x", x)
     if x.ndim != 3:
         raise ValueError(f"x must be 3-D (T, N, C), time-major, got shape {x.shape}")
     T, N, C = x.shape
@@ -85,31 +87,31 @@ def check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths) -> Ch
         raise ValueError(f"x has an empty batch (shape {x.shape}); N must be at least 1")
     if C == 0:
         raise ValueError(f"x has input size 0 (shape {x.shape}); C must be at least 1")
-    w_hh = _array("w_hh", w_hh, x.dtype)
+    w_hh = array("w_hh", w_hh, x.dtype)
     if w_hh.ndim != 2 or w_hh.shape[1] == 0 or w_hh.shape[0] != G * w_hh.shape[1]:
         raise ValueError(
             f"w_hh must have shape ({G}*H, H) for {cell} (G = {G} gates), got {w_hh.shape}"
         )
     H = w_hh.shape[1]
-    w_ih = _shaped("w_ih", w_ih, (G * H, C), x.dtype)
-    b_ih = None if b_ih is None else _shaped("b_ih", b_ih, (G * H,), x.dtype)
-    b_hh = None if b_hh is None else _shaped("b_hh", b_hh, (G * H,), x.dtype)
-    h0 = None if h0 is None else _shaped("h0", h0, (N, H), x.dtype)
+    w_ih = _shaped("w_ih", w_ih, (G * H, C), x.dtype, array)
+    b_ih = None if b_ih is None else _shaped("b_ih", b_ih, (G * H,), x.dtype, array)
+    b_hh = None if b_hh is None else _shaped("b_hh", b_hh, (G * H,), x.dtype, array)
+    h0 = None if h0 is None else _shaped("h0", h0, (N, H), x.dtype, array)
     if c0 is not None and cell != "lstm":
         raise ValueError(f"c0 is only for LSTM, not {cell}")
-    c0 = None if c0 is None else _shaped("c0", c0, (N, H), x.dtype)
+    c0 = None if c0 is None else _shaped("c0", c0, (N, H), x.dtype, array)
     return Checked(x, w_ih, w_hh, b_ih, b_hh, h0, c0, check_lengths(lengths, T, N))
 
 
-def check_backward_inputs(cell, a: Checked, dy, dh_n, dc_n):
+def check_backward_inputs(cell, a: Checked, dy, dh_n, dc_n, array=_array):
     """dy, dh_n, dc_n checked against the forward's shapes and dtype (None stays None)."""
     T, N, _, H = a.dims
     dtype = a.x.dtype
-    dy = None if dy is None else _shaped("dy", dy, (T, N, H), dtype)
-    dh_n = None if dh_n is None else _shaped("dh_n", dh_n, (N, H), dtype)
+    dy = None if dy is None else _shaped("dy", dy, (T, N, H), dtype, array)
+    dh_n = None if dh_n is None else _shaped("dh_n", dh_n, (N, H), dtype, array)
     if dc_n is not None and cell != "lstm":
         raise ValueError(f"dc_n is only for LSTM, not {cell}")
-    dc_n = None if dc_n is None else _shaped("dc_n", dc_n, (N, H), dtype)
+    dc_n = None if dc_n is None else _shaped("dc_n", dc_n, (N, H), dtype, array)
     return dy, dh_n, dc_n
 
 

@@ -25,13 +25,20 @@ view of the reserve, so copy it before writing to it (CuPy has no read-only arra
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 
-from ._validate import GATES, check_lengths
+from ._validate import (
+    GATES,
+    Checked,
+    check_backward_inputs,
+    check_context,
+    check_forward_inputs,
+)
 
 __all__ = [
     "CudaContext",
@@ -200,7 +207,8 @@ def _as_cupy(cupy, name, a):
     return cupy.asarray(a)
 
 
-def _checked(cupy, name, a, dtype=None, shape=None):
+def _checked(cupy, name, a, dtype=None):
+    """``a`` as a contiguous CuPy array of a supported dtype (matching ``dtype`` when given)."""
     a = _as_cupy(cupy, name, a)
     if a.dtype.name not in DTYPES:
         raise TypeError(f"{name} must be one of {', '.join(DTYPES)}, got dtype {a.dtype}")
@@ -209,28 +217,7 @@ def _checked(cupy, name, a, dtype=None, shape=None):
             f"{name} has dtype {a.dtype} but x has dtype {dtype}; mixing dtypes is not allowed "
             "(cast explicitly)"
         )
-    if shape is not None and a.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-    return a
-
-
-@dataclass(frozen=True)
-class CudaInputs:
-    """Validated, C-contiguous forward inputs on one device (h0, c0, biases may be None)."""
-
-    x: Any
-    w_ih: Any
-    w_hh: Any
-    b_ih: Any
-    b_hh: Any
-    h0: Any
-    c0: Any
-    lengths: Any  # int32 device array, or None
-
-    @property
-    def dims(self) -> tuple[int, int, int, int]:
-        T, N, C = self.x.shape
-        return T, N, C, self.w_hh.shape[1]
+    return cupy.ascontiguousarray(a)
 
 
 @dataclass(frozen=True)
@@ -238,7 +225,7 @@ class CudaContext:
     """What backward needs from a GPU forward. ``reserve`` is None for an inference forward."""
 
     cell: str
-    inputs: CudaInputs
+    inputs: Checked  # CuPy arrays; lengths an int32 device array or None
     reserve: Any
     hseq: Any  # [T+1, N, H], slot 0 = h0; y is hseq[1:]
 
@@ -247,39 +234,18 @@ class CudaContext:
         return self.reserve is not None
 
 
-def _check_forward(cupy, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths) -> CudaInputs:
-    G = GATES[cell]
-    x = _checked(cupy, "x", x)
-    if x.ndim != 3:
-        raise ValueError(f"x must be 3-D (T, N, C), time-major, got shape {x.shape}")
-    T, N, C = x.shape
-    if N == 0:
-        raise ValueError(f"x has an empty batch (shape {x.shape}); N must be at least 1")
-    if C == 0:
-        raise ValueError(f"x has input size 0 (shape {x.shape}); C must be at least 1")
-    dev = x.device.id
-    w_hh = _checked(cupy, "w_hh", w_hh, x.dtype)
-    if w_hh.ndim != 2 or w_hh.shape[1] == 0 or w_hh.shape[0] != G * w_hh.shape[1]:
-        raise ValueError(
-            f"w_hh must have shape ({G}*H, H) for {cell} (G = {G} gates), got {w_hh.shape}"
-        )
-    H = w_hh.shape[1]
-    w_ih = _checked(cupy, "w_ih", w_ih, x.dtype, (G * H, C))
-    b_ih = None if b_ih is None else _checked(cupy, "b_ih", b_ih, x.dtype, (G * H,))
-    b_hh = None if b_hh is None else _checked(cupy, "b_hh", b_hh, x.dtype, (G * H,))
-    h0 = None if h0 is None else _checked(cupy, "h0", h0, x.dtype, (N, H))
-    if c0 is not None and cell != "lstm":
-        raise ValueError(f"c0 is only for LSTM, not {cell}")
-    c0 = None if c0 is None else _checked(cupy, "c0", c0, x.dtype, (N, H))
-    if lengths is not None:
-        host = cupy.asnumpy(lengths) if is_gpu_array(lengths) else lengths
-        lengths = cupy.asarray(check_lengths(host, T, N))
-    arrays = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "h0": h0, "c0": c0}
-    for name, a in arrays.items():
-        if a is not None and a.device.id != dev:
-            raise ValueError(f"{name} is on device {a.device.id} but x is on device {dev}")
-    c = {k: None if a is None else cupy.ascontiguousarray(a) for k, a in arrays.items()}
-    return CudaInputs(lengths=lengths, **c)
+def _check_forward(cupy, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths) -> Checked:
+    """The CPU path's checks (rnnfast._validate) over CuPy arrays, then one device for all."""
+    if lengths is not None and is_gpu_array(lengths):
+        lengths = cupy.asnumpy(lengths)
+    a = check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
+                             array=functools.partial(_checked, cupy))  # fmt: skip
+    dev = a.x.device.id
+    for f in fields(a):
+        v = getattr(a, f.name)
+        if f.name != "lengths" and v is not None and v.device.id != dev:
+            raise ValueError(f"{f.name} is on device {v.device.id} but x is on device {dev}")
+    return replace(a, lengths=None if a.lengths is None else cupy.asarray(a.lengths))
 
 
 def _ptr(a) -> int:
@@ -332,13 +298,7 @@ def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
 
 def backward(cell, ctx, dy, dh_n, dc_n):
     """The GPU side of rnnfast.ops' backward: the gradients as a dict of CuPy arrays."""
-    if not isinstance(ctx, CudaContext) or ctx.cell != cell:
-        raise TypeError(f"{cell}_backward needs the context returned by {cell}_forward")
-    if not ctx.training:
-        raise RuntimeError(
-            f"{cell}_backward: this context comes from an inference forward (training=False), "
-            "which keeps no reserve; run the forward with training=True to differentiate it"
-        )
+    check_context(cell, ctx, CudaContext, "rnnfast.ops")
     mod = _module()
     cupy = _cupy()
     a = ctx.inputs
@@ -347,13 +307,8 @@ def backward(cell, ctx, dy, dh_n, dc_n):
     G = GATES[cell]
     device = cupy.cuda.Device(a.x.device.id)
     with device:
-        dy = None if dy is None else cupy.ascontiguousarray(_checked(cupy, "dy", dy, dt, (T, N, H)))
-        if dh_n is not None:
-            dh_n = cupy.ascontiguousarray(_checked(cupy, "dh_n", dh_n, dt, (N, H)))
-        if dc_n is not None and cell != "lstm":
-            raise ValueError(f"dc_n is only for LSTM, not {cell}")
-        if dc_n is not None:
-            dc_n = cupy.ascontiguousarray(_checked(cupy, "dc_n", dc_n, dt, (N, H)))
+        dy, dh_n, dc_n = check_backward_inputs(cell, a, dy, dh_n, dc_n,
+                                               array=functools.partial(_checked, cupy))  # fmt: skip
         stream = cupy.cuda.get_current_stream()
         dx = cupy.empty((T, N, C), dtype=dt)
         dh0 = cupy.empty((N, H), dtype=dt)
