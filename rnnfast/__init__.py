@@ -13,15 +13,32 @@ if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
 
 _preload_blas()
 
+
+def _installed_extension_dir() -> str | None:
+    """The installed rnnfast's package folder, when this one (a source checkout) has no build."""
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        folder = _os.path.realpath(str(distribution("rnnfast").locate_file("rnnfast")))
+    except (ImportError, PackageNotFoundError):
+        return None
+    here = _os.path.realpath(_os.path.dirname(__file__))
+    return folder if folder != here and _os.path.isdir(folder) else None
+
+
 try:
     from . import _C  # noqa: E402
-except ImportError as e:  # most often: the source checkout shadows the installed package
-    raise ImportError(
-        f"rnnfast's compiled extension _C is missing from {_os.path.dirname(__file__)}. If that is "
-        "a source checkout, you are importing it instead of the installed package: run from "
-        "another directory (or `pytest`, not `python -m pytest`, in the checkout), or install in "
-        "place with `pip install -e .`"
-    ) from e
+except ImportError as e:
+    # Run inside a source checkout (`python -m rnnfast`, `python -m pytest`), this folder shadows
+    # the installed package and has no compiled extensions: take them from the install.
+    _installed = _installed_extension_dir()
+    if _installed is None:
+        raise ImportError(
+            f"rnnfast's compiled extension _C is missing from {_os.path.dirname(__file__)} and no "
+            "installed build was found: run `pip install .` (or `pip install -e .`) first"
+        ) from e
+    __path__.append(_installed)
+    from . import _C  # noqa: E402
 
 from . import cuda, ops, reference  # noqa: E402
 from .cuda import cuda_available  # noqa: E402
