@@ -72,10 +72,34 @@ def get_num_threads() -> int:
     return int(_C.get_num_threads())
 
 
+def set_scratch_cache_limit(nbytes: int) -> None:
+    """Bound the CPU kernels' scratch cache (default 1 GiB, or $RNNFAST_SCRATCH_CACHE_MB).
+
+    Large scratch buffers (packed weights, input projections, gate gradients) are kept after a
+    call and reused by the next one, which saves the kernel re-faulting and zeroing them; 0 turns
+    the cache off and frees what it holds. `scratch_cache_bytes()` says what it holds now."""
+    if int(nbytes) < 0:
+        raise ValueError(f"set_scratch_cache_limit needs nbytes >= 0, got {nbytes}")
+    _C.set_scratch_cache_limit(int(nbytes))
+
+
+def scratch_cache_bytes() -> int:
+    """Bytes of freed scratch the CPU kernels hold for reuse."""
+    return int(_C.scratch_cache_bytes())
+
+
+def empty_cache() -> None:
+    """Free the CPU kernels' cached scratch now, keeping the cache's limit."""
+    limit = int(_C.scratch_cache_limit())
+    _C.set_scratch_cache_limit(0)
+    _C.set_scratch_cache_limit(limit)
+
+
 __all__ = [
     "build_info",
     "cuda",
     "cuda_available",
+    "empty_cache",
     "get_num_threads",
     "gru_backward",
     "gru_forward",
@@ -85,7 +109,9 @@ __all__ = [
     "reference",
     "rnn_backward",
     "rnn_forward",
+    "scratch_cache_bytes",
     "set_num_threads",
+    "set_scratch_cache_limit",
 ]
 
 # the training layer (layers, sequences, optimizers, clipping, init, losses, checkpoints)

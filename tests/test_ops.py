@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import (
     CELLS,
+    GATES,
     GRAD_NAMES,
     assert_close,
     assert_grads_close,
@@ -27,6 +28,7 @@ from conftest import (
     tol,
 )
 
+import rnnfast
 from rnnfast import ops, reference
 
 DTYPES = [np.float32, np.float64]
@@ -120,6 +122,39 @@ def test_bitwise_reproducible(cell, dtype):
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             assert (a is None and b is None) or np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_scratch_cache_reuse_is_bitwise_identical(cell):
+    """Reused (dirty) cached scratch gives exactly what fresh memory gives; the cache obeys its
+    limit and empty_cache."""
+    inputs, up, *_ = _case(cell, 9, 16, 33, 600, True, True, "mixed")
+    inputs, up = cast(inputs, np.float32), cast(up, np.float32)
+    limit = rnnfast._C.scratch_cache_limit()
+
+    def step():
+        y, h_n, c_n, ctx = run_forward(ops, cell, **inputs)
+        grads = run_backward(ops, cell, ctx, **up)
+        return [y.copy(), h_n, c_n] + [grads.get(k) for k in GRAD_NAMES]
+
+    try:
+        rnnfast.set_scratch_cache_limit(0)
+        fresh = step()
+        assert rnnfast.scratch_cache_bytes() == 0
+        rnnfast.set_scratch_cache_limit(1 << 30)
+        step()
+        held = rnnfast.scratch_cache_bytes()
+        assert held >= GATES[cell] * 600 * 600 * 4  # at least the regrouped w_hh (> 1 MiB)
+        reused = step()
+        assert rnnfast.scratch_cache_bytes() == held  # the same blocks went round again
+        rnnfast.empty_cache()
+        assert rnnfast.scratch_cache_bytes() == 0
+    finally:
+        rnnfast.set_scratch_cache_limit(limit)
+    for a, b in zip(fresh, reused, strict=True):
+        assert (a is None and b is None) or np.array_equal(a, b)
+    with pytest.raises(ValueError, match="nbytes"):
+        rnnfast.set_scratch_cache_limit(-1)
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -273,4 +273,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info);
   m.def("set_num_threads", &rnnfast::cpu::set_num_threads);
   m.def("get_num_threads", &rnnfast::cpu::get_num_threads);
+  m.def("set_scratch_cache_limit", &rnnfast::cpu::set_scratch_cache_limit, py::arg("bytes"));
+  m.def("scratch_cache_limit", &rnnfast::cpu::scratch_cache_limit);
+  m.def("scratch_cache_bytes", &rnnfast::cpu::scratch_cache_bytes);
 }

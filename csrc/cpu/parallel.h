@@ -39,15 +39,22 @@ inline int thread_index() {
 }
 
 // Scratch memory for one call. Large buffers are 2 MiB-aligned and advised as huge pages (as
-// NumPy does for its arrays): fresh memory then faults in 512x fewer times.
+// NumPy does for its arrays), and go back to a bounded cache when freed: a training step at
+// (N, T, H) = (32, 100, 1024) otherwise spends 5-8% of its time having the kernel fault in and
+// zero the same 100 MB of scratch again on every call.
 void* allocate_scratch(size_t bytes);
+void release_scratch(void* p);
 template <typename T>
 using Scratch = std::unique_ptr<T[], void (*)(void*)>;
 template <typename T>
 Scratch<T> scratch(int64_t n) {
   return Scratch<T>(static_cast<T*>(allocate_scratch(sizeof(T) * size_t(std::max<int64_t>(n, 1)))),
-                    std::free);
+                    release_scratch);
 }
+// The cache's bound in bytes (0 turns it off and empties it), and what it holds now.
+void set_scratch_cache_limit(size_t bytes);
+size_t scratch_cache_limit();
+size_t scratch_cache_bytes();
 
 // Row-major C[M, N] = alpha * op(A) op(B) + beta * C through the BLAS; any zero size is handled.
 template <typename T>
