@@ -26,6 +26,7 @@ struct Gru {
       }
       const T* gx = s.gx + n * GH;
       const T* gh = s.gh + n * 3 * nu;
+      const T* b = s.bx;
       const T* h_prev = s.h_prev + n * H;
       // one simd loop with the gate stores for training, one without for inference
       auto row = [&](auto save) RNNFAST_INLINE {
@@ -33,8 +34,9 @@ struct Gru {
         for (int64_t u = 0; u < nu; ++u) {
           const int64_t j = j0 + u;
           const T h_n = gh[2 * nu + u] + s.bhn[j];
-          const GruPoint<T> p = gru_point_forward<T, Math<T>>(gx[j], gx[H + j], gx[2 * H + j],
-                                                              gh[u], gh[nu + u], h_n, h_prev[j]);
+          const GruPoint<T> p = gru_point_forward<T, Math<T>>(gx[j] + b[j], gx[H + j] + b[H + j],
+                                                              gx[2 * H + j] + b[2 * H + j], gh[u],
+                                                              gh[nu + u], h_n, h_prev[j]);
           h[j] = p.h;
           if constexpr (decltype(save)::value) {
             gates[j] = p.r;

@@ -22,7 +22,8 @@ struct ForwardStep {
   int64_t N, H, t;
   Range units;             // the hidden units this thread owns
   const int32_t* lengths;  // [N] or null
-  const T* gx;             // [N, G*H] input projection with the biases folded in
+  const T* gx;             // [N, G*H] input projection, without biases
+  const T* bx;             // [G*H] b_ih plus the parts of b_hh that are plain sums: add to gx
   const T* gh;             // [N, G*units] this thread's recurrent product, gate-major per row
   const T* bhn;            // [H] GRU: b_hn, kept out of gx since r multiplies it; else null
   const T* h_prev;         // [N, H]
@@ -136,7 +137,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
       std::fill(cs, cs + NH, T(0));
   }
 
-  // biases: b_ih, plus whichever parts of b_hh are plain sums, go into the input projection
+  // biases: b_ih, plus whichever parts of b_hh are plain sums, go with the input projection
   auto bx = scratch<T>(GH);
   auto bhn = scratch<T>(Cell::is_gru ? H : 0);
   for (int64_t k = 0; k < GH; ++k) {
@@ -177,16 +178,16 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     });
     for (int64_t t0 = 0; ok && t0 < d.T; t0 += chunk) {
       const int64_t steps = std::min(chunk, d.T - t0);
+      // the biases are added in the pointwise pass, which saves a pass over gx to preset them
       const Range rows = split(steps * N, team, k, 4);
-      for (int64_t r = rows.begin; r < rows.end; ++r)
-        std::memcpy(gx.get() + r * GH, bx.get(), sizeof(T) * GH);
       gemm<T>(false, true, rows.size(), GH, d.C, T(1), io.x + (t0 * N + rows.begin) * d.C, d.C,
-              io.w_ih, d.C, T(1), gx.get() + rows.begin * GH, GH);
+              io.w_ih, d.C, T(0), gx.get() + rows.begin * GH, GH);
 #pragma omp barrier
       for (int64_t t = t0; t < t0 + steps; ++t) {
         if (k < nt) {
           ForwardStep<T> s{N, H, t, units, io.lengths};
           s.gx = gx.get() + (t - t0) * N * GH;
+          s.bx = bx.get();
           s.gh = gh.get();
           s.bhn = bhn.get();
           s.h_prev = hs + t * NH;

@@ -23,7 +23,7 @@ struct Rnn {
       const T* gh = s.gh + n * nu;
 #pragma omp simd
       for (int64_t u = 0; u < nu; ++u)
-        h[j0 + u] = rnn_point_forward<T, Math<T>>(gx[j0 + u] + gh[u], Relu);
+        h[j0 + u] = rnn_point_forward<T, Math<T>>(gx[j0 + u] + s.bx[j0 + u] + gh[u], Relu);
     }
   }
 
