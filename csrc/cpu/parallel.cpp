@@ -186,24 +186,9 @@ void parallel_gemm(int threads, bool trans_a, bool trans_b, int64_t M, int64_t N
   }
 }
 
-template <typename T>
-void column_sums(int threads, int64_t rows, int64_t cols, const T* a, T* out) {
-  if (rows * cols < (int64_t(1) << 16)) threads = 1;
-#pragma omp parallel num_threads(threads)
-  {
-    const Range c = split(cols, threads, thread_index(), 16);
-    for (int64_t j = c.begin; j < c.end; ++j) out[j] = T(0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* row = a + r * cols;
-      for (int64_t j = c.begin; j < c.end; ++j) out[j] += row[j];
-    }
-  }
-}
-
 #define RNNFAST_INSTANTIATE(T)                                                                  \
   template void parallel_gemm<T>(int, bool, bool, int64_t, int64_t, int64_t, const T*, int64_t, \
-                                 const T*, int64_t, T, T*, int64_t);                            \
-  template void column_sums<T>(int, int64_t, int64_t, const T*, T*);
+                                 const T*, int64_t, T, T*, int64_t);
 RNNFAST_INSTANTIATE(float)
 RNNFAST_INSTANTIATE(double)
 #undef RNNFAST_INSTANTIATE

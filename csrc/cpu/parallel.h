@@ -66,8 +66,4 @@ template <typename T>
 void parallel_gemm(int threads, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                    const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
 
-// out[j] = sum over rows of a[rows, cols] (column sums, in a fixed order: bitwise reproducible).
-template <typename T>
-void column_sums(int threads, int64_t rows, int64_t cols, const T* a, T* out);
-
 }  // namespace rnnfast::cpu

@@ -111,6 +111,18 @@ class TeamSetup {
   std::atomic<bool> failed_{false};
 };
 
+// sum[g*H + j] += the N rows of rows[n, g*H + j] ([N, G*H]), for this thread's units j.
+template <typename T>
+void add_gate_rows(int64_t N, int64_t G, int64_t H, Range units, const T* rows, T* sum) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < G; ++g) {
+      const T* row = rows + n * G * H + g * H;
+      T* out = sum + g * H;
+#pragma omp simd
+      for (int64_t j = units.begin; j < units.end; ++j) out[j] += row[j];
+    }
+}
+
 constexpr int64_t kUnitAlign = 16;  // a thread's units start on a 64-byte boundary (float)
 constexpr int64_t kProjectionRows =
     1024;  // rows of gx per chunk: one BLAS call packs w_ih per chunk
@@ -248,6 +260,13 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   auto zeros = scratch<T>(io.dy ? 0 : NH);
   if (!io.dy) std::fill(zeros.get(), zeros.get() + NH, T(0));
 
+  // bias gradients: the column sums of dgx (and, for GRU, dgh), added up step by step by the
+  // thread that owns the units while the rows are still in cache; the order of the sums is fixed
+  // (t down, n up) whatever the thread count
+  const bool db_x = io.db_ih || io.db_hh, db_h = Cell::is_gru && io.db_hh;
+  auto db_sum = scratch<T>(db_x ? (db_h ? 2 : 1) * GH : 0);
+  if (db_x) std::fill(db_sum.get(), db_sum.get() + (db_h ? 2 : 1) * GH, T(0));
+
   const int nt = recurrent_threads(d);
   TeamSetup setup;
 #pragma omp parallel num_threads(nt)
@@ -275,6 +294,8 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
         backward_pass_avx512<Cell, T>(s);
       else
         backward_pass_baseline<Cell, T>(s);
+      if (db_x) add_gate_rows<T>(N, d.G(), H, units, s.dgx, db_sum.get());
+      if (db_h) add_gate_rows<T>(N, d.G(), H, units, s.dgh, db_sum.get() + GH);
 #pragma omp barrier
       // dh_{t-1}[:, units] += dgh_t @ w_hh[:, units]; rows past their length have dgh = 0
       (*product)(N, s.dgh, GH, io.dh0 + units.begin, H, true);
@@ -289,8 +310,8 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   parallel_gemm<T>(threads, true, false, GH, H, TN, dgh, GH, hs, H, T(0), io.dw_hh, H);
   parallel_gemm<T>(threads, false, false, TN, d.C, GH, dgx.get(), GH, io.w_ih, d.C, T(0), io.dx,
                    d.C);
-  if (io.db_ih) column_sums<T>(threads, TN, GH, dgx.get(), io.db_ih);
-  if (io.db_hh) column_sums<T>(threads, TN, GH, dgh, io.db_hh);
+  if (io.db_ih) std::memcpy(io.db_ih, db_sum.get(), sizeof(T) * GH);
+  if (io.db_hh) std::memcpy(io.db_hh, db_sum.get() + (db_h ? GH : 0), sizeof(T) * GH);
 }
 
 // Zeroes a padded row's gate gradients for this thread's units (G gates).
