@@ -112,7 +112,8 @@ TileFn tile_for_rows(int rows) {
 
 }  // namespace
 
-PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bool outputs_are_rows)
+PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bool outputs_are_rows,
+                           OutputBlocks blocks)
     : M_(M),
       K_(K),
       panels_((M + kPanel - 1) / kPanel),
@@ -121,25 +122,25 @@ PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bo
     float* panel = data_.get() + p * K * kPanel;
     const int64_t outputs = std::min(kPanel, M - p * kPanel);
     if (!outputs_are_rows) {  // each k's outputs lie side by side in W
-      for (int64_t k = 0; k < K; ++k) {
-        std::memcpy(panel + k * kPanel, W + k * ldw + p * kPanel, sizeof(float) * outputs);
-        std::fill(panel + k * kPanel + outputs, panel + (k + 1) * kPanel, 0.0f);
-      }
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < kPanel; ++c)
+          panel[k * kPanel + c] = c < outputs ? W[k * ldw + blocks(p * kPanel + c)] : 0.0f;
       continue;
     }
     // a transpose, in 8 x 8 register blocks: element by element it took 45 us for a 512 x 256
     // w_hh, 6% of an LSTM call at batch 1
     for (int64_t k0 = 0; k0 < K; k0 += 8) {
       for (int64_t c0 = 0; c0 < kPanel; c0 += 8) {
-        const float* w = W + (p * kPanel + c0) * ldw + k0;
+        const int64_t j0 = p * kPanel + c0;
         float* out = panel + k0 * kPanel + c0;
-        if (c0 + 8 <= outputs && k0 + 8 <= K) {
-          transpose8x8(w, ldw, out, kPanel);
+        // 8 outputs in one block are 8 consecutive rows of W
+        if (c0 + 8 <= outputs && k0 + 8 <= K && blocks(j0 + 7) == blocks(j0) + 7) {
+          transpose8x8(W + blocks(j0) * ldw + k0, ldw, out, kPanel);
           continue;
         }
         for (int64_t c = 0; c < 8; ++c)
           for (int64_t k = 0; k < std::min<int64_t>(8, K - k0); ++k)
-            out[k * kPanel + c] = c0 + c < outputs ? w[c * ldw + k] : 0.0f;
+            out[k * kPanel + c] = c0 + c < outputs ? W[blocks(j0 + c) * ldw + k0 + k] : 0.0f;
       }
     }
   }

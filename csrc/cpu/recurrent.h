@@ -159,15 +159,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     if (!folded) bhn[k - 2 * H] = hh;
   }
 
-  // w_hh rows regrouped so that each thread's units (all their gates) are one contiguous block
   const int nt = recurrent_threads(d);
-  auto wp = scratch<T>(GH * H);
-  for (int k = 0; k < nt; ++k) {
-    const Range u = split(H, nt, k, kUnitAlign);
-    for (int64_t g = 0; g < G; ++g)
-      std::memcpy(wp.get() + (G * u.begin + g * u.size()) * H, io.w_hh + (g * H + u.begin) * H,
-                  sizeof(T) * u.size() * H);
-  }
 
   // the input projection runs a chunk of steps ahead of the recurrence: a buffer of at most
   // max(N, 1024) x G*H whatever T is, large enough for the BLAS to amortise packing w_ih
@@ -186,7 +178,8 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     std::optional<StepProduct<T>> product;
     const bool ok = setup.run([&] {
       gh = scratch<T>(N * width);
-      product.emplace(wp.get() + G * units.begin * H, H, width, H, true);
+      // this thread's outputs: the rows of all G gates of its units, G blocks of w_hh
+      product.emplace(io.w_hh + units.begin * H, H, width, H, true, OutputBlocks{units.size(), H});
     });
     for (int64_t t0 = 0; ok && t0 < d.T; t0 += chunk) {
       const int64_t steps = std::min(chunk, d.T - t0);
