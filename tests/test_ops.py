@@ -132,10 +132,11 @@ def test_scratch_cache_reuse_is_bitwise_identical(cell):
     inputs, up = cast(inputs, np.float32), cast(up, np.float32)
     limit = rnnfast._C.scratch_cache_limit()
 
-    def step():
+    def step():  # copies: the kernels' own arrays go back to the cache on return
         y, h_n, c_n, ctx = run_forward(ops, cell, **inputs)
         grads = run_backward(ops, cell, ctx, **up)
-        return [y.copy(), h_n, c_n] + [grads.get(k) for k in GRAD_NAMES]
+        out = [y, h_n, c_n] + [grads.get(k) for k in GRAD_NAMES]
+        return [None if a is None else np.array(a) for a in out]
 
     try:
         rnnfast.set_scratch_cache_limit(0)
@@ -155,6 +156,26 @@ def test_scratch_cache_reuse_is_bitwise_identical(cell):
         assert (a is None and b is None) or np.array_equal(a, b)
     with pytest.raises(ValueError, match="nbytes"):
         rnnfast.set_scratch_cache_limit(-1)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_returned_arrays_survive_later_calls(cell):
+    """Outputs and gradients live in cached blocks: one still held must never be handed out
+    again, and one dropped is reused only after NumPy frees it."""
+    inputs, up, *_ = _case(cell, 20, 16, 33, 256, True, True, "mixed")
+    inputs, up = cast(inputs, np.float32), cast(up, np.float32)
+    y, h_n, c_n, ctx = run_forward(ops, cell, **inputs)
+    grads = run_backward(ops, cell, ctx, **up)
+    kept = [y, h_n, c_n, ctx.reserve] + [grads.get(k) for k in GRAD_NAMES]
+    saved = [None if a is None else a.copy() for a in kept]
+    other = {k: (None if v is None or k == "lengths" else v * 0.5) for k, v in inputs.items()}
+    other["lengths"] = inputs["lengths"]
+    for _ in range(3):
+        y2, *_, ctx2 = run_forward(ops, cell, **other)
+        run_backward(ops, cell, ctx2, **up)
+        del y2, ctx2
+    for a, b in zip(kept, saved, strict=True):
+        assert (a is None and b is None) or np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -86,6 +87,18 @@ T* data(py::array_t<T>& a) {
   return a.mutable_data();
 }
 
+// A new C-contiguous array whose memory comes from the kernels' scratch cache and goes back to it
+// when NumPy frees the array: reserves, outputs and gradients of the same sizes come round every
+// training step, and fresh pages cost the kernel a fault and a zeroing each time.
+template <typename T>
+py::array_t<T> new_array(std::vector<py::ssize_t> shape) {
+  size_t n = 1;
+  for (py::ssize_t e : shape) n *= size_t(e);
+  void* p = rnnfast::cpu::allocate_scratch(sizeof(T) * std::max<size_t>(n, 1));
+  py::capsule owner(p, [](void* q) { rnnfast::cpu::release_scratch(q); });
+  return py::array_t<T>(std::move(shape), static_cast<T*>(p), owner);
+}
+
 Dims dims_of(CellKind cell, const py::array& x, const py::array& w_hh) {
   if (x.ndim() != 3) throw py::value_error("x must be 3-D (T, N, C), got shape " + shape_str(x));
   if (w_hh.ndim() != 2) throw py::value_error("w_hh must be 2-D, got shape " + shape_str(w_hh));
@@ -122,14 +135,14 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
 
   // y is a view of the h sequence, which in training is the start of the reserve
   const int64_t hs_size = (d.T + 1) * NH;
-  py::array_t<T> store(training ? rnnfast::reserve_layout(d).total : hs_size);
-  py::array_t<T> h_n({d.N, d.H});
+  auto store = new_array<T>({training ? rnnfast::reserve_layout(d).total : hs_size});
+  auto h_n = new_array<T>({d.N, d.H});
   py::object c_n = py::none();
   io.hs = data(store);
   io.reserve = training ? io.hs : nullptr;
   io.h_n = data(h_n);
   if (lstm) {
-    py::array_t<T> c({d.N, d.H});
+    auto c = new_array<T>({d.N, d.H});
     io.c_n = data(c);
     c_n = c;
   }
@@ -172,24 +185,25 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
   io.dc_n = input<T>(dc_n, "dc_n", {d.N, d.H}, true);
   if (io.dc_n && !lstm) throw py::value_error("dc_n is only for LSTM");
 
-  py::array_t<T> dx({d.T, d.N, d.C}), dh0({d.N, d.H}), dw_ih({GH, d.C}), dw_hh({GH, d.H});
+  auto dx = new_array<T>({d.T, d.N, d.C}), dh0 = new_array<T>({d.N, d.H});
+  auto dw_ih = new_array<T>({GH, d.C}), dw_hh = new_array<T>({GH, d.H});
   py::object dc0 = py::none(), db_ih = py::none(), db_hh = py::none();
   io.dx = data(dx);
   io.dh0 = data(dh0);
   io.dw_ih = data(dw_ih);
   io.dw_hh = data(dw_hh);
   if (lstm) {
-    py::array_t<T> a({d.N, d.H});
+    auto a = new_array<T>({d.N, d.H});
     io.dc0 = data(a);
     dc0 = a;
   }
   if (has_b_ih) {
-    py::array_t<T> a(GH);
+    auto a = new_array<T>({GH});
     io.db_ih = data(a);
     db_ih = a;
   }
   if (has_b_hh) {
-    py::array_t<T> a(GH);
+    auto a = new_array<T>({GH});
     io.db_hh = data(a);
     db_hh = a;
   }
