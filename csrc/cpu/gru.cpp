@@ -24,7 +24,7 @@ struct Gru {
         if (ghn) std::fill(ghn + j0, ghn + s.units.end, T(0));
         continue;
       }
-      const T* gx = s.gx + n * GH;
+      const T* gx = s.gx + n * 3 * nu;
       const T* gh = s.gh + n * 3 * nu;
       const T* b = s.bx;
       const T* h_prev = s.h_prev + n * H;
@@ -34,8 +34,8 @@ struct Gru {
         for (int64_t u = 0; u < nu; ++u) {
           const int64_t j = j0 + u;
           const T h_n = gh[2 * nu + u] + s.bhn[j];
-          const GruPoint<T> p = gru_point_forward<T, Math<T>>(gx[j] + b[j], gx[H + j] + b[H + j],
-                                                              gx[2 * H + j] + b[2 * H + j], gh[u],
+          const GruPoint<T> p = gru_point_forward<T, Math<T>>(gx[u] + b[j], gx[nu + u] + b[H + j],
+                                                              gx[2 * nu + u] + b[2 * H + j], gh[u],
                                                               gh[nu + u], h_n, h_prev[j]);
           h[j] = p.h;
           if constexpr (decltype(save)::value) {

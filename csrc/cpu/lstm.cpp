@@ -26,7 +26,7 @@ struct Lstm {
         if (gates) zero_gate_rows<T>(4, H, s.units, gates);
         continue;
       }
-      const T* gx = s.gx + n * GH;
+      const T* gx = s.gx + n * 4 * nu;
       const T* gh = s.gh + n * 4 * nu;
       const T* b = s.bx;
       // one simd loop with the gate stores for training, one without for inference
@@ -35,9 +35,9 @@ struct Lstm {
         for (int64_t u = 0; u < nu; ++u) {
           const int64_t j = j0 + u;
           const LstmPoint<T> p = lstm_point_forward<T, Math<T>>(
-              gx[j] + b[j] + gh[u], gx[H + j] + b[H + j] + gh[nu + u],
-              gx[2 * H + j] + b[2 * H + j] + gh[2 * nu + u],
-              gx[3 * H + j] + b[3 * H + j] + gh[3 * nu + u], c_prev[j]);
+              gx[u] + b[j] + gh[u], gx[nu + u] + b[H + j] + gh[nu + u],
+              gx[2 * nu + u] + b[2 * H + j] + gh[2 * nu + u],
+              gx[3 * nu + u] + b[3 * H + j] + gh[3 * nu + u], c_prev[j]);
           c[j] = p.c;
           h[j] = p.h;
           if constexpr (decltype(save)::value) {

@@ -1,7 +1,8 @@
-// The algorithm every cell shares. Forward: the input projection of all T*N rows as one GEMM, then
-// per step each thread multiplies h_{t-1} by the w_hh rows of the hidden units it owns and applies
-// the cell's pointwise math to them, one barrier per step. Backward mirrors it, and finishes with
-// the weight gradients and dx as large GEMMs. A cell supplies only its two pointwise passes.
+// The algorithm every cell shares. Forward: each thread owns a slice of the hidden units; it
+// projects a chunk of inputs onto its units' gates, then per step multiplies h_{t-1} by its units'
+// w_hh rows and applies the cell's pointwise math to them, one barrier per step. Backward mirrors
+// it, and finishes with the weight gradients and dx as large GEMMs. A cell supplies only its two
+// pointwise passes.
 #pragma once
 
 #include <algorithm>
@@ -22,7 +23,7 @@ struct ForwardStep {
   int64_t N, H, t;
   Range units;             // the hidden units this thread owns
   const int32_t* lengths;  // [N] or null
-  const T* gx;             // [N, G*H] input projection, without biases
+  const T* gx;             // [N, G*units] this thread's input projection, without biases
   const T* bx;             // [G*H] b_ih plus the parts of b_hh that are plain sums: add to gx
   const T* gh;             // [N, G*units] this thread's recurrent product, gate-major per row
   const T* bhn;            // [H] GRU: b_hn, kept out of gx since r multiplies it; else null
@@ -123,9 +124,8 @@ void add_gate_rows(int64_t N, int64_t G, int64_t H, Range units, const T* rows, 
     }
 }
 
-constexpr int64_t kUnitAlign = 16;  // a thread's units start on a 64-byte boundary (float)
-constexpr int64_t kProjectionRows =
-    1024;  // rows of gx per chunk: one BLAS call packs w_ih per chunk
+constexpr int64_t kUnitAlign = 16;        // a thread's units start on a 64-byte boundary (float)
+constexpr int64_t kProjectionRows = 256;  // rows of x per projection chunk
 
 template <class Cell, typename T>
 void run_forward(const Dims& d, const ForwardIO<T>& io) {
@@ -159,60 +159,55 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     if (!folded) bhn[k - 2 * H] = hh;
   }
 
+  // Each thread projects the inputs onto its own units' gates, through the same packed kernel as
+  // the step product (w_ih packed once per call), a chunk of steps ahead of the recurrence: the
+  // rows it needs stay in its own cache, and no barrier separates projection and recurrence.
+  // The chunk keeps the rows of x it reads (A) within L2 across the panels of w_ih.
   const int nt = recurrent_threads(d);
-
-  // the input projection runs a chunk of steps ahead of the recurrence: a buffer of at most
-  // max(N, 1024) x G*H whatever T is, large enough for the BLAS to amortise packing w_ih
   const int64_t chunk =
       std::clamp<int64_t>((kProjectionRows + N - 1) / N, 1, std::max<int64_t>(d.T, 1));
-  auto gx = scratch<T>(chunk * N * GH);
-  const int team = std::max(nt, get_num_threads());
 
   TeamSetup setup;
-#pragma omp parallel num_threads(team)
+#pragma omp parallel num_threads(nt)
   {
-    const int k = thread_index();
-    const Range units = k < nt ? split(H, nt, k, kUnitAlign) : Range{0, 0};
+    const Range units = split(H, nt, thread_index(), kUnitAlign);
     const int64_t width = G * units.size();
-    Scratch<T> gh(nullptr, std::free);
-    std::optional<StepProduct<T>> product;
+    Scratch<T> gh(nullptr, std::free), gx(nullptr, std::free);
+    std::optional<StepProduct<T>> product, projection;
     const bool ok = setup.run([&] {
       gh = scratch<T>(N * width);
-      // this thread's outputs: the rows of all G gates of its units, G blocks of w_hh
+      gx = scratch<T>(chunk * N * width);
+      // this thread's outputs: the rows of all G gates of its units, G blocks of w_hh and w_ih
       product.emplace(io.w_hh + units.begin * H, H, width, H, true, OutputBlocks{units.size(), H});
+      projection.emplace(io.w_ih + units.begin * d.C, d.C, width, d.C, true,
+                         OutputBlocks{units.size(), H});
     });
     for (int64_t t0 = 0; ok && t0 < d.T; t0 += chunk) {
       const int64_t steps = std::min(chunk, d.T - t0);
       // the biases are added in the pointwise pass, which saves a pass over gx to preset them
-      const Range rows = split(steps * N, team, k, 4);
-      gemm<T>(false, true, rows.size(), GH, d.C, T(1), io.x + (t0 * N + rows.begin) * d.C, d.C,
-              io.w_ih, d.C, T(0), gx.get() + rows.begin * GH, GH);
-#pragma omp barrier
+      (*projection)(steps* N, io.x + t0 * N * d.C, d.C, gx.get(), width, false);
       for (int64_t t = t0; t < t0 + steps; ++t) {
-        if (k < nt) {
-          ForwardStep<T> s{N, H, t, units, io.lengths};
-          s.gx = gx.get() + (t - t0) * N * GH;
-          s.bx = bx.get();
-          s.gh = gh.get();
-          s.bhn = bhn.get();
-          s.h_prev = hs + t * NH;
-          s.h = hs + (t + 1) * NH;
-          if (Cell::has_c) {
-            s.c_prev = c_slot(t);
-            s.c = c_slot(t + 1);
-          }
-          if (training) {
-            s.gates = Cell::has_gates ? io.reserve + lay.gates + t * N * GH : nullptr;
-            s.ghn = Cell::is_gru ? io.reserve + lay.ghn + t * NH : nullptr;
-          }
-          (*product)(N, s.h_prev, H, gh.get(), width, false);
-          if (avx512)
-            forward_pass_avx512<Cell, T>(s);
-          else
-            forward_pass_baseline<Cell, T>(s);
+        ForwardStep<T> s{N, H, t, units, io.lengths};
+        s.gx = gx.get() + (t - t0) * N * width;
+        s.bx = bx.get();
+        s.gh = gh.get();
+        s.bhn = bhn.get();
+        s.h_prev = hs + t * NH;
+        s.h = hs + (t + 1) * NH;
+        if (Cell::has_c) {
+          s.c_prev = c_slot(t);
+          s.c = c_slot(t + 1);
         }
-        // a lone recurrent thread needs no barrier per step, only before gx is refilled
-        if (nt > 1 || t + 1 == t0 + steps) {
+        if (training) {
+          s.gates = Cell::has_gates ? io.reserve + lay.gates + t * N * GH : nullptr;
+          s.ghn = Cell::is_gru ? io.reserve + lay.ghn + t * NH : nullptr;
+        }
+        (*product)(N, s.h_prev, H, gh.get(), width, false);
+        if (avx512)
+          forward_pass_avx512<Cell, T>(s);
+        else
+          forward_pass_baseline<Cell, T>(s);
+        if (nt > 1) {  // h_t is complete when every thread has written its units
 #pragma omp barrier
         }
       }

@@ -19,11 +19,11 @@ struct Rnn {
         std::fill(h + j0, h + s.units.end, T(0));
         continue;
       }
-      const T* gx = s.gx + n * H;
+      const T* gx = s.gx + n * nu;
       const T* gh = s.gh + n * nu;
 #pragma omp simd
       for (int64_t u = 0; u < nu; ++u)
-        h[j0 + u] = rnn_point_forward<T, Math<T>>(gx[j0 + u] + s.bx[j0 + u] + gh[u], Relu);
+        h[j0 + u] = rnn_point_forward<T, Math<T>>(gx[u] + s.bx[j0 + u] + gh[u], Relu);
     }
   }
 
