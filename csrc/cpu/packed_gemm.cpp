@@ -121,10 +121,18 @@ PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bo
   for (int64_t p = 0; p < panels_; ++p) {
     float* panel = data_.get() + p * K * kPanel;
     const int64_t outputs = std::min(kPanel, M - p * kPanel);
-    if (!outputs_are_rows) {  // each k's outputs lie side by side in W
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t c = 0; c < kPanel; ++c)
-          panel[k * kPanel + c] = c < outputs ? W[k * ldw + blocks(p * kPanel + c)] : 0.0f;
+    if (!outputs_are_rows) {   // each k's outputs lie side by side in W (in their blocks)
+      int64_t column[kPanel];  // once per panel: blocks() divides
+      for (int64_t c = 0; c < outputs; ++c) column[c] = blocks(p * kPanel + c);
+      const bool adjacent = column[outputs - 1] == column[0] + outputs - 1;
+      for (int64_t k = 0; k < K; ++k) {
+        float* out = panel + k * kPanel;
+        if (adjacent)
+          std::memcpy(out, W + k * ldw + column[0], sizeof(float) * outputs);
+        else
+          for (int64_t c = 0; c < outputs; ++c) out[c] = W[k * ldw + column[c]];
+        std::fill(out + outputs, out + kPanel, 0.0f);
+      }
       continue;
     }
     // a transpose, in 8 x 8 register blocks: element by element it took 45 us for a 512 x 256

@@ -173,7 +173,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   {
     const Range units = split(H, nt, thread_index(), kUnitAlign);
     const int64_t width = G * units.size();
-    Scratch<T> gh(nullptr, std::free), gx(nullptr, std::free);
+    Scratch<T> gh(nullptr, release_scratch), gx(nullptr, release_scratch);
     std::optional<StepProduct<T>> product, projection;
     const bool ok = setup.run([&] {
       gh = scratch<T>(N * width);
@@ -186,7 +186,8 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     for (int64_t t0 = 0; ok && t0 < d.T; t0 += chunk) {
       const int64_t steps = std::min(chunk, d.T - t0);
       // the biases are added in the pointwise pass, which saves a pass over gx to preset them
-      (*projection)(steps* N, io.x + t0 * N * d.C, d.C, gx.get(), width, false);
+      const int64_t rows = steps * N;
+      (*projection)(rows, io.x + t0 * N * d.C, d.C, gx.get(), width, false);
       for (int64_t t = t0; t < t0 + steps; ++t) {
         ForwardStep<T> s{N, H, t, units, io.lengths};
         s.gx = gx.get() + (t - t0) * N * width;
