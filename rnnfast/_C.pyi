@@ -20,6 +20,7 @@ def _forward(
     c0: NDArray | None,
     lengths: NDArray[np.int32] | None,
     training: bool,
+    bf16: bool = False,
 ) -> _Forward: ...
 def _backward(
     x: NDArray,

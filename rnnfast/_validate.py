@@ -125,3 +125,18 @@ def check_context(cell: str, ctx, context_type: type, api: str) -> None:
             "which keeps nothing for backward; run the forward with training=True to "
             "differentiate it"
         )
+
+
+MATMUL_PRECISIONS = ("float32", "bfloat16")
+
+
+def check_matmul_precision(matmul_precision, training) -> bool:
+    """True for the bfloat16 products, False for float32; anything else raises."""
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise ValueError(
+            f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}"
+        )
+    bf16 = matmul_precision == "bfloat16"
+    if bf16 and training:
+        raise ValueError('matmul_precision="bfloat16" is for inference: pass training=False')
+    return bf16

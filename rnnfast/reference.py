@@ -9,6 +9,10 @@ the step, s(.) the logistic sigmoid, * the elementwise product, and the two proj
 
     a_x = x_t W_ih^T + b_ih        a_h = h W_hh^T + b_hh        both (N, G*H), split into gates.
 
+``matmul_precision="bfloat16"`` rounds x, the weights and each step's h to bfloat16 (to nearest,
+ties to even) before the two products, as the fused kernels' bfloat16 path does, and computes the
+rest in the dtype of x: the exact result of the rounded products, to check that path against.
+
 A sequence n with lengths[n] = L runs steps 0..L-1 only: y[t, n] = 0 for t >= L, its final state
 is the state after step L-1 (h0, c0 when L = 0), and padded positions get no gradient.
 
@@ -32,6 +36,7 @@ from ._validate import (
     check_backward_inputs,
     check_context,
     check_forward_inputs,
+    check_matmul_precision,
 )
 
 __all__ = [
@@ -154,6 +159,13 @@ class ReferenceContext:
         return self.saved is not None
 
 
+def _round_to_bfloat16(a):
+    """a rounded to bfloat16 (to nearest, ties to even) through float32, in a's dtype."""
+    bits = np.asarray(a, np.float32).view(np.uint32)
+    bits = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return bits.view(np.float32).astype(a.dtype)
+
+
 def _active(a: Checked) -> np.ndarray:
     """(T, N, 1) bool: True where step t is inside sequence n (everywhere without lengths)."""
     T, N, _, _ = a.dims
@@ -161,7 +173,9 @@ def _active(a: Checked) -> np.ndarray:
     return (np.arange(T)[:, None] < lengths[None, :])[:, :, None]
 
 
-def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
+def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, matmul_precision):
+    bf16 = check_matmul_precision(matmul_precision, training)
+    rounded = _round_to_bfloat16 if bf16 else (lambda m: m)  # what the products multiply
     a = check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths)
     T, N, _, H = a.dims
     dtype = a.x.dtype
@@ -172,7 +186,8 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
     c = None
     if cell == "lstm":
         c = np.zeros((N, H), dtype) if a.c0 is None else a.c0.copy()
-    a_x = a.x @ a.w_ih.T  # (T, N, G*H): the input projection of every step at once
+    a_x = rounded(a.x) @ rounded(a.w_ih).T  # (T, N, G*H): every step's input projection at once
+    w_hh = rounded(a.w_hh)
     if a.b_ih is not None:
         a_x = a_x + a.b_ih
 
@@ -180,7 +195,7 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
     hs = np.zeros((T, N, H), dtype)
     steps = []
     for t in range(T):
-        a_h = h @ a.w_hh.T
+        a_h = rounded(h) @ w_hh.T
         if a.b_hh is not None:
             a_h = a_h + a.b_hh
         h_new, c_new, saved = step(a_x[t], a_h, h, c)
@@ -240,7 +255,7 @@ def _backward(cell, ctx, dy, dh_n, dc_n):
 
 
 def lstm_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-                 training=True):  # fmt: skip
+                 training=True, matmul_precision="float32"):  # fmt: skip
     """LSTM over a whole sequence, gate order i, f, g, o. Returns ``(y, h_n, c_n, ctx)``.
 
     Per step, with a = a_x + a_h split into four (N, H) blocks (see the module docstring):
@@ -252,7 +267,7 @@ def lstm_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengt
     x (T, N, C); w_ih (4H, C); w_hh (4H, H); b_ih, b_hh (4H,) or None; h0, c0 (N, H) or None
     (zero); lengths (N,) ints in [0, T] or None. ``training=False`` keeps nothing for backward.
     """
-    return _forward("lstm", x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training)
+    return _forward("lstm", x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, matmul_precision)
 
 
 def lstm_backward(ctx, dy, dh_n=None, dc_n=None):
@@ -271,7 +286,8 @@ def lstm_backward(ctx, dy, dh_n=None, dc_n=None):
     return _backward("lstm", ctx, dy, dh_n, dc_n)
 
 
-def gru_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, lengths=None, training=True):
+def gru_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, lengths=None, training=True,
+                matmul_precision="float32"):  # fmt: skip
     """GRU over a whole sequence, gate order r, z, n. Returns ``(y, h_n, ctx)``.
 
     Per step, with a_x and a_h each split into r, z, n blocks of (N, H) (the reset gate multiplies
@@ -282,7 +298,9 @@ def gru_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, lengths=None, t
 
     Shapes as lstm_forward with G = 3 and no c0.
     """
-    y, h_n, _, ctx = _forward("gru", x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths, training)
+    y, h_n, _, ctx = _forward(
+        "gru", x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths, training, matmul_precision
+    )
     return y, h_n, ctx
 
 
@@ -299,7 +317,7 @@ def gru_backward(ctx, dy, dh_n=None):
 
 
 def rnn_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearity="tanh",
-                lengths=None, training=True):  # fmt: skip
+                lengths=None, training=True, matmul_precision="float32"):  # fmt: skip
     """Vanilla RNN over a whole sequence. Returns ``(y, h_n, ctx)``.
 
     Per step, with act tanh or relu:
@@ -311,7 +329,9 @@ def rnn_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearity="t
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
     cell = "rnn_" + nonlinearity
-    y, h_n, _, ctx = _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths, training)
+    y, h_n, _, ctx = _forward(
+        cell, x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths, training, matmul_precision
+    )
     return y, h_n, ctx
 
 

@@ -118,7 +118,11 @@ template <typename T>
 py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih,
                         const py::array& w_hh, const py::object& b_ih, const py::object& b_hh,
                         const py::object& h0, const py::object& c0, const py::object& lengths,
-                        bool training) {
+                        bool training, bool bf16) {
+  if (bf16 && training)
+    throw py::value_error("bfloat16 products are for inference: pass training=False");
+  if (bf16 && !rnnfast::cpu::cpu_has_avx512_bf16())
+    throw std::runtime_error("bfloat16 products need a CPU with AVX512_BF16, which this one lacks");
   const Dims d = dims_of(cell, x, w_hh);
   const int64_t GH = d.GH(), NH = d.N * d.H;
   const bool lstm = cell == CellKind::lstm;
@@ -132,6 +136,7 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
   io.c0 = input<T>(c0, "c0", {d.N, d.H}, true);
   if (io.c0 && !lstm) throw py::value_error("c0 is only for LSTM");
   io.lengths = lengths_input(lengths, d.N, d.T);
+  io.bf16 = bf16;
 
   // y is a view of the h sequence, which in training is the start of the reserve
   const int64_t hs_size = (d.T + 1) * NH;
@@ -158,11 +163,12 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
 template <CellKind Cell>
 py::tuple forward(const py::array& x, const py::array& w_ih, const py::array& w_hh,
                   const py::object& b_ih, const py::object& b_hh, const py::object& h0,
-                  const py::object& c0, const py::object& lengths, bool training) {
+                  const py::object& c0, const py::object& lengths, bool training, bool bf16) {
   if (x.dtype().is(py::dtype::of<float>()))
-    return forward_typed<float>(Cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training);
+    return forward_typed<float>(Cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, bf16);
+  if (bf16) throw py::type_error("bfloat16 products take float32 inputs, got float64");
   if (x.dtype().is(py::dtype::of<double>()))
-    return forward_typed<double>(Cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training);
+    return forward_typed<double>(Cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, false);
   throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
@@ -232,7 +238,7 @@ void bind_cell(py::module_& m, const char* name) {
   using namespace py::literals;
   m.def((std::string(name) + "_forward").c_str(), &forward<Cell>, "x"_a, "w_ih"_a, "w_hh"_a,
         "b_ih"_a.none(true), "b_hh"_a.none(true), "h0"_a.none(true), "c0"_a.none(true),
-        "lengths"_a.none(true), "training"_a,
+        "lengths"_a.none(true), "training"_a, "bf16"_a = false,
         "(y, h_n, c_n or None, reserve or None); see rnnfast.ops");
   m.def((std::string(name) + "_backward").c_str(), &backward<Cell>, "x"_a, "w_ih"_a, "w_hh"_a,
         "has_b_ih"_a, "has_b_hh"_a, "lengths"_a.none(true), "reserve"_a, "dy"_a.none(true),
@@ -269,6 +275,7 @@ py::dict build_info() {
 #endif
   __builtin_cpu_init();
   info["cpu_avx512f"] = bool(__builtin_cpu_supports("avx512f"));
+  info["cpu_avx512_bf16"] = rnnfast::cpu::cpu_has_avx512_bf16();
   info["recurrent_kernel"] =
       rnnfast::cpu::cpu_has_avx512() ? "avx512 packed (float32), BLAS (float64)" : "BLAS";
   info["cuda"] = false;

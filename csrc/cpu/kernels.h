@@ -21,10 +21,11 @@ struct ForwardIO {
   const T* h0;             // [N, H] or null
   const T* c0;             // [N, H] or null; LSTM only
   const int32_t* lengths;  // [N], each in [0, T], or null
-  T* hs;       // [T+1, N, H] out: slot 0 = h0, y = hs[1:]; the reserve's start in training
-  T* h_n;      // [N, H] out: h after each sequence's own last step
-  T* c_n;      // [N, H] out, LSTM only (else null)
-  T* reserve;  // [reserve_layout(dims).total] out, or null for inference; hs points into it
+  T* hs;              // [T+1, N, H] out: slot 0 = h0, y = hs[1:]; the reserve's start in training
+  T* h_n;             // [N, H] out: h after each sequence's own last step
+  T* c_n;             // [N, H] out, LSTM only (else null)
+  T* reserve;         // [reserve_layout(dims).total] out, or null for inference; hs points into it
+  bool bf16 = false;  // the products in bfloat16, sums in float32: float32 inference only
 };
 
 template <typename T>

@@ -1,6 +1,7 @@
 // The AVX-512 micro-kernel of the packed step product: a tile of R rows of A times two 16-wide
 // panels of W, kept in 2R zmm accumulators over the whole K, so each output is summed in one
-// fixed order (bitwise reproducible) and W streams from cache once per row tile.
+// fixed order (bitwise reproducible) and W streams from cache once per row tile. In bfloat16 the
+// panels hold pairs of k and each accumulator takes two products per lane (vdpbf16ps).
 #include "cpu/packed_gemm.h"
 
 #include <immintrin.h>
@@ -9,17 +10,32 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <stdexcept>
+#include <type_traits>
 
 namespace rnnfast::cpu {
 
+namespace {
+bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v && *v != '0';
+}
+}  // namespace
+
 bool cpu_has_avx512() {
-  // RNNFAST_NO_AVX512=1 takes the BLAS path, to test it on machines that have AVX-512
+  // RNNFAST_NO_AVX512=1 takes the BLAS path, to test it on machines that have AVX-512. BW and VL
+  // come with F on every AVX-512 CPU but Xeon Phi; the tiles below are compiled for all three.
   static const bool has = [] {
-    const char* off = std::getenv("RNNFAST_NO_AVX512");
-    if (off && *off && *off != '0') return false;
+    if (env_off("RNNFAST_NO_AVX512")) return false;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
   }();
+  return has;
+}
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
   return has;
 }
 
@@ -28,35 +44,60 @@ namespace {
 constexpr int64_t kPanel = 16;  // floats in a zmm
 constexpr int kMaxRows = 6;     // 2 * 6 accumulators + 2 panel loads + 1 broadcast fit in 32 zmm
 
-// one k of an R x 2P tile: P panel loads, R broadcasts, R * P FMAs
-template <int R, int P>
-__attribute__((target("avx512f"), always_inline)) inline void fma_k(__m512 (&acc)[R][P],
-                                                                    const float* A, int64_t lda,
-                                                                    const float* panel,
-                                                                    int64_t panel_stride,
-                                                                    int64_t k) {
-  __m512 b[P];
-  for (int p = 0; p < P; ++p) b[p] = _mm512_load_ps(panel + p * panel_stride + k * kPanel);
-  for (int r = 0; r < R; ++r) {
-    const __m512 a = _mm512_set1_ps(A[r * lda + k]);
-    for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(a, b[p], acc[r][p]);
+// The tiles' target: the bfloat16 instantiations need AVX512_BF16; the float32 ones use only F,
+// BW and VL instructions, since nothing in them asks for a bfloat16 one.
+#define RNNFAST_TILE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// Panel elements per k: a float32 panel holds one float per output and k; a bfloat16 one holds
+// the pair (k, k + 1) per output, so its k counts pairs.
+template <typename E>
+constexpr int64_t kPerK = std::is_same_v<E, float> ? kPanel : 2 * kPanel;
+
+// one k of an R x 2P tile: P panel loads, R broadcasts, R * P FMAs (in bfloat16, k is a pair)
+template <typename E, int R, int P>
+RNNFAST_TILE_TARGET __attribute__((always_inline)) inline void multiply_add_k(
+    __m512 (&acc)[R][P], const E* A, int64_t lda, const E* panel, int64_t panel_stride, int64_t k) {
+  if constexpr (std::is_same_v<E, float>) {
+    __m512 b[P];
+    for (int p = 0; p < P; ++p) b[p] = _mm512_load_ps(panel + p * panel_stride + k * kPanel);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(a, b[p], acc[r][p]);
+    }
+  } else {
+    __m512bh b[P];
+    for (int p = 0; p < P; ++p)
+      b[p] = (__m512bh)_mm512_load_si512(panel + p * panel_stride + k * kPerK<E>);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;  // A's elements 2k and 2k + 1
+      std::memcpy(&pair, A + r * lda + 2 * k, sizeof(pair));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      for (int p = 0; p < P; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], a, b[p]);
+    }
   }
 }
 
-// S independent sums over interleaved k per output: with few rows (R * P < 8) one chain per
-// output would leave the FMA units waiting on their 4-cycle latency
-template <int R, int P, int S = (R * P >= 8 ? 1 : (R * P >= 4 ? 2 : 4))>
-__attribute__((target("avx512f"))) void tile(int64_t K, const float* A, int64_t lda,
-                                             const float* panel, int64_t panel_stride, float* C,
-                                             int64_t ldc, __mmask16 last_mask, bool accumulate) {
+// Independent sums in flight to keep two FMA pipes busy: 2 x 4 cycles of latency in float32,
+// 2 x 6 for vdpbf16ps.
+template <typename E>
+constexpr int kChains = std::is_same_v<E, float> ? 8 : 12;
+
+// S independent sums over interleaved k per output: with few rows (R * P < kChains) one chain per
+// output would leave the FMA units waiting on their latency. K counts panel steps (pairs in
+// bfloat16).
+template <typename E, int R, int P,
+          int S = (R * P >= kChains<E> ? 1 : (2 * R * P >= kChains<E> ? 2 : 4))>
+RNNFAST_TILE_TARGET void tile(int64_t K, const E* A, int64_t lda, const E* panel,
+                              int64_t panel_stride, float* C, int64_t ldc, __mmask16 last_mask,
+                              bool accumulate) {
   __m512 acc[S][R][P];
   for (int s = 0; s < S; ++s)
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < P; ++p) acc[s][r][p] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + S <= K; k += S)
-    for (int s = 0; s < S; ++s) fma_k<R, P>(acc[s], A, lda, panel, panel_stride, k + s);
-  for (; k < K; ++k) fma_k<R, P>(acc[0], A, lda, panel, panel_stride, k);
+    for (int s = 0; s < S; ++s) multiply_add_k<E, R, P>(acc[s], A, lda, panel, panel_stride, k + s);
+  for (; k < K; ++k) multiply_add_k<E, R, P>(acc[0], A, lda, panel, panel_stride, k);
   for (int r = 0; r < R; ++r) {
     for (int p = 0; p < P; ++p) {
       __m512 v = acc[0][r][p];
@@ -66,6 +107,39 @@ __attribute__((target("avx512f"))) void tile(int64_t K, const float* A, int64_t 
       if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), v);
       _mm512_mask_storeu_ps(c, m, v);
     }
+  }
+}
+
+// Rows of float32 rounded to bfloat16 (to nearest even), zero-padded to an even length:
+// out[r * ldo + k] for k < K + (K odd).
+RNNFAST_TILE_TARGET void round_rows_to_bf16(int64_t rows, int64_t K, const float* in, int64_t ld,
+                                            uint16_t* out, int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* a = in + r * ld;
+    uint16_t* o = out + r * ldo;
+    for (int64_t k = 0; k < K; k += kPanel) {
+      const __mmask16 m = K - k >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, a + k));
+      _mm256_mask_storeu_epi16(o + k, m, (__m256i)v);
+    }
+    if (K % 2) o[K] = 0;
+  }
+}
+
+// A float32 panel [K][16] as bfloat16 pairs [K/2][16][2], the missing k of an odd K zero.
+RNNFAST_TILE_TARGET void panel_to_bf16(const float* panel, int64_t K, uint16_t* out) {
+  // interleave: lane 2c takes k's output c (element c), lane 2c + 1 takes k + 1's (element 16 + c)
+  alignas(64) uint16_t order[32];
+  for (int c = 0; c < 16; ++c) {
+    order[2 * c] = uint16_t(c);
+    order[2 * c + 1] = uint16_t(16 + c);
+  }
+  const __m512i idx = _mm512_load_si512(order);
+  for (int64_t k = 0; k < K; k += 2) {
+    const __m512 lo = _mm512_load_ps(panel + k * kPanel);
+    const __m512 hi = k + 1 < K ? _mm512_load_ps(panel + (k + 1) * kPanel) : _mm512_setzero_ps();
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lo in 0-15, hi in 16-31
+    _mm512_store_si512(out + k * kPanel, _mm512_permutexvar_epi16(idx, both));
   }
 }
 
@@ -89,35 +163,62 @@ void transpose8x8(const float* in, int64_t ld, float* out, int64_t ldo) {
   }
 }
 
-using TileFn = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
-                        __mmask16, bool);
+template <typename E>
+using TileFn = void (*)(int64_t, const E*, int64_t, const E*, int64_t, float*, int64_t, __mmask16,
+                        bool);
 
-template <int P>
-TileFn tile_for_rows(int rows) {
+template <typename E, int P>
+TileFn<E> tile_for_rows(int rows) {
   switch (rows) {
     case 1:
-      return tile<1, P>;
+      return tile<E, 1, P>;
     case 2:
-      return tile<2, P>;
+      return tile<E, 2, P>;
     case 3:
-      return tile<3, P>;
+      return tile<E, 3, P>;
     case 4:
-      return tile<4, P>;
+      return tile<E, 4, P>;
     case 5:
-      return tile<5, P>;
+      return tile<E, 5, P>;
     default:
-      return tile<6, P>;
+      return tile<E, 6, P>;
+  }
+}
+
+// C[N, M] (+)= A[N, K] times the panels, in row tiles as even as possible (32 rows: 6 6 5 5 5 5,
+// not 6 6 6 6 6 2): a thin last tile streams the panels for a fraction of the FMAs. K counts
+// panel steps.
+template <typename E>
+void multiply_panels(int64_t N, int64_t M, int64_t K, const E* A, int64_t lda, const E* panels,
+                     float* C, int64_t ldc, bool accumulate) {
+  const int64_t count = (M + kPanel - 1) / kPanel, panel_stride = K * kPerK<E>;
+  const int64_t tail = M % kPanel;
+  for (int64_t p0 = 0; p0 < count; p0 += 2) {
+    const int P = int(std::min<int64_t>(2, count - p0));
+    const __mmask16 last = (p0 + P == count && tail) ? __mmask16((1u << tail) - 1) : 0xFFFF;
+    const E* panel = panels + p0 * panel_stride;
+    const int64_t tiles = (N + kMaxRows - 1) / kMaxRows;
+    for (int64_t i = 0, n0 = 0; i < tiles; ++i) {
+      const int rows = int(N / tiles + (i < N % tiles ? 1 : 0));
+      const TileFn<E> f = P == 2 ? tile_for_rows<E, 2>(rows) : tile_for_rows<E, 1>(rows);
+      f(K, A + n0 * lda, lda, panel, panel_stride, C + n0 * ldc + p0 * kPanel, ldc, last,
+        accumulate);
+      n0 += rows;
+    }
   }
 }
 
 }  // namespace
 
 PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bool outputs_are_rows,
-                           OutputBlocks blocks)
+                           OutputBlocks blocks, bool bf16)
     : M_(M),
       K_(K),
       panels_((M + kPanel - 1) / kPanel),
+      bf16_(bf16),
       data_(scratch<float>(panels_ * K * kPanel)) {
+  if (bf16 && !cpu_has_avx512_bf16())
+    throw std::invalid_argument("bfloat16 products need a CPU with AVX512_BF16");
   for (int64_t p = 0; p < panels_; ++p) {
     float* panel = data_.get() + p * K * kPanel;
     const int64_t outputs = std::min(kPanel, M - p * kPanel);
@@ -152,27 +253,27 @@ PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bo
       }
     }
   }
+  if (!bf16) return;
+  // round to bfloat16 pairs, two to each float's slot: half the bytes to stream per product
+  const int64_t pairs = (K + 1) / 2;
+  Scratch<float> rounded = scratch<float>(panels_ * pairs * kPanel);
+  for (int64_t p = 0; p < panels_; ++p)
+    panel_to_bf16(data_.get() + p * K * kPanel, K,
+                  reinterpret_cast<uint16_t*>(rounded.get() + p * pairs * kPanel));
+  data_ = std::move(rounded);
 }
 
 void PackedPanels::multiply(int64_t N, const float* A, int64_t lda, float* C, int64_t ldc,
                             bool accumulate) const {
-  const int64_t panel_stride = K_ * kPanel;
-  const int64_t tail = M_ % kPanel;
-  for (int64_t p0 = 0; p0 < panels_; p0 += 2) {
-    const int P = int(std::min<int64_t>(2, panels_ - p0));
-    const __mmask16 last = (p0 + P == panels_ && tail) ? __mmask16((1u << tail) - 1) : 0xFFFF;
-    const float* panel = data_.get() + p0 * panel_stride;
-    // row tiles as even as possible (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2): a thin last tile
-    // streams the panels for a fraction of the FMAs
-    const int64_t tiles = (N + kMaxRows - 1) / kMaxRows;
-    for (int64_t i = 0, n0 = 0; i < tiles; ++i) {
-      const int rows = int(N / tiles + (i < N % tiles ? 1 : 0));
-      const TileFn f = P == 2 ? tile_for_rows<2>(rows) : tile_for_rows<1>(rows);
-      f(K_, A + n0 * lda, lda, panel, panel_stride, C + n0 * ldc + p0 * kPanel, ldc, last,
-        accumulate);
-      n0 += rows;
-    }
+  if (!bf16_) return multiply_panels<float>(N, M_, K_, A, lda, data_.get(), C, ldc, accumulate);
+  const int64_t pairs = (K_ + 1) / 2;
+  if (N * 2 * pairs > a_capacity_) {
+    a_bf16_ = scratch<uint16_t>(N * 2 * pairs);
+    a_capacity_ = N * 2 * pairs;
   }
+  round_rows_to_bf16(N, K_, A, lda, a_bf16_.get(), 2 * pairs);
+  multiply_panels<uint16_t>(N, M_, pairs, a_bf16_.get(), 2 * pairs,
+                            reinterpret_cast<const uint16_t*>(data_.get()), C, ldc, accumulate);
 }
 
 }  // namespace rnnfast::cpu

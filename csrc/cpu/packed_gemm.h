@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <type_traits>
 
 #include "cpu/parallel.h"
@@ -13,6 +14,8 @@
 namespace rnnfast::cpu {
 
 bool cpu_has_avx512();
+// AVX512_BF16 (vdpbf16ps), for the opt-in bfloat16 products
+bool cpu_has_avx512_bf16();
 
 // Where output j's weights lie in W: outputs come in blocks of `size`, block b starting b * stride
 // rows (or columns) into W, so that a thread can take all G gates of its units straight from
@@ -26,16 +29,21 @@ struct OutputBlocks {
 class PackedPanels {
  public:
   // outputs_are_rows: output j's weights are row j of W ([M, ldw], so C = A W^T); otherwise they
-  // are column j ([K, ldw], so C = A W).
+  // are column j ([K, ldw], so C = A W). bf16: W is kept rounded to bfloat16 and A is rounded
+  // likewise on each multiply, the sums stay float32 (needs cpu_has_avx512_bf16()).
   PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bool outputs_are_rows,
-               OutputBlocks blocks = {});
-  // C[N, M] = A[N, K] op(W), or += with accumulate; A rows lda apart, C rows ldc apart
+               OutputBlocks blocks = {}, bool bf16 = false);
+  // C[N, M] = A[N, K] op(W), or += with accumulate; A rows lda apart, C rows ldc apart. Not safe
+  // to call from two threads at once (bfloat16 rounds A into a buffer of the object's own).
   void multiply(int64_t N, const float* A, int64_t lda, float* C, int64_t ldc,
                 bool accumulate) const;
 
  private:
   int64_t M_, K_, panels_;
-  Scratch<float> data_;
+  bool bf16_;
+  Scratch<float> data_;  // float32 panels [K][16], or bfloat16 ones [K/2][16][2]
+  mutable Scratch<uint16_t> a_bf16_{nullptr, release_scratch};
+  mutable int64_t a_capacity_ = 0;
 };
 
 // The step product through the packed AVX-512 kernel where it applies (float32), else through
@@ -43,12 +51,15 @@ class PackedPanels {
 template <typename T>
 class StepProduct {
  public:
+  // bf16: the products in bfloat16 (float32 only, on AVX512_BF16; anything else throws)
   StepProduct(const T* W, int64_t ldw, int64_t M, int64_t K, bool outputs_are_rows,
-              OutputBlocks blocks = {})
+              OutputBlocks blocks = {}, bool bf16 = false)
       : W_(W), ldw_(ldw), M_(M), K_(K), rows_(outputs_are_rows), blocks_(blocks) {
+    if (bf16 && !(std::is_same_v<T, float> && cpu_has_avx512_bf16()))
+      throw std::invalid_argument("bfloat16 products need float32 and a CPU with AVX512_BF16");
     if constexpr (std::is_same_v<T, float>)
       if (cpu_has_avx512() && M > 0 && K > 0)
-        packed_ = std::make_unique<PackedPanels>(W, ldw, M, K, outputs_are_rows, blocks);
+        packed_ = std::make_unique<PackedPanels>(W, ldw, M, K, outputs_are_rows, blocks, bf16);
   }
   void operator()(int64_t N, const T* A, int64_t lda, T* C, int64_t ldc, bool accumulate) const {
     if constexpr (std::is_same_v<T, float>)

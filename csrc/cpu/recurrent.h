@@ -179,9 +179,10 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
       gh = scratch<T>(N * width);
       gx = scratch<T>(chunk * N * width);
       // this thread's outputs: the rows of all G gates of its units, G blocks of w_hh and w_ih
-      product.emplace(io.w_hh + units.begin * H, H, width, H, true, OutputBlocks{units.size(), H});
-      projection.emplace(io.w_ih + units.begin * d.C, d.C, width, d.C, true,
-                         OutputBlocks{units.size(), H});
+      const OutputBlocks gates_of_units{units.size(), H};
+      product.emplace(io.w_hh + units.begin * H, H, width, H, true, gates_of_units, io.bf16);
+      projection.emplace(io.w_ih + units.begin * d.C, d.C, width, d.C, true, gates_of_units,
+                         io.bf16);
     });
     for (int64_t t0 = 0; ok && t0 < d.T; t0 += chunk) {
       const int64_t steps = std::min(chunk, d.T - t0);
