@@ -43,6 +43,7 @@ except ImportError as e:
 from . import cuda, ops, reference  # noqa: E402
 from .cuda import cuda_available  # noqa: E402
 from .ops import (  # noqa: E402
+    bfloat16_supported,
     gru_backward,
     gru_forward,
     lstm_backward,
@@ -96,6 +97,7 @@ def empty_cache() -> None:
 
 
 __all__ = [
+    "bfloat16_supported",
     "build_info",
     "cuda",
     "cuda_available",

@@ -185,20 +185,19 @@ def noncontiguous(a: np.ndarray) -> np.ndarray:
 
 
 def run_forward(api, cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
-                lengths=None, training: bool = True):  # fmt: skip
+                lengths=None, **options):  # fmt: skip
     """Call ``api.<cell>_forward`` (api: rnnfast.ops, rnnfast.reference or anything with the same
-    functions) and return ``(y, h_n, c_n, ctx)`` for every cell, c_n None but for LSTM."""
+    functions) and return ``(y, h_n, c_n, ctx)`` for every cell, c_n None but for LSTM. options
+    (training, matmul_precision) go through as keywords."""
     if cell == "lstm":
-        return api.lstm_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths,
-                                training=training)  # fmt: skip
+        return api.lstm_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths, **options)
     assert c0 is None, f"c0 given for {cell}"
     if cell == "gru":
-        y, h_n, ctx = api.gru_forward(x, w_ih, w_hh, b_ih, b_hh, h0, lengths=lengths,
-                                      training=training)  # fmt: skip
+        y, h_n, ctx = api.gru_forward(x, w_ih, w_hh, b_ih, b_hh, h0, lengths=lengths, **options)
     else:
         nonlinearity = cell.removeprefix("rnn_")
         y, h_n, ctx = api.rnn_forward(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity=nonlinearity,
-                                      lengths=lengths, training=training)  # fmt: skip
+                                      lengths=lengths, **options)  # fmt: skip
     return y, h_n, None, ctx
 
 

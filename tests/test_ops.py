@@ -300,7 +300,8 @@ def test_private_module_rejects_wrong_layout_instead_of_crashing():
 
 
 def test_blas_fallback_path_matches(tmp_path):
-    # machines without AVX-512 run the recurrent products through the BLAS; force that path here
+    # machines without AVX-512 run the recurrent products through the BLAS, and refuse bfloat16
+    # with a clear error; force that path here
     script = tmp_path / "fallback.py"
     script.write_text(
         "import numpy as np, rnnfast\n"
@@ -311,7 +312,14 @@ def test_blas_fallback_path_matches(tmp_path):
         "w_hh = rng.standard_normal((4 * 70, 70)).astype(np.float32) * 0.1\n"
         "y, h, c, ctx = rnnfast.lstm_forward(x, w_ih, w_hh, lengths=np.array([6, 0, 3, 6, 1]))\n"
         "g = rnnfast.lstm_backward(ctx, np.ones_like(y))\n"
-        "np.savez(r'%s', y=y, dx=g['dx'], dw_hh=g['dw_hh'])\n" % (tmp_path / "out.npz")
+        "np.savez(r'%s', y=y, dx=g['dx'], dw_hh=g['dw_hh'])\n"
+        "assert not rnnfast.bfloat16_supported()\n"
+        "try:\n"
+        "    rnnfast.lstm_forward(x, w_ih, w_hh, training=False, matmul_precision='bfloat16')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'AVX512_BF16' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('bfloat16 ran without AVX-512')\n" % (tmp_path / "out.npz")
     )
     import os
     import subprocess
@@ -332,3 +340,57 @@ def test_blas_fallback_path_matches(tmp_path):
     assert_close(got["y"], y, **tol(np.float32), name="y")
     assert_close(got["dx"], g["dx"], **tol(np.float32, "grad"), name="dx")
     assert_close(got["dw_hh"], g["dw_hh"], **tol(np.float32, "grad"), name="dw_hh")
+
+
+# ---- the opt-in bfloat16 products -------------------------------------------------------------
+
+needs_bf16 = pytest.mark.skipif(not ops.bfloat16_supported(), reason="CPU lacks AVX512_BF16")
+
+
+@needs_bf16
+@pytest.mark.parametrize("shape", [(4, 3, 7, 129), (3, 5, 64, 33), (2, 16, 128, 64)])
+@pytest.mark.parametrize("cell", CELLS)
+def test_bfloat16_matches_the_rounded_reference(cell, shape):
+    # the reference rounds the same operands to bfloat16 and computes in float64: the kernel's
+    # only other error is its float32 sums (a flip of one rounding of h can add ~1e-4 later on)
+    T, N, C, H = shape
+    rng = np.random.default_rng([T, N, C, H, CELLS.index(cell)])
+    inputs = cast(make_inputs(cell, T, N, C, H, np.float64, rng, True, True, "mixed"), np.float32)
+    wide = cast(inputs, np.float64)
+    y, h_n, c_n, _ = run_forward(ops, cell, **inputs, training=False, matmul_precision="bfloat16")
+    y_bf, h_bf, c_bf, _ = run_forward(reference, cell, **wide, training=False,
+                                      matmul_precision="bfloat16")  # fmt: skip
+    assert_close(y[0], y_bf[0], rtol=1e-5, atol=1e-6, name="y[0]")
+    for name, a, e in zip(("y", "h_n", "c_n"), (y, h_n, c_n), (y_bf, h_bf, c_bf), strict=True):
+        assert_close(a, e, rtol=1e-4, atol=1e-4 * T, name=name)
+    # and it is not float32 in disguise: it is further from the exact result than float32 is
+    y_exact = run_forward(reference, cell, **wide, training=False)[0]
+    y32 = run_forward(ops, cell, **inputs, training=False)[0]
+    assert np.abs(y - y_exact).max() > 10 * np.abs(y32 - y_exact).max()
+    assert_close(y, y_exact, rtol=0, atol=3e-2, name="y vs float64")
+
+
+@needs_bf16
+@pytest.mark.parametrize("cell", CELLS)
+def test_bfloat16_bitwise_reproducible(cell):
+    rng = np.random.default_rng(7)
+    inputs = cast(make_inputs(cell, 9, 5, 48, 80, np.float64, rng), np.float32)
+    runs = [run_forward(ops, cell, **inputs, training=False, matmul_precision="bfloat16")[:3]
+            for _ in range(3)]  # fmt: skip
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert (a is None and b is None) or np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "dtype, options, error, match",
+    [
+        (np.float32, {"matmul_precision": "fp16"}, ValueError, "matmul_precision must be one of"),
+        (np.float32, {"matmul_precision": "bfloat16"}, ValueError, "pass training=False"),
+        (np.float64, {"matmul_precision": "bfloat16", "training": False}, TypeError,
+         "takes float32 inputs"),
+    ],
+)  # fmt: skip
+def test_bfloat16_bad_usage_raises(lstm_args, dtype, options, error, match):
+    with pytest.raises(error, match=match):
+        ops.lstm_forward(**cast(lstm_args, dtype), **options)

@@ -381,3 +381,13 @@ def test_argument_errors_are_those_of_the_api():
     *_, ctx = ref.lstm_forward(x, w_ih, w_hh)
     with pytest.raises(ValueError, match="dy must have shape"):
         ref.lstm_backward(ctx, np.zeros((2, 3, 3)))
+
+
+def test_round_to_bfloat16_is_to_nearest_ties_to_even():
+    from rnnfast.reference import _round_to_bfloat16
+
+    ulp = 2.0**-7  # of bfloat16 at 1
+    x = np.array([1 + ulp / 2, 1 + 1.5 * ulp, 1 + 0.51 * ulp, -1 - 0.49 * ulp, 3.0, 0.0])
+    want = np.array([1.0, 1 + 2 * ulp, 1 + ulp, -1.0, 3.0, 0.0])
+    np.testing.assert_array_equal(_round_to_bfloat16(x), want)
+    assert _round_to_bfloat16(x).dtype == np.float64
