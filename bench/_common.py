@@ -26,7 +26,8 @@ SHAPES = (
     (64, 25, 128),
 )
 MODES = ("infer", "train")
-BACKENDS = ("ours", "torch", "ort", "ref")
+# ours-bf16: rnnfast with the opt-in matmul_precision="bfloat16" (inference only)
+BACKENDS = ("ours", "ours-bf16", "torch", "ort", "ref")
 # the backward is two GEMMs per forward GEMM (dgates -> dh/dx, and the weight gradients)
 TRAIN_FLOP_FACTOR = 3.0
 

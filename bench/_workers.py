@@ -47,7 +47,7 @@ def time_calls(fn, target_s: float, min_calls: int, max_calls: int, warm: int) -
 class RnnfastBackend:
     """rnnfast.ops (the kernels) or rnnfast.reference (NumPy): the same functional API."""
 
-    def __init__(self, threads: int, reference: bool):
+    def __init__(self, threads: int, reference: bool, matmul_precision: str = "float32"):
         import rnnfast
 
         if not reference:
@@ -55,6 +55,9 @@ class RnnfastBackend:
         self.rnnfast = rnnfast
         self.api = rnnfast.reference if reference else rnnfast.ops
         self.reference = reference
+        # only an inference forward passes it: bfloat16 is not for training
+        bf16 = matmul_precision != "float32"
+        self.precision = {"matmul_precision": matmul_precision} if bf16 else {}
 
     def info(self) -> dict:
         rf = self.rnnfast
@@ -69,14 +72,15 @@ class RnnfastBackend:
     def _forward(self, case: Case, d: dict, training: bool):
         api = self.api
         args = (d["x"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], d["h0"])
+        kw = {"training": training, **self.precision}
         if case.cell == "lstm":
-            y, h_n, c_n, ctx = api.lstm_forward(*args, d["c0"], training=training)
+            y, h_n, c_n, ctx = api.lstm_forward(*args, d["c0"], **kw)
             return y, h_n, c_n, ctx
         if case.cell == "gru":
-            y, h_n, ctx = api.gru_forward(*args, training=training)
+            y, h_n, ctx = api.gru_forward(*args, **kw)
             return y, h_n, None, ctx
         act = case.cell.split("_", 1)[1]
-        y, h_n, ctx = api.rnn_forward(*args, nonlinearity=act, training=training)
+        y, h_n, ctx = api.rnn_forward(*args, nonlinearity=act, **kw)
         return y, h_n, None, ctx
 
     def _backward(self, case: Case, ctx, dy):
@@ -371,6 +375,8 @@ class GemmBackend:
 def make_backend(name: str, threads: int):
     if name == "ours":
         return RnnfastBackend(threads, reference=False)
+    if name == "ours-bf16":
+        return RnnfastBackend(threads, reference=False, matmul_precision="bfloat16")
     if name == "ref":
         return RnnfastBackend(threads, reference=True)
     if name == "torch":

@@ -66,9 +66,13 @@ QUICK_GEMMS = ({"lib": "openblas32", "op": "nn", "M": 1024, "N": 1024, "K": 1024
 # agreement with torch.nn (max abs error over max abs value) above which a backend is flagged;
 # onnxruntime is not timed at all on a case where it disagrees (the graph would be wrong)
 CHECK_TOL = 1e-3
+# the bfloat16 products round each operand to 8 significant bits: their error is reported, and
+# flagged above this
+BF16_CHECK_TOL = 3e-2
 
 BACKEND_LABEL = {
     "ours": "rnnfast",
+    "ours-bf16": "rnnfast bfloat16",
     "torch": "torch.nn",
     "ort": "onnxruntime",
     "ref": "NumPy reference",
@@ -143,7 +147,7 @@ def build_cases(args) -> list[Case]:
 
 
 def supports(backend: str, case: Case, args) -> bool:
-    if backend == "ort":
+    if backend in ("ort", "ours-bf16"):
         return case.mode == "infer"
     if backend == "ref":
         return case.flops() <= args.ref_max_gflop * 1e9
@@ -318,7 +322,8 @@ def run_benchmark(args) -> dict:
                     err = compare(tmp / f"{b}-{c.key.replace('/', '_')}.npz", anchor)
                     checks[b][c.key] = err
                     worst = max(err.values(), default=0.0)
-                    flag = "" if worst <= CHECK_TOL else "  <-- MISMATCH"
+                    tol = BF16_CHECK_TOL if b == "ours-bf16" else CHECK_TOL
+                    flag = "" if worst <= tol else "  <-- MISMATCH"
                     log(f"[check] {b:5s} {c.key:32s} max rel err vs torch {worst:.2e}{flag}")
                     if b == "ort" and worst > CHECK_TOL:
                         errors[b][c.key] = f"outputs differ from torch.nn (rel err {worst:.2e})"
@@ -505,6 +510,12 @@ def stat(row: dict, b: str, what: str = "min") -> float | None:
     return s[what]
 
 
+def best_anchor(row: dict) -> float | None:
+    """The faster of torch.nn's and onnxruntime's minimum times on an inference case."""
+    anchors = [a for a in (stat(row, "torch"), stat(row, "ort")) if a]
+    return min(anchors) if anchors else None
+
+
 def table_rows(res: dict, mode: str) -> list[list[str]]:
     """Rows of the per-mode table (strings), header first."""
     head = ["cell", "(N, T, C=H)", "ours min ms", "ours med ms", "torch min ms", "torch med ms"]
@@ -512,7 +523,7 @@ def table_rows(res: dict, mode: str) -> list[list[str]]:
         head += ["ort min ms"]
     head += ["ref min ms", "vs torch (min)", "vs torch (med)"]
     if mode == "infer":
-        head += ["vs ort (min)", "vs best anchor"]
+        head += ["vs ort (min)", "vs best anchor", "bf16 min ms", "bf16 vs torch", "bf16 vs best"]
     head += ["ours GFLOP/s", "ours % ceiling", "torch % ceiling", "check"]
     rows = [head]
     for row in res["cases"]:
@@ -534,11 +545,9 @@ def table_rows(res: dict, mode: str) -> list[list[str]]:
             fx(ratio(stat(row, "torch", "median"), stat(row, "ours", "median"))),
         ]
         if mode == "infer":
-            anchors = [a for a in (t, stat(row, "ort")) if a]
-            line += [
-                fx(ratio(stat(row, "ort"), o)),
-                fx(ratio(min(anchors) if anchors else None, o)),
-            ]
+            best, bf16 = best_anchor(row), stat(row, "ours-bf16")
+            line += [fx(ratio(stat(row, "ort"), o)), fx(ratio(best, o))]
+            line += [ms(bf16), fx(ratio(t, bf16)), fx(ratio(best, bf16))]
         so, st = row["backends"].get("ours"), row["backends"].get("torch")
         line += [f"{so['gflops']:.0f}" if so else "-"]
         line += [f"{100 * so['ceiling_frac']:.0f}%" if so else "-"]
@@ -564,10 +573,7 @@ def summary_lines(res: dict) -> list[str]:
             "target >= 1.5x mean, >= 1.1x everywhere."
         )
     inf = [r for r in res["cases"] if r["mode"] == "infer"]
-    best = []
-    for r in inf:
-        anchors = [a for a in (stat(r, "torch"), stat(r, "ort")) if a]
-        best.append((ratio(min(anchors) if anchors else None, stat(r, "ours")), r["key"]))
+    best = [(ratio(best_anchor(r), stat(r, "ours")), r["key"]) for r in inf]
     if any(b for b, _ in best):
         below = [k for b, k in best if b is not None and b < 1.0]
         low = min((b, k) for b, k in best if b)
@@ -594,6 +600,18 @@ def summary_lines(res: dict) -> list[str]:
                 + ", ".join(f"{k.split('/')[0]} {k.split('/')[1]} {100 * f:.0f}%" for k, f in large)
                 + " (target >= 85%)."
             )
+    bf = [(ratio(best_anchor(r), stat(r, "ours-bf16")), r) for r in inf if stat(r, "ours-bf16")]
+    if bf:
+        low = min((x, r["key"]) for x, r in bf if x)
+        small = [ratio(stat(r, "torch"), stat(r, "ours-bf16")) for _, r in bf if r["N"] in (1, 4)]
+        errs = [max(r["checks"].get("ours-bf16", {}).values(), default=0.0) for _, r in bf]
+        out.append(
+            'Inference with matmul_precision="bfloat16" (opt-in), speed-up over the best anchor: '
+            f"geometric mean {geomean([x for x, _ in bf]):.2f}x, lowest {low[0]:.2f}x ({low[1]}); "
+            "over torch.nn at batch 1 and 4: "
+            + ", ".join(f"{x:.2f}x" for x in small if x)
+            + f"; largest error against torch.nn (max abs / max abs value) {max(errs):.1e}."
+        )
     return out
 
 
@@ -714,7 +732,8 @@ def plot(res: dict, path: Path) -> None:
         ax.set_ylabel("speed-up (anchor min / rnnfast min)")
         ax.set_title(f"rnnfast {mode}, {meta['threads']} threads: speed-up ({meta['date']})")
         ax.legend()
-        backends = [b for b in ("ours", "torch", "ort") if any(b in r["backends"] for r in rows)]
+        present = ("ours", "ours-bf16", "torch", "ort")
+        backends = [b for b in present if any(b in r["backends"] for r in rows)]
         w = 0.8 / len(backends)
         for i, b in enumerate(backends):
             vals = [
