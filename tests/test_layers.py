@@ -196,6 +196,29 @@ def test_dropout_only_in_training():
         layer.backward(np.zeros_like(y3))
 
 
+@pytest.mark.skipif(not rnnfast.bfloat16_supported(), reason="CPU lacks AVX512_BF16")
+@pytest.mark.parametrize("cls", [layers.LSTM, layers.GRU, layers.RNN])
+def test_bfloat16_layer_in_eval_mode_only(cls):
+    x = np.random.default_rng(2).standard_normal((T, N, C)).astype(np.float32)
+    fast = cls(C, H, num_layers=2, bidirectional=True, seed=0, matmul_precision="bfloat16")
+    plain = cls(C, H, num_layers=2, bidirectional=True, seed=0)
+    assert "matmul_precision='bfloat16'" in repr(fast)
+    # training multiplies in float32 whatever the setting, so backward stays exact
+    np.testing.assert_array_equal(fast(x)[0], plain(x)[0])
+    y16, y32 = fast.eval()(x)[0], plain.eval()(x)[0]
+    assert 1e-5 < np.abs(y16 - y32).max() < 3e-2
+    lengths = np.array([T, 0, 1][:N] + [T] * max(0, N - 3))
+    y16 = fast(x, lengths=lengths)[0]
+    assert np.all(y16[:, lengths == 0] == 0)
+
+
+def test_bfloat16_layer_errors():
+    with pytest.raises(ValueError, match="matmul_precision must be one of"):
+        layers.GRU(C, H, matmul_precision="half")
+    with pytest.raises(TypeError, match="needs dtype float32"):
+        layers.GRU(C, H, dtype=np.float64, matmul_precision="bfloat16")
+
+
 def test_unbatched_matches_batch_of_one():
     rng = np.random.default_rng(1)
     layer = layers.GRU(C, H, num_layers=2, bidirectional=True, dtype=np.float64, seed=0)
