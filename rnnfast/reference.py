@@ -161,9 +161,11 @@ class ReferenceContext:
 
 def _round_to_bfloat16(a):
     """a rounded to bfloat16 (to nearest, ties to even) through float32, in a's dtype."""
-    bits = np.asarray(a, np.float32).view(np.uint32)
+    single = np.asarray(a, np.float32)
+    bits = single.view(np.uint32)
     bits = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
-    return bits.view(np.float32).astype(a.dtype)
+    # a NaN's payload could carry into the sign bit or wrap: NaN stays NaN
+    return np.where(np.isnan(single), single, bits.view(np.float32)).astype(a.dtype)
 
 
 def _active(a: Checked) -> np.ndarray:

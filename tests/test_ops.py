@@ -209,6 +209,11 @@ def test_nan_propagates(cell):
     assert np.isnan(h_n[1]).any()
     grads = run_backward(ops, cell, ctx, **up)
     assert np.isnan(grads["dw_ih"]).any()
+    if ops.bfloat16_supported():  # rounding to bfloat16 keeps NaN a NaN
+        args = cast({**inputs, "x": x}, np.float32)
+        y, h_n, _, _ = run_forward(ops, cell, **args, training=False, matmul_precision="bfloat16")
+        assert np.isnan(y[2:, 1]).any() and not np.isnan(y[:, [0, 2]]).any()
+        assert np.isnan(h_n[1]).any()
 
 
 def test_zero_steps_returns_initial_state():

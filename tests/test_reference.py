@@ -387,7 +387,9 @@ def test_round_to_bfloat16_is_to_nearest_ties_to_even():
     from rnnfast.reference import _round_to_bfloat16
 
     ulp = 2.0**-7  # of bfloat16 at 1
-    x = np.array([1 + ulp / 2, 1 + 1.5 * ulp, 1 + 0.51 * ulp, -1 - 0.49 * ulp, 3.0, 0.0])
-    want = np.array([1.0, 1 + 2 * ulp, 1 + ulp, -1.0, 3.0, 0.0])
+    x = np.array([1 + ulp / 2, 1 + 1.5 * ulp, 1 + 0.51 * ulp, -1 - 0.49 * ulp, 3.0, 0.0, np.inf])
+    want = np.array([1.0, 1 + 2 * ulp, 1 + ulp, -1.0, 3.0, 0.0, np.inf])
     np.testing.assert_array_equal(_round_to_bfloat16(x), want)
+    all_ones_nan = np.array([0xFFFFFFFF], np.uint32).view(np.float32)
+    assert np.isnan(_round_to_bfloat16(all_ones_nan)).all()
     assert _round_to_bfloat16(x).dtype == np.float64
