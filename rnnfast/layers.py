@@ -495,8 +495,8 @@ class RNN(_Recurrent):
     biases, LSTM forget-gate bias 1) or a callable ``f(name, array, rng, H, G)`` that fills array
     in place; learn_initial_state adds parameters h0 (and c0) of shape (num_layers *
     num_directions, 1, H), used when forward gets no state; matmul_precision "bfloat16" (float32
-    layers on a CPU with AVX512_BF16) multiplies in bfloat16 in eval mode, for speed at about 1e-3
-    relative error (see rnnfast.ops); training mode always multiplies in float32.
+    layers on a CPU with AVX512_BF16) multiplies in bfloat16 in eval mode, for speed at up to about
+    1e-2 relative error (see rnnfast.ops); training mode always multiplies in float32.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
