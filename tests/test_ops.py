@@ -88,6 +88,14 @@ def test_threaded_recurrence_uneven_split(cell):
     _check(cell, np.float64, _case(cell, 5, 16, 7, 150, True, True, "mixed"))
 
 
+@pytest.mark.parametrize("steps, batch", [(1, 3), (6, 16)], ids=["blas", "packed"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_short_and_long_calls_in_float32(cell, steps, batch):
+    # a call that puts fewer than 16 rows through the products runs them on the weights as they
+    # lie (packing would cost more); one that puts more packs them: both threaded, both exact
+    _check(cell, np.float32, _case(cell, steps, batch, 9, 150, True, True, "mixed"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("cell", CELLS)
 def test_noncontiguous_inputs(cell, dtype):

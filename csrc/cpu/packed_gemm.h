@@ -46,19 +46,28 @@ class PackedPanels {
   mutable int64_t a_capacity_ = 0;
 };
 
-// The step product through the packed AVX-512 kernel where it applies (float32), else through
-// the BLAS on W as it lies, one call per output block. Built once per thread per call.
+// The step product through the packed AVX-512 kernel where it applies (float32) and pays, else
+// through the BLAS on W as it lies, one call per output block. Built once per thread per call.
 template <typename T>
 class StepProduct {
  public:
-  // bf16: the products in bfloat16 (float32 only, on AVX512_BF16; anything else throws)
+  // Whether packing W pays for `rows` rows through the product in one call. Packing costs about
+  // as much as 16 rows through the BLAS while the packed W fits in L2 (512 KiB per thread), and
+  // proportionally more beyond that, where each step streams W from L3 whatever its layout.
+  // Measured (LSTM, one sequence, inference): H = 256 is faster packed from 16 steps on; H = 512
+  // up to 48 steps runs faster on W as it lies; one step at H = 512 took 444 us packed, 64 not.
+  static bool packing_pays(int64_t M, int64_t K, int64_t rows) {
+    const int64_t l2_shares = std::max<int64_t>(1, M * K * int64_t(sizeof(float)) / (512 << 10));
+    return rows >= 16 * l2_shares;
+  }
+  // bf16: the products in bfloat16 (float32 only, on AVX512_BF16, always packed; else throws)
   StepProduct(const T* W, int64_t ldw, int64_t M, int64_t K, bool outputs_are_rows,
-              OutputBlocks blocks = {}, bool bf16 = false)
+              OutputBlocks blocks, int64_t rows, bool bf16 = false)
       : W_(W), ldw_(ldw), M_(M), K_(K), rows_(outputs_are_rows), blocks_(blocks) {
     if (bf16 && !(std::is_same_v<T, float> && cpu_has_avx512_bf16()))
       throw std::invalid_argument("bfloat16 products need float32 and a CPU with AVX512_BF16");
     if constexpr (std::is_same_v<T, float>)
-      if (cpu_has_avx512() && M > 0 && K > 0)
+      if (cpu_has_avx512() && M > 0 && K > 0 && (bf16 || packing_pays(M, K, rows)))
         packed_ = std::make_unique<PackedPanels>(W, ldw, M, K, outputs_are_rows, blocks, bf16);
   }
   void operator()(int64_t N, const T* A, int64_t lda, T* C, int64_t ldc, bool accumulate) const {

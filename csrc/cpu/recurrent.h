@@ -180,9 +180,11 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
       gx = scratch<T>(chunk * N * width);
       // this thread's outputs: the rows of all G gates of its units, G blocks of w_hh and w_ih
       const OutputBlocks gates_of_units{units.size(), H};
-      product.emplace(io.w_hh + units.begin * H, H, width, H, true, gates_of_units, io.bf16);
+      // both put T*N rows through their weights in this call
+      product.emplace(io.w_hh + units.begin * H, H, width, H, true, gates_of_units, d.T * N,
+                      io.bf16);
       projection.emplace(io.w_ih + units.begin * d.C, d.C, width, d.C, true, gates_of_units,
-                         io.bf16);
+                         d.T * N, io.bf16);
     });
     for (int64_t t0 = 0; ok && t0 < d.T; t0 += chunk) {
       const int64_t steps = std::min(chunk, d.T - t0);
@@ -264,8 +266,9 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   {
     const Range units = split(H, nt, thread_index(), kUnitAlign);
     std::optional<StepProduct<T>> product;
-    const bool ok =
-        setup.run([&] { product.emplace(io.w_hh + units.begin, H, units.size(), GH, false); });
+    const bool ok = setup.run([&] {
+      product.emplace(io.w_hh + units.begin, H, units.size(), GH, false, OutputBlocks{}, TN);
+    });
     for (int64_t t = d.T - 1; ok && t >= 0; --t) {
       BackwardStep<T> s{N, H, t, units, io.lengths};
       s.dy = io.dy ? io.dy + t * NH : zeros.get();
