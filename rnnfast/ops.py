@@ -19,7 +19,9 @@ see ``bfloat16_supported()``) rounds the weights and each step's operands of the
 bfloat16 and sums them in float32: about twice the multiply-adds per instruction and half the
 weight bytes to stream, for outputs that differ from float32's by up to about 1e-2 relative (3e-3
 to 8e-3 over the benchmark grid; the cell state and the nonlinearities stay float32;
-bench/RESULTS.md reports the error per shape).
+bench/RESULTS.md reports the error per shape). It always packs the weights for the call, so a
+call with few rows in all (T*N of a few dozen or less, as in token-by-token sampling) runs faster
+in float32.
 
 GPU arrays (CuPy, or anything with ``__cuda_array_interface__`` or ``__dlpack__``) run on the
 CUDA kernels and return CuPy arrays on the same device and stream; see rnnfast.cuda.
