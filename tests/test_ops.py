@@ -407,3 +407,12 @@ def test_bfloat16_bitwise_reproducible(cell):
 def test_bfloat16_bad_usage_raises(lstm_args, dtype, options, error, match):
     with pytest.raises(error, match=match):
         ops.lstm_forward(**cast(lstm_args, dtype), **options)
+
+
+def test_bfloat16_on_gpu_arrays_says_cpu_only(lstm_args):
+    class FakeGpuArray:  # routes to the CUDA path, which has no bfloat16 products
+        __cuda_array_interface__ = {}
+
+    with pytest.raises(NotImplementedError, match="CPU kernels only"):
+        ops.lstm_forward(FakeGpuArray(), lstm_args["w_ih"], lstm_args["w_hh"], training=False,
+                         matmul_precision="bfloat16")  # fmt: skip
