@@ -126,8 +126,9 @@ void add_gate_rows(int64_t N, int64_t G, int64_t H, Range units, const T* rows, 
 
 constexpr int64_t kUnitAlign = 16;  // a thread's units start on a 64-byte boundary (float)
 // rows of x per projection chunk: the thread's packed w_ih streams from L3 once per chunk (256
-// rows were 5-8% slower at (64, 25, 128) to (32, 100, 1024))
-constexpr int64_t kProjectionRows = 1024;
+// rows were 5-8% slower at (64, 25, 128) to (32, 100, 1024)); and at most kProjectionSteps
+// steps, so that the chunk's gates take O(N*H) memory at small batch too
+constexpr int64_t kProjectionRows = 1024, kProjectionSteps = 64;
 
 template <class Cell, typename T>
 void run_forward(const Dims& d, const ForwardIO<T>& io) {
@@ -165,8 +166,8 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   // the step product (w_ih packed once per call), a chunk of steps ahead of the recurrence: the
   // rows it needs stay in its own cache, and no barrier separates projection and recurrence.
   const int nt = recurrent_threads(d);
-  const int64_t chunk =
-      std::clamp<int64_t>((kProjectionRows + N - 1) / N, 1, std::max<int64_t>(d.T, 1));
+  const int64_t chunk = std::clamp<int64_t>((kProjectionRows + N - 1) / N, 1,
+                                            std::clamp<int64_t>(d.T, 1, kProjectionSteps));
 
   TeamSetup setup;
 #pragma omp parallel num_threads(nt)
