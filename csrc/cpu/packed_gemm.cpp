@@ -222,34 +222,37 @@ PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bo
   for (int64_t p = 0; p < panels_; ++p) {
     float* panel = data_.get() + p * K * kPanel;
     const int64_t outputs = std::min(kPanel, M - p * kPanel);
-    if (!outputs_are_rows) {   // each k's outputs lie side by side in W (in their blocks)
-      int64_t column[kPanel];  // once per panel: blocks() divides
-      for (int64_t c = 0; c < outputs; ++c) column[c] = blocks(p * kPanel + c);
-      const bool adjacent = column[outputs - 1] == column[0] + outputs - 1;
+    // the row (or column) of W holding each output's weights, once per panel: blocks() divides,
+    // and a division per element (or per 8 x 8 block) took most of the packing time
+    int64_t index[kPanel];
+    for (int64_t c = 0; c < outputs; ++c) index[c] = blocks(p * kPanel + c);
+    if (!outputs_are_rows) {  // each k's outputs lie side by side in W (in their blocks)
+      const bool adjacent = index[outputs - 1] == index[0] + outputs - 1;
       for (int64_t k = 0; k < K; ++k) {
         float* out = panel + k * kPanel;
         if (adjacent)
-          std::memcpy(out, W + k * ldw + column[0], sizeof(float) * outputs);
+          std::memcpy(out, W + k * ldw + index[0], sizeof(float) * outputs);
         else
-          for (int64_t c = 0; c < outputs; ++c) out[c] = W[k * ldw + column[c]];
+          for (int64_t c = 0; c < outputs; ++c) out[c] = W[k * ldw + index[c]];
         std::fill(out + outputs, out + kPanel, 0.0f);
       }
       continue;
     }
-    // a transpose, in 8 x 8 register blocks: element by element it took 45 us for a 512 x 256
-    // w_hh, 6% of an LSTM call at batch 1
+    // a transpose, in 8 x 8 register blocks where 8 outputs are 8 consecutive rows of W: element
+    // by element it took 45 us for a 512 x 256 w_hh, 6% of an LSTM call at batch 1
+    bool consecutive[kPanel / 8];
+    for (int64_t c0 = 0; c0 < kPanel; c0 += 8)
+      consecutive[c0 / 8] = c0 + 8 <= outputs && index[c0 + 7] == index[c0] + 7;
     for (int64_t k0 = 0; k0 < K; k0 += 8) {
       for (int64_t c0 = 0; c0 < kPanel; c0 += 8) {
-        const int64_t j0 = p * kPanel + c0;
         float* out = panel + k0 * kPanel + c0;
-        // 8 outputs in one block are 8 consecutive rows of W
-        if (c0 + 8 <= outputs && k0 + 8 <= K && blocks(j0 + 7) == blocks(j0) + 7) {
-          transpose8x8(W + blocks(j0) * ldw + k0, ldw, out, kPanel);
+        if (consecutive[c0 / 8] && k0 + 8 <= K) {
+          transpose8x8(W + index[c0] * ldw + k0, ldw, out, kPanel);
           continue;
         }
         for (int64_t c = 0; c < 8; ++c)
           for (int64_t k = 0; k < std::min<int64_t>(8, K - k0); ++k)
-            out[k * kPanel + c] = c0 + c < outputs ? W[blocks(j0 + c) * ldw + k0 + k] : 0.0f;
+            out[k * kPanel + c] = c0 + c < outputs ? W[index[c0 + c] * ldw + k0 + k] : 0.0f;
       }
     }
   }
