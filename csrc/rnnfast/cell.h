@@ -31,12 +31,11 @@ struct Dims {
 };
 
 // The reserve (what a training forward leaves for backward), in elements, laid out back to back:
-//   hs    [T+1, N, H]  slot 0 is h0; slot t+1 is h after step t (zero where t >= length), so y =
-//   hs[1:] cs    [T+1, N, H]  LSTM only; c after each step (carried unchanged past a sequence's
-//   length) gates [T, N, G*H]  post-activation gates (LSTM i f g o; GRU r z n); none for vanilla
-//   RNN, whose
-//                      derivative comes from h itself
-//   ghn   [T, N, H]    GRU only: W_hn h + b_hn, the recurrent part of n that r multiplies
+// - hs [T+1, N, H]: slot 0 is h0, slot t+1 is h after step t (zero where t >= length); y = hs[1:]
+// - cs [T+1, N, H], LSTM only: c after each step (carried unchanged past a sequence's length)
+// - gates [T, N, G*H]: post-activation gates (LSTM i f g o, GRU r z n); none for the vanilla RNN,
+//   whose derivative comes from h itself
+// - ghn [T, N, H], GRU only: W_hn h + b_hn, the recurrent part of n that r multiplies
 struct ReserveLayout {
   int64_t hs, cs, gates, ghn, total;  // offsets of each part, and the total size
 };
