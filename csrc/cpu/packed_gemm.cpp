@@ -10,23 +10,16 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
-#include <stdexcept>
 #include <type_traits>
 
 namespace rnnfast::cpu {
-
-namespace {
-bool env_off(const char* name) {
-  const char* v = std::getenv(name);
-  return v && *v && *v != '0';
-}
-}  // namespace
 
 bool cpu_has_avx512() {
   // RNNFAST_NO_AVX512=1 takes the BLAS path, to test it on machines that have AVX-512. BW and VL
   // come with F on every AVX-512 CPU but Xeon Phi; the tiles below are compiled for all three.
   static const bool has = [] {
-    if (env_off("RNNFAST_NO_AVX512")) return false;
+    const char* off = std::getenv("RNNFAST_NO_AVX512");
+    if (off && *off && *off != '0') return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl");
@@ -217,8 +210,6 @@ PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bo
       panels_((M + kPanel - 1) / kPanel),
       bf16_(bf16),
       data_(scratch<float>(panels_ * K * kPanel)) {
-  if (bf16 && !cpu_has_avx512_bf16())
-    throw std::invalid_argument("bfloat16 products need a CPU with AVX512_BF16");
   for (int64_t p = 0; p < panels_; ++p) {
     float* panel = data_.get() + p * K * kPanel;
     const int64_t outputs = std::min(kPanel, M - p * kPanel);

@@ -30,7 +30,8 @@ class PackedPanels {
  public:
   // outputs_are_rows: output j's weights are row j of W ([M, ldw], so C = A W^T); otherwise they
   // are column j ([K, ldw], so C = A W). bf16: W is kept rounded to bfloat16 and A is rounded
-  // likewise on each multiply, the sums stay float32 (needs cpu_has_avx512_bf16()).
+  // likewise on each multiply, the sums stay float32 (the caller has checked
+  // cpu_has_avx512_bf16(): StepProduct does).
   PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bool outputs_are_rows,
                OutputBlocks blocks = {}, bool bf16 = false);
   // C[N, M] = A[N, K] op(W), or += with accumulate; A rows lda apart, C rows ldc apart. Not safe
