@@ -238,6 +238,18 @@ __global__ void fill_kernel(int64_t n, S* __restrict__ out, float v) {
   if (i < n) out[i] = from_acc<S>(v);
 }
 
+// out [T*N, C] = x with the rows past each sequence's length zeroed: padding is the caller's and
+// never read, and 0 * NaN in the dw_ih product would spread a NaN there into every weight gradient
+template <typename S>
+__global__ void mask_padding_kernel(int64_t rows, int N, int C, const S* __restrict__ x,
+                                    const int32_t* __restrict__ lengths, S* __restrict__ out) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * C) return;
+  const int64_t row = i / C, t = row / N;
+  const int n = int(row % N);
+  out[i] = t < lengths[n] ? x[i] : from_acc<S>(0.f);
+}
+
 // ---- workspaces ------------------------------------------------------------------------------
 struct FwdWorkspace {
   int64_t gx, gh, c_state, h_state, total;  // byte offsets
@@ -434,12 +446,21 @@ void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
     return;
   }
   const int tn = static_cast<int>(TN);
+  // dw_ih [GH, C] = da_x^T x, with x's padded rows zeroed in dx (free until the dx product below)
+  const void* x_rows = a.x;
+  if (a.lengths) {
+    const auto mask = mask_padding_kernel<S>;
+    RNNFAST_LAUNCH(mask, blocks_for(TN * C, kPointThreads), kPointThreads, stream, TN, N, C,
+                   static_cast<const S*>(a.x), a.lengths, static_cast<S*>(a.dx));
+    RNNFAST_CHECK_LAUNCH("mask_padding_kernel");
+    x_rows = a.dx;
+  }
+  cublas::gemm_rm(h, true, false, GH, C, tn, &one, p.da_x, st, GH, x_rows, st, C, &zero, a.dw_ih,
+                  st, C, ct);
   // dx [TN, C] = da_x [TN, GH] W_ih [GH, C]
   cublas::gemm_rm(h, false, false, tn, C, GH, &one, p.da_x, st, GH, a.w_ih, st, C, &zero, a.dx, st,
                   C, ct);
-  // dw_ih [GH, C] = da_x^T x; dw_hh [GH, H] = da_h^T hseq[0:T]
-  cublas::gemm_rm(h, true, false, GH, C, tn, &one, p.da_x, st, GH, a.x, st, C, &zero, a.dw_ih, st,
-                  C, ct);
+  // dw_hh [GH, H] = da_h^T hseq[0:T]
   cublas::gemm_rm(h, true, false, GH, H, tn, &one, p.da_h, st, GH, a.hseq, st, H, &zero, a.dw_hh,
                   st, H, ct);
   if (a.db_ih || a.db_hh) {

@@ -2,6 +2,8 @@
 
 import os as _os
 
+import numpy as _np
+
 from ._blas import preload as _preload_blas
 
 # libgomp's threads spin ~300k rounds (over 10 ms) after every parallel region before sleeping;
@@ -12,6 +14,14 @@ if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
     _os.environ["GOMP_SPINCOUNT"] = "10000"
 
 _preload_blas()
+
+# read by the extension when it first allocates; a value it cannot use is an error here, not a
+# silently unbounded (-1) or disabled (abc) cache
+_cache_mb = _os.environ.get("RNNFAST_SCRATCH_CACHE_MB", "").strip()
+if _cache_mb and not _cache_mb.isdigit():
+    raise ValueError(
+        f"RNNFAST_SCRATCH_CACHE_MB must be a whole number of MiB >= 0, got {_cache_mb!r}"
+    )
 
 
 def _installed_extension_dir() -> str | None:
@@ -62,11 +72,23 @@ def build_info() -> dict:
     return info
 
 
+def _whole_number(name: str, value) -> int:
+    """value as an int, for an int or a NumPy integer only (not a float, a str or a bool)."""
+    if isinstance(value, (bool, _np.bool_)) or not isinstance(value, (int, _np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
 def set_num_threads(n: int) -> None:
-    """Threads the CPU kernels use (default: the OpenMP default, one per core)."""
-    if int(n) < 1:
+    """Threads the CPU kernels use (default: the OpenMP default, one per core).
+
+    Raises RuntimeError when the system cannot start that many threads (OpenMP would end the
+    process instead), and in a child forked after a multi-threaded kernel call, where the kernels
+    run on one thread: OpenMP's threads do not survive fork."""
+    n = _whole_number("set_num_threads' n", n)
+    if n < 1:
         raise ValueError(f"set_num_threads needs n >= 1, got {n}")
-    _C.set_num_threads(int(n))
+    _C.set_num_threads(n)
 
 
 def get_num_threads() -> int:
@@ -79,9 +101,10 @@ def set_scratch_cache_limit(nbytes: int) -> None:
     Large scratch buffers (packed weights, input projections, gate gradients) are kept after a
     call and reused by the next one, which saves the kernel re-faulting and zeroing them; 0 turns
     the cache off and frees what it holds. `scratch_cache_bytes()` says what it holds now."""
-    if int(nbytes) < 0:
+    nbytes = _whole_number("set_scratch_cache_limit's nbytes", nbytes)
+    if nbytes < 0:
         raise ValueError(f"set_scratch_cache_limit needs nbytes >= 0, got {nbytes}")
-    _C.set_scratch_cache_limit(int(nbytes))
+    _C.set_scratch_cache_limit(nbytes)
 
 
 def scratch_cache_bytes() -> int:

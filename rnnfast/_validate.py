@@ -48,7 +48,9 @@ def _array(name, a, dtype=None):
             f"{name} has dtype {a.dtype} but x has dtype {dtype}; mixing dtypes is not allowed "
             "(cast explicitly)"
         )
-    return np.ascontiguousarray(a)
+    # aligned as well as contiguous: the kernels load whole elements (a view at an odd byte offset
+    # of a buffer is contiguous but not aligned)
+    return np.require(a, requirements="CA")
 
 
 def _shaped(name, a, shape, dtype, array=_array):

@@ -188,7 +188,8 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, matmul_
     c = None
     if cell == "lstm":
         c = np.zeros((N, H), dtype) if a.c0 is None else a.c0.copy()
-    a_x = rounded(a.x) @ rounded(a.w_ih).T  # (T, N, G*H): every step's input projection at once
+    # (T, N, G*H): every step's input projection at once; the padding is never read
+    a_x = rounded(np.where(active, a.x, 0)) @ rounded(a.w_ih).T
     w_hh = rounded(a.w_hh)
     if a.b_ih is not None:
         a_x = a_x + a.b_ih
@@ -243,7 +244,8 @@ def _backward(cell, ctx, dy, dh_n, dc_n):
     grads = {
         "dx": da_x @ a.w_ih,
         "dh0": dh,
-        "dw_ih": da_x.reshape(-1, GH).T @ a.x.reshape(-1, C),
+        # padded rows of x are the caller's and never read: 0 * NaN there must not reach dw_ih
+        "dw_ih": da_x.reshape(-1, GH).T @ np.where(active, a.x, 0).reshape(-1, C),
         "dw_hh": da_h.reshape(-1, GH).T @ hs.reshape(-1, H),
         "db_ih": None if a.b_ih is None else da_x.sum(axis=(0, 1)),
         "db_hh": None if a.b_hh is None else da_h.sum(axis=(0, 1)),

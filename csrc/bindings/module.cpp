@@ -62,6 +62,10 @@ const T* input(const py::object& obj, const char* name, const std::vector<int64_
                          ", expected " + std::string(py::str(py::dtype::of<T>())));
   if (!(a.flags() & py::array::c_style))
     throw py::value_error(std::string(name) + " must be C-contiguous");
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    throw py::value_error(std::string(name) + " is not aligned to its dtype (the kernels load " +
+                          "whole elements); copy it, for example with numpy.require(a, " +
+                          "requirements='CA')");
   bool ok = a.ndim() == py::ssize_t(shape.size());
   for (size_t i = 0; ok && i < shape.size(); ++i) ok = a.shape(i) == shape[i];
   if (!ok) {

@@ -3,6 +3,7 @@
 #include "cpu/parallel.h"
 
 #include <cblas.h>
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <atomic>
@@ -10,6 +11,9 @@
 #include <mutex>
 #include <new>
 #include <stdexcept>
+#include <string>
+#include <system_error>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -17,7 +21,16 @@
 namespace rnnfast::cpu {
 
 namespace {
-std::atomic<int> g_threads{0};  // 0: OpenMP's default
+std::atomic<int> g_threads{0};            // 0: OpenMP's default
+std::atomic<bool> g_pool_started{false};  // a region of more than one thread has run
+std::atomic<bool> g_forked_child{false};  // fork()ed after that: one thread from here on
+
+// Registered once, when the extension loads.
+const bool g_fork_handler = (pthread_atfork(nullptr, nullptr,
+                                            [] {
+                                              if (g_pool_started.load()) g_forked_child.store(true);
+                                            }),
+                             true);
 
 // This OpenBLAS instance is ours alone (NumPy and SciPy bundle their own copies). It runs
 // single-threaded: every parallel loop is an OpenMP team whose threads each call it on a block.
@@ -48,9 +61,13 @@ struct ScratchCache {
 
   static size_t initial_limit() {
     // RNNFAST_SCRATCH_CACHE_MB overrides the default of 1 GiB
+    // (rnnfast/__init__.py refuses anything but digits before the extension loads)
     const char* v = std::getenv("RNNFAST_SCRATCH_CACHE_MB");
-    if (v && *v) return size_t(std::strtoull(v, nullptr, 10)) << 20;
-    return size_t(1) << 30;
+    if (!v || !*v) return size_t(1) << 30;
+    char* end = nullptr;
+    const unsigned long long mb = std::strtoull(v, &end, 10);
+    if (*v == '-' || *end != '\0' || mb > (size_t(-1) >> 20)) return size_t(1) << 30;
+    return size_t(mb) << 20;
   }
   void trim(size_t to) {  // with the mutex held
     while (idle_bytes > to && !idle.empty()) {
@@ -132,9 +149,43 @@ size_t scratch_cache_bytes() {
   return c.idle_bytes;
 }
 
-void set_num_threads(int n) { g_threads = std::max(1, n); }
+int team_request(int threads) {
+  if (g_forked_child.load()) return 1;
+  if (threads > 1) g_pool_started.store(true);
+  return std::max(1, threads);
+}
+
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("set_num_threads needs n >= 1, got " + std::to_string(n));
+  if (n > 1 && g_forked_child.load())
+    throw std::runtime_error(
+        "this process was forked after rnnfast ran a multi-threaded kernel, and OpenMP's threads "
+        "do not survive fork: the kernels run on one thread here (start workers with the "
+        "'spawn' or 'forkserver' method to use more)");
+  // libgomp ends the whole process when it cannot start a team's threads; find out here, where
+  // a failure is an exception, by starting n - 1 threads that wait for each other
+  std::vector<std::thread> trial;
+  std::atomic<bool> release{false};
+  std::string failure;
+  for (int i = 1; i < n && failure.empty(); ++i) {
+    try {
+      trial.emplace_back([&release] {
+        while (!release.load()) std::this_thread::yield();
+      });
+    } catch (const std::system_error& e) {
+      failure = e.what();
+    }
+  }
+  release = true;
+  for (auto& t : trial) t.join();
+  if (!failure.empty())
+    throw std::runtime_error("set_num_threads(" + std::to_string(n) + "): could not start " +
+                             std::to_string(n) + " threads (" + failure + ")");
+  g_threads = n;
+}
 
 int get_num_threads() {
+  if (g_forked_child.load()) return 1;
   const int n = g_threads.load();
   if (n > 0) return n;
 #if defined(RNNFAST_WITH_OPENMP)
@@ -175,10 +226,10 @@ void parallel_gemm(int threads, bool trans_a, bool trans_b, int64_t M, int64_t N
                    const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   // small products are not worth a team
   if (M * N * K < (int64_t(1) << 18)) threads = 1;
-  threads = int(std::min<int64_t>(threads, std::max<int64_t>(M / 4, 1)));
+  threads = team_request(int(std::min<int64_t>(threads, std::max<int64_t>(M / 4, 1))));
 #pragma omp parallel num_threads(threads)
   {
-    const Range rows = split(M, threads, thread_index(), 4);
+    const Range rows = split(M, team_size(), thread_index(), 4);
     // op(A)'s row r starts at A + r*lda untransposed, at column r of A transposed
     const T* a = trans_a ? A + rows.begin : A + rows.begin * lda;
     gemm<T>(trans_a, trans_b, rows.size(), N, K, T(1), a, lda, B, ldb, beta, C + rows.begin * ldc,

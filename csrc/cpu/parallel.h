@@ -38,6 +38,23 @@ inline int thread_index() {
 #endif
 }
 
+// The number of threads in the calling thread's team. OpenMP may give a region fewer threads than
+// its num_threads clause asks for (OMP_THREAD_LIMIT, OMP_DYNAMIC, a call from inside another
+// parallel region), so inside a region work is split by this, never by the request.
+inline int team_size() {
+#if defined(RNNFAST_WITH_OPENMP)
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+// Every parallel region asks for its threads through this: it caps the request at what the
+// process may use (one thread in a child forked after a multi-threaded region: libgomp's thread
+// pool does not survive fork, and a second team there would wait for threads that no longer exist)
+// and records that a pool exists.
+int team_request(int threads);
+
 // Scratch memory for one call. Large buffers are 2 MiB-aligned and advised as huge pages (as
 // NumPy does for its arrays), and go back to a bounded cache when freed: a training step at
 // (N, T, H) = (32, 100, 1024) otherwise spends 5-8% of its time having the kernel fault in and

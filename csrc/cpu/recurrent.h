@@ -83,7 +83,7 @@ void backward_pass_baseline(const BackwardStep<T>& s) {
 // A step too small to share is not worth a barrier; otherwise each thread owns >= 16 units.
 inline int recurrent_threads(const Dims& d) {
   if (d.N * d.GH() * d.H < 64 * 1024) return 1;
-  return int(std::min<int64_t>(get_num_threads(), (d.H + 15) / 16));
+  return team_request(int(std::min<int64_t>(get_num_threads(), (d.H + 15) / 16)));
 }
 
 // A C++ exception must not leave an OpenMP region (it would terminate the process): a thread's
@@ -172,7 +172,8 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   TeamSetup setup;
 #pragma omp parallel num_threads(nt)
   {
-    const Range units = split(H, nt, thread_index(), kUnitAlign);
+    const int team = team_size();
+    const Range units = split(H, team, thread_index(), kUnitAlign);
     const int64_t width = G * units.size();
     Scratch<T> gh(nullptr, release_scratch), gx(nullptr, release_scratch);
     std::optional<StepProduct<T>> product, projection;
@@ -213,7 +214,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
           forward_pass_avx512<Cell, T>(s);
         else
           forward_pass_baseline<Cell, T>(s);
-        if (nt > 1) {  // h_t is complete when every thread has written its units
+        if (team > 1) {  // h_t is complete when every thread has written its units
 #pragma omp barrier
         }
       }
@@ -227,6 +228,37 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     std::memcpy(io.h_n + n * H, hs + len * NH + n * H, sizeof(T) * H);
     if (Cell::has_c) std::memcpy(io.c_n + n * H, c_slot(d.T) + n * H, sizeof(T) * H);
   }
+}
+
+// x, or where a padded row (t >= lengths[n]) holds a NaN or infinity, a copy of x with the padded
+// rows zeroed. Padded rows have zero gate gradients, but 0 * NaN in the dw_ih product would spread
+// the padding, which is the caller's and never read, into every weight gradient; with finite
+// padding the product is the same bit for bit, so only that case pays for the copy.
+template <typename T>
+const T* finite_padding(const Dims& d, const T* x, const int32_t* lengths, Scratch<T>& copy) {
+  if (!lengths) return x;
+  const int64_t N = d.N, C = d.C;
+  auto padded = [&](int64_t t, int64_t n) { return t >= lengths[n]; };
+  bool finite = true;
+  for (int64_t t = 0; t < d.T && finite; ++t)
+    for (int64_t n = 0; n < N && finite; ++n)
+      if (padded(t, n)) {
+        const T* row = x + (t * N + n) * C;
+        T bad = T(0);
+        for (int64_t k = 0; k < C; ++k) bad += row[k] - row[k];  // NaN for NaN or +-inf
+        finite = bad == T(0);
+      }
+  if (finite) return x;
+  copy = scratch<T>(d.T * N * C);
+  for (int64_t t = 0; t < d.T; ++t)
+    for (int64_t n = 0; n < N; ++n) {
+      T* out = copy.get() + (t * N + n) * C;
+      if (padded(t, n))
+        std::fill(out, out + C, T(0));
+      else
+        std::memcpy(out, x + (t * N + n) * C, sizeof(T) * C);
+    }
+  return copy.get();
 }
 
 template <class Cell, typename T>
@@ -265,7 +297,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   TeamSetup setup;
 #pragma omp parallel num_threads(nt)
   {
-    const Range units = split(H, nt, thread_index(), kUnitAlign);
+    const Range units = split(H, team_size(), thread_index(), kUnitAlign);
     std::optional<StepProduct<T>> product;
     const bool ok = setup.run([&] {
       product.emplace(io.w_hh + units.begin, H, units.size(), GH, false, OutputBlocks{}, TN);
@@ -300,7 +332,9 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   setup.rethrow();
 
   const int threads = get_num_threads();
-  parallel_gemm<T>(threads, true, false, GH, d.C, TN, dgx.get(), GH, io.x, d.C, T(0), io.dw_ih,
+  auto x_masked = scratch<T>(0);
+  const T* x_rows = finite_padding(d, io.x, io.lengths, x_masked);
+  parallel_gemm<T>(threads, true, false, GH, d.C, TN, dgx.get(), GH, x_rows, d.C, T(0), io.dw_ih,
                    d.C);
   parallel_gemm<T>(threads, true, false, GH, H, TN, dgh, GH, hs, H, T(0), io.dw_hh, H);
   parallel_gemm<T>(threads, false, false, TN, d.C, GH, dgx.get(), GH, io.w_ih, d.C, T(0), io.dx,

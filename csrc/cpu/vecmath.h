@@ -23,7 +23,10 @@ inline float exp_poly(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // n is in [-126, 128] for any number; NaN (which must stay NaN: e carries it) becomes -127
+  // here, since converting NaN to an integer is undefined
+  const float n_int = n > -127.0f ? n : -127.0f;
+  const int32_t bits = (static_cast<int32_t>(n_int) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return e * scale;
