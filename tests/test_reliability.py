@@ -62,8 +62,8 @@ def _check_against_reference(cell: str, dtype=np.float64, seed: int = 0) -> None
     assert_close(y, ry, **tol(dtype), name="y")
     assert_close(h_n, rh_n, **tol(dtype), name="h_n")
     assert_close(c_n, rc_n, **tol(dtype), name="c_n")
-    assert_grads_close(run_backward(ops, cell, ctx, **up), run_backward(reference, cell, rctx, **up),
-                       dtype)  # fmt: skip
+    grads = run_backward(ops, cell, ctx, **up)
+    assert_grads_close(grads, run_backward(reference, cell, rctx, **up), dtype)
 
 
 # ---- a smaller team than asked for ------------------------------------------------------------
