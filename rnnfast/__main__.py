@@ -111,6 +111,7 @@ def _write_json(path, data) -> None:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from .checkpoint import CheckpointError
+    from .clip import NonFiniteError
 
     try:
         if args.command == "charlm":
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
             _write_json(args.json, result)
             print(f"{args.cell.upper()} digits: test accuracy {result['test_accuracy']:.4f} "
                   f"({result['n_test']} images), {result['seconds']:.1f} s")  # fmt: skip
-    except CheckpointError as e:
+    except (CheckpointError, NonFiniteError) as e:
         raise SystemExit(f"error: {e}") from e
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

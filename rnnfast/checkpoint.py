@@ -5,10 +5,16 @@ Layout inside the archive: ``model/<name>`` for every entry of ``model.state_dic
 the format version, the optimizer's class and hyperparameters and the caller's metadata (a step
 count, the model's configuration...). No pickles: the file loads with ``allow_pickle=False``.
 
-Saving writes a temporary file in the target's directory, fsyncs it and renames it over the target
-(os.replace), so a crash leaves either the old file or the new one, never half of one. Loading
-reads and checks everything (zip CRCs, names, shapes, dtypes, optimizer class) before it changes
-anything, and raises CheckpointError naming the problem.
+Saving writes a temporary file in the target's directory, fsyncs it, renames it over the target
+(os.replace) and fsyncs the directory, so a crash leaves either the old file or the new one, never
+half of one; the temporary file a killed save leaves behind is removed by the next save to the same
+path. A symlink is written through: its target is replaced and the link stays. A model or optimizer
+state holding NaN or infinity is refused (CheckpointError), so that a diverged run never replaces a
+good checkpoint; ``allow_nonfinite=True`` writes or reads one anyway.
+
+Loading reads and checks everything (zip CRCs, member names, header fields, shapes, dtypes,
+finiteness, optimizer class) before it changes anything, and raises CheckpointError naming the
+problem for any file that is not a well-formed checkpoint.
 """
 
 from __future__ import annotations
@@ -41,7 +47,56 @@ def _to_jsonable(v):
     return v
 
 
-def save_checkpoint(path: str | os.PathLike, model=None, optimizer=None, **meta: Any) -> None:
+def _check_finite(arrays: dict[str, np.ndarray], path: str, verb: str) -> None:
+    for name, v in arrays.items():
+        if v.dtype.kind in "fc" and not np.isfinite(v).all():
+            bad = int(v.size - np.count_nonzero(np.isfinite(v)))
+            raise CheckpointError(
+                f"{verb} checkpoint {path!r}: {name} holds {bad} NaN or infinite values (a "
+                "diverged run?); pass allow_nonfinite=True to do it anyway"
+            )
+
+
+def _temporary_prefix(target: str) -> str:
+    return f".{os.path.basename(target)}.tmp-"
+
+
+def _remove_orphans(target: str) -> None:
+    """Deletes the temporary files that killed saves to ``target`` left (their writer is gone)."""
+    directory, prefix = os.path.dirname(target), _temporary_prefix(target)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".npz")):
+            continue
+        pid = name[len(prefix) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass
+        except OSError:  # another user's process, or no way to tell: leave it
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | os.PathLike, model=None, optimizer=None, *,
+                    allow_nonfinite: bool = False, **meta: Any) -> None:  # fmt: skip
     """Writes ``model.state_dict()``, ``optimizer.state_dict()`` and JSON-able ``meta`` to path."""
     path = os.fspath(path)
     arrays: dict[str, np.ndarray] = {}
@@ -61,45 +116,72 @@ def save_checkpoint(path: str | os.PathLike, model=None, optimizer=None, **meta:
                 if "/" in buf:
                     raise ValueError(f"optimizer buffer name {buf!r} must not contain '/'")
                 arrays[f"optimizer/{name}/{buf}"] = np.asarray(v)
+    if not allow_nonfinite:
+        _check_finite(arrays, path, "refusing to write")
     try:
         header["meta"] = json.loads(json.dumps(meta, default=_to_jsonable))
     except (TypeError, ValueError) as e:
         raise TypeError(f"checkpoint metadata must be JSON-serialisable: {e}") from e
     arrays["__meta__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    target = os.path.realpath(path)  # through a symlink: the link stays, its target is replaced
+    directory = os.path.dirname(target)
+    _remove_orphans(target)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temporary_prefix(target)}{os.getpid()}-", suffix=".npz",
+                               dir=directory)  # fmt: skip
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+    _fsync_directory(directory)  # the rename itself survives a power loss
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict | None, dict]:
+def _expect(ok: bool, path: str, problem: str) -> None:
+    if not ok:
+        raise CheckpointError(f"checkpoint {path!r} is malformed: {problem}")
+
+
+def _read_members(path: str) -> dict[str, np.ndarray]:
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a directory, not a file")
+    try:
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"checkpoint {path!r} is truncated or corrupt and cannot be read (not a zip "
+                "archive: cut short, or another kind of file such as a .npy array)"
+            )
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}  # reading every member checks its CRC
+    except CheckpointError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # anything the archive or a member's .npy header can raise
+        raise CheckpointError(
+            f"checkpoint {path!r} is truncated or corrupt and cannot be read ({type(e).__name__}: "
+            f"{e})"
+        ) from e
+
+
+def read_checkpoint(path: str | os.PathLike, *,
+                    allow_nonfinite: bool = False) -> tuple[dict, dict | None, dict]:  # fmt: skip
     """Reads and checks a checkpoint without applying it.
 
     Returns ``(model_state, optimizer_state, meta)``: the model state_dict, the optimizer
     state_dict plus its ``"class"`` (None if none was saved) and the caller's metadata.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}  # reading every member checks its CRC
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(
-            f"checkpoint {path!r} is truncated or corrupt and cannot be read ({type(e).__name__}: "
-            f"{e})"
-        ) from e
+    data = _read_members(path)
     if "__meta__" not in data:
         raise CheckpointError(
             f"{path!r} is an .npz file but not an rnnfast checkpoint (no __meta__)"
@@ -108,6 +190,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict | None, dict]:
         header = json.loads(data.pop("__meta__").tobytes().decode())
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path!r} has a corrupt header: {e}") from e
+    _expect(isinstance(header, dict), path, "its header is not a JSON object")
     if header.get("format") != FORMAT:
         raise CheckpointError(
             f"{path!r} is not an rnnfast checkpoint (format {header.get('format')!r})"
@@ -117,19 +200,39 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict | None, dict]:
             f"checkpoint {path!r} has format version {header.get('version')}, this rnnfast reads "
             f"version {VERSION}"
         )
-    model = {k[len("model/") :]: v for k, v in data.items() if k.startswith("model/")}
-    if "model" in header and sorted(model) != header["model"]:
+    meta = header.get("meta", {})
+    _expect(isinstance(meta, dict), path, "its metadata is not a JSON object")
+    names = header.get("model")
+    _expect(names is None or (isinstance(names, list) and all(isinstance(n, str) for n in names)),
+            path, "the header's model entry is not a list of names")  # fmt: skip
+    opt_header = header.get("optimizer")
+    _expect(opt_header is None or (isinstance(opt_header, dict)
+                                   and isinstance(opt_header.get("class"), str)
+                                   and isinstance(opt_header.get("hparams"), dict)),
+            path, "the header's optimizer entry lacks a class name or hyperparameters")  # fmt: skip
+
+    model: dict[str, np.ndarray] = {}
+    state: dict[str, dict[str, np.ndarray]] = {}
+    for k, v in data.items():
+        _expect(v.dtype.kind in "biuf", path, f"{k} has dtype {v.dtype}, not a real number type")
+        if k.startswith("model/") and len(k) > len("model/"):
+            model[k[len("model/") :]] = v
+        elif k.startswith("optimizer/") and k.count("/") >= 2 and opt_header is not None:
+            name, buf = k[len("optimizer/") :].rsplit("/", 1)
+            _expect(bool(name and buf), path, f"member {k!r} names no parameter or buffer")
+            state.setdefault(name, {})[buf] = v
+        else:
+            _expect(False, path, f"unexpected member {k!r}")
+    if names is not None and sorted(model) != sorted(names):
         raise CheckpointError(f"checkpoint {path!r} is missing model arrays its header lists")
+    if not allow_nonfinite:
+        _check_finite({f"model/{k}": v for k, v in model.items()}, path, "refusing to read")
+        _check_finite({f"optimizer/{n}/{b}": v for n, s in state.items() for b, v in s.items()},
+                      path, "refusing to read")  # fmt: skip
     optim = None
-    if header.get("optimizer") is not None:
-        state: dict[str, dict[str, np.ndarray]] = {}
-        for k, v in data.items():
-            if k.startswith("optimizer/"):
-                name, buf = k[len("optimizer/") :].rsplit("/", 1)
-                state.setdefault(name, {})[buf] = v
-        optim = {"class": header["optimizer"]["class"],
-                 "hparams": header["optimizer"]["hparams"], "state": state}  # fmt: skip
-    return model, optim, header.get("meta", {})
+    if opt_header is not None:
+        optim = {"class": opt_header["class"], "hparams": opt_header["hparams"], "state": state}
+    return model, optim, meta
 
 
 def _check_model_state(model, state: dict, path: str) -> None:
@@ -146,16 +249,22 @@ def _check_model_state(model, state: dict, path: str) -> None:
                 f"checkpoint {path!r} does not fit the model: {k} has shape {state[k].shape} in "
                 f"the file and {np.shape(v)} in the model"
             )
+        if (state[k].dtype.kind == "f") != (np.asarray(v).dtype.kind == "f"):
+            raise CheckpointError(
+                f"checkpoint {path!r} does not fit the model: {k} has dtype {state[k].dtype} in "
+                f"the file and {np.asarray(v).dtype} in the model"
+            )
 
 
-def load_checkpoint(path: str | os.PathLike, model=None, optimizer=None) -> dict:
+def load_checkpoint(path: str | os.PathLike, model=None, optimizer=None, *,
+                    allow_nonfinite: bool = False) -> dict:  # fmt: skip
     """Restores ``model`` and ``optimizer`` (either may be None) from path; returns the metadata.
 
     Everything is checked before anything changes: on any error the model and the optimizer are
     as they were.
     """
     path = os.fspath(path)
-    model_state, optim_state, meta = read_checkpoint(path)
+    model_state, optim_state, meta = read_checkpoint(path, allow_nonfinite=allow_nonfinite)
     if model is not None:
         _check_model_state(model, model_state, path)
     if optimizer is not None:

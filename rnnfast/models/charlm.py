@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from .. import optim as _optim
-from ..clip import clip_grad_norm_
+from ..clip import NonFiniteGuard, clip_grad_norm_, grad_norm
 from ..init import as_generator
 from ..layers import LSTM, Embedding, Linear, Module
 from ..losses import perplexity, softmax, softmax_cross_entropy
@@ -243,19 +243,59 @@ class _Progress:
         print(text, file=sys.stderr, flush=True)
 
 
-def _model_from_meta(meta: dict, path: str) -> tuple[CharLM, Vocab]:
-    try:
-        vocab = Vocab(meta["vocab"])
-        model = CharLM(**meta["model_config"])
-    except (KeyError, TypeError) as e:
-        raise ckpt.CheckpointError(f"{path!r} is not a charlm checkpoint ({e})") from e
-    return model, vocab
+def _model_from_meta(meta: dict, state: dict, path: str) -> tuple[CharLM, Vocab]:
+    """The CharLM and vocabulary a checkpoint's metadata describes, checked against its arrays
+    (``state``) before anything is allocated: a malformed file is a CheckpointError."""
+
+    def bad(problem: str) -> ckpt.CheckpointError:
+        return ckpt.CheckpointError(f"{path!r} is not a usable charlm checkpoint: {problem}")
+
+    vocab, config = meta.get("vocab"), meta.get("model_config")
+    if not isinstance(vocab, str) or not vocab:
+        raise bad("its metadata has no vocabulary string")
+    keys = {"vocab_size", "embed", "hidden", "layers", "dropout"}
+    if not isinstance(config, dict) or set(config) != keys:
+        raise bad(f"its model_config is not a dict with keys {sorted(keys)}")
+    for k in ("vocab_size", "embed", "hidden", "layers"):
+        if isinstance(config[k], bool) or not isinstance(config[k], int) or config[k] < 1:
+            raise bad(f"model_config {k} = {config[k]!r} is not a positive integer")
+    dropout = config["dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise bad(f"model_config dropout = {dropout!r} is not in [0, 1)")
+    vocab = Vocab(vocab)
+    V, E, H, L = (config[k] for k in ("vocab_size", "embed", "hidden", "layers"))
+    expected = {"embed.weight": (V, E), f"rnn.weight_hh_l{L - 1}": (4 * H, H),
+                "head.weight": (V, H)}  # fmt: skip
+    for name, shape in expected.items():
+        if name not in state or state[name].shape != shape:
+            got = state[name].shape if name in state else "no such array"
+            raise bad(f"model_config says {name} has shape {shape}, the file has {got}")
+    if len(vocab) != V:
+        raise bad(f"its vocabulary has {len(vocab)} characters, its model_config {V}")
+    return CharLM(**config), vocab
+
+
+def _resume_settings(meta: dict, path: str, optimizer: str) -> tuple[str, int, float | None]:
+    """(optimizer name, step, base learning rate or None) from a charlm checkpoint's metadata;
+    ``optimizer`` where it names none."""
+    name, step = meta.get("optimizer_name", optimizer), meta.get("step", 0)
+    base_lr = meta.get("base_lr")
+    if name not in OPTIMIZERS:
+        raise ckpt.CheckpointError(
+            f"{path!r}: optimizer_name {name!r} is not one of {sorted(OPTIMIZERS)}"
+        )
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ckpt.CheckpointError(f"{path!r}: step {step!r} is not a whole number >= 0")
+    if base_lr is not None and (isinstance(base_lr, bool) or not isinstance(base_lr, (int, float))
+                                or not math.isfinite(base_lr) or base_lr <= 0):  # fmt: skip
+        raise ckpt.CheckpointError(f"{path!r}: base_lr {base_lr!r} is not a positive number")
+    return name, step, base_lr
 
 
 def load_model(path: str) -> tuple[CharLM, Vocab, dict]:
     """A trained CharLM, its vocabulary and the checkpoint's metadata from ``path``."""
-    _, _, meta = ckpt.read_checkpoint(path)
-    model, vocab = _model_from_meta(meta, path)
+    state, _, meta = ckpt.read_checkpoint(path)
+    model, vocab = _model_from_meta(meta, state, path)
     ckpt.load_checkpoint(path, model)
     return model, vocab, meta
 
@@ -282,16 +322,16 @@ def train(cfg: TrainConfig) -> dict:
     progress = _Progress(cfg.steps, cfg.quiet)
     start_step = 0
     if cfg.resume:
-        _, _, meta = ckpt.read_checkpoint(cfg.resume)
-        model, vocab = _model_from_meta(meta, cfg.resume)
+        state, _, meta = ckpt.read_checkpoint(cfg.resume)
+        model, vocab = _model_from_meta(meta, state, cfg.resume)
+        opt_name, start_step, base_lr = _resume_settings(meta, cfg.resume, cfg.optimizer)
         missing = set(train_text + val_text) - set(vocab.chars)
         if missing:
             raise SystemExit(f"the corpus has characters the checkpoint's vocabulary lacks: "
                              f"{''.join(sorted(missing))!r}")  # fmt: skip
-        opt = OPTIMIZERS[meta.get("optimizer_name", cfg.optimizer)](model.params, lr=cfg.lr)
+        opt = OPTIMIZERS[opt_name](model.params, lr=cfg.lr)
         ckpt.load_checkpoint(cfg.resume, model, opt)
-        start_step = int(meta.get("step", 0))
-        base_lr = float(meta.get("base_lr", opt.lr))
+        base_lr = opt.lr if base_lr is None else float(base_lr)
         progress.print(f"resumed {cfg.resume} at step {start_step}")
     else:
         vocab = Vocab(train_text + val_text)
@@ -299,6 +339,11 @@ def train(cfg: TrainConfig) -> dict:
         opt = OPTIMIZERS[cfg.optimizer](model.params, lr=cfg.lr)
         base_lr = cfg.lr
     train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
+    if len(train_ids) < 2 * cfg.batch:
+        most = max(1, len(train_ids) // 2)
+        raise SystemExit(f"--batch {cfg.batch} is too large for a training text of "
+                         f"{len(train_ids):,} characters: each of the {cfg.batch} parallel "
+                         f"streams needs at least 2 (use --batch {most} or less)")  # fmt: skip
     unigram = unigram_perplexity(train_ids, val_ids, len(vocab))
     progress.print(
         f"corpus: {len(train_ids):,} train / {len(val_ids):,} validation characters, vocabulary "
@@ -310,6 +355,7 @@ def train(cfg: TrainConfig) -> dict:
     step, chars, t_train, history = start_step, 0, time.perf_counter(), []
     loss_avg = None
     val_loss = None
+    guard = NonFiniteGuard()
     model.train()
 
     def save():
@@ -346,7 +392,14 @@ def train(cfg: TrainConfig) -> dict:
             model.zero_grad()
             model.backward(dlogits)
             if cfg.clip > 0:
-                clip_grad_norm_(model.grads, cfg.clip)
+                norm = clip_grad_norm_(model.grads, cfg.clip)
+            else:
+                norm = grad_norm(model.grads)
+            if not guard.step_ok(loss, norm):  # skipped: parameters and optimizer state unchanged
+                bptt.reset()  # and no state from it carried on
+                progress.print(f"step {step + 1}: non-finite loss {loss} or gradient norm {norm}; "
+                               "step skipped")  # fmt: skip
+                continue
             opt.step(model.grads)
             step += 1
             chars += y.size

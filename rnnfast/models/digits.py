@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from .. import optim
-from ..clip import clip_grad_norm_
+from ..clip import NonFiniteGuard, clip_grad_norm_
 from ..init import as_generator
 from ..layers import GRU, LSTM, Linear, Module
 from ..losses import softmax_cross_entropy
@@ -84,6 +84,7 @@ def train_digits(cell: str = "gru", hidden: int = 64, epochs: int = 30, batch: i
     opt = optim.Adam(model.params, lr=lr)
     rng = np.random.default_rng(seed)
     n = x_tr.shape[1]
+    guard = NonFiniteGuard()
     for epoch in range(epochs):
         order = rng.permutation(n)
         total = 0.0
@@ -92,7 +93,9 @@ def train_digits(cell: str = "gru", hidden: int = 64, epochs: int = 30, batch: i
             loss, dlogits = softmax_cross_entropy(model(x_tr[:, idx]), y_tr[idx])
             model.zero_grad()
             model.backward(dlogits)
-            clip_grad_norm_(model.grads, 5.0)
+            norm = clip_grad_norm_(model.grads, 5.0)
+            if not guard.step_ok(loss, norm):  # skipped: parameters and optimizer state unchanged
+                continue
             opt.step(model.grads)
             total += loss * len(idx)
         if not quiet and (epoch + 1) % max(1, epochs // 10) == 0:
