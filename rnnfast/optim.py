@@ -79,6 +79,10 @@ class Optimizer:
             if g is None:
                 continue
             g = np.asarray(g)
+            if g.dtype.kind != "f":
+                raise TypeError(
+                    f"gradient {name!r} has dtype {g.dtype}; gradients must be floating-point"
+                )
             if g.shape != p.shape:
                 raise ValueError(
                     f"gradient {name!r} has shape {g.shape} but the parameter has shape {p.shape}"
@@ -103,34 +107,68 @@ class Optimizer:
         }
         return {"hparams": self.hparams, "state": state}
 
+    def _buffers(self, hparams: dict) -> set[str]:
+        """The state buffers one update with these hyperparameters creates."""
+        probe = type(self)({"p": np.zeros(1)}, **hparams)
+        state: dict = {}
+        probe._update(probe.params["p"], np.zeros(1), state)
+        return set(state)
+
     def load_state_dict(self, state_dict: Mapping) -> None:
-        """Restores hyperparameters and state from ``state_dict()``; checks everything first."""
+        """Restores hyperparameters and state from ``state_dict()``; checks everything first.
+
+        The hyperparameters go through the constructor's checks (a negative learning rate is
+        refused as ``lr=-1`` would be), a parameter's state must hold exactly the buffers this
+        optimizer keeps with them, each real-valued, with the parameter's shape (``step`` a
+        single number >= 0). On any error nothing changes.
+        """
         if not isinstance(state_dict, Mapping) or set(state_dict) != {"hparams", "state"}:
             raise ValueError("optimizer state_dict must be a dict with keys 'hparams' and 'state'")
         hp, st = state_dict["hparams"], state_dict["state"]
+        if not isinstance(hp, Mapping) or not isinstance(st, Mapping):
+            raise ValueError("optimizer state_dict's 'hparams' and 'state' must be dicts")
         if set(hp) != set(self._hparams):
             raise ValueError(
                 f"{type(self).__name__} state_dict has hyperparameters {sorted(hp)}, expected "
                 f"{sorted(self._hparams)} (is it from another optimizer?)"
             )
+        hp = {k: tuple(v.tolist() if isinstance(v, np.ndarray) else v)
+              if isinstance(v, (list, tuple, np.ndarray)) else v for k, v in hp.items()}  # fmt: skip
+        try:
+            buffers = self._buffers(hp)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{type(self).__name__} state_dict has invalid hyperparameters: {e}")
         unknown = set(st) - set(self.params)
         if unknown:
             raise KeyError(f"optimizer state for unknown parameters: {sorted(unknown)}")
         new_state = {}
         for name, s in st.items():
             p = self.params[name]
+            if not isinstance(s, Mapping):
+                raise ValueError(f"optimizer state for {name!r} must be a dict of buffers")
+            if s and set(s) != buffers:
+                raise ValueError(
+                    f"optimizer state for {name!r} has buffers {sorted(s)}; {type(self).__name__} "
+                    f"with these hyperparameters keeps {sorted(buffers)}"
+                )
             new_state[name] = {}
             for k, v in s.items():
                 v = np.asarray(v)
-                if k != "step" and v.shape != p.shape:
+                if v.dtype.kind not in "iuf":
+                    raise ValueError(f"optimizer state {name}/{k} has dtype {v.dtype}, not real")
+                if k == "step":
+                    if v.shape != () or not np.isfinite(v) or v < 0:
+                        raise ValueError(
+                            f"optimizer state {name}/step must be one number >= 0, got shape "
+                            f"{v.shape} ({v if v.size == 1 else '...'})"
+                        )
+                elif v.shape != p.shape:
                     raise ValueError(
                         f"optimizer state {name}/{k} has shape {v.shape}, parameter has {p.shape}"
                     )
                 new_state[name][k] = np.array(v, dtype=p.dtype if k != "step" else np.float64)
         for k, v in hp.items():
-            if isinstance(v, np.ndarray):
-                v = v.tolist()
-            setattr(self, k, tuple(v) if isinstance(v, list) else v)
+            setattr(self, k, v)
         self.state = new_state
 
 

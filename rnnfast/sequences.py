@@ -57,7 +57,9 @@ def pad_sequences(
             raise ValueError(f"max_len={max_len} is shorter than the longest sequence ({T})")
         T = int(max_len)
     if dtype is None:
-        dtype = np.result_type(*arrays) if any(a.size for a in arrays) else arrays[0].dtype
+        # an empty list (np.asarray([]) is float64) says nothing about the tokens' type
+        filled = [a for a in arrays if a.size]
+        dtype = np.result_type(*filled) if filled else arrays[0].dtype
     out = np.full((len(arrays), T, *feat), padding_value, dtype=dtype)
     for n, a in enumerate(arrays):
         out[n, : a.shape[0]] = a
@@ -247,13 +249,21 @@ class TruncatedBPTT:
         self.rng = as_generator(rng)
         self.state = None
 
+    def _max_offset(self) -> int:
+        if not self.random_offset:
+            return 0
+        return max(0, min(self.seq_len, len(self.tokens) // self.batch_size - 1) - 1)
+
+    def _row_length(self) -> int:
+        # the same for every offset, so that every epoch has len(self) chunks
+        return (len(self.tokens) - self._max_offset()) // self.batch_size
+
     def _rows(self, offset: int) -> np.ndarray:
-        usable = (len(self.tokens) - offset) // self.batch_size * self.batch_size
+        usable = self._row_length() * self.batch_size
         return self.tokens[offset : offset + usable].reshape(self.batch_size, -1).T  # (L, N)
 
     def __len__(self) -> int:
-        L = len(self.tokens) // self.batch_size
-        return -(-(L - 1) // self.seq_len)
+        return -(-(self._row_length() - 1) // self.seq_len)
 
     def carry(self, state) -> None:
         """Keeps a detached copy of ``state`` for the next chunk."""
@@ -266,8 +276,7 @@ class TruncatedBPTT:
         self.state = None
         offset = 0
         if self.random_offset:
-            hi = min(self.seq_len, len(self.tokens) // self.batch_size - 1)
-            offset = int(self.rng.integers(0, hi)) if hi > 0 else 0
+            offset = int(self.rng.integers(0, self._max_offset() + 1))
         rows = self._rows(offset)
         L = rows.shape[0]
         for s in range(0, L - 1, self.seq_len):
