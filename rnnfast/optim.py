@@ -132,12 +132,15 @@ class Optimizer:
                 f"{type(self).__name__} state_dict has hyperparameters {sorted(hp)}, expected "
                 f"{sorted(self._hparams)} (is it from another optimizer?)"
             )
-        hp = {k: tuple(v.tolist() if isinstance(v, np.ndarray) else v)
-              if isinstance(v, (list, tuple, np.ndarray)) else v for k, v in hp.items()}  # fmt: skip
+        # a checkpoint's JSON turns tuples (Adam's betas) into lists
+        hp = {k: tuple(np.asarray(v).tolist()) if isinstance(v, (list, tuple, np.ndarray)) else v
+              for k, v in hp.items()}  # fmt: skip
         try:
             buffers = self._buffers(hp)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{type(self).__name__} state_dict has invalid hyperparameters: {e}")
+            raise ValueError(
+                f"{type(self).__name__} state_dict has invalid hyperparameters: {e}"
+            ) from e
         unknown = set(st) - set(self.params)
         if unknown:
             raise KeyError(f"optimizer state for unknown parameters: {sorted(unknown)}")
