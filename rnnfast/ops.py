@@ -11,6 +11,10 @@ state for a length of 0), and padded positions receive no gradient.
 
 A training forward returns a context that holds the reserve for backward; ``training=False``
 keeps nothing beyond the outputs and the final state, and its context cannot be differentiated.
+The context keeps each input array itself where it is C-contiguous and aligned (changing it in
+place before backward changes the gradients) and a contiguous aligned copy otherwise; lengths as
+int32 (a copy unless it already is). Padding (x past a sequence's length) is never read: NaN there
+reaches no output and no gradient.
 In training mode ``y`` is a read-only view of the reserve (backward reads it): copy it before
 writing to it.
 
