@@ -161,7 +161,7 @@ def _read_members(path: str) -> dict[str, np.ndarray]:
                 "archive: cut short, or another kind of file such as a .npy array)"
             )
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}  # reading every member checks its CRC
+            members = {k: z[k] for k in z.files}  # reading every member checks its CRC
     except CheckpointError:
         raise
     except MemoryError:
@@ -171,6 +171,9 @@ def _read_members(path: str) -> dict[str, np.ndarray]:
             f"checkpoint {path!r} is truncated or corrupt and cannot be read ({type(e).__name__}: "
             f"{e})"
         ) from e
+    for k, v in members.items():  # NumPy hands back a member that is no .npy file as bytes
+        _expect(isinstance(v, np.ndarray), path, f"member {k!r} is not a NumPy array")
+    return members
 
 
 def read_checkpoint(path: str | os.PathLike, *,

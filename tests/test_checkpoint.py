@@ -128,3 +128,177 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(TypeError, match="JSON"):
         checkpoint.save_checkpoint(path, model, opt, thing=object())
     assert path.read_bytes() == old
+
+
+def test_nonfinite_state_is_never_written_or_read(tmp_path):
+    model, opt = trained()
+    path = tmp_path / "ck.npz"
+    checkpoint.save_checkpoint(path, model, opt)
+    good = path.read_bytes()
+    model.params["rnn.weight_hh_l0"][0, 0] = np.nan
+    with pytest.raises(CheckpointError, match="rnn.weight_hh_l0 holds 1 NaN or infinite"):
+        checkpoint.save_checkpoint(path, model, opt)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.npz"]
+    model.params["rnn.weight_hh_l0"][0, 0] = 0
+    opt.state["rnn.weight_hh_l0"]["exp_avg"][1, 1] = np.inf
+    with pytest.raises(CheckpointError, match="exp_avg holds 1"):
+        checkpoint.save_checkpoint(path, model, opt)
+    assert path.read_bytes() == good
+    # written on purpose, it is refused on reading unless asked for
+    checkpoint.save_checkpoint(path, model, opt, allow_nonfinite=True)
+    target, topt = trained(seed=4)
+    before = snapshot(target, topt)
+    with pytest.raises(CheckpointError, match="refusing to read"):
+        checkpoint.load_checkpoint(path, target, topt)
+    assert_same(snapshot(target, topt), before)
+    checkpoint.load_checkpoint(path, target, topt, allow_nonfinite=True)
+    assert np.isinf(topt.state["rnn.weight_hh_l0"]["exp_avg"][1, 1])
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_save_removes_what_killed_saves_left(tmp_path):
+    model, opt = trained()
+    path = tmp_path / "ck.npz"
+    orphan = tmp_path / f".ck.npz.tmp-{_dead_pid()}-abc123.npz"
+    running = tmp_path / f".ck.npz.tmp-{os.getppid()}-def456.npz"  # its writer still runs
+    other = tmp_path / f".other.npz.tmp-{_dead_pid()}-xyz.npz"  # another target's
+    for p in (orphan, running, other):
+        p.write_bytes(b"partial")
+    checkpoint.save_checkpoint(path, model, opt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ck.npz", running.name, other.name]
+    )
+
+
+def test_kill_during_save_leaves_the_old_file_and_no_temporary(tmp_path):
+    """SIGKILL a process in the middle of a large save: the old checkpoint is intact, and the
+    next save to that path removes the temporary the killed one left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model, opt = trained()
+    path = tmp_path / "ck.npz"
+    checkpoint.save_checkpoint(path, model, opt)
+    good = path.read_bytes()
+    code = f"""
+import numpy as np, rnnfast
+from rnnfast import checkpoint
+class Big(rnnfast.layers.Module):
+    def __init__(self):
+        super().__init__()
+        self.add_module("head", rnnfast.Linear(4096, 4096))
+print("ready", flush=True)
+while True:
+    checkpoint.save_checkpoint({str(path)!r}, Big())
+"""
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    deadline = time.monotonic() + 30
+    prefix = ".ck.npz.tmp-"
+    while not any(p.name.startswith(prefix) for p in tmp_path.iterdir()):
+        assert time.monotonic() < deadline, "the child never started a save"
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(prefix)]
+    assert left, "the kill came after the save finished"
+    # the old file or a whole new one, never part of one
+    data = path.read_bytes()
+    if data != good:
+        checkpoint.read_checkpoint(path)
+    checkpoint.save_checkpoint(path, model, opt)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.npz"]
+
+
+def test_save_through_a_symlink_keeps_the_link(tmp_path):
+    model, opt = trained()
+    real = tmp_path / "runs" / "ck.npz"
+    real.parent.mkdir()
+    link = tmp_path / "latest.npz"
+    link.symlink_to(real)
+    checkpoint.save_checkpoint(link, model, opt, step=1)
+    checkpoint.save_checkpoint(link, model, opt, step=2)
+    assert link.is_symlink() and os.path.realpath(link) == str(real)
+    assert checkpoint.read_checkpoint(real)[2] == {"step": 2}
+
+
+def _crafted_files(tmp_path, good: bytes):
+    """(name, path) of files that are not well-formed checkpoints, each a different way."""
+    import io
+    import json
+    import zipfile
+
+    def npz(name, members):
+        path = tmp_path / f"{name}.npz"
+        with open(path, "wb") as f:
+            np.savez(f, **members)
+        return name, path
+
+    def header(h):
+        return np.frombuffer(json.dumps(h).encode(), dtype=np.uint8)
+
+    with np.load(io.BytesIO(good)) as z:
+        members = {k: z[k] for k in z.files}
+    h = json.loads(members["__meta__"].tobytes().decode())
+    files = []
+    npy = tmp_path / "array.npy"
+    np.save(npy, np.zeros(3))
+    files.append(("npy", npy))
+    (tmp_path / "empty.npz").write_bytes(b"")
+    files.append(("empty", tmp_path / "empty.npz"))
+    (tmp_path / "dir.npz").mkdir()
+    files.append(("directory", tmp_path / "dir.npz"))
+    zpath = tmp_path / "not-npy.npz"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("__meta__.npy", b"this is no npy header")
+    files.append(("zip of junk", zpath))
+    files.append(npz("header list", {**members, "__meta__": header([1, 2])}))
+    files.append(npz("header bytes", {**members, "__meta__": np.frombuffer(b"\xff\xfe", np.uint8)}))
+    files.append(npz("meta list", {**members, "__meta__": header({**h, "meta": [1]})}))
+    files.append(npz("model names", {**members, "__meta__": header({**h, "model": "abc"})}))
+    files.append(npz("optimizer str", {**members, "__meta__": header({**h, "optimizer": "x"})}))
+    no_class = header({**h, "optimizer": {"hparams": {}}})
+    files.append(npz("optimizer no class", {**members, "__meta__": no_class}))
+    files.append(npz("stray member", {**members, "junk": np.zeros(2)}))
+    files.append(npz("bare optimizer member", {**members, "optimizer/x": np.zeros(2)}))
+    files.append(npz("complex weights",
+                     {**members, "model/head.bias": members["model/head.bias"] + 1j}))  # fmt: skip
+    files.append(npz("string weights", {**members, "model/head.bias": np.array(["a"] * 5)}))
+    files.append(npz("int weights",
+                     {**members, "model/head.bias": np.zeros(5, np.int64)}))  # fmt: skip
+    files.append(npz("scalar step", {**members, "optimizer/head.bias/step": np.zeros(2)}))
+    files.append(npz("negative lr", {**members, "__meta__": header(
+        {**h, "optimizer": {**h["optimizer"], "hparams": {**h["optimizer"]["hparams"], "lr": -1}}}
+    )}))  # fmt: skip
+    missing = {k: v for k, v in members.items() if not k.endswith("/exp_avg_sq")}
+    files.append(npz("missing buffer", missing))
+    return files
+
+
+def test_malformed_files_are_checkpoint_errors_that_change_nothing(tmp_path):
+    model, opt = trained()
+    path = tmp_path / "ck.npz"
+    checkpoint.save_checkpoint(path, model, opt)
+    target, topt = trained(seed=5)
+    before = snapshot(target, topt)
+    files = _crafted_files(tmp_path, path.read_bytes())
+    assert len(files) == 18
+    for name, bad in files:
+        try:
+            checkpoint.load_checkpoint(bad, target, topt)
+        except CheckpointError:
+            pass
+        else:
+            pytest.fail(f"{name}: loaded without an error")
+        assert_same(snapshot(target, topt), before)

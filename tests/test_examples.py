@@ -105,3 +105,75 @@ def test_digits_reaches_95_percent(capsys):
     out = capsys.readouterr().out
     accuracy = float(out.split("test accuracy ")[1].split()[0])
     assert accuracy >= 0.95, out
+
+
+def _run_cli(tmp_path, *args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "rnnfast", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=tmp_path)  # fmt: skip
+
+
+def test_charlm_batch_larger_than_the_corpus_is_a_one_line_error(tmp_path):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("abcab cabca\n" * 100)
+    out = _run_cli(tmp_path, "charlm", "--corpus", str(corpus), "--batch", "5000", "--steps", "2",
+                   "--quiet", "--checkpoint", str(tmp_path / "c.npz"))  # fmt: skip
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "--batch 5000 is too large" in out.stderr
+
+
+def _tiny_checkpoint(tmp_path):
+    ck = tmp_path / "good.npz"
+    main(["charlm", *TINY, "--steps", "4", "--eval-every", "4", "--sample-every", "0",
+          "--checkpoint", str(ck)])  # fmt: skip
+    return ck
+
+
+def test_charlm_diverging_run_stops_and_keeps_the_good_checkpoint(tmp_path):
+    """SGD at lr 1e30: the first step leaves huge weights, every later loss is non-finite; the
+    trainer skips those steps, stops after five in a row with a one-line error, and the good
+    checkpoint at the same path is never replaced."""
+    ck = _tiny_checkpoint(tmp_path)
+    good = ck.read_bytes()
+    out = _run_cli(tmp_path, "charlm", *TINY, "--optimizer", "sgd", "--lr", "1e30", "--clip", "0",
+                   "--steps", "50", "--eval-every", "10", "--sample-every", "0",
+                   "--checkpoint", str(ck))  # fmt: skip
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert "5 training steps in a row had a non-finite loss or gradient" in out.stderr
+    assert ck.read_bytes() == good
+
+
+def test_charlm_resume_of_malformed_checkpoints_is_a_one_line_error(tmp_path):
+    """Checkpoints whose metadata lies about the model (each crafted from a good one) end in
+    "error: ...", never a traceback."""
+    from rnnfast import checkpoint
+
+    ck = _tiny_checkpoint(tmp_path)
+    model, vocab, meta = charlm.load_model(str(ck))
+    opt = charlm.OPTIMIZERS["adam"](model.params)
+    checkpoint.load_checkpoint(ck, model, opt)
+    variants = {
+        "no_vocab": {"vocab": None},
+        "vocab_number": {"vocab": 5},
+        "config_missing": {"model_config": None},
+        "hidden_negative": {"model_config": {**meta["model_config"], "hidden": -1}},
+        "hidden_mismatch": {"model_config": {**meta["model_config"], "hidden": 49}},
+        "hidden_float": {"model_config": {**meta["model_config"], "hidden": 48.5}},
+        "dropout_str": {"model_config": {**meta["model_config"], "dropout": "x"}},
+        "vocab_mismatch": {"vocab": meta["vocab"][:-1]},
+        "optimizer_unknown": {"optimizer_name": "lion"},
+        "step_str": {"step": "ten"},
+        "step_negative": {"step": -3},
+        "base_lr_str": {"base_lr": "fast"},
+    }
+    for name, change in variants.items():
+        path = tmp_path / f"{name}.npz"
+        checkpoint.save_checkpoint(path, model, opt, **{**meta, **change})
+        for command in (["charlm", *TINY, "--steps", "6", "--resume", str(path),
+                         "--checkpoint", str(tmp_path / "out.npz")],
+                        ["sample", "--checkpoint", str(path), "--length", "5"]):  # fmt: skip
+            if command[0] == "sample" and name.startswith(("optimizer", "step", "base_lr")):
+                continue  # sampling reads neither
+            out = _run_cli(tmp_path, *command)
+            assert out.returncode != 0, (name, command[0])
+            assert "Traceback" not in out.stderr and "error:" in out.stderr, (name, out.stderr)
+            assert str(path) in out.stderr, (name, out.stderr)  # the file, named

@@ -227,3 +227,107 @@ def test_float32_stays_float32(name):
         opt.step({"w": np.full((2, 3), 0.5, np.float32)})
     assert p["w"] is w and w.dtype == np.float32 and not np.all(w == 1)
     assert all(v.dtype == np.float32 for k, v in opt.state["w"].items() if k != "step")
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_clip_grad_norm_leaves_nonfinite_gradients_unchanged(poison):
+    grads = {"a": np.ones((3, 4), np.float32), "b": np.full(5, 10.0, np.float32)}
+    grads["a"][1, 2] = poison
+    before = {k: v.copy() for k, v in grads.items()}
+    total = clip.clip_grad_norm_(grads, 1.0)
+    assert not math.isfinite(total)
+    for k in grads:  # nothing scaled: the caller sees the norm and skips the step
+        np.testing.assert_array_equal(grads[k], before[k])
+    with pytest.raises(RuntimeError, match="non-finite"):
+        clip.clip_grad_norm_(grads, 1.0, error_if_nonfinite=True)
+    np.testing.assert_array_equal(grads["b"], before["b"])
+
+
+def test_clip_grad_norm_float16_does_not_overflow():
+    """Four float16 gradients of 300: the norm is 600 (a float16 sum of squares is inf)."""
+    g = [np.full(4, 300, np.float16)]
+    assert clip.clip_grad_norm_(g, 1.0) == pytest.approx(600.0)
+    np.testing.assert_allclose(g[0], 0.5, rtol=1e-3)
+    assert g[0].dtype == np.float16
+    torch = pytest.importorskip("torch")
+    t = torch.zeros(4, dtype=torch.float16, requires_grad=True)
+    t.grad = torch.full((4,), 300, dtype=torch.float16)
+    assert float(torch.nn.utils.clip_grad_norm_([t], 1.0)) == pytest.approx(600.0)
+    np.testing.assert_allclose(t.grad.numpy(), g[0], rtol=1e-3)
+
+
+def test_nonfinite_guard_skips_then_stops():
+    guard = clip.NonFiniteGuard(patience=3)
+    assert guard.step_ok(1.0, 2.0)
+    assert not guard.step_ok(float("nan"), 2.0)
+    assert not guard.step_ok(1.0, float("inf"))
+    assert guard.step_ok(1.0, 2.0)  # a finite step resets the count
+    assert not guard.step_ok(1.0, float("nan"))
+    assert not guard.step_ok(1.0, float("nan"))
+    with pytest.raises(clip.NonFiniteError, match="3 training steps in a row"):
+        guard.step_ok(float("inf"), 1.0)
+    assert guard.skipped == 5
+    with pytest.raises(ValueError):
+        clip.NonFiniteGuard(patience=0)
+
+
+NOT_FLOATING = [np.array(["a"] * 3), np.ones(3, complex), np.ones(3, bool),
+                np.array([1, None, 2], dtype=object), np.ones(3, np.int64)]  # fmt: skip
+
+
+@pytest.mark.parametrize("grad", NOT_FLOATING)
+def test_step_refuses_gradients_that_are_not_floating(grad):
+    params = {"w": np.zeros(3, np.float32)}
+    opt = optim.Adam(params)
+    with pytest.raises(TypeError, match="floating-point"):
+        opt.step({"w": grad})
+    np.testing.assert_array_equal(params["w"], 0)
+    assert opt.state == {}
+
+
+def _stepped_adam(amsgrad=False):
+    params = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
+    opt = optim.Adam(params, lr=0.1, amsgrad=amsgrad)
+    opt.step({"w": np.full((2, 3), 0.5, np.float32), "b": np.full(3, 0.5, np.float32)})
+    return opt
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda sd: sd["hparams"].update(lr=-1), "lr"),
+        (lambda sd: sd["hparams"].update(betas=(0.9, 1.5)), "betas"),
+        (lambda sd: sd["hparams"].update(eps="small"), "eps"),
+        (lambda sd: sd["state"]["w"].pop("exp_avg_sq"), "buffers"),
+        (lambda sd: sd["state"]["w"].update(max_exp_avg_sq=np.zeros((2, 3))), "buffers"),
+        (lambda sd: sd["state"]["w"].update(step=np.zeros(3)), "step must be one number"),
+        (lambda sd: sd["state"]["w"].update(step=np.array(-1.0)), "step must be one number"),
+        (lambda sd: sd["state"]["w"].update(exp_avg=np.array(["a"] * 6).reshape(2, 3)), "dtype"),
+        (lambda sd: sd["state"]["w"].update(exp_avg=np.zeros((3, 2))), "shape"),
+        (lambda sd: sd["state"].update(w=[1, 2]), "dict of buffers"),
+    ],
+)
+def test_load_state_dict_refuses_what_it_cannot_use(change, match):
+    opt = _stepped_adam()
+    sd = opt.state_dict()
+    change(sd)
+    target = _stepped_adam()
+    before = target.state_dict()
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(sd)
+    after = target.state_dict()
+    assert after["hparams"] == before["hparams"]
+    for name, bufs in before["state"].items():
+        for k, v in bufs.items():
+            np.testing.assert_array_equal(after["state"][name][k], v)
+
+
+def test_load_state_dict_takes_json_lists_and_amsgrad_buffers():
+    opt = _stepped_adam(amsgrad=True)
+    sd = opt.state_dict()
+    sd["hparams"]["betas"] = list(sd["hparams"]["betas"])  # as a checkpoint's JSON gives it
+    target = optim.Adam({"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)},
+                        amsgrad=True)  # fmt: skip
+    target.load_state_dict(sd)
+    assert target.betas == (0.9, 0.999) and target.lr == 0.1
+    assert set(target.state["w"]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}

@@ -287,3 +287,22 @@ def test_exp_of_nan_stays_nan():
     w_hh = np.zeros((4 * 16, 16), np.float32)
     y = ops.lstm_forward(x, w_ih, w_hh, b_ih=np.full(64, np.nan, np.float32), training=False)[0]
     assert np.isnan(y).all()
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "1.5", "0x10"])
+def test_scratch_cache_setting_that_cannot_be_used_is_an_error(value):
+    """It meant an unbounded (-1) or disabled (abc) cache, silently."""
+    r = _python("import rnnfast", {"RNNFAST_SCRATCH_CACHE_MB": value})
+    assert r.returncode != 0 and "RNNFAST_SCRATCH_CACHE_MB must be a whole number" in r.stderr
+
+
+def test_scratch_cache_setting_is_read():
+    code = "import rnnfast; print(rnnfast._C.scratch_cache_limit())"
+    r = _python(code, {"RNNFAST_SCRATCH_CACHE_MB": "7"})
+    assert r.returncode == 0 and int(r.stdout) == 7 << 20, r.stderr
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "10", None])
+def test_set_scratch_cache_limit_rejects(bad):
+    with pytest.raises((TypeError, ValueError)):
+        rnnfast.set_scratch_cache_limit(bad)

@@ -108,3 +108,25 @@ def test_truncated_bptt_errors_and_offsets():
     bptt = sequences.TruncatedBPTT(np.arange(1000), 4, 10, random_offset=True, rng=0)
     starts = {int(next(iter(bptt))[0][0, 0]) for _ in range(10)}
     assert len(starts) > 1
+
+
+def test_pad_sequences_infers_the_dtype_from_non_empty_sequences():
+    padded, lengths = sequences.pad_sequences([[1, 2, 3], []])
+    assert padded.dtype == np.int64 and lengths.tolist() == [3, 0]
+    padded, _ = sequences.pad_sequences([np.zeros((0, 2), np.float32), np.ones((2, 2), np.float32)])
+    assert padded.dtype == np.float32
+
+
+@pytest.mark.parametrize("n, batch, seq_len", [(100, 3, 7), (1000, 32, 64), (257, 7, 5),
+                                               (64 * 33 + 5, 64, 33), (40, 4, 64)])  # fmt: skip
+def test_truncated_bptt_len_is_every_epochs_chunk_count(n, batch, seq_len):
+    """With random offsets too: len() was wrong for some offsets (42 of 180 epochs)."""
+    bptt = sequences.TruncatedBPTT(np.arange(n), batch, seq_len, random_offset=True, rng=0)
+    offsets = set()
+    for _ in range(60):
+        chunks = list(bptt)
+        assert len(chunks) == len(bptt)
+        offsets.add(int(chunks[0][0][0, 0]))
+        for x, y in chunks:  # targets are the next tokens of the same stream
+            np.testing.assert_array_equal(y, x + 1)
+    assert len(offsets) > 1  # the offsets do vary
