@@ -156,7 +156,8 @@ def test_backward_takes_anything(cell, ctx, dy, dh_n):
         run_backward(ops, cell, ctx, dy, dh_n)
     x = np.ones((2, 1, 3), np.float32)
     G = GATES[cell]
-    good = run_forward(ops, cell, x, np.ones((G * 4, 3), np.float32), np.ones((G * 4, 4), np.float32))
+    w_ih, w_hh = np.ones((G * 4, 3), np.float32), np.ones((G * 4, 4), np.float32)
+    good = run_forward(ops, cell, x, w_ih, w_hh)
     try:
         run_backward(ops, cell, good[3], dy, dh_n)
     except (TypeError, ValueError):
