@@ -81,7 +81,8 @@ def softmax_cross_entropy(
     safe = np.where(kept, targets, 0)
     logp = log_softmax(logits)
     picked = np.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-    losses = -picked * weight
+    # dropped positions (padding) are never read: a NaN in their logits must not reach the sum
+    losses = np.where(kept, -picked * weight, 0.0)
     if reduction == "none":
         scale = weight
         loss = losses.astype(logits.dtype)
@@ -96,7 +97,7 @@ def softmax_cross_entropy(
     grad = np.exp(logp)
     np.put_along_axis(grad, safe[..., None],
                       np.take_along_axis(grad, safe[..., None], axis=-1) - 1, axis=-1)  # fmt: skip
-    grad *= scale[..., None]
+    grad = np.where(kept[..., None], grad * scale[..., None], 0.0)
     return loss, grad.astype(logits.dtype, copy=False)
 
 

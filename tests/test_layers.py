@@ -358,6 +358,27 @@ def test_cross_entropy_matches_torch(mode):
     assert losses.perplexity(loss) == pytest.approx(np.exp(loss))
 
 
+@pytest.mark.parametrize("mode", ["ignore", "mask"])
+def test_cross_entropy_never_reads_dropped_positions(mode):
+    """NaN logits at padded positions change neither the loss nor the other gradients."""
+    rng = np.random.default_rng(6)
+    logits = rng.standard_normal((T, N, 7))
+    targets = rng.integers(0, 7, (T, N))
+    keep = rng.random((T, N)) < 0.7
+    kw = {"mask": keep} if mode == "mask" else {"ignore_index": -1}
+    if mode == "ignore":
+        targets[~keep] = -1
+    clean_loss, clean_grad = losses.softmax_cross_entropy(logits, targets, **kw)
+    logits[~keep] = np.nan
+    for reduction in ("mean", "sum", "none"):
+        loss, grad = losses.softmax_cross_entropy(logits, targets, reduction=reduction, **kw)
+        assert np.isfinite(loss).all() and np.isfinite(grad).all(), reduction
+        if reduction == "mean":
+            assert loss == clean_loss
+            np.testing.assert_array_equal(grad, clean_grad)
+        assert (grad[~keep] == 0).all()
+
+
 def test_cross_entropy_errors():
     with pytest.raises(IndexError, match="out of range"):
         losses.softmax_cross_entropy(np.zeros((2, 3)), np.array([0, 3]))
@@ -370,3 +391,29 @@ def test_cross_entropy_errors():
 def test_exports():
     for name in ["LSTM", "GRU", "RNN", "Embedding", "Linear"]:
         assert getattr(rnnfast, name) is getattr(layers, name)
+
+
+@pytest.mark.parametrize("cls", [layers.LSTM, layers.GRU])
+def test_stacked_bidirectional_layer_never_reads_padding(cls):
+    """NaN in the padding of x: outputs, final states and every gradient as with zero padding."""
+    rng = np.random.default_rng(7)
+    T_, N_, C_, H_ = 6, 4, 5, 8
+    lengths = np.array([6, 0, 3, 1])
+    padded = (np.arange(T_)[:, None] >= lengths[None, :])[:, :, None]
+    x = rng.standard_normal((T_, N_, C_))
+    dy = rng.standard_normal((T_, N_, 2 * H_))
+    results = []
+    for fill in (0.0, np.nan):
+        layer = cls(C_, H_, num_layers=2, bidirectional=True, dtype=np.float64, seed=0)
+        y, state = layer(np.where(padded, fill, x), lengths=lengths)
+        dx, _ = layer.backward(dy)
+        results.append((y, state, dx, {k: v.copy() for k, v in layer.grads.items()}))
+    (y0, s0, dx0, g0), (y1, s1, dx1, g1) = results
+    np.testing.assert_array_equal(y1, y0)
+    for a, b in zip(s1 if isinstance(s1, tuple) else (s1,), s0 if isinstance(s0, tuple) else (s0,),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.where(padded, 0, dx1), np.where(padded, 0, dx0))
+    for k in g0:
+        assert np.isfinite(g1[k]).all(), k
+        np.testing.assert_array_equal(g1[k], g0[k], err_msg=k)
