@@ -246,6 +246,30 @@ def test_matches_cpu_kernels(cell, dtype_name):
         _compare(gpu_grads[k], None if e is None else e.astype(np.float64), dtype_name, "grad", k)
 
 
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_nonfinite_padding_never_reaches_the_results(cell, dtype_name, poison):
+    """As on the CPU: NaN or inf in x past each length leaves every output and gradient exactly
+    as zero padding does (the dw_ih product reads a copy of x with the padding zeroed)."""
+    inputs, up, *_ = _case(cell, 7, 5, 33, 64, True, True, "mixed", dtype_name)
+    padded = (np.arange(7)[:, None] >= inputs["lengths"][None, :])[:, :, None]
+    assert padded.any()
+    results = []
+    for fill in (0.0, poison):
+        g = _to_gpu(dict(inputs, x=np.where(padded, fill, inputs["x"])), dtype_name)
+        out = run_forward(GPU, cell, **g)
+        grads = run_backward(GPU, cell, out[3], **_to_gpu(up, dtype_name))
+        results.append(([_host(a) for a in out[:3]], {k: _host(v) for k, v in grads.items()}))
+    (outs0, grads0), (outs1, grads1) = results
+    for a, b in zip(outs1, outs0, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for k, v in grads0.items():
+        if v is not None:
+            assert np.isfinite(grads1[k]).all(), k
+            np.testing.assert_array_equal(grads1[k], v, err_msg=k)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_inference_matches_training_and_keeps_no_reserve(cell):
     inputs, *_ = _case(cell, 7, 3, 5, 64, True, True, "mixed", "float32")
