@@ -23,10 +23,12 @@ inline float exp_poly(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float e = p * r * r + r + 1.0f;
-  // n is in [-126, 128] for any number; NaN (which must stay NaN: e carries it) becomes -127
-  // here, since converting NaN to an integer is undefined
-  const float n_int = n > -127.0f ? n : -127.0f;
-  const int32_t bits = (static_cast<int32_t>(n_int) + 127) << 23;
+  // 2^n built from n's bits, n in [-126, 128]: adding 1.5 * 2^23 puts n in the low mantissa
+  // bits. No float-to-int conversion, which would be undefined for NaN (e carries the NaN)
+  const float shifted = n + 12582912.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  bits = (bits - 0x4B400000u + 127u) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return e * scale;
