@@ -70,22 +70,11 @@ class RnnfastBackend:
         }
 
     def _forward(self, case: Case, d: dict, training: bool):
-        api = self.api
-        args = (d["x"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], d["h0"])
-        kw = {"training": training, **self.precision}
-        if case.cell == "lstm":
-            y, h_n, c_n, ctx = api.lstm_forward(*args, d["c0"], **kw)
-            return y, h_n, c_n, ctx
-        if case.cell == "gru":
-            y, h_n, ctx = api.gru_forward(*args, **kw)
-            return y, h_n, None, ctx
-        act = case.cell.split("_", 1)[1]
-        y, h_n, ctx = api.rnn_forward(*args, nonlinearity=act, **kw)
-        return y, h_n, None, ctx
+        return self.api.forward(case.cell, d["x"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"],
+                                d["h0"], d["c0"], training=training, **self.precision)  # fmt: skip
 
     def _backward(self, case: Case, ctx, dy):
-        bwd = {"lstm": "lstm_backward", "gru": "gru_backward"}.get(case.cell, "rnn_backward")
-        return getattr(self.api, bwd)(ctx, dy)
+        return self.api.backward(ctx, dy)
 
     def prepare(self, case: Case):
         d = make_inputs(case)

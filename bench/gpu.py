@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+from rnnfast import cells as rcells
 
 
 @dataclass(frozen=True)
@@ -140,24 +140,15 @@ def bench_shape(shape: Shape, dtype_name: str, warmup: int, reps: int, torch, cu
     # ---- ours, on the same buffers
     cp = {k: cupy.from_dlpack(v) for k, v in w.items()}
     xc, h0c, c0c, dyc = (cupy.from_dlpack(v) for v in (x, h0[0], c0[0], dy))
-    call = {
-        "lstm": lambda tr: rf.lstm_forward(xc, cp["weight_ih"], cp["weight_hh"], cp["bias_ih"],
-                                           cp["bias_hh"], h0c, c0c, training=tr),
-        "gru": lambda tr: rf.gru_forward(xc, cp["weight_ih"], cp["weight_hh"], cp["bias_ih"],
-                                         cp["bias_hh"], h0c, training=tr),
-    }.get(shape.cell, lambda tr: rf.rnn_forward(xc, cp["weight_ih"], cp["weight_hh"],
-                                                cp["bias_ih"], cp["bias_hh"], h0c,
-                                                nonlinearity=shape.cell.removeprefix("rnn_"),
-                                                training=tr))  # fmt: skip
+    c0_ours = c0c if rcells.cell_spec(shape.cell).has_c else None
+
+    def call(training):
+        return rf.forward(shape.cell, xc, cp["weight_ih"], cp["weight_hh"], cp["bias_ih"],
+                          cp["bias_hh"], h0c, c0_ours, None, training)  # fmt: skip
 
     def o_bwd(ctx_out):
         ctx = ctx_out[-1]
-        if lstm:
-            rf.lstm_backward(ctx, dyc)
-        elif shape.cell == "gru":
-            rf.gru_backward(ctx, dyc)
-        else:
-            rf.rnn_backward(ctx, dyc)
+        rf.backward(shape.cell, ctx, dyc, None, None)
 
     def med(ts):
         return float(np.median(ts))
@@ -208,7 +199,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--only", choices=sorted(GATES), help="one cell kind")
+    p.add_argument("--only", choices=sorted(rcells.CELLS), help="one cell kind")
     p.add_argument("--quick", action="store_true", help="three small shapes")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
@@ -228,7 +219,7 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cudnn.benchmark = True
     rcuda.set_options(tf32=args.tf32)
-    rf = _DirectOps(rcuda)  # what rnnfast.ops routes GPU arrays to, minus one isinstance check
+    rf = rcuda  # what rnnfast.ops routes GPU arrays to, minus one isinstance check
 
     shapes = quick_shapes() if args.quick else deepbench_shapes()
     if args.only:
@@ -255,38 +246,6 @@ def main(argv=None) -> int:
     print(json.dumps(info))
     print(table(rows))
     return 0
-
-
-class _DirectOps:
-    """rnnfast.ops' functions over rnnfast.cuda (where ops routes GPU arrays)."""
-
-    def __init__(self, rcuda):
-        self.c = rcuda
-
-    def lstm_forward(self, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
-                     lengths=None, training=True):  # fmt: skip
-        return self.c.forward("lstm", x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training)
-
-    def gru_forward(self, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, lengths=None,
-                    training=True):  # fmt: skip
-        y, h, _, ctx = self.c.forward("gru", x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths,
-                                      training)  # fmt: skip
-        return y, h, ctx
-
-    def rnn_forward(self, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearity="tanh",
-                    lengths=None, training=True):  # fmt: skip
-        y, h, _, ctx = self.c.forward("rnn_" + nonlinearity, x, w_ih, w_hh, b_ih, b_hh, h0, None,
-                                      lengths, training)  # fmt: skip
-        return y, h, ctx
-
-    def lstm_backward(self, ctx, dy, dh_n=None, dc_n=None):
-        return self.c.backward("lstm", ctx, dy, dh_n, dc_n)
-
-    def gru_backward(self, ctx, dy, dh_n=None):
-        return self.c.backward("gru", ctx, dy, dh_n, None)
-
-    def rnn_backward(self, ctx, dy, dh_n=None):
-        return self.c.backward(ctx.cell, ctx, dy, dh_n, None)
 
 
 if __name__ == "__main__":

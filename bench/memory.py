@@ -192,17 +192,9 @@ def ours_setup(threads: int):
 
 
 def ours_forward(rnnfast, cell: str, d: dict):
-    ops = rnnfast.ops
-    args = (d["x"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"], d["h0"])
-
     def forward(training: bool):
-        if cell == "lstm":
-            return ops.lstm_forward(*args, d["c0"], training=training)
-        if cell == "gru":
-            y, h_n, ctx = ops.gru_forward(*args, training=training)
-        else:
-            y, h_n, ctx = ops.rnn_forward(*args, nonlinearity=cell[4:], training=training)
-        return y, h_n, None, ctx
+        return rnnfast.ops.forward(cell, d["x"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"],
+                                   d["h0"], d["c0"], training=training)  # fmt: skip
 
     return forward
 

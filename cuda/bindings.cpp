@@ -18,11 +18,11 @@ namespace rc = rnnfast::cuda;
 namespace {
 
 CellKind cell_kind(const std::string& cell) {
-  if (cell == "lstm") return CellKind::lstm;
-  if (cell == "gru") return CellKind::gru;
-  if (cell == "rnn_tanh") return CellKind::rnn_tanh;
-  if (cell == "rnn_relu") return CellKind::rnn_relu;
-  throw py::value_error("unknown cell '" + cell + "' (lstm, gru, rnn_tanh, rnn_relu)");
+  try {
+    return rnnfast::cell_info(cell).kind;
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
 }
 
 rc::DType dtype(const std::string& name) {
@@ -106,7 +106,7 @@ PYBIND11_MODULE(_cuda, m) {
         need(hseq, "hseq");
         need(h_n, "h_n");
         need(workspace, "workspace");
-        if (d.cell == CellKind::lstm) need(c_n, "c_n");
+        if (rnnfast::cell_info(d.cell).has_c) need(c_n, "c_n");
         const rc::ForwardArgs a{ptr<const void*>(x),    ptr<const void*>(w_ih),
                                 ptr<const void*>(w_hh), ptr<const void*>(b_ih),
                                 ptr<const void*>(b_hh), ptr<const void*>(h0),
@@ -143,7 +143,7 @@ PYBIND11_MODULE(_cuda, m) {
         need(dw_hh, "dw_hh");
         need(workspace, "workspace");
         if (T > 0) need(dx, "dx");
-        if (d.cell == CellKind::lstm) need(dc0, "dc0");
+        if (rnnfast::cell_info(d.cell).has_c) need(dc0, "dc0");
         const rc::BackwardArgs a{ptr<const void*>(x),       ptr<const void*>(w_ih),
                                  ptr<const void*>(w_hh),    ptr<const int32_t*>(lengths),
                                  ptr<const void*>(reserve), ptr<const void*>(hseq),

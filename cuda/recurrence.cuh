@@ -195,7 +195,7 @@ __device__ __forceinline__ A backward_point(const BwdPtrs<S, A>& p, int t, int n
     dax[2 * H] = from_acc<S>(d.dx_n);
     dah[0] = dr;
     dah[H] = dz;
-    dah[2 * H] = from_acc<S>(d.dh_n);
+    dah[2 * H] = from_acc<S>(d.dhh_n);
     return d.dh_prev;
   } else {
     dax[0] = from_acc<S>(rnn_point_backward(p.hs[(t + 1) * NH + i], dh, K == CellKind::rnn_relu));
@@ -274,7 +274,7 @@ inline BwdWorkspace backward_workspace(const Dims& d, size_t st, size_t acc) {
   const int64_t da = align_up(d.T * d.N * d.GH() * st);
   w.da_x = 0;
   w.da_h = da;
-  w.dh = w.da_h + (d.cell == CellKind::gru ? da : 0);
+  w.dh = w.da_h + (cell_info(d.cell).reset_after ? da : 0);
   w.dc = w.dh + 2 * align_up(d.N * d.H * acc);
   w.ones = w.dc + align_up(d.N * d.H * acc);
   w.total = w.ones + align_up(d.T * d.N * st);
@@ -298,7 +298,8 @@ bool persistent_fits_impl(const Dims& d, DType s);
 template <CellKind K, typename S>
 void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
   using A = acc_t<S>;
-  constexpr int G = gate_count(K);
+  constexpr CellInfo cell = cell_info(K);
+  constexpr int G = cell.gates;
   const int T = static_cast<int>(d.T), N = static_cast<int>(d.N), C = static_cast<int>(d.C),
             H = static_cast<int>(d.H), GH = G * H;
   const int64_t NH = int64_t(N) * H;
@@ -323,12 +324,12 @@ void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
     A* res = static_cast<A*>(a.reserve);
     p.h_acc = res + r.hs;  // may be hseq itself (S == A): both writes then agree
     p.h_stride = NH;
-    if (K == CellKind::lstm) {
+    if (cell.has_c) {
       p.c_acc = res + r.cs;
       p.c_stride = NH;
     }
-    if (K == CellKind::lstm || K == CellKind::gru) p.gates = res + r.gates;
-    if (K == CellKind::gru) p.ghn = res + r.ghn;
+    if (cell.saves_gates) p.gates = res + r.gates;
+    if (cell.reset_after) p.ghn = res + r.ghn;
   } else {
     if constexpr (std::is_same_v<S, A>) {
       p.h_acc = p.hseq;
@@ -337,7 +338,7 @@ void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
       p.h_acc = reinterpret_cast<A*>(ws + wl.h_state);
       p.h_stride = 0;
     }
-    if (K == CellKind::lstm) {
+    if (cell.has_c) {
       p.c_acc = reinterpret_cast<A*>(ws + wl.c_state);
       p.c_stride = 0;
     }
@@ -378,7 +379,8 @@ void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
 template <CellKind K, typename S>
 void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
   using A = acc_t<S>;
-  constexpr int G = gate_count(K);
+  constexpr CellInfo cell = cell_info(K);
+  constexpr int G = cell.gates;
   const int T = static_cast<int>(d.T), N = static_cast<int>(d.N), C = static_cast<int>(d.C),
             H = static_cast<int>(d.H), GH = G * H;
   const int64_t NH = int64_t(N) * H;
@@ -392,12 +394,12 @@ void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
   p.dy = static_cast<const S*>(a.dy);
   p.lengths = a.lengths;
   p.hs = res + r.hs;
-  p.cs = K == CellKind::lstm ? res + r.cs : nullptr;
+  p.cs = cell.has_c ? res + r.cs : nullptr;
   p.gates = res + r.gates;
-  p.ghn = K == CellKind::gru ? res + r.ghn : nullptr;
+  p.ghn = cell.reset_after ? res + r.ghn : nullptr;
   p.da_x = reinterpret_cast<S*>(ws + wl.da_x);
-  p.da_h = reinterpret_cast<S*>(ws + (K == CellKind::gru ? wl.da_h : wl.da_x));
-  p.dc = K == CellKind::lstm ? reinterpret_cast<A*>(ws + wl.dc) : nullptr;
+  p.da_h = reinterpret_cast<S*>(ws + (cell.reset_after ? wl.da_h : wl.da_x));
+  p.dc = cell.has_c ? reinterpret_cast<A*>(ws + wl.dc) : nullptr;
   p.T = T;
   p.N = N;
   p.H = H;

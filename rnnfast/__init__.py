@@ -72,10 +72,13 @@ def build_info() -> dict:
     return info
 
 
-def _whole_number(name: str, value) -> int:
-    """value as an int, for an int or a NumPy integer only (not a float, a str or a bool)."""
+def _whole_number(what: str, value, minimum: int) -> int:
+    """value as an int >= minimum, for an int or a NumPy integer only (not a float, a str or a
+    bool, which int() would quietly convert)."""
     if isinstance(value, (bool, _np.bool_)) or not isinstance(value, (int, _np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
+        raise TypeError(f"{what} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
     return int(value)
 
 
@@ -85,10 +88,7 @@ def set_num_threads(n: int) -> None:
     Raises RuntimeError when the system cannot start that many threads (OpenMP would end the
     process instead), and in a child forked after a multi-threaded kernel call, where the kernels
     run on one thread: OpenMP's threads do not survive fork."""
-    n = _whole_number("set_num_threads' n", n)
-    if n < 1:
-        raise ValueError(f"set_num_threads needs n >= 1, got {n}")
-    _C.set_num_threads(n)
+    _C.set_num_threads(_whole_number("set_num_threads' n", n, 1))
 
 
 def get_num_threads() -> int:
@@ -101,10 +101,7 @@ def set_scratch_cache_limit(nbytes: int) -> None:
     Large scratch buffers (packed weights, input projections, gate gradients) are kept after a
     call and reused by the next one, which saves the kernel re-faulting and zeroing them; 0 turns
     the cache off and frees what it holds. `scratch_cache_bytes()` says what it holds now."""
-    nbytes = _whole_number("set_scratch_cache_limit's nbytes", nbytes)
-    if nbytes < 0:
-        raise ValueError(f"set_scratch_cache_limit needs nbytes >= 0, got {nbytes}")
-    _C.set_scratch_cache_limit(nbytes)
+    _C.set_scratch_cache_limit(_whole_number("set_scratch_cache_limit's nbytes", nbytes, 0))
 
 
 def scratch_cache_bytes() -> int:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+from .cells import cell_spec
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -80,7 +81,8 @@ def check_lengths(lengths, T: int, N: int) -> np.ndarray | None:
 def check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, array=_array) -> Checked:
     """The forward arguments checked and made contiguous by ``array(name, a, dtype=None)`` (NumPy
     here; rnnfast.cuda passes its CuPy conversion). lengths must be on the host."""
-    G = GATES[cell]
+    spec = cell_spec(cell)
+    G = spec.gates
     x = array("x", x)
     if x.ndim != 3:
         raise ValueError(f"x must be 3-D (T, N, C), time-major, got shape {x.shape}")
@@ -99,7 +101,7 @@ def check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, array
     b_ih = None if b_ih is None else _shaped("b_ih", b_ih, (G * H,), x.dtype, array)
     b_hh = None if b_hh is None else _shaped("b_hh", b_hh, (G * H,), x.dtype, array)
     h0 = None if h0 is None else _shaped("h0", h0, (N, H), x.dtype, array)
-    if c0 is not None and cell != "lstm":
+    if c0 is not None and not spec.has_c:
         raise ValueError(f"c0 is only for LSTM, not {cell}")
     c0 = None if c0 is None else _shaped("c0", c0, (N, H), x.dtype, array)
     return Checked(x, w_ih, w_hh, b_ih, b_hh, h0, c0, check_lengths(lengths, T, N))
@@ -111,7 +113,7 @@ def check_backward_inputs(cell, a: Checked, dy, dh_n, dc_n, array=_array):
     dtype = a.x.dtype
     dy = None if dy is None else _shaped("dy", dy, (T, N, H), dtype, array)
     dh_n = None if dh_n is None else _shaped("dh_n", dh_n, (N, H), dtype, array)
-    if dc_n is not None and cell != "lstm":
+    if dc_n is not None and not cell_spec(cell).has_c:
         raise ValueError(f"dc_n is only for LSTM, not {cell}")
     dc_n = None if dc_n is None else _shaped("dc_n", dc_n, (N, H), dtype, array)
     return dy, dh_n, dc_n

@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 
 from ._validate import (
-    GATES,
     Checked,
     check_backward_inputs,
     check_context,
     check_forward_inputs,
 )
+from .cells import cell_spec
 
 __all__ = [
     "CudaContext",
@@ -283,7 +283,7 @@ def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
         else:
             hseq = cupy.empty((T + 1, N, H), dtype=dt)
         h_n = cupy.empty((N, H), dtype=dt)
-        c_n = cupy.empty((N, H), dtype=dt) if cell == "lstm" else None
+        c_n = cupy.empty((N, H), dtype=dt) if cell_spec(cell).has_c else None
         ws = cupy.empty(
             mod.forward_workspace_bytes(cell, dt.name, T, N, C, H, training), cupy.uint8
         )
@@ -304,7 +304,8 @@ def backward(cell, ctx, dy, dh_n, dc_n):
     a = ctx.inputs
     T, N, C, H = a.dims
     dt = a.x.dtype
-    G = GATES[cell]
+    spec = cell_spec(cell)
+    G = spec.gates
     device = cupy.cuda.Device(a.x.device.id)
     with device:
         dy, dh_n, dc_n = check_backward_inputs(cell, a, dy, dh_n, dc_n,
@@ -312,7 +313,7 @@ def backward(cell, ctx, dy, dh_n, dc_n):
         stream = cupy.cuda.get_current_stream()
         dx = cupy.empty((T, N, C), dtype=dt)
         dh0 = cupy.empty((N, H), dtype=dt)
-        dc0 = cupy.empty((N, H), dtype=dt) if cell == "lstm" else None
+        dc0 = cupy.empty((N, H), dtype=dt) if spec.has_c else None
         dw_ih = cupy.empty((G * H, C), dtype=dt)
         dw_hh = cupy.empty((G * H, H), dtype=dt)
         db_ih = None if a.b_ih is None else cupy.empty((G * H,), dtype=dt)
@@ -325,7 +326,6 @@ def backward(cell, ctx, dy, dh_n, dc_n):
             _ptr(dw_ih), _ptr(dw_hh), _ptr(db_ih), _ptr(db_hh), _ptr(ws), stream.ptr, device.id,
             _options["tf32"], _PERSISTENT[_options["persistent"]],
         )  # fmt: skip
-    grads = {"dx": dx, "dh0": dh0, "dw_ih": dw_ih, "dw_hh": dw_hh, "db_ih": db_ih, "db_hh": db_hh}
-    if cell == "lstm":
-        grads["dc0"] = dc0
-    return grads
+    grads = {"dx": dx, "dh0": dh0, "dc0": dc0, "dw_ih": dw_ih, "dw_hh": dw_hh, "db_ih": db_ih,
+             "db_hh": db_hh}  # fmt: skip
+    return {k: grads[k] for k in spec.grad_names}

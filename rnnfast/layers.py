@@ -12,7 +12,6 @@ arrays, such as a model's merged ``params``, stays valid.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -20,6 +19,7 @@ import numpy as np
 from . import init as _init
 from . import ops
 from ._validate import check_lengths, check_matmul_precision
+from .cells import cell_spec
 from .sequences import reverse_index
 
 __all__ = ["Module", "RNN", "LSTM", "GRU", "Embedding", "Linear", "IncompatibleKeys"]
@@ -143,52 +143,6 @@ def _check_input(name: str, x, dtype: np.dtype) -> np.ndarray:
 # ---- the recurrent layers --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Cell:
-    """One row of the cell table: gate count, whether it has a cell state, and uniform calls.
-
-    forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, matmul_precision)
-    -> (y, h_n, c_n, ctx);
-    backward(ctx, dy, dh_n, dc_n) -> the kernels' gradient dict.
-    """
-
-    gates: int
-    has_c: bool
-    forward: Callable
-    backward: Callable
-
-
-def _rnn_row(nonlinearity: str) -> _Cell:
-    def forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, matmul_precision):
-        y, h, ctx = ops.rnn_forward(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity=nonlinearity,
-                                    lengths=lengths, training=training,
-                                    matmul_precision=matmul_precision)  # fmt: skip
-        return y, h, None, ctx
-
-    return _Cell(1, False, forward, lambda ctx, dy, dh, dc: ops.rnn_backward(ctx, dy, dh))
-
-
-def _gru_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, matmul_precision):
-    y, h, ctx = ops.gru_forward(x, w_ih, w_hh, b_ih, b_hh, h0, lengths=lengths, training=training,
-                                matmul_precision=matmul_precision)  # fmt: skip
-    return y, h, None, ctx
-
-
-def _lstm_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, matmul_precision):
-    return ops.lstm_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths, training=training,
-                            matmul_precision=matmul_precision)  # fmt: skip
-
-
-_CELLS = {
-    "lstm": _Cell(
-        4, True, _lstm_forward, lambda ctx, dy, dh, dc: ops.lstm_backward(ctx, dy, dh, dc)
-    ),
-    "gru": _Cell(3, False, _gru_forward, lambda ctx, dy, dh, dc: ops.gru_backward(ctx, dy, dh)),
-    "rnn_tanh": _rnn_row("tanh"),
-    "rnn_relu": _rnn_row("relu"),
-}
-
-
 def _init_torch(name: str, w: np.ndarray, rng: np.random.Generator, H: int, G: int) -> None:
     k = 1.0 / np.sqrt(H)
     _init.uniform_(w, -k, k, rng)
@@ -223,8 +177,8 @@ class _Recurrent(Module):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-        self.cell = _CELLS[cell]
-        self.mode = cell
+        self.spec = cell_spec(cell)  # the row of the cell table
+        self.mode = self.spec.name  # as torch.nn.RNNBase.mode
         self.input_size, self.hidden_size = int(input_size), int(hidden_size)
         self.num_layers, self.bias, self.batch_first = int(num_layers), bool(bias), batch_first
         self.dropout, self.bidirectional = float(dropout), bool(bidirectional)
@@ -244,7 +198,7 @@ class _Recurrent(Module):
             init = _INITS[init]
         elif not callable(init):
             raise TypeError(f"init must be a scheme name or a callable, got {init!r}")
-        G, H = self.cell.gates, self.hidden_size
+        G, H = self.spec.gates, self.hidden_size
         for layer in range(self.num_layers):
             C = self.input_size if layer == 0 else H * self.num_directions
             for suffix in self._suffixes(layer):
@@ -258,7 +212,7 @@ class _Recurrent(Module):
         if self.learn_initial_state:
             state_shape = (self.num_layers * self.num_directions, 1, H)
             self._add_param("h0", np.zeros(state_shape, dtype=self.dtype))
-            if self.cell.has_c:
+            if self.spec.has_c:
                 self._add_param("c0", np.zeros(state_shape, dtype=self.dtype))
         self._cache = None
 
@@ -303,10 +257,10 @@ class _Recurrent(Module):
                 self.params["h0"], (self.params["h0"].shape[0], N, self.hidden_size)
             )
             c0 = None
-            if self.cell.has_c:
+            if self.spec.has_c:
                 c0 = np.broadcast_to(self.params["c0"], h0.shape)
             return h0, c0
-        if self.cell.has_c:
+        if self.spec.has_c:
             if not isinstance(state, tuple) or len(state) != 2:
                 raise TypeError(f"{type(self).__name__} state must be a tuple (h0, c0)")
             h0, c0 = state
@@ -356,18 +310,18 @@ class _Recurrent(Module):
         precision = "float32" if training else self.matmul_precision
         ctxs, masks = [], []
         h_n = np.empty((L * D, N, H), dtype=self.dtype)
-        c_n = np.empty((L * D, N, H), dtype=self.dtype) if self.cell.has_c else None
+        c_n = np.empty((L * D, N, H), dtype=self.dtype) if self.spec.has_c else None
         inp = x
         for layer in range(L):
             outs, layer_ctxs = [], []
             for d, suffix in enumerate(self._suffixes(layer)):
                 p, k = self.params, layer * D + d
                 xin = inp if d == 0 else (inp[::-1] if rev is None else inp[rev])
-                y, h, c, ctx = self.cell.forward(
-                    xin, p["weight_ih" + suffix], p["weight_hh" + suffix],
+                y, h, c, ctx = ops.forward(
+                    self.mode, xin, p["weight_ih" + suffix], p["weight_hh" + suffix],
                     p.get("bias_ih" + suffix), p.get("bias_hh" + suffix),
                     None if h0 is None else h0[k], None if c0 is None else c0[k],
-                    lengths, training, precision,
+                    lengths=lengths, training=training, matmul_precision=precision,
                 )  # fmt: skip
                 if d == 1:
                     y = y[::-1] if rev is None else y[rev]
@@ -396,7 +350,7 @@ class _Recurrent(Module):
             c_n = None if c_n is None else c_n[:, 0]
         elif self.batch_first:
             y = y.swapaxes(0, 1)
-        return y, ((h_n, c_n) if self.cell.has_c else h_n)
+        return y, ((h_n, c_n) if self.spec.has_c else h_n)
 
     # -- backward --
 
@@ -432,7 +386,7 @@ class _Recurrent(Module):
             dy = dy[:, None] if unbatched else (dy.swapaxes(0, 1) if self.batch_first else dy)
         dh_n = dc_n = None
         if dstate is not None:
-            if self.cell.has_c:
+            if self.spec.has_c:
                 if not isinstance(dstate, tuple) or len(dstate) != 2:
                     raise TypeError("LSTM dstate must be a tuple (dh_n, dc_n) (either may be None)")
                 dh_n, dc_n = dstate
@@ -445,7 +399,7 @@ class _Recurrent(Module):
         self._cache = None
         rev = cache["rev"]
         dh0 = np.zeros((LD, N, H), dtype=self.dtype)
-        dc0 = np.zeros((LD, N, H), dtype=self.dtype) if self.cell.has_c else None
+        dc0 = np.zeros((LD, N, H), dtype=self.dtype) if self.spec.has_c else None
         dcur = dy
         for layer in reversed(range(L)):
             dx = None
@@ -454,7 +408,7 @@ class _Recurrent(Module):
                 dyd = dcur[..., d * H : (d + 1) * H]
                 if d == 1:
                     dyd = dyd[::-1] if rev is None else dyd[rev]
-                g = self.cell.backward(
+                g = ops.backward(
                     cache["ctxs"][layer][d], dyd,
                     None if dh_n is None else dh_n[k], None if dc_n is None else dc_n[k],
                 )  # fmt: skip
@@ -481,7 +435,7 @@ class _Recurrent(Module):
             dc0 = None if dc0 is None else dc0[:, 0]
         elif self.batch_first:
             dcur = dcur.swapaxes(0, 1)
-        return dcur, ((dh0, dc0) if self.cell.has_c else dh0)
+        return dcur, ((dh0, dc0) if self.spec.has_c else dh0)
 
 
 class RNN(_Recurrent):

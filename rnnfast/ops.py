@@ -46,9 +46,12 @@ from ._validate import (
     check_forward_inputs,
     check_matmul_precision,
 )
+from .cells import CELLS, cell_spec, public_functions
 
 __all__ = [
     "RecurrentContext",
+    "forward",
+    "backward",
     "lstm_forward",
     "lstm_backward",
     "gru_forward",
@@ -64,12 +67,9 @@ def bfloat16_supported() -> bool:
     return bool(_C.build_info()["cpu_avx512_bf16"])
 
 
-# one row per cell kind: the kernels' entry points
+# the kernels' entry points, one pair per row of the cell table
 _KERNELS = {
-    "lstm": (_C.lstm_forward, _C.lstm_backward),
-    "gru": (_C.gru_forward, _C.gru_backward),
-    "rnn_tanh": (_C.rnn_tanh_forward, _C.rnn_tanh_backward),
-    "rnn_relu": (_C.rnn_relu_forward, _C.rnn_relu_backward),
+    name: (getattr(_C, f"{name}_forward"), getattr(_C, f"{name}_backward")) for name in CELLS
 }
 
 
@@ -86,87 +86,73 @@ class RecurrentContext:
         return self.reserve is not None
 
 
-def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, matmul_precision):
+def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
+            training=True, matmul_precision="float32"):  # fmt: skip
+    """Any cell over a whole sequence, by its name in ``rnnfast.cells.CELLS``.
+
+    Returns ``(y, h_n, c_n, ctx)`` for every cell, c_n None for a cell without a cell state (c0
+    must then be None); see the module docstring.
+    """
+    spec = cell_spec(cell)
     bf16 = check_matmul_precision(matmul_precision, training)
     if _gpu.is_gpu_array(x):
         if bf16:
             raise NotImplementedError('matmul_precision="bfloat16" runs on the CPU kernels only')
-        return _gpu.forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training)
-    a = check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths)
+        return _gpu.forward(spec.name, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training)
+    a = check_forward_inputs(spec.name, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths)
     if bf16 and a.x.dtype != np.float32:
         raise TypeError(f'matmul_precision="bfloat16" takes float32 inputs, got {a.x.dtype}')
-    forward, _ = _KERNELS[cell]
-    y, h_n, c_n, reserve = forward(
+    kernel, _ = _KERNELS[spec.name]
+    y, h_n, c_n, reserve = kernel(
         a.x, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.h0, a.c0, a.lengths, bool(training), bf16
     )
     if reserve is not None:
         y.flags.writeable = False
-    return y, h_n, c_n, RecurrentContext(cell, a, reserve)
+    return y, h_n, c_n, RecurrentContext(spec.name, a, reserve)
 
 
-def _backward(cell, ctx, dy, dh_n, dc_n):
-    if isinstance(ctx, _gpu.CudaContext) and ctx.cell == cell:
-        return _gpu.backward(cell, ctx, dy, dh_n, dc_n)
-    check_context(cell, ctx, RecurrentContext, "rnnfast.ops")
+def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> dict:
+    """Gradients of a training forward, for any cell: a dict keyed by
+    ``cell_spec(ctx.cell).grad_names`` (dx dh0 [dc0] dw_ih dw_hh db_ih db_hh).
+
+    dy (T, N, H), dh_n and dc_n (N, H) may each be None (zero); dc_n only for a cell with a cell
+    state. db_* is None where the forward had no bias. ``cell``, where given, is the cell the
+    context must come from.
+    """
+    if cell is None:
+        if not isinstance(ctx, (RecurrentContext, _gpu.CudaContext)):
+            raise TypeError("backward needs the context returned by rnnfast.ops.forward")
+        cell = ctx.cell
+    spec = cell_spec(cell)
+    if isinstance(ctx, _gpu.CudaContext) and ctx.cell == spec.name:
+        return _gpu.backward(spec.name, ctx, dy, dh_n, dc_n)
+    check_context(spec.name, ctx, RecurrentContext, "rnnfast.ops")
     a = ctx.inputs
-    dy, dh_n, dc_n = check_backward_inputs(cell, a, dy, dh_n, dc_n)
-    _, backward = _KERNELS[cell]
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = backward(
+    dy, dh_n, dc_n = check_backward_inputs(spec.name, a, dy, dh_n, dc_n)
+    _, kernel = _KERNELS[spec.name]
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = kernel(
         a.x, a.w_ih, a.w_hh, a.b_ih is not None, a.b_hh is not None, a.lengths, ctx.reserve,
         dy, dh_n, dc_n,
     )  # fmt: skip
-    grads = {"dx": dx, "dh0": dh0, "dw_ih": dw_ih, "dw_hh": dw_hh, "db_ih": db_ih, "db_hh": db_hh}
-    if cell == "lstm":
-        grads["dc0"] = dc0
-    return grads
+    grads = {"dx": dx, "dh0": dh0, "dc0": dc0, "dw_ih": dw_ih, "dw_hh": dw_hh, "db_ih": db_ih,
+             "db_hh": db_hh}  # fmt: skip
+    return {k: grads[k] for k in spec.grad_names}
 
 
-def lstm_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-                 training=True, matmul_precision="float32"):  # fmt: skip
-    """LSTM over a whole sequence. Returns ``(y, h_n, c_n, ctx)``; see the module docstring."""
-    return _forward("lstm", x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, matmul_precision)
-
-
-def lstm_backward(ctx, dy, dh_n=None, dc_n=None):
-    """Gradients of an LSTM forward: dict with dx dh0 dc0 dw_ih dw_hh db_ih db_hh.
-
-    dy (T, N, H), dh_n and dc_n (N, H) may each be None (zero). db_* is None where the forward
-    had no bias.
-    """
-    return _backward("lstm", ctx, dy, dh_n, dc_n)
-
-
-def gru_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, lengths=None, training=True,
-                matmul_precision="float32"):  # fmt: skip
-    """GRU over a whole sequence. Returns ``(y, h_n, ctx)``; see the module docstring."""
-    y, h_n, _, ctx = _forward(
-        "gru", x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths, training, matmul_precision
-    )
-    return y, h_n, ctx
-
-
-def gru_backward(ctx, dy, dh_n=None):
-    """Gradients of a GRU forward: dict with dx dh0 dw_ih dw_hh db_ih db_hh."""
-    return _backward("gru", ctx, dy, dh_n, None)
-
-
-def rnn_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearity="tanh",
-                lengths=None, training=True, matmul_precision="float32"):  # fmt: skip
-    """Vanilla RNN (h = act(x W_ih^T + b_ih + h W_hh^T + b_hh)), act tanh or relu.
-
-    Returns ``(y, h_n, ctx)``; see the module docstring.
-    """
-    if nonlinearity not in ("tanh", "relu"):
-        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-    cell = "rnn_" + nonlinearity
-    y, h_n, _, ctx = _forward(
-        cell, x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths, training, matmul_precision
-    )
-    return y, h_n, ctx
-
-
-def rnn_backward(ctx, dy, dh_n=None):
-    """Gradients of a vanilla RNN forward: dict with dx dh0 dw_ih dw_hh db_ih db_hh."""
-    if not isinstance(ctx, (RecurrentContext, _gpu.CudaContext)) or not ctx.cell.startswith("rnn_"):
-        raise TypeError("rnn_backward needs the context returned by rnn_forward")
-    return _backward(ctx.cell, ctx, dy, dh_n, None)
+_DOCS = {
+    "lstm_forward": """LSTM over a whole sequence. Returns ``(y, h_n, c_n, ctx)``; see the
+    module docstring.""",
+    "lstm_backward": """Gradients of an LSTM forward: dict with dx dh0 dc0 dw_ih dw_hh db_ih
+    db_hh. dy (T, N, H), dh_n and dc_n (N, H) may each be None (zero). db_* is None where the
+    forward had no bias.""",
+    "gru_forward": """GRU over a whole sequence. Returns ``(y, h_n, ctx)``; see the module
+    docstring.""",
+    "gru_backward": "Gradients of a GRU forward: dict with dx dh0 dw_ih dw_hh db_ih db_hh.",
+    "rnn_forward": """Vanilla RNN (h = act(x W_ih^T + b_ih + h W_hh^T + b_hh)), act tanh or
+    relu. Returns ``(y, h_n, ctx)``; see the module docstring.""",
+    "rnn_backward": """Gradients of a vanilla RNN forward: dict with dx dh0 dw_ih dw_hh db_ih
+    db_hh.""",
+}
+lstm_forward, lstm_backward, gru_forward, gru_backward, rnn_forward, rnn_backward = (
+    public_functions(forward, backward, __name__, _DOCS)
+)

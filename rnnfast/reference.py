@@ -16,10 +16,11 @@ rest in the dtype of x: the exact result of the rounded products, to check that 
 A sequence n with lengths[n] = L runs steps 0..L-1 only: y[t, n] = 0 for t >= L, its final state
 is the state after step L-1 (h0, c0 when L = 0), and padded positions get no gradient.
 
-Every cell is one row of ``_CELLS``: a ``step`` (projections and state in, new state out, plus what
-its backward needs) and a ``step_backward`` (gradients reaching the new state in, gradients of
-both projections and of the old state out). ``_forward`` and ``_backward`` are the one loop
-skeleton that runs any row over time, with masking by length.
+Every cell has one row in ``_CELLS`` here: a ``step`` (projections and state in, new state
+out, plus what its backward needs) and a ``step_backward`` (gradients reaching the new state in,
+gradients of both projections and of the old state out). ``forward`` and ``backward`` are the one
+loop skeleton that runs any row over time, with masking by length; the per-cell public functions
+are made from them (rnnfast.cells.public_functions), as in rnnfast.ops.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from typing import NamedTuple
 import numpy as np
 
 from ._validate import (
-    GATES,
     Checked,
     check_backward_inputs,
     check_context,
     check_forward_inputs,
     check_matmul_precision,
 )
+from .cells import cell_spec, public_functions
 
 __all__ = [
     "ReferenceContext",
@@ -85,19 +86,19 @@ def _lstm_step_backward(saved, h, dh, dc):
 
 def _gru_step(a_x, a_h, h, c):
     x_r, x_z, x_n = np.split(a_x, 3, axis=1)
-    h_r, h_z, h_n = np.split(a_h, 3, axis=1)
-    r = _sigmoid(x_r + h_r)
-    z = _sigmoid(x_z + h_z)
-    n = np.tanh(x_n + r * h_n)
+    hh_r, hh_z, hh_n = np.split(a_h, 3, axis=1)
+    r = _sigmoid(x_r + hh_r)
+    z = _sigmoid(x_z + hh_z)
+    n = np.tanh(x_n + r * hh_n)
     h_new = (1 - z) * n + z * h
-    return h_new, None, (r, z, n, h_n)
+    return h_new, None, (r, z, n, hh_n)
 
 
 def _gru_step_backward(saved, h, dh, dc):
-    r, z, n, h_n = saved
+    r, z, n, hh_n = saved
     da_n = dh * (1 - z) * (1 - n * n)
     da_z = dh * (h - n) * z * (1 - z)
-    da_r = da_n * h_n * r * (1 - r)
+    da_r = da_n * hh_n * r * (1 - r)
     # r multiplies the recurrent part of n only: a_h's n slot gets da_n * r, a_x's gets da_n
     da_x = np.concatenate([da_r, da_z, da_n], axis=1)
     da_h = np.concatenate([da_r, da_z, da_n * r], axis=1)
@@ -175,7 +176,12 @@ def _active(a: Checked) -> np.ndarray:
     return (np.arange(T)[:, None] < lengths[None, :])[:, :, None]
 
 
-def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, matmul_precision):
+def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
+            training=True, matmul_precision="float32"):  # fmt: skip
+    """Any cell over a whole sequence, by name; returns ``(y, h_n, c_n, ctx)`` as
+    rnnfast.ops.forward (c_n None for a cell without a cell state)."""
+    spec = cell_spec(cell)
+    cell = spec.name
     bf16 = check_matmul_precision(matmul_precision, training)
     rounded = _round_to_bfloat16 if bf16 else (lambda m: m)  # what the products multiply
     a = check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths)
@@ -186,7 +192,7 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, matmul_
 
     h = np.zeros((N, H), dtype) if a.h0 is None else a.h0.copy()
     c = None
-    if cell == "lstm":
+    if spec.has_c:
         c = np.zeros((N, H), dtype) if a.c0 is None else a.c0.copy()
     # (T, N, G*H): every step's input projection at once; the padding is never read
     a_x = rounded(np.where(active, a.x, 0)) @ rounded(a.w_ih).T
@@ -213,12 +219,19 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, matmul_
     return y, h, c, ctx
 
 
-def _backward(cell, ctx, dy, dh_n, dc_n):
+def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> dict:
+    """Gradients of a training forward for any cell, as rnnfast.ops.backward."""
+    if cell is None:
+        if not isinstance(ctx, ReferenceContext):
+            raise TypeError("backward needs the context returned by rnnfast.reference.forward")
+        cell = ctx.cell
+    spec = cell_spec(cell)
+    cell = spec.name
     check_context(cell, ctx, ReferenceContext, "rnnfast.reference")
     a = ctx.inputs
     dy, dh_n, dc_n = check_backward_inputs(cell, a, dy, dh_n, dc_n)
     T, N, C, H = a.dims
-    GH = GATES[cell] * H
+    GH = spec.gates * H
     dtype = a.x.dtype
     step_backward = _CELLS[cell].step_backward
     active = _active(a)
@@ -226,7 +239,7 @@ def _backward(cell, ctx, dy, dh_n, dc_n):
 
     dh = np.zeros((N, H), dtype) if dh_n is None else dh_n.copy()
     dc = None
-    if cell == "lstm":
+    if spec.has_c:
         dc = np.zeros((N, H), dtype) if dc_n is None else dc_n.copy()
     da_x = np.zeros((T, N, GH), dtype)
     da_h = np.zeros((T, N, GH), dtype)
@@ -249,18 +262,18 @@ def _backward(cell, ctx, dy, dh_n, dc_n):
         "dw_hh": da_h.reshape(-1, GH).T @ hs.reshape(-1, H),
         "db_ih": None if a.b_ih is None else da_x.sum(axis=(0, 1)),
         "db_hh": None if a.b_hh is None else da_h.sum(axis=(0, 1)),
+        "dc0": dc,
     }
-    if cell == "lstm":
-        grads["dc0"] = dc
-    return grads
+    return {k: grads[k] for k in spec.grad_names}
 
 
 # ---- the public API (signatures as rnnfast.ops) ----------------------------------------------
 
 
-def lstm_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-                 training=True, matmul_precision="float32"):  # fmt: skip
-    """LSTM over a whole sequence, gate order i, f, g, o. Returns ``(y, h_n, c_n, ctx)``.
+_DOCS = {
+    "lstm_forward": """LSTM over a whole sequence, gate order i, f, g, o.
+
+    Returns ``(y, h_n, c_n, ctx)``.
 
     Per step, with a = a_x + a_h split into four (N, H) blocks (see the module docstring):
 
@@ -270,12 +283,8 @@ def lstm_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengt
 
     x (T, N, C); w_ih (4H, C); w_hh (4H, H); b_ih, b_hh (4H,) or None; h0, c0 (N, H) or None
     (zero); lengths (N,) ints in [0, T] or None. ``training=False`` keeps nothing for backward.
-    """
-    return _forward("lstm", x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, matmul_precision)
-
-
-def lstm_backward(ctx, dy, dh_n=None, dc_n=None):
-    """Gradients of an LSTM forward: dict with dx dh0 dc0 dw_ih dw_hh db_ih db_hh.
+    """,
+    "lstm_backward": """Gradients of an LSTM forward: dict with dx dh0 dc0 dw_ih dw_hh db_ih db_hh.
 
     Backward through one step, from the total gradients dh' and dc' reaching h' and c':
 
@@ -286,13 +295,8 @@ def lstm_backward(ctx, dy, dh_n=None, dc_n=None):
 
     dy (T, N, H), dh_n and dc_n (N, H) may each be None (zero). db_* is None where the forward
     had no bias.
-    """
-    return _backward("lstm", ctx, dy, dh_n, dc_n)
-
-
-def gru_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, lengths=None, training=True,
-                matmul_precision="float32"):  # fmt: skip
-    """GRU over a whole sequence, gate order r, z, n. Returns ``(y, h_n, ctx)``.
+    """,
+    "gru_forward": """GRU over a whole sequence, gate order r, z, n. Returns ``(y, h_n, ctx)``.
 
     Per step, with a_x and a_h each split into r, z, n blocks of (N, H) (the reset gate multiplies
     the recurrent product including its bias, as in PyTorch and cuDNN):
@@ -301,50 +305,29 @@ def gru_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, lengths=None, t
         h' = (1 - z) * n + z * h                     y_t = h'
 
     Shapes as lstm_forward with G = 3 and no c0.
-    """
-    y, h_n, _, ctx = _forward(
-        "gru", x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths, training, matmul_precision
-    )
-    return y, h_n, ctx
-
-
-def gru_backward(ctx, dy, dh_n=None):
-    """Gradients of a GRU forward: dict with dx dh0 dw_ih dw_hh db_ih db_hh.
+    """,
+    "gru_backward": """Gradients of a GRU forward: dict with dx dh0 dw_ih dw_hh db_ih db_hh.
 
     Backward through one step, from the total gradient dh' reaching h':
 
         dax_n = dh' * (1 - z) * (1 - n^2)     dah_n = dax_n * r
         da_z = dh' * (h - n) * z (1 - z)      da_r = dax_n * ah_n * r (1 - r)
         dh_prev = dh' * z + [da_r, da_z, dah_n] W_hh
-    """
-    return _backward("gru", ctx, dy, dh_n, None)
-
-
-def rnn_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearity="tanh",
-                lengths=None, training=True, matmul_precision="float32"):  # fmt: skip
-    """Vanilla RNN over a whole sequence. Returns ``(y, h_n, ctx)``.
+    """,
+    "rnn_forward": """Vanilla RNN over a whole sequence. Returns ``(y, h_n, ctx)``.
 
     Per step, with act tanh or relu:
 
         h' = act(x_t W_ih^T + b_ih + h W_hh^T + b_hh)    y_t = h'
 
     Shapes as lstm_forward with G = 1 and no c0.
-    """
-    if nonlinearity not in ("tanh", "relu"):
-        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-    cell = "rnn_" + nonlinearity
-    y, h_n, _, ctx = _forward(
-        cell, x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths, training, matmul_precision
-    )
-    return y, h_n, ctx
-
-
-def rnn_backward(ctx, dy, dh_n=None):
-    """Gradients of a vanilla RNN forward: dict with dx dh0 dw_ih dw_hh db_ih db_hh.
+    """,
+    "rnn_backward": """Gradients of a vanilla RNN forward: dict with dx dh0 dw_ih dw_hh db_ih db_hh.
 
     Backward through one step: da = dh' * (1 - h'^2) for tanh, dh' * [h' > 0] for relu;
     dh_prev = da W_hh.
-    """
-    if not isinstance(ctx, ReferenceContext) or not ctx.cell.startswith("rnn_"):
-        raise TypeError("rnn_backward needs the context returned by reference.rnn_forward")
-    return _backward(ctx.cell, ctx, dy, dh_n, None)
+    """,
+}
+lstm_forward, lstm_backward, gru_forward, gru_backward, rnn_forward, rnn_backward = (
+    public_functions(forward, backward, __name__, _DOCS)
+)

@@ -1,12 +1,12 @@
 """Shared test helpers: the one tolerance table, seeded inputs, calls by cell name, the cuda marker.
 
 Every test that compares two implementations should take its tolerances from ``tol`` and its
-inputs from ``make_inputs``, and run a cell by name through ``run_forward``/``run_backward``, so
-that adding a cell means adding one entry to ``CELLS`` and nothing else.
+inputs from ``make_inputs``, and run a cell by name through ``run_forward``/``run_backward``. The
+cells and their properties come from rnnfast's one cell table (rnnfast.cells), so a new cell there
+is parametrised into every test that takes ``CELLS``.
 
 Import from here in a test module with ``from conftest import ...`` (pytest puts tests/ on the
-path); this module imports nothing from rnnfast at import time, so it works before the extension
-is built.
+path).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import functools
 import numpy as np
 import pytest
 
-# the cell kinds, named as rnnfast._validate.GATES names them
-CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+from rnnfast.cells import CELLS as _TABLE
+
+# the cell kinds and their gate counts, from the table
+CELLS = list(_TABLE)
+GATES = {name: spec.gates for name, spec in _TABLE.items()}
 GRAD_NAMES = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
 
 # ---- the tolerance table ----------------------------------------------------------------------
@@ -142,7 +144,7 @@ def make_inputs(cell: str, T: int, N: int, C: int, H: int, dtype, rng: np.random
         "b_ih": draw((G * H,), k) if with_bias else None,
         "b_hh": draw((G * H,), k) if with_bias else None,
         "h0": draw((N, H)) if with_state else None,
-        "c0": draw((N, H)) if with_state and cell == "lstm" else None,
+        "c0": draw((N, H)) if with_state and _TABLE[cell].has_c else None,
     }
     inputs["lengths"] = make_lengths(lengths_kind, T, N, rng)
     return inputs
@@ -154,11 +156,11 @@ def make_upstream(cell: str, T: int, N: int, H: int, dtype, rng: np.random.Gener
 
     dh_n and dc_n are None without ``with_final``; dc_n is None for any cell but LSTM.
     """
-    lstm = cell == "lstm"
+    has_c = _TABLE[cell].has_c
     return {
         "dy": rng.standard_normal((T, N, H)).astype(dtype),
         "dh_n": rng.standard_normal((N, H)).astype(dtype) if with_final else None,
-        "dc_n": rng.standard_normal((N, H)).astype(dtype) if with_final and lstm else None,
+        "dc_n": rng.standard_normal((N, H)).astype(dtype) if with_final and has_c else None,
     }
 
 
@@ -186,28 +188,16 @@ def noncontiguous(a: np.ndarray) -> np.ndarray:
 
 def run_forward(api, cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                 lengths=None, **options):  # fmt: skip
-    """Call ``api.<cell>_forward`` (api: rnnfast.ops, rnnfast.reference or anything with the same
-    functions) and return ``(y, h_n, c_n, ctx)`` for every cell, c_n None but for LSTM. options
-    (training, matmul_precision) go through as keywords."""
-    if cell == "lstm":
-        return api.lstm_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths, **options)
-    assert c0 is None, f"c0 given for {cell}"
-    if cell == "gru":
-        y, h_n, ctx = api.gru_forward(x, w_ih, w_hh, b_ih, b_hh, h0, lengths=lengths, **options)
-    else:
-        nonlinearity = cell.removeprefix("rnn_")
-        y, h_n, ctx = api.rnn_forward(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity=nonlinearity,
-                                      lengths=lengths, **options)  # fmt: skip
-    return y, h_n, None, ctx
+    """``api.forward(cell, ...)`` (api: rnnfast.ops, rnnfast.reference or anything with the same
+    uniform pair): ``(y, h_n, c_n, ctx)`` for every cell, c_n None for a cell without a cell
+    state. options (training, matmul_precision) go through as keywords."""
+    return api.forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths, **options)
 
 
 def run_backward(api, cell: str, ctx, dy, dh_n=None, dc_n=None) -> dict:
-    """Call ``api.<cell>_backward``; returns its gradient dict (dc0 only for LSTM)."""
-    if cell == "lstm":
-        return api.lstm_backward(ctx, dy, dh_n, dc_n)
-    assert dc_n is None, f"dc_n given for {cell}"
-    backward = api.gru_backward if cell == "gru" else api.rnn_backward
-    return backward(ctx, dy, dh_n)
+    """``api.backward`` of a forward of ``cell``: its gradient dict (dc0 only where the cell has
+    a cell state)."""
+    return api.backward(ctx, dy, dh_n, dc_n, cell=cell)
 
 
 # ---- the cuda marker --------------------------------------------------------------------------

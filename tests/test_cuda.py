@@ -64,46 +64,20 @@ def _cupy():
 
 
 class _Gpu:
-    """rnnfast.ops' functions, on the GPU path directly (ops dispatches GPU arrays here)."""
+    """rnnfast.ops' uniform pair, on the GPU path directly (ops dispatches GPU arrays here)."""
 
     @staticmethod
-    def _fwd(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
+    def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
+                training=True):  # fmt: skip
         from rnnfast import cuda
 
         return cuda.forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training)
 
-    def lstm_forward(self, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
-                     lengths=None, training=True):  # fmt: skip
-        return self._fwd("lstm", x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training)
-
-    def gru_forward(self, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, lengths=None,
-                    training=True):  # fmt: skip
-        y, h_n, _, ctx = self._fwd("gru", x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths, training)
-        return y, h_n, ctx
-
-    def rnn_forward(self, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearity="tanh",
-                    lengths=None, training=True):  # fmt: skip
-        cell = "rnn_" + nonlinearity
-        y, h_n, _, ctx = self._fwd(cell, x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths, training)
-        return y, h_n, ctx
-
     @staticmethod
-    def lstm_backward(ctx, dy, dh_n=None, dc_n=None):
+    def backward(ctx, dy, dh_n=None, dc_n=None, *, cell):
         from rnnfast import cuda
 
-        return cuda.backward("lstm", ctx, dy, dh_n, dc_n)
-
-    @staticmethod
-    def gru_backward(ctx, dy, dh_n=None):
-        from rnnfast import cuda
-
-        return cuda.backward("gru", ctx, dy, dh_n, None)
-
-    @staticmethod
-    def rnn_backward(ctx, dy, dh_n=None):
-        from rnnfast import cuda
-
-        return cuda.backward(ctx.cell, ctx, dy, dh_n, None)
+        return cuda.backward(cell, ctx, dy, dh_n, dc_n)
 
 
 GPU = _Gpu()
@@ -321,7 +295,7 @@ def test_zero_steps_returns_initial_state():
     np.testing.assert_array_equal(_host(h_n), _host(inputs["h0"]))
     np.testing.assert_array_equal(_host(c_n), _host(inputs["c0"]))
     dh_n, dc_n = cupy.ones((3, 5)), cupy.full((3, 5), 2.0)
-    grads = GPU.lstm_backward(ctx, cupy.zeros((0, 3, 5)), dh_n, dc_n)
+    grads = GPU.backward(ctx, cupy.zeros((0, 3, 5)), dh_n, dc_n, cell="lstm")
     np.testing.assert_array_equal(_host(grads["dh0"]), _host(dh_n))
     np.testing.assert_array_equal(_host(grads["dc0"]), _host(dc_n))
     assert not _host(grads["dw_ih"]).any() and not _host(grads["db_hh"]).any()

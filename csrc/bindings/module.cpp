@@ -26,6 +26,8 @@ struct Kernels {
   void (*backward)(const Dims&, const rnnfast::cpu::BackwardIO<T>&);
 };
 
+// Every kind has a case and there is no default: -Wswitch names a kind the table gained but this
+// switch lacks, and a value outside the enum throws instead of running another cell.
 template <typename T>
 Kernels<T> kernels_for(CellKind cell) {
   namespace cpu = rnnfast::cpu;
@@ -34,9 +36,11 @@ Kernels<T> kernels_for(CellKind cell) {
       return {cpu::lstm_forward<T>, cpu::lstm_backward<T>};
     case CellKind::gru:
       return {cpu::gru_forward<T>, cpu::gru_backward<T>};
-    default:
+    case CellKind::rnn_tanh:
+    case CellKind::rnn_relu:
       return {cpu::rnn_forward<T>, cpu::rnn_backward<T>};
   }
+  throw std::invalid_argument("rnnfast: no CPU kernels for this cell kind");
 }
 
 std::string shape_str(const py::array& a) {
@@ -129,7 +133,7 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
     throw std::runtime_error("bfloat16 products need a CPU with AVX512_BF16, which this one lacks");
   const Dims d = dims_of(cell, x, w_hh);
   const int64_t GH = d.GH(), NH = d.N * d.H;
-  const bool lstm = cell == CellKind::lstm;
+  const bool has_c = rnnfast::cell_info(cell).has_c;
   rnnfast::cpu::ForwardIO<T> io{};
   io.x = input<T>(x, "x", {d.T, d.N, d.C});
   io.w_ih = input<T>(w_ih, "w_ih", {GH, d.C});
@@ -138,7 +142,7 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
   io.b_hh = input<T>(b_hh, "b_hh", {GH}, true);
   io.h0 = input<T>(h0, "h0", {d.N, d.H}, true);
   io.c0 = input<T>(c0, "c0", {d.N, d.H}, true);
-  if (io.c0 && !lstm) throw py::value_error("c0 is only for LSTM");
+  if (io.c0 && !has_c) throw py::value_error("c0 is only for LSTM");
   io.lengths = lengths_input(lengths, d.N, d.T);
   io.bf16 = bf16;
 
@@ -150,7 +154,7 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
   io.hs = data(store);
   io.reserve = training ? io.hs : nullptr;
   io.h_n = data(h_n);
-  if (lstm) {
+  if (has_c) {
     auto c = new_array<T>({d.N, d.H});
     io.c_n = data(c);
     c_n = c;
@@ -164,15 +168,14 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
   return py::make_tuple(y, h_n, c_n, training ? py::object(store) : py::none());
 }
 
-template <CellKind Cell>
-py::tuple forward(const py::array& x, const py::array& w_ih, const py::array& w_hh,
+py::tuple forward(CellKind cell, const py::array& x, const py::array& w_ih, const py::array& w_hh,
                   const py::object& b_ih, const py::object& b_hh, const py::object& h0,
                   const py::object& c0, const py::object& lengths, bool training, bool bf16) {
   if (x.dtype().is(py::dtype::of<float>()))
-    return forward_typed<float>(Cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, bf16);
+    return forward_typed<float>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, bf16);
   if (bf16) throw py::type_error("bfloat16 products take float32 inputs, got float64");
   if (x.dtype().is(py::dtype::of<double>()))
-    return forward_typed<double>(Cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, false);
+    return forward_typed<double>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, false);
   throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
@@ -183,7 +186,7 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
                          const py::object& dh_n, const py::object& dc_n) {
   const Dims d = dims_of(cell, x, w_hh);
   const int64_t GH = d.GH();
-  const bool lstm = cell == CellKind::lstm;
+  const bool has_c = rnnfast::cell_info(cell).has_c;
   rnnfast::cpu::BackwardIO<T> io{};
   io.x = input<T>(x, "x", {d.T, d.N, d.C});
   io.w_ih = input<T>(w_ih, "w_ih", {GH, d.C});
@@ -193,7 +196,7 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
   io.dy = input<T>(dy, "dy", {d.T, d.N, d.H}, true);
   io.dh_n = input<T>(dh_n, "dh_n", {d.N, d.H}, true);
   io.dc_n = input<T>(dc_n, "dc_n", {d.N, d.H}, true);
-  if (io.dc_n && !lstm) throw py::value_error("dc_n is only for LSTM");
+  if (io.dc_n && !has_c) throw py::value_error("dc_n is only for LSTM");
 
   auto dx = new_array<T>({d.T, d.N, d.C}), dh0 = new_array<T>({d.N, d.H});
   auto dw_ih = new_array<T>({GH, d.C}), dw_hh = new_array<T>({GH, d.H});
@@ -202,7 +205,7 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
   io.dh0 = data(dh0);
   io.dw_ih = data(dw_ih);
   io.dw_hh = data(dw_hh);
-  if (lstm) {
+  if (has_c) {
     auto a = new_array<T>({d.N, d.H});
     io.dc0 = data(a);
     dc0 = a;
@@ -224,29 +227,41 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
   return py::make_tuple(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh);
 }
 
-template <CellKind Cell>
-py::tuple backward(const py::array& x, const py::array& w_ih, const py::array& w_hh, bool has_b_ih,
-                   bool has_b_hh, const py::object& lengths, const py::object& reserve,
-                   const py::object& dy, const py::object& dh_n, const py::object& dc_n) {
+py::tuple backward(CellKind cell, const py::array& x, const py::array& w_ih, const py::array& w_hh,
+                   bool has_b_ih, bool has_b_hh, const py::object& lengths,
+                   const py::object& reserve, const py::object& dy, const py::object& dh_n,
+                   const py::object& dc_n) {
   if (x.dtype().is(py::dtype::of<float>()))
-    return backward_typed<float>(Cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
+    return backward_typed<float>(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
                                  dh_n, dc_n);
   if (x.dtype().is(py::dtype::of<double>()))
-    return backward_typed<double>(Cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
+    return backward_typed<double>(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
                                   dh_n, dc_n);
   throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
-template <CellKind Cell>
-void bind_cell(py::module_& m, const char* name) {
+// <name>_forward and <name>_backward for one row of the cell table.
+void bind_cell(py::module_& m, const rnnfast::CellInfo& info) {
   using namespace py::literals;
-  m.def((std::string(name) + "_forward").c_str(), &forward<Cell>, "x"_a, "w_ih"_a, "w_hh"_a,
-        "b_ih"_a.none(true), "b_hh"_a.none(true), "h0"_a.none(true), "c0"_a.none(true),
-        "lengths"_a.none(true), "training"_a, "bf16"_a = false,
+  const CellKind cell = info.kind;
+  m.def((std::string(info.name) + "_forward").c_str(),
+        [cell](const py::array& x, const py::array& w_ih, const py::array& w_hh,
+               const py::object& b_ih, const py::object& b_hh, const py::object& h0,
+               const py::object& c0, const py::object& lengths, bool training, bool bf16) {
+          return forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, bf16);
+        },
+        "x"_a, "w_ih"_a, "w_hh"_a, "b_ih"_a.none(true), "b_hh"_a.none(true), "h0"_a.none(true),
+        "c0"_a.none(true), "lengths"_a.none(true), "training"_a, "bf16"_a = false,
         "(y, h_n, c_n or None, reserve or None); see rnnfast.ops");
-  m.def((std::string(name) + "_backward").c_str(), &backward<Cell>, "x"_a, "w_ih"_a, "w_hh"_a,
-        "has_b_ih"_a, "has_b_hh"_a, "lengths"_a.none(true), "reserve"_a, "dy"_a.none(true),
-        "dh_n"_a.none(true), "dc_n"_a.none(true),
+  m.def((std::string(info.name) + "_backward").c_str(),
+        [cell](const py::array& x, const py::array& w_ih, const py::array& w_hh, bool has_b_ih,
+               bool has_b_hh, const py::object& lengths, const py::object& reserve,
+               const py::object& dy, const py::object& dh_n, const py::object& dc_n) {
+          return backward(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy, dh_n,
+                          dc_n);
+        },
+        "x"_a, "w_ih"_a, "w_hh"_a, "has_b_ih"_a, "has_b_hh"_a, "lengths"_a.none(true), "reserve"_a,
+        "dy"_a.none(true), "dh_n"_a.none(true), "dc_n"_a.none(true),
         "(dx, dh0, dc0 or None, dw_ih, dw_hh, db_ih or None, db_hh or None); see rnnfast.ops");
 }
 
@@ -293,10 +308,7 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rnnfast CPU kernels (private; use rnnfast.ops)";
   m.attr("__version__") = RNNFAST_VERSION;
-  bind_cell<CellKind::lstm>(m, "lstm");
-  bind_cell<CellKind::gru>(m, "gru");
-  bind_cell<CellKind::rnn_tanh>(m, "rnn_tanh");
-  bind_cell<CellKind::rnn_relu>(m, "rnn_relu");
+  for (const rnnfast::CellInfo& info : rnnfast::kCellTable) bind_cell(m, info);
   m.def("build_info", &build_info);
   m.def("set_num_threads", &rnnfast::cpu::set_num_threads);
   m.def("get_num_threads", &rnnfast::cpu::get_num_threads);

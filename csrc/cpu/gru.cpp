@@ -8,8 +8,8 @@
 namespace rnnfast::cpu {
 namespace {
 
-struct Gru {
-  static constexpr bool has_c = false, has_gates = true, is_gru = true;
+struct Gru : DefaultStep {
+  static constexpr CellKind kind = CellKind::gru;
 
   template <typename T>
   RNNFAST_PASS static void forward(const ForwardStep<T>& s) {
@@ -33,16 +33,16 @@ struct Gru {
 #pragma omp simd
         for (int64_t u = 0; u < nu; ++u) {
           const int64_t j = j0 + u;
-          const T h_n = gh[2 * nu + u] + s.bhn[j];
+          const T hh_n = gh[2 * nu + u] + s.bhn[j];
           const GruPoint<T> p = gru_point_forward<T, Math<T>>(gx[u] + b[j], gx[nu + u] + b[H + j],
                                                               gx[2 * nu + u] + b[2 * H + j], gh[u],
-                                                              gh[nu + u], h_n, h_prev[j]);
+                                                              gh[nu + u], hh_n, h_prev[j]);
           h[j] = p.h;
           if constexpr (decltype(save)::value) {
             gates[j] = p.r;
             gates[H + j] = p.z;
             gates[2 * H + j] = p.n;
-            ghn[j] = h_n;
+            ghn[j] = hh_n;
           }
         }
       };
@@ -76,7 +76,7 @@ struct Gru {
         dgx[j] = dgh[j] = g.da_r;
         dgx[H + j] = dgh[H + j] = g.da_z;
         dgx[2 * H + j] = g.dx_n;
-        dgh[2 * H + j] = g.dh_n;
+        dgh[2 * H + j] = g.dhh_n;
         dh[j] = g.dh_prev;
       }
     }

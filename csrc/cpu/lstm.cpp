@@ -7,8 +7,8 @@
 namespace rnnfast::cpu {
 namespace {
 
-struct Lstm {
-  static constexpr bool has_c = true, has_gates = true, is_gru = false;
+struct Lstm : DefaultStep {
+  static constexpr CellKind kind = CellKind::lstm;
 
   template <typename T>
   RNNFAST_PASS static void forward(const ForwardStep<T>& s) {

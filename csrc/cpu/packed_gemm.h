@@ -17,6 +17,11 @@ bool cpu_has_avx512();
 // AVX512_BF16 (vdpbf16ps), for the opt-in bfloat16 products
 bool cpu_has_avx512_bf16();
 
+// Whether output j's weights are row j of W ([M, ldw], so C = A W^T) or column j ([K, ldw], so
+// C = A W), and whether a product adds to C or overwrites it: named at every call site.
+enum class WeightsBy : bool { column = false, row = true };
+enum class Accumulate : bool { no = false, yes = true };
+
 // Where output j's weights lie in W: outputs come in blocks of `size`, block b starting b * stride
 // rows (or columns) into W, so that a thread can take all G gates of its units straight from
 // w_hh. The default is one block: output j is row (column) j.
@@ -62,22 +67,28 @@ class StepProduct {
     return rows >= 16 * l2_shares;
   }
   // bf16: the products in bfloat16 (float32 only, on AVX512_BF16, always packed; else throws)
-  StepProduct(const T* W, int64_t ldw, int64_t M, int64_t K, bool outputs_are_rows,
-              OutputBlocks blocks, int64_t rows, bool bf16 = false)
-      : W_(W), ldw_(ldw), M_(M), K_(K), rows_(outputs_are_rows), blocks_(blocks) {
+  StepProduct(const T* W, int64_t ldw, int64_t M, int64_t K, WeightsBy weights, OutputBlocks blocks,
+              int64_t rows, bool bf16 = false)
+      : W_(W),
+        ldw_(ldw),
+        M_(M),
+        K_(K),
+        outputs_are_rows_(weights == WeightsBy::row),
+        blocks_(blocks) {
     if (bf16 && !(std::is_same_v<T, float> && cpu_has_avx512_bf16()))
       throw std::invalid_argument("bfloat16 products need float32 and a CPU with AVX512_BF16");
     if constexpr (std::is_same_v<T, float>)
       if (cpu_has_avx512() && M > 0 && K > 0 && (bf16 || packing_pays(M, K, rows)))
-        packed_ = std::make_unique<PackedPanels>(W, ldw, M, K, outputs_are_rows, blocks, bf16);
+        packed_ = std::make_unique<PackedPanels>(W, ldw, M, K, outputs_are_rows_, blocks, bf16);
   }
-  void operator()(int64_t N, const T* A, int64_t lda, T* C, int64_t ldc, bool accumulate) const {
+  void operator()(int64_t N, const T* A, int64_t lda, T* C, int64_t ldc, Accumulate add) const {
+    const bool accumulate = add == Accumulate::yes;
     if constexpr (std::is_same_v<T, float>)
       if (packed_) return packed_->multiply(N, A, lda, C, ldc, accumulate);
     const int64_t size = std::min(M_, blocks_.size);
     for (int64_t j = 0; j < M_; j += size) {
-      const T* w = W_ + (rows_ ? blocks_(j) * ldw_ : blocks_(j));
-      gemm<T>(false, rows_, N, std::min(size, M_ - j), K_, T(1), A, lda, w, ldw_,
+      const T* w = W_ + (outputs_are_rows_ ? blocks_(j) * ldw_ : blocks_(j));
+      gemm<T>(false, outputs_are_rows_, N, std::min(size, M_ - j), K_, T(1), A, lda, w, ldw_,
               accumulate ? T(1) : T(0), C + j, ldc);
     }
   }
@@ -85,7 +96,7 @@ class StepProduct {
  private:
   const T* W_;
   int64_t ldw_, M_, K_;
-  bool rows_;
+  bool outputs_are_rows_;
   OutputBlocks blocks_;
   std::unique_ptr<PackedPanels> packed_;  // float32 on AVX-512 only
 };

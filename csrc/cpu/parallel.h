@@ -30,24 +30,17 @@ inline Range split(int64_t n, int parts, int k, int64_t align = 1) {
   return {std::min(n, b0 * align), std::min(n, b1 * align)};
 }
 
-inline int thread_index() {
+// This thread's index in its team, and the number of threads in that team. OpenMP may give a
+// region fewer threads than its num_threads clause asks for (OMP_THREAD_LIMIT, OMP_DYNAMIC, a call
+// from inside another parallel region), so inside a region work is split by team_size(), never by
+// the request.
 #if defined(RNNFAST_WITH_OPENMP)
-  return omp_get_thread_num();
+inline int thread_index() { return omp_get_thread_num(); }
+inline int team_size() { return omp_get_num_threads(); }
 #else
-  return 0;
+inline int thread_index() { return 0; }
+inline int team_size() { return 1; }
 #endif
-}
-
-// The number of threads in the calling thread's team. OpenMP may give a region fewer threads than
-// its num_threads clause asks for (OMP_THREAD_LIMIT, OMP_DYNAMIC, a call from inside another
-// parallel region), so inside a region work is split by this, never by the request.
-inline int team_size() {
-#if defined(RNNFAST_WITH_OPENMP)
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
 
 // Every parallel region asks for its threads through this: it caps the request at what the
 // process may use (one thread in a child forked after a multi-threaded region: libgomp's thread

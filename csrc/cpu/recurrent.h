@@ -1,8 +1,9 @@
-// The algorithm every cell shares. Forward: each thread owns a slice of the hidden units; it
-// projects a chunk of inputs onto its units' gates, then per step multiplies h_{t-1} by its units'
-// w_hh rows and applies the cell's pointwise math to them, one barrier per step. Backward mirrors
-// it, and finishes with the weight gradients and dx as large GEMMs. A cell supplies only its two
-// pointwise passes.
+// The drivers every cell runs. Forward: each thread owns a slice of the hidden units; it projects
+// a chunk of inputs onto its units' gates, then runs the cell's step for each t (by default:
+// h_{t-1} times its units' w_hh rows, the cell's pointwise pass, one barrier). Backward mirrors it
+// and finishes with the weight gradients and dx as large GEMMs. A cell is a struct with its kind
+// (its row of the cell table, rnnfast/cell.h), its two pointwise passes and, where the default step
+// does not fit it, steps of its own; the drivers read the table, never the kind.
 #pragma once
 
 #include <algorithm>
@@ -124,110 +125,201 @@ void add_gate_rows(int64_t N, int64_t G, int64_t H, Range units, const T* rows, 
     }
 }
 
+// Zeroes a padded row's gate gradients for this thread's units (G gates).
+template <typename T>
+void zero_gate_rows(int64_t G, int64_t H, Range units, T* row) {
+  for (int64_t g = 0; g < G; ++g)
+    std::fill(row + g * H + units.begin, row + g * H + units.end, T(0));
+}
+
+inline void team_barrier(int team) {
+  if (team > 1) {
+#pragma omp barrier
+  }
+}
+
 constexpr int64_t kUnitAlign = 16;  // a thread's units start on a 64-byte boundary (float)
-// rows of x per projection chunk: the thread's packed w_ih streams from L3 once per chunk (256
-// rows were 5-8% slower at (64, 25, 128) to (32, 100, 1024)); and at most kProjectionSteps
-// steps, so that the chunk's gates take O(N*H) memory at small batch too
+// rows of x per projection chunk: the thread's packed w_ih streams from L3 once per chunk (larger
+// chunks measured faster, bench/RESULTS.md); and at most kProjectionSteps steps, so that the
+// chunk's gates take O(N*H) memory at small batch too
 constexpr int64_t kProjectionRows = 1024, kProjectionSteps = 64;
 
-template <class Cell, typename T>
-void run_forward(const Dims& d, const ForwardIO<T>& io) {
-  const int64_t N = d.N, H = d.H, G = d.G(), GH = d.GH(), NH = N * H;
-  const bool training = io.reserve != nullptr, avx512 = cpu_has_avx512();
-  const ReserveLayout lay = reserve_layout(d);
-  T* hs = io.hs;
-  // c lives in the reserve in training, else in two alternating slots
-  auto cring = scratch<T>(Cell::has_c && !training ? 2 * NH : 0);
-  T* cs = Cell::has_c ? (training ? io.reserve + lay.cs : cring.get()) : nullptr;
-  auto c_slot = [&](int64_t t) { return cs + (training ? t : (t & 1)) * NH; };
+// ---- forward ----------------------------------------------------------------------------------
 
-  if (io.h0)
-    std::memcpy(hs, io.h0, sizeof(T) * NH);
+// What one thread of the forward team holds for the whole call.
+template <typename T>
+struct ForwardThread {
+  int team;                 // threads in the team (the barrier's width)
+  Range units;              // the hidden units this thread owns
+  int64_t width;            // G * units.size(): this thread's gate columns
+  bool avx512;              // run the AVX-512 build of the pointwise pass
+  T* gh;                    // [N, width] the step's recurrent product
+  StepProduct<T>* product;  // h_{t-1} [N, H] onto this thread's gate columns of w_hh
+};
+
+// h and c before step 0: h0 and c0, or zeros.
+template <typename T>
+void initial_states(int64_t NH, const T* h0, const T* c0, T* hs, T* cs) {
+  if (h0)
+    std::memcpy(hs, h0, sizeof(T) * NH);
   else
     std::fill(hs, hs + NH, T(0));
-  if (Cell::has_c) {
-    if (io.c0)
-      std::memcpy(cs, io.c0, sizeof(T) * NH);
+  if (cs) {
+    if (c0)
+      std::memcpy(cs, c0, sizeof(T) * NH);
     else
       std::fill(cs, cs + NH, T(0));
   }
+}
 
-  // biases: b_ih, plus whichever parts of b_hh are plain sums, go with the input projection
-  auto bx = scratch<T>(GH);
-  auto bhn = scratch<T>(Cell::is_gru ? H : 0);
+// b_ih plus whichever parts of b_hh are plain sums ([G*H], added to the x side in the pointwise
+// pass), and the candidate's b_hh apart where r multiplies it ([H], reset_after cells).
+template <typename T>
+void fold_biases(const CellInfo& cell, int64_t H, const T* b_ih, const T* b_hh, T* bx, T* bhn) {
+  const int64_t GH = cell.gates * H, candidate = (cell.gates - 1) * H;  // the last gate
   for (int64_t k = 0; k < GH; ++k) {
-    const T hh = io.b_hh ? io.b_hh[k] : T(0);
-    const bool folded = !Cell::is_gru || k < 2 * H;
-    bx[k] = (io.b_ih ? io.b_ih[k] : T(0)) + (folded ? hh : T(0));
-    if (!folded) bhn[k - 2 * H] = hh;
+    const T hh = b_hh ? b_hh[k] : T(0);
+    const bool folded = !cell.reset_after || k < candidate;
+    bx[k] = (b_ih ? b_ih[k] : T(0)) + (folded ? hh : T(0));
+    if (!folded) bhn[k - candidate] = hh;
   }
+}
+
+template <class Cell, typename T>
+void run_forward(const Dims& d, const ForwardIO<T>& io) {
+  constexpr CellInfo cell = cell_info(Cell::kind);
+  const int64_t N = d.N, H = d.H, G = d.G(), NH = N * H;
+  const bool training = io.reserve != nullptr;
+  const ReserveLayout layout = reserve_layout(d);
+  T* hs = io.hs;
+  // c lives in the reserve in training, else in two alternating slots
+  auto c_ring = scratch<T>(cell.has_c && !training ? 2 * NH : 0);
+  T* cs = cell.has_c ? (training ? io.reserve + layout.cs : c_ring.get()) : nullptr;
+  auto c_slot = [&](int64_t t) { return cs + (training ? t : (t & 1)) * NH; };
+  initial_states(NH, io.h0, io.c0, hs, cs);
+
+  auto bx = scratch<T>(d.GH());
+  auto bhn = scratch<T>(cell.reset_after ? H : 0);
+  fold_biases(cell, H, io.b_ih, io.b_hh, bx.get(), bhn.get());
 
   // Each thread projects the inputs onto its own units' gates, through the same packed kernel as
   // the step product (w_ih packed once per call), a chunk of steps ahead of the recurrence: the
   // rows it needs stay in its own cache, and no barrier separates projection and recurrence.
-  const int nt = recurrent_threads(d);
   const int64_t chunk = std::clamp<int64_t>((kProjectionRows + N - 1) / N, 1,
                                             std::clamp<int64_t>(d.T, 1, kProjectionSteps));
-
   TeamSetup setup;
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(recurrent_threads(d))
   {
-    const int team = team_size();
-    const Range units = split(H, team, thread_index(), kUnitAlign);
-    const int64_t width = G * units.size();
+    ForwardThread<T> th{team_size()};
+    th.units = split(H, th.team, thread_index(), kUnitAlign);
+    th.width = G * th.units.size();
+    th.avx512 = cpu_has_avx512();
     Scratch<T> gh(nullptr, release_scratch), gx(nullptr, release_scratch);
     std::optional<StepProduct<T>> product, projection;
     const bool ok = setup.run([&] {
-      gh = scratch<T>(N * width);
-      gx = scratch<T>(chunk * N * width);
+      gh = scratch<T>(N * th.width);
+      gx = scratch<T>(chunk * N * th.width);
       // this thread's outputs: the rows of all G gates of its units, G blocks of w_hh and w_ih
-      const OutputBlocks gates_of_units{units.size(), H};
+      const OutputBlocks gates_of_units{th.units.size(), H};
       // both put T*N rows through their weights in this call
-      product.emplace(io.w_hh + units.begin * H, H, width, H, true, gates_of_units, d.T * N,
-                      io.bf16);
-      projection.emplace(io.w_ih + units.begin * d.C, d.C, width, d.C, true, gates_of_units,
-                         d.T * N, io.bf16);
+      product.emplace(io.w_hh + th.units.begin * H, H, th.width, H, WeightsBy::row, gates_of_units,
+                      d.T * N, io.bf16);
+      projection.emplace(io.w_ih + th.units.begin * d.C, d.C, th.width, d.C, WeightsBy::row,
+                         gates_of_units, d.T * N, io.bf16);
     });
+    th.gh = gh.get();
+    th.product = product ? &*product : nullptr;
     for (int64_t t0 = 0; ok && t0 < d.T; t0 += chunk) {
       const int64_t steps = std::min(chunk, d.T - t0);
       // the biases are added in the pointwise pass, which saves a pass over gx to preset them
-      const int64_t rows = steps * N;
-      (*projection)(rows, io.x + t0 * N * d.C, d.C, gx.get(), width, false);
+      (*projection)(steps* N, io.x + t0 * N * d.C, d.C, gx.get(), th.width, Accumulate::no);
       for (int64_t t = t0; t < t0 + steps; ++t) {
-        ForwardStep<T> s{N, H, t, units, io.lengths};
-        s.gx = gx.get() + (t - t0) * N * width;
+        ForwardStep<T> s{N, H, t, th.units, io.lengths};
+        s.gx = gx.get() + (t - t0) * N * th.width;
         s.bx = bx.get();
-        s.gh = gh.get();
         s.bhn = bhn.get();
         s.h_prev = hs + t * NH;
         s.h = hs + (t + 1) * NH;
-        if (Cell::has_c) {
+        if (cell.has_c) {
           s.c_prev = c_slot(t);
           s.c = c_slot(t + 1);
         }
         if (training) {
-          s.gates = Cell::has_gates ? io.reserve + lay.gates + t * N * GH : nullptr;
-          s.ghn = Cell::is_gru ? io.reserve + lay.ghn + t * NH : nullptr;
+          s.gates = cell.saves_gates ? io.reserve + layout.gates + t * N * d.GH() : nullptr;
+          s.ghn = cell.reset_after ? io.reserve + layout.ghn + t * NH : nullptr;
         }
-        (*product)(N, s.h_prev, H, gh.get(), width, false);
-        if (avx512)
-          forward_pass_avx512<Cell, T>(s);
-        else
-          forward_pass_baseline<Cell, T>(s);
-        if (team > 1) {  // h_t is complete when every thread has written its units
-#pragma omp barrier
-        }
+        Cell::template forward_step<Cell, T>(th, s);
       }
     }
   }
-
   setup.rethrow();
 
+  // final states: each row's after its own last step
   for (int64_t n = 0; n < N; ++n) {
     const int64_t len = io.lengths ? io.lengths[n] : d.T;
     std::memcpy(io.h_n + n * H, hs + len * NH + n * H, sizeof(T) * H);
-    if (Cell::has_c) std::memcpy(io.c_n + n * H, c_slot(d.T) + n * H, sizeof(T) * H);
+    if (cell.has_c) std::memcpy(io.c_n + n * H, c_slot(d.T) + n * H, sizeof(T) * H);
   }
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+// What one thread of the backward team holds for the whole call.
+template <typename T>
+struct BackwardThread {
+  int team;
+  Range units;
+  bool avx512;
+  StepProduct<T>* product;  // dgh_t [N, G*H] onto this thread's columns of dh_{t-1}
+  T* db_x;                  // [G*H] column sums of dgx, or null where no bias takes them
+  T* db_h;                  // [G*H] of dgh, reset_after cells with b_hh only, else null
+};
+
+// The bias gradients are the column sums of dgx (and, apart, of dgh), added up step by step by
+// the thread that owns the units while the rows are still in cache; the order of the sums is
+// fixed (t down, n up) whatever the thread count.
+template <typename T>
+void sum_bias_rows(const BackwardThread<T>& th, const BackwardStep<T>& s, int64_t G) {
+  if (th.db_x) add_gate_rows<T>(s.N, G, s.H, th.units, s.dgx, th.db_x);
+  if (th.db_h) add_gate_rows<T>(s.N, G, s.H, th.units, s.dgh, th.db_h);
+}
+
+// The step every cell runs unless it defines its own `forward_step` or `backward_step` (static
+// templates with these signatures, called in the same place; cells inherit this one). Forward: one
+// recurrent product onto the thread's own gate columns, the cell's pointwise pass, one barrier.
+// Backward mirrors it: the pass, the bias sums, one barrier, and dh_{t-1}[:, units] += dgh_t @
+// w_hh[:, units] (rows past their length have dgh = 0). A cell whose step needs a second product
+// or a reduction across units mid-step (the reset-before GRU, layer norm, a projection) writes its
+// own steps in its file, from the same pieces.
+struct DefaultStep {
+  template <class Cell, typename T>
+  static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
+    (*th.product)(s.N, s.h_prev, s.H, th.gh, th.width, Accumulate::no);
+    s.gh = th.gh;
+    if (th.avx512)
+      forward_pass_avx512<Cell, T>(s);
+    else
+      forward_pass_baseline<Cell, T>(s);
+    team_barrier(th.team);  // h_t is complete when every thread has written its units
+  }
+
+  template <class Cell, typename T>
+  static void backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
+    constexpr int64_t G = cell_info(Cell::kind).gates;
+    if (th.avx512)
+      backward_pass_avx512<Cell, T>(s);
+    else
+      backward_pass_baseline<Cell, T>(s);
+    sum_bias_rows(th, s, G);
+#pragma omp barrier
+    (*th.product)(s.N, s.dgh, G* s.H, s.dh + th.units.begin, s.H, Accumulate::yes);
+  }
+};
+
+// dh_n and dc_n into the running gradients (dh0 and dc0 are them at the end), or zeros.
+template <typename T>
+void final_state_gradients(int64_t NH, const T* dh_n, const T* dc_n, T* dh, T* dc) {
+  initial_states(NH, dh_n, dc_n, dh, dc);
 }
 
 // x, or where a padded row (t >= lengths[n]) holds a NaN or infinity, a copy of x with the padded
@@ -261,93 +353,75 @@ const T* finite_padding(const Dims& d, const T* x, const int32_t* lengths, Scrat
   return copy.get();
 }
 
+// After the loop: the weight gradients and dx as large GEMMs over all T*N rows.
+template <typename T>
+void weight_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx, const T* dgh,
+                      const T* hs) {
+  const int64_t GH = d.GH(), TN = d.T * d.N;
+  const int threads = get_num_threads();
+  auto x_masked = scratch<T>(0);
+  const T* x_rows = finite_padding(d, io.x, io.lengths, x_masked);
+  parallel_gemm<T>(threads, true, false, GH, d.C, TN, dgx, GH, x_rows, d.C, T(0), io.dw_ih, d.C);
+  parallel_gemm<T>(threads, true, false, GH, d.H, TN, dgh, GH, hs, d.H, T(0), io.dw_hh, d.H);
+  parallel_gemm<T>(threads, false, false, TN, d.C, GH, dgx, GH, io.w_ih, d.C, T(0), io.dx, d.C);
+}
+
 template <class Cell, typename T>
 void run_backward(const Dims& d, const BackwardIO<T>& io) {
+  constexpr CellInfo cell = cell_info(Cell::kind);
   const int64_t N = d.N, H = d.H, GH = d.GH(), NH = N * H, TN = d.T * N;
-  const bool avx512 = cpu_has_avx512();
-  const ReserveLayout lay = reserve_layout(d);
-  const T* hs = io.reserve + lay.hs;
+  const ReserveLayout layout = reserve_layout(d);
+  const T* hs = io.reserve + layout.hs;
 
   auto dgx = scratch<T>(TN * GH);
-  auto dgh_own = scratch<T>(Cell::is_gru ? TN * GH : 0);
-  T* dgh = Cell::is_gru ? dgh_own.get() : dgx.get();
-
-  if (io.dh_n)
-    std::memcpy(io.dh0, io.dh_n, sizeof(T) * NH);
-  else
-    std::fill(io.dh0, io.dh0 + NH, T(0));
-  if (Cell::has_c) {
-    if (io.dc_n)
-      std::memcpy(io.dc0, io.dc_n, sizeof(T) * NH);
-    else
-      std::fill(io.dc0, io.dc0 + NH, T(0));
-  }
+  auto dgh_own = scratch<T>(cell.reset_after ? TN * GH : 0);
+  T* dgh = cell.reset_after ? dgh_own.get() : dgx.get();
+  final_state_gradients(NH, io.dh_n, io.dc_n, io.dh0, cell.has_c ? io.dc0 : nullptr);
 
   auto zeros = scratch<T>(io.dy ? 0 : NH);
   if (!io.dy) std::fill(zeros.get(), zeros.get() + NH, T(0));
 
-  // bias gradients: the column sums of dgx (and, for GRU, dgh), added up step by step by the
-  // thread that owns the units while the rows are still in cache; the order of the sums is fixed
-  // (t down, n up) whatever the thread count
-  const bool db_x = io.db_ih || io.db_hh, db_h = Cell::is_gru && io.db_hh;
-  auto db_sum = scratch<T>(db_x ? (db_h ? 2 : 1) * GH : 0);
-  if (db_x) std::fill(db_sum.get(), db_sum.get() + (db_h ? 2 : 1) * GH, T(0));
+  const bool sum_db_x = io.db_ih || io.db_hh, sum_db_h = cell.reset_after && io.db_hh;
+  auto db_sum = scratch<T>(sum_db_x ? (sum_db_h ? 2 : 1) * GH : 0);
+  if (sum_db_x) std::fill(db_sum.get(), db_sum.get() + (sum_db_h ? 2 : 1) * GH, T(0));
 
-  const int nt = recurrent_threads(d);
   TeamSetup setup;
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(recurrent_threads(d))
   {
-    const Range units = split(H, team_size(), thread_index(), kUnitAlign);
+    BackwardThread<T> th{team_size()};
+    th.units = split(H, th.team, thread_index(), kUnitAlign);
+    th.avx512 = cpu_has_avx512();
+    th.db_x = sum_db_x ? db_sum.get() : nullptr;
+    th.db_h = sum_db_h ? db_sum.get() + GH : nullptr;
     std::optional<StepProduct<T>> product;
     const bool ok = setup.run([&] {
-      product.emplace(io.w_hh + units.begin, H, units.size(), GH, false, OutputBlocks{}, TN);
+      product.emplace(io.w_hh + th.units.begin, H, th.units.size(), GH, WeightsBy::column,
+                      OutputBlocks{}, TN);
     });
+    th.product = product ? &*product : nullptr;
     for (int64_t t = d.T - 1; ok && t >= 0; --t) {
-      BackwardStep<T> s{N, H, t, units, io.lengths};
+      BackwardStep<T> s{N, H, t, th.units, io.lengths};
       s.dy = io.dy ? io.dy + t * NH : zeros.get();
       s.h_prev = hs + t * NH;
       s.h = hs + (t + 1) * NH;
-      if (Cell::has_c) {
-        s.c_prev = io.reserve + lay.cs + t * NH;
+      if (cell.has_c) {
+        s.c_prev = io.reserve + layout.cs + t * NH;
         s.c = s.c_prev + NH;
       }
-      if (Cell::has_gates) s.gates = io.reserve + lay.gates + t * N * GH;
-      if (Cell::is_gru) s.ghn = io.reserve + lay.ghn + t * NH;
+      if (cell.saves_gates) s.gates = io.reserve + layout.gates + t * N * GH;
+      if (cell.reset_after) s.ghn = io.reserve + layout.ghn + t * NH;
       s.dh = io.dh0;
       s.dc = io.dc0;
       s.dgx = dgx.get() + t * N * GH;
       s.dgh = dgh + t * N * GH;
-      if (avx512)
-        backward_pass_avx512<Cell, T>(s);
-      else
-        backward_pass_baseline<Cell, T>(s);
-      if (db_x) add_gate_rows<T>(N, d.G(), H, units, s.dgx, db_sum.get());
-      if (db_h) add_gate_rows<T>(N, d.G(), H, units, s.dgh, db_sum.get() + GH);
-#pragma omp barrier
-      // dh_{t-1}[:, units] += dgh_t @ w_hh[:, units]; rows past their length have dgh = 0
-      (*product)(N, s.dgh, GH, io.dh0 + units.begin, H, true);
+      Cell::template backward_step<Cell, T>(th, s);
     }
   }
-
   setup.rethrow();
 
-  const int threads = get_num_threads();
-  auto x_masked = scratch<T>(0);
-  const T* x_rows = finite_padding(d, io.x, io.lengths, x_masked);
-  parallel_gemm<T>(threads, true, false, GH, d.C, TN, dgx.get(), GH, x_rows, d.C, T(0), io.dw_ih,
-                   d.C);
-  parallel_gemm<T>(threads, true, false, GH, H, TN, dgh, GH, hs, H, T(0), io.dw_hh, H);
-  parallel_gemm<T>(threads, false, false, TN, d.C, GH, dgx.get(), GH, io.w_ih, d.C, T(0), io.dx,
-                   d.C);
+  weight_gradients(d, io, dgx.get(), dgh, hs);
   if (io.db_ih) std::memcpy(io.db_ih, db_sum.get(), sizeof(T) * GH);
-  if (io.db_hh) std::memcpy(io.db_hh, db_sum.get() + (db_h ? GH : 0), sizeof(T) * GH);
-}
-
-// Zeroes a padded row's gate gradients for this thread's units (G gates).
-template <typename T>
-void zero_gate_rows(int64_t G, int64_t H, Range units, T* row) {
-  for (int64_t g = 0; g < G; ++g)
-    std::fill(row + g * H + units.begin, row + g * H + units.end, T(0));
+  if (io.db_hh) std::memcpy(io.db_hh, db_sum.get() + (sum_db_h ? GH : 0), sizeof(T) * GH);
 }
 
 }  // namespace rnnfast::cpu

@@ -7,8 +7,8 @@ namespace rnnfast::cpu {
 namespace {
 
 template <bool Relu>
-struct Rnn {
-  static constexpr bool has_c = false, has_gates = false, is_gru = false;
+struct Rnn : DefaultStep {
+  static constexpr CellKind kind = Relu ? CellKind::rnn_relu : CellKind::rnn_tanh;
 
   template <typename T>
   RNNFAST_PASS static void forward(const ForwardStep<T>& s) {
@@ -52,18 +52,22 @@ struct Rnn {
 
 template <typename T>
 void rnn_forward(const Dims& d, const ForwardIO<T>& io) {
-  if (d.cell == CellKind::rnn_relu)
+  if (d.cell == Rnn<true>::kind)
     run_forward<Rnn<true>, T>(d, io);
-  else
+  else if (d.cell == Rnn<false>::kind)
     run_forward<Rnn<false>, T>(d, io);
+  else
+    throw std::invalid_argument("rnn_forward runs rnn_tanh and rnn_relu only");
 }
 
 template <typename T>
 void rnn_backward(const Dims& d, const BackwardIO<T>& io) {
-  if (d.cell == CellKind::rnn_relu)
+  if (d.cell == Rnn<true>::kind)
     run_backward<Rnn<true>, T>(d, io);
-  else
+  else if (d.cell == Rnn<false>::kind)
     run_backward<Rnn<false>, T>(d, io);
+  else
+    throw std::invalid_argument("rnn_backward runs rnn_tanh and rnn_relu only");
 }
 
 template void rnn_forward<float>(const Dims&, const ForwardIO<float>&);

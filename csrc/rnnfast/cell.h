@@ -4,6 +4,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <string_view>
 
 #if defined(__CUDACC__)
 #define RNNFAST_HD __host__ __device__ __forceinline__
@@ -19,9 +22,47 @@ namespace rnnfast {
 // H]).
 enum class CellKind : int { rnn_tanh = 0, rnn_relu = 1, lstm = 2, gru = 3 };
 
-constexpr int gate_count(CellKind cell) {
-  return cell == CellKind::lstm ? 4 : cell == CellKind::gru ? 3 : 1;
+// The cell table: one row per kind, all that the drivers, the reserve layout, the bindings and
+// the CUDA code know about a cell besides its own pointwise math (rnnfast/cells.py is the Python
+// side). Code outside a cell's own files reads these properties and never tests a kind.
+struct CellInfo {
+  CellKind kind;
+  const char* name;  // as Python names it
+  int gates;         // G: w_ih is [G*H, C]
+  bool has_c;        // carries a cell state: c0, c_n, dc_n, dc0, and c in the reserve
+  bool saves_gates;  // the reserve keeps the post-activation gates (else backward uses h alone)
+  // the reset gate multiplies the candidate's recurrent product including b_hn (the GRU as cuDNN
+  // and PyTorch define it): that product stays apart from the x side, in the reserve as ghn and
+  // in backward as its own gradient
+  bool reset_after;
+};
+
+inline constexpr CellInfo kCellTable[] = {
+    {CellKind::rnn_tanh, "rnn_tanh", 1, false, false, false},
+    {CellKind::rnn_relu, "rnn_relu", 1, false, false, false},
+    {CellKind::lstm, "lstm", 4, true, true, false},
+    {CellKind::gru, "gru", 3, false, true, true},
+};
+
+// The row of `kind`. An unknown kind throws: at compile time where the kind is a constant, else
+// as std::invalid_argument; nothing falls back to another cell.
+constexpr const CellInfo& cell_info(CellKind kind) {
+  for (const CellInfo& c : kCellTable)
+    if (c.kind == kind) return c;
+  throw std::invalid_argument("rnnfast: unknown cell kind");
 }
+
+// The row named `name` ("lstm", ...), or std::invalid_argument naming the known cells.
+inline const CellInfo& cell_info(std::string_view name) {
+  std::string known;
+  for (const CellInfo& c : kCellTable) {
+    if (name == c.name) return c;
+    known += std::string(known.empty() ? "" : ", ") + c.name;
+  }
+  throw std::invalid_argument("unknown cell '" + std::string(name) + "'; rnnfast has " + known);
+}
+
+constexpr int gate_count(CellKind cell) { return cell_info(cell).gates; }
 
 struct Dims {
   int64_t T, N, C, H;
@@ -32,23 +73,23 @@ struct Dims {
 
 // The reserve (what a training forward leaves for backward), in elements, laid out back to back:
 // - hs [T+1, N, H]: slot 0 is h0, slot t+1 is h after step t (zero where t >= length); y = hs[1:]
-// - cs [T+1, N, H], LSTM only: c after each step (carried unchanged past a sequence's length)
-// - gates [T, N, G*H]: post-activation gates (LSTM i f g o, GRU r z n); none for the vanilla RNN,
-//   whose derivative comes from h itself
-// - ghn [T, N, H], GRU only: W_hn h + b_hn, the recurrent part of n that r multiplies
+// - cs [T+1, N, H], where has_c: c after each step (carried unchanged past a sequence's length)
+// - gates [T, N, G*H], where saves_gates: post-activation gates (LSTM i f g o, GRU r z n); the
+//   vanilla RNN's derivative comes from h itself
+// - ghn [T, N, H], where reset_after: W_hn h + b_hn, the recurrent part of n that r multiplies
 struct ReserveLayout {
   int64_t hs, cs, gates, ghn, total;  // offsets of each part, and the total size
 };
 
 inline ReserveLayout reserve_layout(const Dims& d) {
+  const CellInfo& cell = cell_info(d.cell);
   const int64_t state = (d.T + 1) * d.N * d.H;
   ReserveLayout r{};
   r.hs = 0;
   r.cs = state;
-  r.gates = r.cs + (d.cell == CellKind::lstm ? state : 0);
-  const bool has_gates = d.cell == CellKind::lstm || d.cell == CellKind::gru;
-  r.ghn = r.gates + (has_gates ? d.T * d.N * d.GH() : 0);
-  r.total = r.ghn + (d.cell == CellKind::gru ? d.T * d.N * d.H : 0);
+  r.gates = r.cs + (cell.has_c ? state : 0);
+  r.ghn = r.gates + (cell.saves_gates ? d.T * d.N * d.GH() : 0);
+  r.total = r.ghn + (cell.reset_after ? d.T * d.N * d.H : 0);
   return r;
 }
 
@@ -104,35 +145,35 @@ RNNFAST_HD LstmPointGrad<T> lstm_point_backward(T i, T f, T g, T o, T c_prev, T 
 }
 
 // ---- GRU: r, z, n; the reset gate multiplies the recurrent product (cuDNN and PyTorch) ------
-// x_* = x W_i*^T + b_i*, h_* = h W_h*^T + b_h*.
+// x_* = x W_i*^T + b_i*, hh_* = h W_h*^T + b_h* (hh, not h: h_n is the final state elsewhere).
 template <typename T>
 struct GruPoint {
   T r, z, n, h;
 };
 
 template <typename T, class M = StdMath>
-RNNFAST_HD GruPoint<T> gru_point_forward(T x_r, T x_z, T x_n, T h_r, T h_z, T h_n, T h_prev) {
+RNNFAST_HD GruPoint<T> gru_point_forward(T x_r, T x_z, T x_n, T hh_r, T hh_z, T hh_n, T h_prev) {
   GruPoint<T> p;
-  p.r = M::sigmoid(x_r + h_r);
-  p.z = M::sigmoid(x_z + h_z);
-  p.n = M::tanh(x_n + p.r * h_n);
+  p.r = M::sigmoid(x_r + hh_r);
+  p.z = M::sigmoid(x_z + hh_z);
+  p.n = M::tanh(x_n + p.r * hh_n);
   p.h = (T(1) - p.z) * p.n + p.z * h_prev;
   return p;
 }
 
 template <typename T>
 struct GruPointGrad {
-  T da_r, da_z, dx_n, dh_n, dh_prev;  // dx_n: to x_n; dh_n: to h_n (= dx_n * r)
+  T da_r, da_z, dx_n, dhh_n, dh_prev;  // dx_n: to x_n; dhh_n: to hh_n (= dx_n * r)
 };
 
 template <typename T>
-RNNFAST_HD GruPointGrad<T> gru_point_backward(T r, T z, T n, T h_n, T h_prev, T dh) {
+RNNFAST_HD GruPointGrad<T> gru_point_backward(T r, T z, T n, T hh_n, T h_prev, T dh) {
   GruPointGrad<T> d;
   const T dn = dh * (T(1) - z) * (T(1) - n * n);
   d.da_z = dh * (h_prev - n) * z * (T(1) - z);
-  d.da_r = dn * h_n * r * (T(1) - r);
+  d.da_r = dn * hh_n * r * (T(1) - r);
   d.dx_n = dn;
-  d.dh_n = dn * r;
+  d.dhh_n = dn * r;
   d.dh_prev = dh * z;
   return d;
 }
