@@ -73,6 +73,20 @@ PYBIND11_MODULE(_cuda, m) {
          int64_t H) { return rc::reserve_bytes(dims(cell, T, N, C, H), dtype(dt)); },
       py::arg("cell"), py::arg("dtype"), py::arg("T"), py::arg("N"), py::arg("C"), py::arg("H"));
   m.def(
+      "reserve_layout",
+      [](const std::string& cell, int64_t T, int64_t N, int64_t C, int64_t H) {
+        const rnnfast::ReserveLayout r = rnnfast::reserve_layout(dims(cell, T, N, C, H));
+        py::dict out;
+        out["hs"] = r.hs;
+        out["cs"] = r.cs;
+        out["gates"] = r.gates;
+        out["ghn"] = r.ghn;
+        out["total"] = r.total;
+        return out;
+      },
+      py::arg("cell"), py::arg("T"), py::arg("N"), py::arg("C"), py::arg("H"),
+      "Element offsets of the reserve's parts (hs, cs, gates, ghn) and its total size.");
+  m.def(
       "forward_workspace_bytes",
       [](const std::string& cell, const std::string& dt, int64_t T, int64_t N, int64_t C, int64_t H,
          bool training) {
@@ -119,10 +133,11 @@ PYBIND11_MODULE(_cuda, m) {
         py::gil_scoped_release release;
         rc::forward(d, s, a, opt);
       },
+      // the pointers by keyword only: a swapped pair of positional integers would be silent
       py::arg("cell"), py::arg("dtype"), py::arg("T"), py::arg("N"), py::arg("C"), py::arg("H"),
-      py::arg("x"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
-      py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("hseq"), py::arg("h_n"),
-      py::arg("c_n"), py::arg("reserve"), py::arg("workspace"), py::arg("stream"),
+      py::kw_only(), py::arg("x"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
+      py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("hseq"),
+      py::arg("h_n"), py::arg("c_n"), py::arg("reserve"), py::arg("workspace"), py::arg("stream"),
       py::arg("device") = -1, py::arg("tf32") = false, py::arg("persistent") = -1);
 
   m.def(
@@ -159,11 +174,11 @@ PYBIND11_MODULE(_cuda, m) {
         rc::backward(d, s, a, opt);
       },
       py::arg("cell"), py::arg("dtype"), py::arg("T"), py::arg("N"), py::arg("C"), py::arg("H"),
-      py::arg("x"), py::arg("w_ih"), py::arg("w_hh"), py::arg("lengths"), py::arg("reserve"),
-      py::arg("hseq"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("dx"),
-      py::arg("dh0"), py::arg("dc0"), py::arg("dw_ih"), py::arg("dw_hh"), py::arg("db_ih"),
-      py::arg("db_hh"), py::arg("workspace"), py::arg("stream"), py::arg("device") = -1,
-      py::arg("tf32") = false, py::arg("persistent") = -1);
+      py::kw_only(), py::arg("x"), py::arg("w_ih"), py::arg("w_hh"), py::arg("lengths"),
+      py::arg("reserve"), py::arg("hseq"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"),
+      py::arg("dx"), py::arg("dh0"), py::arg("dc0"), py::arg("dw_ih"), py::arg("dw_hh"),
+      py::arg("db_ih"), py::arg("db_hh"), py::arg("workspace"), py::arg("stream"),
+      py::arg("device") = -1, py::arg("tf32") = false, py::arg("persistent") = -1);
 
   m.attr("architectures") = RNNFAST_CUDA_ARCHS;
   m.attr("cuda_compiler_version") = RNNFAST_CUDA_COMPILER_VERSION;

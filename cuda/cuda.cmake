@@ -39,9 +39,6 @@ set(_rnnfast_cuda_sources
     ${CMAKE_CURRENT_LIST_DIR}/bindings.cpp
     ${CMAKE_CURRENT_LIST_DIR}/cublas_shim.cu
     ${CMAKE_CURRENT_LIST_DIR}/dispatch.cu
-    ${CMAKE_CURRENT_LIST_DIR}/lstm.cu
-    ${CMAKE_CURRENT_LIST_DIR}/gru.cu
-    ${CMAKE_CURRENT_LIST_DIR}/rnn.cu
     ${CMAKE_CURRENT_LIST_DIR}/persistent_forward.cu
     ${CMAKE_CURRENT_LIST_DIR}/persistent_backward.cu)
 pybind11_add_module(_cuda MODULE ${_rnnfast_cuda_sources})

@@ -1,7 +1,8 @@
-// The backend's entry points: sizes of the caller's buffers, and forward/backward by cell kind.
+// The backend's entry points: sizes of the caller's buffers, and forward/backward by cell kind,
+// instantiated here for every row of the cell table and every storage dtype.
 #include <string>
 
-#include "recurrence.cuh"
+#include "cells.cuh"
 
 namespace rnnfast::cuda {
 
@@ -29,30 +30,18 @@ static void use_device(const Options& opt) {
 
 void forward(const Dims& d, DType s, const ForwardArgs& a, const Options& opt) {
   use_device(opt);
-  switch (d.cell) {
-    case CellKind::lstm:
-      return lstm_forward(d, s, a, opt);
-    case CellKind::gru:
-      return gru_forward(d, s, a, opt);
-    case CellKind::rnn_tanh:
-    case CellKind::rnn_relu:
-      return rnn_forward(d, s, a, opt);
-  }
-  throw std::runtime_error("rnnfast CUDA: unknown cell kind");
+  dispatch_cell(d.cell, [&](auto kind) {
+    dispatch_dtype(
+        s, [&](auto tag) { forward_impl<decltype(kind)::value, decltype(tag)>(d, a, opt); });
+  });
 }
 
 void backward(const Dims& d, DType s, const BackwardArgs& a, const Options& opt) {
   use_device(opt);
-  switch (d.cell) {
-    case CellKind::lstm:
-      return lstm_backward(d, s, a, opt);
-    case CellKind::gru:
-      return gru_backward(d, s, a, opt);
-    case CellKind::rnn_tanh:
-    case CellKind::rnn_relu:
-      return rnn_backward(d, s, a, opt);
-  }
-  throw std::runtime_error("rnnfast CUDA: unknown cell kind");
+  dispatch_cell(d.cell, [&](auto kind) {
+    dispatch_dtype(
+        s, [&](auto tag) { backward_impl<decltype(kind)::value, decltype(tag)>(d, a, opt); });
+  });
 }
 
 bool persistent_fits(const Dims& d, DType s) { return persistent_fits_impl(d, s); }

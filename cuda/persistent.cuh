@@ -12,7 +12,7 @@
 #include <string>
 #include <unordered_map>
 
-#include "recurrence.cuh"
+#include "cells.cuh"
 
 namespace rnnfast::cuda::persistent {
 

@@ -7,12 +7,12 @@ namespace rnnfast::cuda {
 namespace persistent {
 namespace {
 
-template <CellKind K, typename S, int NB>
+template <CellKind Kind, typename S, int NB>
 __global__ void __launch_bounds__(kThreads, 1)
     backward_kernel(BwdPtrs<S, acc_t<S>> p, const S* __restrict__ w_hh, acc_t<S>* __restrict__ dh,
                     int U, int Rpad, int KS) {
   using A = acc_t<S>;
-  constexpr int G = gate_count(K);
+  constexpr int G = gate_count(Kind);
   RNNFAST_DYNAMIC_SHARED(smem);
   const int H = p.H, N = p.N, GH = G * H;
   const int j0 = blockIdx.x * U;
@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (n >= N || j >= H) continue;
         const int64_t i = int64_t(n) * H + j;
         const A in = dh[i] + (rec ? sum_part(part, nb, u, NB, Rpad, KS) : A(0));
-        dh[i] = t >= 0 ? backward_point<K>(p, t, n, j, in) : in;
+        dh[i] = t >= 0 ? backward_point<Kind>(p, t, n, j, in) : in;
       }
     }
     // every block's da_h[t] must be written before any block reads it for step t-1
@@ -53,10 +53,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <CellKind K, typename S, int NB>
+template <CellKind Kind, typename S, int NB>
 bool launch(const BwdPtrs<S, acc_t<S>>& p, const S* w_hh, acc_t<S>* dh, const Plan& plan,
             const DeviceFacts& f, cudaStream_t stream) {
-  return launch_cooperative(backward_kernel<K, S, NB>, plan, f, stream,
+  return launch_cooperative(backward_kernel<Kind, S, NB>, plan, f, stream,
                             "cudaLaunchCooperativeKernel (persistent backward)", p, w_hh, dh,
                             plan.U, plan.Rpad, plan.KS);
 }
@@ -64,7 +64,7 @@ bool launch(const BwdPtrs<S, acc_t<S>>& p, const S* w_hh, acc_t<S>* dh, const Pl
 }  // namespace
 }  // namespace persistent
 
-template <CellKind K, typename S>
+template <CellKind Kind, typename S>
 bool persistent_backward(const BwdPtrs<S, acc_t<S>>& p, const S* w_hh, acc_t<S>* dh,
                          cudaStream_t stream, bool require) {
   using namespace persistent;
@@ -74,40 +74,37 @@ bool persistent_backward(const BwdPtrs<S, acc_t<S>>& p, const S* w_hh, acc_t<S>*
     if (p.T == 0) return true;  // nothing to run: dh and dc already hold dh_n and dc_n
     if (!require && p.N > kAutoMaxBatch) return false;
     const DeviceFacts f = device_facts();
-    const int GH = gate_count(K) * p.H;
+    const int GH = gate_count(Kind) * p.H;
     const Plan plan = make_plan(1, GH, p.N, p.H, sizeof(S), sizeof(acc_t<S>), f);
     if (!plan.ok) return refuse(require, "w_hh does not fit in shared memory", p.N, p.H);
     bool ran = false;
     switch (plan.NB) {
       case 1:
-        ran = launch<K, S, 1>(p, w_hh, dh, plan, f, stream);
+        ran = launch<Kind, S, 1>(p, w_hh, dh, plan, f, stream);
         break;
       case 2:
-        ran = launch<K, S, 2>(p, w_hh, dh, plan, f, stream);
+        ran = launch<Kind, S, 2>(p, w_hh, dh, plan, f, stream);
         break;
       case 4:
-        ran = launch<K, S, 4>(p, w_hh, dh, plan, f, stream);
+        ran = launch<Kind, S, 4>(p, w_hh, dh, plan, f, stream);
         break;
       default:
-        ran = launch<K, S, 8>(p, w_hh, dh, plan, f, stream);
+        ran = launch<Kind, S, 8>(p, w_hh, dh, plan, f, stream);
     }
     return ran || refuse(require, "its blocks cannot all be resident at once", p.N, p.H);
   }
 }
 
-#define RNNFAST_PERSISTENT_BACKWARD(K)                                                            \
-  template bool persistent_backward<K, float>(const BwdPtrs<float, float>&, const float*, float*, \
-                                              cudaStream_t, bool);                                \
-  template bool persistent_backward<K, double>(const BwdPtrs<double, double>&, const double*,     \
-                                               double*, cudaStream_t, bool);                      \
-  template bool persistent_backward<K, __half>(const BwdPtrs<__half, float>&, const __half*,      \
-                                               float*, cudaStream_t, bool);                       \
-  template bool persistent_backward<K, __nv_bfloat16>(                                            \
+#define RNNFAST_PERSISTENT_BACKWARD(Kind)                                                        \
+  template bool persistent_backward<Kind, float>(const BwdPtrs<float, float>&, const float*,     \
+                                                 float*, cudaStream_t, bool);                    \
+  template bool persistent_backward<Kind, double>(const BwdPtrs<double, double>&, const double*, \
+                                                  double*, cudaStream_t, bool);                  \
+  template bool persistent_backward<Kind, __half>(const BwdPtrs<__half, float>&, const __half*,  \
+                                                  float*, cudaStream_t, bool);                   \
+  template bool persistent_backward<Kind, __nv_bfloat16>(                                        \
       const BwdPtrs<__nv_bfloat16, float>&, const __nv_bfloat16*, float*, cudaStream_t, bool);
 
-RNNFAST_PERSISTENT_BACKWARD(CellKind::lstm)
-RNNFAST_PERSISTENT_BACKWARD(CellKind::gru)
-RNNFAST_PERSISTENT_BACKWARD(CellKind::rnn_tanh)
-RNNFAST_PERSISTENT_BACKWARD(CellKind::rnn_relu)
+RNNFAST_CUDA_CELLS(RNNFAST_PERSISTENT_BACKWARD)
 
 }  // namespace rnnfast::cuda

@@ -6,11 +6,11 @@ namespace rnnfast::cuda {
 namespace persistent {
 namespace {
 
-template <CellKind K, typename S, int NB>
+template <CellKind Kind, typename S, int NB>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(FwdPtrs<S, acc_t<S>> p, const S* __restrict__ w_hh, int U, int Rpad, int KS) {
   using A = acc_t<S>;
-  constexpr int G = gate_count(K);
+  constexpr int G = gate_count(Kind);
   RNNFAST_DYNAMIC_SHARED(smem);
   const int H = p.H, N = p.N;
   const int j0 = blockIdx.x * U, R = G * U;
@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         A ah[G];
 #pragma unroll
         for (int g = 0; g < G; ++g) ah[g] = sum_part(part, nb, g * U + u, NB, Rpad, KS);
-        forward_point<K>(p, t, n, j, ah);
+        forward_point<Kind>(p, t, n, j, ah);
       }
     }
     // every block's h_t must be written before any block reads it for step t+1
@@ -48,10 +48,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <CellKind K, typename S, int NB>
+template <CellKind Kind, typename S, int NB>
 bool launch(const FwdPtrs<S, acc_t<S>>& p, const S* w_hh, const Plan& plan, const DeviceFacts& f,
             cudaStream_t stream) {
-  return launch_cooperative(forward_kernel<K, S, NB>, plan, f, stream,
+  return launch_cooperative(forward_kernel<Kind, S, NB>, plan, f, stream,
                             "cudaLaunchCooperativeKernel (persistent forward)", p, w_hh, plan.U,
                             plan.Rpad, plan.KS);
 }
@@ -67,7 +67,7 @@ bool persistent_fits_impl(const Dims& d, DType s) {
       .ok;
 }
 
-template <CellKind K, typename S>
+template <CellKind Kind, typename S>
 bool persistent_forward(const FwdPtrs<S, acc_t<S>>& p, const S* w_hh, cudaStream_t stream,
                         bool require) {
   using namespace persistent;
@@ -76,39 +76,36 @@ bool persistent_forward(const FwdPtrs<S, acc_t<S>>& p, const S* w_hh, cudaStream
   } else {
     if (!require && p.N > kAutoMaxBatch) return false;
     const DeviceFacts f = device_facts();
-    const Plan plan = make_plan(gate_count(K), p.H, p.N, p.H, sizeof(S), sizeof(acc_t<S>), f);
+    const Plan plan = make_plan(gate_count(Kind), p.H, p.N, p.H, sizeof(S), sizeof(acc_t<S>), f);
     if (!plan.ok) return refuse(require, "w_hh does not fit in shared memory", p.N, p.H);
     bool ran = false;
     switch (plan.NB) {
       case 1:
-        ran = launch<K, S, 1>(p, w_hh, plan, f, stream);
+        ran = launch<Kind, S, 1>(p, w_hh, plan, f, stream);
         break;
       case 2:
-        ran = launch<K, S, 2>(p, w_hh, plan, f, stream);
+        ran = launch<Kind, S, 2>(p, w_hh, plan, f, stream);
         break;
       case 4:
-        ran = launch<K, S, 4>(p, w_hh, plan, f, stream);
+        ran = launch<Kind, S, 4>(p, w_hh, plan, f, stream);
         break;
       default:
-        ran = launch<K, S, 8>(p, w_hh, plan, f, stream);
+        ran = launch<Kind, S, 8>(p, w_hh, plan, f, stream);
     }
     return ran || refuse(require, "its blocks cannot all be resident at once", p.N, p.H);
   }
 }
 
-#define RNNFAST_PERSISTENT_FORWARD(K)                                                        \
-  template bool persistent_forward<K, float>(const FwdPtrs<float, float>&, const float*,     \
-                                             cudaStream_t, bool);                            \
-  template bool persistent_forward<K, double>(const FwdPtrs<double, double>&, const double*, \
-                                              cudaStream_t, bool);                           \
-  template bool persistent_forward<K, __half>(const FwdPtrs<__half, float>&, const __half*,  \
-                                              cudaStream_t, bool);                           \
-  template bool persistent_forward<K, __nv_bfloat16>(const FwdPtrs<__nv_bfloat16, float>&,   \
-                                                     const __nv_bfloat16*, cudaStream_t, bool);
+#define RNNFAST_PERSISTENT_FORWARD(Kind)                                                        \
+  template bool persistent_forward<Kind, float>(const FwdPtrs<float, float>&, const float*,     \
+                                                cudaStream_t, bool);                            \
+  template bool persistent_forward<Kind, double>(const FwdPtrs<double, double>&, const double*, \
+                                                 cudaStream_t, bool);                           \
+  template bool persistent_forward<Kind, __half>(const FwdPtrs<__half, float>&, const __half*,  \
+                                                 cudaStream_t, bool);                           \
+  template bool persistent_forward<Kind, __nv_bfloat16>(const FwdPtrs<__nv_bfloat16, float>&,   \
+                                                        const __nv_bfloat16*, cudaStream_t, bool);
 
-RNNFAST_PERSISTENT_FORWARD(CellKind::lstm)
-RNNFAST_PERSISTENT_FORWARD(CellKind::gru)
-RNNFAST_PERSISTENT_FORWARD(CellKind::rnn_tanh)
-RNNFAST_PERSISTENT_FORWARD(CellKind::rnn_relu)
+RNNFAST_CUDA_CELLS(RNNFAST_PERSISTENT_FORWARD)
 
 }  // namespace rnnfast::cuda

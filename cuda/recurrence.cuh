@@ -39,11 +39,25 @@ __device__ __forceinline__ A bias_at(const S* b, int64_t k) {
   return b ? to_acc<A>(b[k]) : A(0);
 }
 
+// A cell's pointwise math on the GPU, one (n, j) at a time: a specialisation per kind in the
+// cell's own header (cuda/lstm.cuh, gru.cuh, rnn.cuh), the counterpart of its CPU struct
+// (csrc/cpu/<cell>.cpp), listed in cuda/cells.cuh. A kind of the cell table without one does not
+// compile. The drivers around it (padding, the products, h, the final states) are the same for all.
+//   forward(p, t, i, j, ax, ah, gates, last) -> h_t: ax[G] and ah[G] the x and h sides of the
+//     gates without biases; writes the cell's own state and what training keeps (gates: this
+//     (n, j)'s column of the step's gates, null in inference); last: t is the row's last step
+//   backward(p, t, i, j, gates, dh, dax, dah) -> the part of dh_{t-1} that does not pass through
+//     W_hh; dh is the total gradient reaching h_t; writes the gate gradients dax (and dah where
+//     reset_after keeps the h side apart) and updates the cell's own state gradient
+template <CellKind Kind>
+struct GpuCell;
+
 // One (n, j) of step t. ah[g] is row n of h W_hh^T at gate g, unit j (no bias).
-template <CellKind K, typename S, typename A>
+template <CellKind Kind, typename S, typename A>
 __device__ __forceinline__ void forward_point(const FwdPtrs<S, A>& p, int t, int n, int j,
                                               const A* ah) {
-  constexpr int G = gate_count(K);
+  constexpr CellInfo cell = cell_info(Kind);
+  constexpr int G = cell.gates;
   const int64_t H = p.H, NH = int64_t(p.N) * H, GH = G * H;
   const int64_t i = int64_t(n) * H + j;
   const int len = p.lengths ? p.lengths[n] : p.T;
@@ -53,7 +67,7 @@ __device__ __forceinline__ void forward_point(const FwdPtrs<S, A>& p, int t, int
     // past its length a row outputs zero and carries its cell state unchanged
     *h_out = from_acc<S>(A(0));
     if (p.h_stride) p.h_acc[(t + 1) * p.h_stride + i] = A(0);
-    if constexpr (K == CellKind::lstm) {
+    if constexpr (cell.has_c) {
       if (p.c_stride) p.c_acc[(t + 1) * p.c_stride + i] = p.c_acc[t * p.c_stride + i];
     }
     if (gates) {
@@ -64,61 +78,26 @@ __device__ __forceinline__ void forward_point(const FwdPtrs<S, A>& p, int t, int
     return;
   }
   const A* gx = p.gx + t * p.N * GH + n * GH + j;
-  A a[G];
+  A ax[G];
 #pragma unroll
-  for (int g = 0; g < G; ++g) a[g] = gx[g * H];
-  A h;
-  if constexpr (K == CellKind::lstm) {
-#pragma unroll
-    for (int g = 0; g < G; ++g)
-      a[g] += ah[g] + bias_at<A>(p.b_ih, g * H + j) + bias_at<A>(p.b_hh, g * H + j);
-    const A c_prev = p.c_acc[t * p.c_stride + i];
-    const LstmPoint<A> q = lstm_point_forward(a[0], a[1], a[2], a[3], c_prev);
-    p.c_acc[(t + 1) * p.c_stride + i] = q.c;
-    if (gates) {
-      gates[0] = q.i;
-      gates[H] = q.f;
-      gates[2 * H] = q.g;
-      gates[3 * H] = q.o;
-    }
-    if (t == len - 1) p.c_n[i] = from_acc<S>(q.c);
-    h = q.h;
-  } else if constexpr (K == CellKind::gru) {
-    A hh[3];
-#pragma unroll
-    for (int g = 0; g < 3; ++g) {
-      a[g] += bias_at<A>(p.b_ih, g * H + j);
-      hh[g] = ah[g] + bias_at<A>(p.b_hh, g * H + j);
-    }
-    const A h_prev = p.h_acc[t * p.h_stride + i];
-    const GruPoint<A> q = gru_point_forward(a[0], a[1], a[2], hh[0], hh[1], hh[2], h_prev);
-    if (gates) {
-      gates[0] = q.r;
-      gates[H] = q.z;
-      gates[2 * H] = q.n;
-    }
-    if (p.ghn) p.ghn[t * NH + i] = hh[2];
-    h = q.h;
-  } else {
-    const A pre = a[0] + ah[0] + bias_at<A>(p.b_ih, j) + bias_at<A>(p.b_hh, j);
-    h = rnn_point_forward(pre, K == CellKind::rnn_relu);
-  }
+  for (int g = 0; g < G; ++g) ax[g] = gx[g * H];
+  const A h = GpuCell<Kind>::forward(p, t, i, j, ax, ah, gates, t == len - 1);
   const S hs = from_acc<S>(h);
   *h_out = hs;
   p.h_acc[(t + 1) * p.h_stride + i] = h;
   if (t == len - 1) p.h_n[i] = hs;
 }
 
-template <CellKind K, typename S, typename A>
+template <CellKind Kind, typename S, typename A>
 __global__ void forward_step_kernel(FwdPtrs<S, A> p, const A* __restrict__ gh, int t) {
-  constexpr int G = gate_count(K);
+  constexpr int G = gate_count(Kind);
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= int64_t(p.N) * p.H) return;
   const int n = static_cast<int>(idx / p.H), j = static_cast<int>(idx % p.H);
   A ah[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) ah[g] = gh ? gh[int64_t(n) * G * p.H + g * p.H + j] : A(0);
-  forward_point<K>(p, t, n, j, ah);
+  forward_point<Kind>(p, t, n, j, ah);
 }
 
 // slot 0 of every sequence, the in-place states, and h_n/c_n for rows of length 0
@@ -155,10 +134,11 @@ struct BwdPtrs {
 
 // One (n, j) of step t. dh_in: the gradient reaching h_t from step t+1 (and dh_n), dy not
 // included; returns the part of dh_{t-1} that does not pass through W_hh (da_h W_hh is added to
-// it by the caller). Writes this step's gate gradients and updates dc in place.
-template <CellKind K, typename S, typename A>
+// it by the caller). Writes this step's gate gradients and updates the cell's state gradient.
+template <CellKind Kind, typename S, typename A>
 __device__ __forceinline__ A backward_point(const BwdPtrs<S, A>& p, int t, int n, int j, A dh_in) {
-  constexpr int G = gate_count(K);
+  constexpr CellInfo cell = cell_info(Kind);
+  constexpr int G = cell.gates;
   const int64_t H = p.H, NH = int64_t(p.N) * H, GH = G * H;
   const int64_t i = int64_t(n) * H + j;
   const int len = p.lengths ? p.lengths[n] : p.T;
@@ -169,47 +149,24 @@ __device__ __forceinline__ A backward_point(const BwdPtrs<S, A>& p, int t, int n
     // a padded step: no gradient to its gates, and dh, dc pass through to the row's last step
 #pragma unroll
     for (int g = 0; g < G; ++g) dax[g * H] = from_acc<S>(A(0));
-    if constexpr (K == CellKind::gru) {
+    if constexpr (cell.reset_after) {
 #pragma unroll
       for (int g = 0; g < G; ++g) dah[g * H] = from_acc<S>(A(0));
     }
     return dh_in;
   }
   const A dh = dh_in + (p.dy ? to_acc<A>(p.dy[t * NH + i]) : A(0));
-  const A* gt = p.gates + gofs;
-  if constexpr (K == CellKind::lstm) {
-    const LstmPointGrad<A> d = lstm_point_backward(
-        gt[0], gt[H], gt[2 * H], gt[3 * H], p.cs[t * NH + i], p.cs[(t + 1) * NH + i], dh, p.dc[i]);
-    dax[0] = from_acc<S>(d.da_i);
-    dax[H] = from_acc<S>(d.da_f);
-    dax[2 * H] = from_acc<S>(d.da_g);
-    dax[3 * H] = from_acc<S>(d.da_o);
-    p.dc[i] = d.dc_prev;
-    return A(0);
-  } else if constexpr (K == CellKind::gru) {
-    const GruPointGrad<A> d =
-        gru_point_backward(gt[0], gt[H], gt[2 * H], p.ghn[t * NH + i], p.hs[t * NH + i], dh);
-    const S dr = from_acc<S>(d.da_r), dz = from_acc<S>(d.da_z);
-    dax[0] = dr;
-    dax[H] = dz;
-    dax[2 * H] = from_acc<S>(d.dx_n);
-    dah[0] = dr;
-    dah[H] = dz;
-    dah[2 * H] = from_acc<S>(d.dhh_n);
-    return d.dh_prev;
-  } else {
-    dax[0] = from_acc<S>(rnn_point_backward(p.hs[(t + 1) * NH + i], dh, K == CellKind::rnn_relu));
-    return A(0);
-  }
+  const A* gates = p.gates ? p.gates + gofs : nullptr;
+  return GpuCell<Kind>::backward(p, t, i, j, gates, dh, dax, dah);
 }
 
-template <CellKind K, typename S, typename A>
+template <CellKind Kind, typename S, typename A>
 __global__ void backward_step_kernel(BwdPtrs<S, A> p, const A* __restrict__ dh_in,
                                      A* __restrict__ dh_out, int t) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= int64_t(p.N) * p.H) return;
   const int n = static_cast<int>(i / p.H), j = static_cast<int>(i % p.H);
-  dh_out[i] = backward_point<K>(p, t, n, j, dh_in[i]);
+  dh_out[i] = backward_point<Kind>(p, t, n, j, dh_in[i]);
 }
 
 template <typename S, typename A>
@@ -284,30 +241,38 @@ inline BwdWorkspace backward_workspace(const Dims& d, size_t st, size_t acc) {
 // ---- the persistent recurrence (persistent.cu) -------------------------------------------------
 // Runs steps 0..T-1 of an initialised forward in one cooperative launch. Returns false (having
 // launched nothing) where the weights do not fit on chip or the grid cannot be co-resident.
-template <CellKind K, typename S>
+template <CellKind Kind, typename S>
 bool persistent_forward(const FwdPtrs<S, acc_t<S>>& p, const S* w_hh, cudaStream_t stream,
                         bool require);
 // Runs steps T-1..0 of a backward in one cooperative launch: dh (initialised with dh_n) ends as
 // dh0 in A, dc as dc0, and the gate gradients da_x, da_h are all written. Returns false as above.
-template <CellKind K, typename S>
+template <CellKind Kind, typename S>
 bool persistent_backward(const BwdPtrs<S, acc_t<S>>& p, const S* w_hh, acc_t<S>* dh,
                          cudaStream_t stream, bool require);
 bool persistent_fits_impl(const Dims& d, DType s);
 
 // ---- the drivers ------------------------------------------------------------------------------
-template <CellKind K, typename S>
-void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
-  using A = acc_t<S>;
-  constexpr CellInfo cell = cell_info(K);
-  constexpr int G = cell.gates;
-  const int T = static_cast<int>(d.T), N = static_cast<int>(d.N), C = static_cast<int>(d.C),
-            H = static_cast<int>(d.H), GH = G * H;
-  const int64_t NH = int64_t(N) * H;
-  auto stream = static_cast<cudaStream_t>(opt.stream);
-  char* ws = static_cast<char*>(a.workspace);
-  const FwdWorkspace wl = forward_workspace(d, sizeof(A));
-  const bool training = a.reserve != nullptr;
 
+// The cuBLAS handle of the call's stream and the data and compute types of storage dtype S.
+template <typename S>
+struct Gemms {
+  using A = acc_t<S>;
+  cublas::Handle h;
+  static constexpr cublas::DataType st = blas_type<S>(), at = blas_type<A>();
+  cublas::ComputeType ct;
+  A one = 1, zero = 0;
+  explicit Gemms(const Options& opt)
+      : h(cublas::handle_for(opt.stream)), ct(blas_compute<S>(opt.tf32)) {}
+};
+
+// Where a forward's pointwise kernels read and write: the reserve's parts in training, else the
+// workspace's in-place states.
+template <CellKind Kind, typename S>
+FwdPtrs<S, acc_t<S>> forward_pointers(const Dims& d, const ForwardArgs& a, char* ws,
+                                      const FwdWorkspace& wl) {
+  using A = acc_t<S>;
+  constexpr CellInfo cell = cell_info(Kind);
+  const int64_t NH = d.N * d.H;
   FwdPtrs<S, A> p{};
   p.gx = reinterpret_cast<const A*>(ws + wl.gx);
   p.b_ih = static_cast<const S*>(a.b_ih);
@@ -316,10 +281,10 @@ void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
   p.hseq = static_cast<S*>(a.hseq);
   p.h_n = static_cast<S*>(a.h_n);
   p.c_n = static_cast<S*>(a.c_n);
-  p.T = T;
-  p.N = N;
-  p.H = H;
-  if (training) {
+  p.T = static_cast<int>(d.T);
+  p.N = static_cast<int>(d.N);
+  p.H = static_cast<int>(d.H);
+  if (a.reserve) {
     const ReserveLayout r = reserve_layout(d);
     A* res = static_cast<A*>(a.reserve);
     p.h_acc = res + r.hs;  // may be hseq itself (S == A): both writes then agree
@@ -343,6 +308,19 @@ void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
       p.c_stride = 0;
     }
   }
+  return p;
+}
+
+template <CellKind Kind, typename S>
+void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
+  using A = acc_t<S>;
+  const int T = static_cast<int>(d.T), N = static_cast<int>(d.N), C = static_cast<int>(d.C),
+            H = static_cast<int>(d.H), GH = static_cast<int>(d.GH());
+  const int64_t NH = int64_t(N) * H;
+  auto stream = static_cast<cudaStream_t>(opt.stream);
+  char* ws = static_cast<char*>(a.workspace);
+  const FwdWorkspace wl = forward_workspace(d, sizeof(A));
+  const FwdPtrs<S, A> p = forward_pointers<Kind, S>(d, a, ws, wl);
 
   const auto init = forward_init_kernel<S, A>;
   RNNFAST_LAUNCH(init, blocks_for(NH, kPointThreads), kPointThreads, stream, p,
@@ -350,46 +328,36 @@ void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
   RNNFAST_CHECK_LAUNCH("forward_init_kernel");
   if (T == 0) return;
 
-  cublas::Handle h = cublas::handle_for(opt.stream);
-  const A one = 1, zero = 0;
-  constexpr cublas::DataType st = blas_type<S>();
-  constexpr cublas::DataType at = blas_type<A>();
-  const cublas::ComputeType ct = blas_compute<S>(opt.tf32);
+  const Gemms<S> g(opt);
   // gx [T*N, GH] = x [T*N, C] W_ih^T, with W_ih stored [GH, C]
-  cublas::gemm_rm(h, false, true, T * N, GH, C, &one, a.x, st, C, a.w_ih, st, C, &zero, ws + wl.gx,
-                  at, GH, ct);
+  cublas::gemm_rm(g.h, false, true, T * N, GH, C, &g.one, a.x, g.st, C, a.w_ih, g.st, C, &g.zero,
+                  ws + wl.gx, g.at, GH, g.ct);
 
   if (opt.persistent != 0 &&
-      persistent_forward<K, S>(p, static_cast<const S*>(a.w_hh), stream, opt.persistent == 1))
+      persistent_forward<Kind, S>(p, static_cast<const S*>(a.w_hh), stream, opt.persistent == 1))
     return;
 
   A* gh = reinterpret_cast<A*>(ws + wl.gh);
   for (int t = 0; t < T; ++t) {
     const bool zero_h = t == 0 && a.h0 == nullptr;  // h W_hh^T of a zero h0 is zero
     if (!zero_h)
-      cublas::gemm_rm(h, false, true, N, GH, H, &one, p.hseq + t * NH, st, H, a.w_hh, st, H, &zero,
-                      gh, at, GH, ct);
-    const auto step = forward_step_kernel<K, S, A>;
+      cublas::gemm_rm(g.h, false, true, N, GH, H, &g.one, p.hseq + t * NH, g.st, H, a.w_hh, g.st, H,
+                      &g.zero, gh, g.at, GH, g.ct);
+    const auto step = forward_step_kernel<Kind, S, A>;
     RNNFAST_LAUNCH(step, blocks_for(NH, kPointThreads), kPointThreads, stream, p,
                    zero_h ? nullptr : gh, t);
     RNNFAST_CHECK_LAUNCH("forward_step_kernel");
   }
 }
 
-template <CellKind K, typename S>
-void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
+// Where a backward's pointwise kernels read (the reserve) and write (the workspace).
+template <CellKind Kind, typename S>
+BwdPtrs<S, acc_t<S>> backward_pointers(const Dims& d, const BackwardArgs& a, char* ws,
+                                       const BwdWorkspace& wl) {
   using A = acc_t<S>;
-  constexpr CellInfo cell = cell_info(K);
-  constexpr int G = cell.gates;
-  const int T = static_cast<int>(d.T), N = static_cast<int>(d.N), C = static_cast<int>(d.C),
-            H = static_cast<int>(d.H), GH = G * H;
-  const int64_t NH = int64_t(N) * H;
-  auto stream = static_cast<cudaStream_t>(opt.stream);
-  char* ws = static_cast<char*>(a.workspace);
-  const BwdWorkspace wl = backward_workspace(d, sizeof(S), sizeof(A));
+  constexpr CellInfo cell = cell_info(Kind);
   const ReserveLayout r = reserve_layout(d);
   const A* res = static_cast<const A*>(a.reserve);
-
   BwdPtrs<S, A> p{};
   p.dy = static_cast<const S*>(a.dy);
   p.lengths = a.lengths;
@@ -400,43 +368,20 @@ void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
   p.da_x = reinterpret_cast<S*>(ws + wl.da_x);
   p.da_h = reinterpret_cast<S*>(ws + (cell.reset_after ? wl.da_h : wl.da_x));
   p.dc = cell.has_c ? reinterpret_cast<A*>(ws + wl.dc) : nullptr;
-  p.T = T;
-  p.N = N;
-  p.H = H;
-  A* dh[2] = {reinterpret_cast<A*>(ws + wl.dh),
-              reinterpret_cast<A*>(ws + wl.dh + align_up(NH * sizeof(A)))};
+  p.T = static_cast<int>(d.T);
+  p.N = static_cast<int>(d.N);
+  p.H = static_cast<int>(d.H);
+  return p;
+}
 
-  const unsigned pb = blocks_for(NH, kPointThreads);
-  const auto init = backward_init_kernel<S, A>;
-  RNNFAST_LAUNCH(init, pb, kPointThreads, stream, NH, static_cast<const S*>(a.dh_n),
-                 static_cast<const S*>(a.dc_n), dh[0], p.dc);
-  RNNFAST_CHECK_LAUNCH("backward_init_kernel");
-
-  cublas::Handle h = cublas::handle_for(opt.stream);
-  const A one = 1, zero = 0;
-  constexpr cublas::DataType st = blas_type<S>();
-  constexpr cublas::DataType at = blas_type<A>();
-  const cublas::ComputeType ct = blas_compute<S>(opt.tf32);
-  const S* w_hh = static_cast<const S*>(a.w_hh);
-
-  int cur = 0;
-  const bool persistent =
-      opt.persistent != 0 && persistent_backward<K, S>(p, w_hh, dh[0], stream, opt.persistent == 1);
-  for (int t = persistent ? -1 : T - 1; t >= 0; --t) {
-    const auto step = backward_step_kernel<K, S, A>;
-    RNNFAST_LAUNCH(step, pb, kPointThreads, stream, p, dh[cur], dh[1 - cur], t);
-    RNNFAST_CHECK_LAUNCH("backward_step_kernel");
-    // dh_{t-1} += da_h[t] [N, GH] W_hh [GH, H]
-    cublas::gemm_rm(h, false, false, N, H, GH, &one, p.da_h + t * N * int64_t(GH), st, GH, w_hh, st,
-                    H, &one, dh[1 - cur], at, H, ct);
-    cur = 1 - cur;
-  }
-  const auto finish = backward_finish_kernel<S, A>;
-  RNNFAST_LAUNCH(finish, pb, kPointThreads, stream, NH, dh[cur], p.dc, static_cast<S*>(a.dh0),
-                 static_cast<S*>(a.dc0));
-  RNNFAST_CHECK_LAUNCH("backward_finish_kernel");
-
-  const int64_t TN = int64_t(T) * N;
+// After the loop: dw_ih, dx, dw_hh and the bias gradients as large GEMMs over all T*N rows.
+template <typename S>
+void backward_weight_gradients(const Dims& d, const BackwardArgs& a, const BwdPtrs<S, acc_t<S>>& p,
+                               char* ws, const BwdWorkspace& wl, const Gemms<S>& g,
+                               cudaStream_t stream) {
+  const int N = static_cast<int>(d.N), C = static_cast<int>(d.C), H = static_cast<int>(d.H),
+            GH = static_cast<int>(d.GH());
+  const int64_t TN = d.T * d.N;
   auto zero_fill = [&](void* ptr, int64_t count) {
     if (ptr) check_cuda(cudaMemsetAsync(ptr, 0, count * sizeof(S), stream), "cudaMemsetAsync");
   };
@@ -457,14 +402,14 @@ void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
     RNNFAST_CHECK_LAUNCH("mask_padding_kernel");
     x_rows = a.dx;
   }
-  cublas::gemm_rm(h, true, false, GH, C, tn, &one, p.da_x, st, GH, x_rows, st, C, &zero, a.dw_ih,
-                  st, C, ct);
+  cublas::gemm_rm(g.h, true, false, GH, C, tn, &g.one, p.da_x, g.st, GH, x_rows, g.st, C, &g.zero,
+                  a.dw_ih, g.st, C, g.ct);
   // dx [TN, C] = da_x [TN, GH] W_ih [GH, C]
-  cublas::gemm_rm(h, false, false, tn, C, GH, &one, p.da_x, st, GH, a.w_ih, st, C, &zero, a.dx, st,
-                  C, ct);
+  cublas::gemm_rm(g.h, false, false, tn, C, GH, &g.one, p.da_x, g.st, GH, a.w_ih, g.st, C, &g.zero,
+                  a.dx, g.st, C, g.ct);
   // dw_hh [GH, H] = da_h^T hseq[0:T]
-  cublas::gemm_rm(h, true, false, GH, H, tn, &one, p.da_h, st, GH, a.hseq, st, H, &zero, a.dw_hh,
-                  st, H, ct);
+  cublas::gemm_rm(g.h, true, false, GH, H, tn, &g.one, p.da_h, g.st, GH, a.hseq, g.st, H, &g.zero,
+                  a.dw_hh, g.st, H, g.ct);
   if (a.db_ih || a.db_hh) {
     // bias gradients as GEMVs against a ones vector: deterministic, and on the tensor cores
     S* ones = reinterpret_cast<S*>(ws + wl.ones);
@@ -472,12 +417,53 @@ void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
     RNNFAST_LAUNCH(fill, blocks_for(TN, kPointThreads), kPointThreads, stream, TN, ones, 1.f);
     RNNFAST_CHECK_LAUNCH("fill_kernel");
     if (a.db_ih)
-      cublas::gemm_rm(h, true, false, GH, 1, tn, &one, p.da_x, st, GH, ones, st, 1, &zero, a.db_ih,
-                      st, 1, ct);
+      cublas::gemm_rm(g.h, true, false, GH, 1, tn, &g.one, p.da_x, g.st, GH, ones, g.st, 1, &g.zero,
+                      a.db_ih, g.st, 1, g.ct);
     if (a.db_hh)
-      cublas::gemm_rm(h, true, false, GH, 1, tn, &one, p.da_h, st, GH, ones, st, 1, &zero, a.db_hh,
-                      st, 1, ct);
+      cublas::gemm_rm(g.h, true, false, GH, 1, tn, &g.one, p.da_h, g.st, GH, ones, g.st, 1, &g.zero,
+                      a.db_hh, g.st, 1, g.ct);
   }
+}
+
+template <CellKind Kind, typename S>
+void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
+  using A = acc_t<S>;
+  const int T = static_cast<int>(d.T), N = static_cast<int>(d.N), H = static_cast<int>(d.H),
+            GH = static_cast<int>(d.GH());
+  const int64_t NH = int64_t(N) * H;
+  auto stream = static_cast<cudaStream_t>(opt.stream);
+  char* ws = static_cast<char*>(a.workspace);
+  const BwdWorkspace wl = backward_workspace(d, sizeof(S), sizeof(A));
+  const BwdPtrs<S, A> p = backward_pointers<Kind, S>(d, a, ws, wl);
+  A* dh[2] = {reinterpret_cast<A*>(ws + wl.dh),
+              reinterpret_cast<A*>(ws + wl.dh + align_up(NH * sizeof(A)))};
+
+  const unsigned pb = blocks_for(NH, kPointThreads);
+  const auto init = backward_init_kernel<S, A>;
+  RNNFAST_LAUNCH(init, pb, kPointThreads, stream, NH, static_cast<const S*>(a.dh_n),
+                 static_cast<const S*>(a.dc_n), dh[0], p.dc);
+  RNNFAST_CHECK_LAUNCH("backward_init_kernel");
+
+  const Gemms<S> g(opt);
+  const S* w_hh = static_cast<const S*>(a.w_hh);
+  int cur = 0;
+  const bool persistent = opt.persistent != 0 &&
+                          persistent_backward<Kind, S>(p, w_hh, dh[0], stream, opt.persistent == 1);
+  for (int t = persistent ? -1 : T - 1; t >= 0; --t) {
+    const auto step = backward_step_kernel<Kind, S, A>;
+    RNNFAST_LAUNCH(step, pb, kPointThreads, stream, p, dh[cur], dh[1 - cur], t);
+    RNNFAST_CHECK_LAUNCH("backward_step_kernel");
+    // dh_{t-1} += da_h[t] [N, GH] W_hh [GH, H]
+    cublas::gemm_rm(g.h, false, false, N, H, GH, &g.one, p.da_h + t * N * int64_t(GH), g.st, GH,
+                    w_hh, g.st, H, &g.one, dh[1 - cur], g.at, H, g.ct);
+    cur = 1 - cur;
+  }
+  const auto finish = backward_finish_kernel<S, A>;
+  RNNFAST_LAUNCH(finish, pb, kPointThreads, stream, NH, dh[cur], p.dc, static_cast<S*>(a.dh0),
+                 static_cast<S*>(a.dc0));
+  RNNFAST_CHECK_LAUNCH("backward_finish_kernel");
+
+  backward_weight_gradients<S>(d, a, p, ws, wl, g, stream);
 }
 
 }  // namespace rnnfast::cuda

@@ -79,12 +79,4 @@ bool persistent_fits(const Dims& d, DType s);
 // CUDA runtime version, the current device's name and compute capability, for build_info().
 std::string runtime_summary();
 
-// ---- per-cell entry points (one .cu per cell instantiates them) --------------------------------
-void lstm_forward(const Dims& d, DType s, const ForwardArgs& a, const Options& opt);
-void lstm_backward(const Dims& d, DType s, const BackwardArgs& a, const Options& opt);
-void gru_forward(const Dims& d, DType s, const ForwardArgs& a, const Options& opt);
-void gru_backward(const Dims& d, DType s, const BackwardArgs& a, const Options& opt);
-void rnn_forward(const Dims& d, DType s, const ForwardArgs& a, const Options& opt);
-void rnn_backward(const Dims& d, DType s, const BackwardArgs& a, const Options& opt);
-
 }  // namespace rnnfast::cuda

@@ -279,7 +279,8 @@ def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
             nbytes = mod.reserve_bytes(cell, dt.name, T, N, C, H)
             reserve = cupy.empty(nbytes // acc.itemsize, dtype=acc)
         if reserve is not None and reserve.dtype == dt:
-            hseq = reserve[: (T + 1) * N * H].reshape(T + 1, N, H)  # y is a view of the reserve
+            at = mod.reserve_layout(cell, T, N, C, H)["hs"]  # y is a view of the reserve
+            hseq = reserve[at : at + (T + 1) * N * H].reshape(T + 1, N, H)
         else:
             hseq = cupy.empty((T + 1, N, H), dtype=dt)
         h_n = cupy.empty((N, H), dtype=dt)
@@ -289,9 +290,11 @@ def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
         )
         mod.forward(
             cell, dt.name, T, N, C, H,
-            _ptr(a.x), _ptr(a.w_ih), _ptr(a.w_hh), _ptr(a.b_ih), _ptr(a.b_hh), _ptr(a.h0),
-            _ptr(a.c0), _ptr(a.lengths), _ptr(hseq), _ptr(h_n), _ptr(c_n), _ptr(reserve),
-            _ptr(ws), stream.ptr, device.id, _options["tf32"], _PERSISTENT[_options["persistent"]],
+            x=_ptr(a.x), w_ih=_ptr(a.w_ih), w_hh=_ptr(a.w_hh), b_ih=_ptr(a.b_ih),
+            b_hh=_ptr(a.b_hh), h0=_ptr(a.h0), c0=_ptr(a.c0), lengths=_ptr(a.lengths),
+            hseq=_ptr(hseq), h_n=_ptr(h_n), c_n=_ptr(c_n), reserve=_ptr(reserve),
+            workspace=_ptr(ws), stream=stream.ptr, device=device.id, tf32=_options["tf32"],
+            persistent=_PERSISTENT[_options["persistent"]],
         )  # fmt: skip
         return hseq[1:], h_n, c_n, CudaContext(cell, a, reserve, hseq)
 
@@ -321,10 +324,12 @@ def backward(cell, ctx, dy, dh_n, dc_n):
         ws = cupy.empty(mod.backward_workspace_bytes(cell, dt.name, T, N, C, H), cupy.uint8)
         mod.backward(
             cell, dt.name, T, N, C, H,
-            _ptr(a.x), _ptr(a.w_ih), _ptr(a.w_hh), _ptr(a.lengths), _ptr(ctx.reserve),
-            _ptr(ctx.hseq), _ptr(dy), _ptr(dh_n), _ptr(dc_n), _ptr(dx), _ptr(dh0), _ptr(dc0),
-            _ptr(dw_ih), _ptr(dw_hh), _ptr(db_ih), _ptr(db_hh), _ptr(ws), stream.ptr, device.id,
-            _options["tf32"], _PERSISTENT[_options["persistent"]],
+            x=_ptr(a.x), w_ih=_ptr(a.w_ih), w_hh=_ptr(a.w_hh), lengths=_ptr(a.lengths),
+            reserve=_ptr(ctx.reserve), hseq=_ptr(ctx.hseq), dy=_ptr(dy), dh_n=_ptr(dh_n),
+            dc_n=_ptr(dc_n), dx=_ptr(dx), dh0=_ptr(dh0), dc0=_ptr(dc0), dw_ih=_ptr(dw_ih),
+            dw_hh=_ptr(dw_hh), db_ih=_ptr(db_ih), db_hh=_ptr(db_hh), workspace=_ptr(ws),
+            stream=stream.ptr, device=device.id, tf32=_options["tf32"],
+            persistent=_PERSISTENT[_options["persistent"]],
         )  # fmt: skip
     grads = {"dx": dx, "dh0": dh0, "dc0": dc0, "dw_ih": dw_ih, "dw_hh": dw_hh, "db_ih": db_ih,
              "db_hh": db_hh}  # fmt: skip

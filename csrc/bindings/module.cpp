@@ -12,6 +12,8 @@
 
 #include "cpu/kernels.h"
 #include "cpu/packed_gemm.h"
+#include "cpu/parallel.h"
+#include "cpu/scratch.h"
 #include "rnnfast/cell.h"
 
 namespace py = pybind11;
@@ -26,21 +28,15 @@ struct Kernels {
   void (*backward)(const Dims&, const rnnfast::cpu::BackwardIO<T>&);
 };
 
-// Every kind has a case and there is no default: -Wswitch names a kind the table gained but this
-// switch lacks, and a value outside the enum throws instead of running another cell.
+// The CPU kernels of a cell kind (a kind the table lacks throws).
 template <typename T>
 Kernels<T> kernels_for(CellKind cell) {
-  namespace cpu = rnnfast::cpu;
-  switch (cell) {
-    case CellKind::lstm:
-      return {cpu::lstm_forward<T>, cpu::lstm_backward<T>};
-    case CellKind::gru:
-      return {cpu::gru_forward<T>, cpu::gru_backward<T>};
-    case CellKind::rnn_tanh:
-    case CellKind::rnn_relu:
-      return {cpu::rnn_forward<T>, cpu::rnn_backward<T>};
-  }
-  throw std::invalid_argument("rnnfast: no CPU kernels for this cell kind");
+  Kernels<T> k{};
+  rnnfast::dispatch_cell(cell, [&](auto kind) {
+    k = {rnnfast::cpu::cell_forward<decltype(kind)::value, T>,
+         rnnfast::cpu::cell_backward<decltype(kind)::value, T>};
+  });
+  return k;
 }
 
 std::string shape_str(const py::array& a) {

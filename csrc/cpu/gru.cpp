@@ -85,19 +85,6 @@ struct Gru : DefaultStep {
 
 }  // namespace
 
-template <typename T>
-void gru_forward(const Dims& d, const ForwardIO<T>& io) {
-  run_forward<Gru, T>(d, io);
-}
-
-template <typename T>
-void gru_backward(const Dims& d, const BackwardIO<T>& io) {
-  run_backward<Gru, T>(d, io);
-}
-
-template void gru_forward<float>(const Dims&, const ForwardIO<float>&);
-template void gru_forward<double>(const Dims&, const ForwardIO<double>&);
-template void gru_backward<float>(const Dims&, const BackwardIO<float>&);
-template void gru_backward<double>(const Dims&, const BackwardIO<double>&);
+RNNFAST_CPU_CELL(Gru)
 
 }  // namespace rnnfast::cpu

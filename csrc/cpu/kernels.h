@@ -47,22 +47,26 @@ struct BackwardIO {
   T* db_hh;                // [G*H] out, or null where the forward had no b_hh
 };
 
-template <typename T>
-void lstm_forward(const Dims& d, const ForwardIO<T>& io);
-template <typename T>
-void lstm_backward(const Dims& d, const BackwardIO<T>& io);
-template <typename T>
-void gru_forward(const Dims& d, const ForwardIO<T>& io);
-template <typename T>
-void gru_backward(const Dims& d, const BackwardIO<T>& io);
-// d.cell says tanh or relu
-template <typename T>
-void rnn_forward(const Dims& d, const ForwardIO<T>& io);
-template <typename T>
-void rnn_backward(const Dims& d, const BackwardIO<T>& io);
+// A cell's forward and backward through time, for T = float and double: specialised in the
+// cell's own file (csrc/cpu/<cell>.cpp) by RNNFAST_CPU_CELL, and declared here, a line per kind.
+template <CellKind Kind, typename T>
+void cell_forward(const Dims& d, const ForwardIO<T>& io);
+template <CellKind Kind, typename T>
+void cell_backward(const Dims& d, const BackwardIO<T>& io);
 
-// Threads the kernels use; defaults to OpenMP's default (one per core).
-void set_num_threads(int n);
-int get_num_threads();
+#define RNNFAST_DECLARE_CPU_CELL(Kind)                                         \
+  template <>                                                                  \
+  void cell_forward<Kind, float>(const Dims& d, const ForwardIO<float>& io);   \
+  template <>                                                                  \
+  void cell_forward<Kind, double>(const Dims& d, const ForwardIO<double>& io); \
+  template <>                                                                  \
+  void cell_backward<Kind, float>(const Dims& d, const BackwardIO<float>& io); \
+  template <>                                                                  \
+  void cell_backward<Kind, double>(const Dims& d, const BackwardIO<double>& io);
+
+RNNFAST_DECLARE_CPU_CELL(CellKind::lstm)
+RNNFAST_DECLARE_CPU_CELL(CellKind::gru)
+RNNFAST_DECLARE_CPU_CELL(CellKind::rnn_tanh)
+RNNFAST_DECLARE_CPU_CELL(CellKind::rnn_relu)
 
 }  // namespace rnnfast::cpu

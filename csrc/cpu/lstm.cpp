@@ -88,19 +88,6 @@ struct Lstm : DefaultStep {
 
 }  // namespace
 
-template <typename T>
-void lstm_forward(const Dims& d, const ForwardIO<T>& io) {
-  run_forward<Lstm, T>(d, io);
-}
-
-template <typename T>
-void lstm_backward(const Dims& d, const BackwardIO<T>& io) {
-  run_backward<Lstm, T>(d, io);
-}
-
-template void lstm_forward<float>(const Dims&, const ForwardIO<float>&);
-template void lstm_forward<double>(const Dims&, const ForwardIO<double>&);
-template void lstm_backward<float>(const Dims&, const BackwardIO<float>&);
-template void lstm_backward<double>(const Dims&, const BackwardIO<double>&);
+RNNFAST_CPU_CELL(Lstm)
 
 }  // namespace rnnfast::cpu

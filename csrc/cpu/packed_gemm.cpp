@@ -214,7 +214,7 @@ PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bo
     float* panel = data_.get() + p * K * kPanel;
     const int64_t outputs = std::min(kPanel, M - p * kPanel);
     // the row (or column) of W holding each output's weights, once per panel: blocks() divides,
-    // and a division per element (or per 8 x 8 block) took most of the packing time
+    // and a division per element (or per 8 x 8 block) dominated the packing time
     int64_t index[kPanel];
     for (int64_t c = 0; c < outputs; ++c) index[c] = blocks(p * kPanel + c);
     if (!outputs_are_rows) {  // each k's outputs lie side by side in W (in their blocks)
@@ -230,7 +230,7 @@ PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bo
       continue;
     }
     // a transpose, in 8 x 8 register blocks where 8 outputs are 8 consecutive rows of W: element
-    // by element it took 45 us for a 512 x 256 w_hh, 6% of an LSTM call at batch 1
+    // by element it cost a visible share of a batch-1 call (bench/RESULTS.md)
     bool consecutive[kPanel / 8];
     for (int64_t c0 = 0; c0 < kPanel; c0 += 8)
       consecutive[c0 / 8] = c0 + 8 <= outputs && index[c0 + 7] == index[c0] + 7;

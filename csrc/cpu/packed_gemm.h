@@ -9,7 +9,8 @@
 #include <stdexcept>
 #include <type_traits>
 
-#include "cpu/parallel.h"
+#include "cpu/blas.h"
+#include "cpu/scratch.h"
 
 namespace rnnfast::cpu {
 
@@ -59,9 +60,8 @@ class StepProduct {
  public:
   // Whether packing W pays for `rows` rows through the product in one call. Packing costs about
   // as much as 16 rows through the BLAS while the packed W fits in L2 (512 KiB per thread), and
-  // proportionally more beyond that, where each step streams W from L3 whatever its layout.
-  // Measured (LSTM, one sequence, inference): H = 256 is faster packed from 16 steps on; H = 512
-  // up to 48 steps runs faster on W as it lies; one step at H = 512 took 444 us packed, 64 not.
+  // proportionally more beyond that, where each step streams W from L3 whatever its layout
+  // (the measured crossovers are in bench/RESULTS.md, "Figures behind code comments").
   static bool packing_pays(int64_t M, int64_t K, int64_t rows) {
     const int64_t l2_shares = std::max<int64_t>(1, M * K * int64_t(sizeof(float)) / (512 << 10));
     return rows >= 16 * l2_shares;

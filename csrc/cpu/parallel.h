@@ -1,14 +1,10 @@
-// Threading and BLAS plumbing for the CPU kernels: every parallel loop is an OpenMP team whose
-// threads call a single-threaded BLAS on their own block, so no two thread pools fight.
+// Threads for the CPU kernels: every parallel loop is an OpenMP team (whose threads call the
+// single-threaded BLAS, blas.h, on their own block, so no two thread pools fight), sized by what
+// OpenMP really gave it.
 #pragma once
 
 #include <algorithm>
-#include <cstddef>
 #include <cstdint>
-#include <cstdlib>
-#include <memory>
-
-#include "cpu/kernels.h"
 
 #if defined(RNNFAST_WITH_OPENMP)
 #include <omp.h>
@@ -48,32 +44,9 @@ inline int team_size() { return 1; }
 // and records that a pool exists.
 int team_request(int threads);
 
-// Scratch memory for one call. Large buffers are 2 MiB-aligned and advised as huge pages (as
-// NumPy does for its arrays), and go back to a bounded cache when freed: a training step at
-// (N, T, H) = (32, 100, 1024) otherwise spends 5-8% of its time having the kernel fault in and
-// zero the same 100 MB of scratch again on every call.
-void* allocate_scratch(size_t bytes);
-void release_scratch(void* p);
-template <typename T>
-using Scratch = std::unique_ptr<T[], void (*)(void*)>;
-template <typename T>
-Scratch<T> scratch(int64_t n) {
-  return Scratch<T>(static_cast<T*>(allocate_scratch(sizeof(T) * size_t(std::max<int64_t>(n, 1)))),
-                    release_scratch);
-}
-// The cache's bound in bytes (0 turns it off and empties it), and what it holds now.
-void set_scratch_cache_limit(size_t bytes);
-size_t scratch_cache_limit();
-size_t scratch_cache_bytes();
-
-// Row-major C[M, N] = alpha * op(A) op(B) + beta * C through the BLAS; any zero size is handled.
-template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-          int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
-
-// The same product with the rows of C split across `threads` threads (one OpenMP team).
-template <typename T>
-void parallel_gemm(int threads, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
-                   const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
+// Threads the kernels use; defaults to OpenMP's default (one per core). set_num_threads throws
+// std::runtime_error where the system cannot start n threads, or in a forked child (see above).
+void set_num_threads(int n);
+int get_num_threads();
 
 }  // namespace rnnfast::cpu

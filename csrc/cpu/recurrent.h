@@ -13,8 +13,11 @@
 #include <memory>
 #include <optional>
 
+#include "cpu/blas.h"
+#include "cpu/kernels.h"
 #include "cpu/packed_gemm.h"
 #include "cpu/parallel.h"
+#include "cpu/scratch.h"
 
 namespace rnnfast::cpu {
 
@@ -59,7 +62,8 @@ struct BackwardStep {
 };
 
 // A cell's pointwise pass is inlined into two wrappers, one compiled for AVX-512: the passes'
-// polynomial math vectorises twice as wide there (25-35% of an LSTM step at H = 128).
+// polynomial math vectorises twice as wide there (a quarter to a third of an LSTM step at
+// H = 128, bench/RESULTS.md).
 #define RNNFAST_INLINE __attribute__((always_inline))
 #define RNNFAST_PASS RNNFAST_INLINE inline
 #define RNNFAST_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq")))
@@ -423,5 +427,24 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   if (io.db_ih) std::memcpy(io.db_ih, db_sum.get(), sizeof(T) * GH);
   if (io.db_hh) std::memcpy(io.db_hh, db_sum.get() + (sum_db_h ? GH : 0), sizeof(T) * GH);
 }
+
+// A cell's entry points (csrc/cpu/kernels.h), in its own file: RNNFAST_CPU_CELL(Lstm).
+#define RNNFAST_CPU_CELL(Cell)                                                          \
+  template <>                                                                           \
+  void cell_forward<Cell::kind, float>(const Dims& d, const ForwardIO<float>& io) {     \
+    run_forward<Cell, float>(d, io);                                                    \
+  }                                                                                     \
+  template <>                                                                           \
+  void cell_forward<Cell::kind, double>(const Dims& d, const ForwardIO<double>& io) {   \
+    run_forward<Cell, double>(d, io);                                                   \
+  }                                                                                     \
+  template <>                                                                           \
+  void cell_backward<Cell::kind, float>(const Dims& d, const BackwardIO<float>& io) {   \
+    run_backward<Cell, float>(d, io);                                                   \
+  }                                                                                     \
+  template <>                                                                           \
+  void cell_backward<Cell::kind, double>(const Dims& d, const BackwardIO<double>& io) { \
+    run_backward<Cell, double>(d, io);                                                  \
+  }
 
 }  // namespace rnnfast::cpu

@@ -50,29 +50,7 @@ struct Rnn : DefaultStep {
 
 }  // namespace
 
-template <typename T>
-void rnn_forward(const Dims& d, const ForwardIO<T>& io) {
-  if (d.cell == Rnn<true>::kind)
-    run_forward<Rnn<true>, T>(d, io);
-  else if (d.cell == Rnn<false>::kind)
-    run_forward<Rnn<false>, T>(d, io);
-  else
-    throw std::invalid_argument("rnn_forward runs rnn_tanh and rnn_relu only");
-}
-
-template <typename T>
-void rnn_backward(const Dims& d, const BackwardIO<T>& io) {
-  if (d.cell == Rnn<true>::kind)
-    run_backward<Rnn<true>, T>(d, io);
-  else if (d.cell == Rnn<false>::kind)
-    run_backward<Rnn<false>, T>(d, io);
-  else
-    throw std::invalid_argument("rnn_backward runs rnn_tanh and rnn_relu only");
-}
-
-template void rnn_forward<float>(const Dims&, const ForwardIO<float>&);
-template void rnn_forward<double>(const Dims&, const ForwardIO<double>&);
-template void rnn_backward<float>(const Dims&, const BackwardIO<float>&);
-template void rnn_backward<double>(const Dims&, const BackwardIO<double>&);
+RNNFAST_CPU_CELL(Rnn<false>)
+RNNFAST_CPU_CELL(Rnn<true>)
 
 }  // namespace rnnfast::cpu

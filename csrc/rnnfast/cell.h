@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 
 #if defined(__CUDACC__)
 #define RNNFAST_HD __host__ __device__ __forceinline__
@@ -63,6 +65,25 @@ inline const CellInfo& cell_info(std::string_view name) {
 }
 
 constexpr int gate_count(CellKind cell) { return cell_info(cell).gates; }
+
+// f(std::integral_constant<CellKind, kind>{}) for the table's row of `kind`, turning a run-time
+// kind into the compile-time one kernels are instantiated for; throws for a kind the table lacks.
+// Every row is instantiated, so a row whose kernels are missing fails to compile or link.
+template <class F, size_t... I>
+void dispatch_cell_rows(CellKind kind, F&& f, std::index_sequence<I...>) {
+  bool found = false;
+  ((kCellTable[I].kind == kind
+        ? (f(std::integral_constant<CellKind, kCellTable[I].kind>{}), found = true)
+        : false),
+   ...);
+  if (!found) throw std::invalid_argument("rnnfast: unknown cell kind");
+}
+
+template <class F>
+void dispatch_cell(CellKind kind, F&& f) {
+  constexpr size_t rows = sizeof(kCellTable) / sizeof(kCellTable[0]);
+  dispatch_cell_rows(kind, std::forward<F>(f), std::make_index_sequence<rows>{});
+}
 
 struct Dims {
   int64_t T, N, C, H;

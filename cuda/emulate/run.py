@@ -20,6 +20,7 @@ stronger ordering hides, cuBLAS itself, speed) it cannot.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,14 +30,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-SOURCES = [
-    "lstm.cu",
-    "gru.cu",
-    "rnn.cu",
-    "dispatch.cu",
-    "persistent_forward.cu",
-    "persistent_backward.cu",
-]
+
+
+def cuda_sources() -> list[str]:
+    """The .cu files of the CUDA module, as cuda/cuda.cmake lists them."""
+    with open(os.path.join(ROOT, "cuda", "cuda.cmake")) as f:
+        text = f.read()
+    listed = text[text.index("set(_rnnfast_cuda_sources") : text.index("pybind11_add_module(_cuda")]
+    found = re.findall(r"\$\{CMAKE_CURRENT_LIST_DIR\}/(\w+\.cu)\b", listed)
+    return [f for f in found if f != "cublas_shim.cu"]  # host_support.cpp stands in for cuBLAS
+
+
+SOURCES = cuda_sources()
 # strips the editable install's import hook, so that the assembled package is the one imported
 BOOT = """
 import sys

@@ -1,0 +1,80 @@
+// The BLAS bindings (scipy-openblas32, whose symbols carry a scipy_ prefix) and the row-split GEMM.
+#include "cpu/blas.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <climits>
+#include <stdexcept>
+
+#include "cpu/parallel.h"
+
+namespace rnnfast::cpu {
+
+namespace {
+// This OpenBLAS instance is ours alone (NumPy and SciPy bundle their own copies). It runs
+// single-threaded: every parallel loop is an OpenMP team whose threads each call it on a block.
+const bool g_serial_blas = (scipy_openblas_set_num_threads(1), true);
+
+void check_blas_size(int64_t v) {
+  if (v > INT_MAX)
+    throw std::length_error("rnnfast: a matrix dimension exceeds the BLAS's 32-bit range");
+}
+// C = beta * C, for an empty inner dimension (the BLAS is not asked about K = 0)
+template <typename T>
+void scale(int64_t M, int64_t N, T beta, T* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+}
+}  // namespace
+
+template <>
+void gemm<float>(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                 const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+                 int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) return scale(M, N, beta, C, ldc);
+  for (int64_t v : {M, N, K, lda, ldb, ldc}) check_blas_size(v);
+  scipy_cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                    trans_b ? CblasTrans : CblasNoTrans, int(M), int(N), int(K), alpha, A,
+                    int(std::max<int64_t>(lda, 1)), B, int(std::max<int64_t>(ldb, 1)), beta, C,
+                    int(ldc));
+}
+
+template <>
+void gemm<double>(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha,
+                  const double* A, int64_t lda, const double* B, int64_t ldb, double beta,
+                  double* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) return scale(M, N, beta, C, ldc);
+  for (int64_t v : {M, N, K, lda, ldb, ldc}) check_blas_size(v);
+  scipy_cblas_dgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                    trans_b ? CblasTrans : CblasNoTrans, int(M), int(N), int(K), alpha, A,
+                    int(std::max<int64_t>(lda, 1)), B, int(std::max<int64_t>(ldb, 1)), beta, C,
+                    int(ldc));
+}
+
+template <typename T>
+void parallel_gemm(int threads, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                   const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  // small products are not worth a team
+  if (M * N * K < (int64_t(1) << 18)) threads = 1;
+  threads = team_request(int(std::min<int64_t>(threads, std::max<int64_t>(M / 4, 1))));
+#pragma omp parallel num_threads(threads)
+  {
+    const Range rows = split(M, team_size(), thread_index(), 4);
+    // op(A)'s row r starts at A + r*lda untransposed, at column r of A transposed
+    const T* a = trans_a ? A + rows.begin : A + rows.begin * lda;
+    gemm<T>(trans_a, trans_b, rows.size(), N, K, T(1), a, lda, B, ldb, beta, C + rows.begin * ldc,
+            ldc);
+  }
+}
+
+#define RNNFAST_INSTANTIATE(T)                                                                  \
+  template void parallel_gemm<T>(int, bool, bool, int64_t, int64_t, int64_t, const T*, int64_t, \
+                                 const T*, int64_t, T, T*, int64_t);
+RNNFAST_INSTANTIATE(float)
+RNNFAST_INSTANTIATE(double)
+#undef RNNFAST_INSTANTIATE
+
+}  // namespace rnnfast::cpu
