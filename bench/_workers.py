@@ -47,13 +47,25 @@ def time_calls(fn, target_s: float, min_calls: int, max_calls: int, warm: int) -
 class RnnfastBackend:
     """rnnfast.ops (the kernels) or rnnfast.reference (NumPy): the same functional API."""
 
-    def __init__(self, threads: int, reference: bool, matmul_precision: str = "float32"):
+    def __init__(self, threads: int, reference: bool, matmul_precision: str = "float32",
+                 package_root: str | None = None):  # fmt: skip
+        if package_root:  # another build (bench/cpu.py --baseline): its rnnfast, not this one's
+            sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()
+                                and "skbuild" not in repr(f).lower()]  # fmt: skip
+            sys.path.insert(0, package_root)
         import rnnfast
+
+        if package_root and not os.path.abspath(rnnfast.__file__).startswith(
+            os.path.abspath(package_root)
+        ):
+            raise RuntimeError(f"--baseline {package_root} has no rnnfast package")
 
         if not reference:
             rnnfast.set_num_threads(threads)
         self.rnnfast = rnnfast
         self.api = rnnfast.reference if reference else rnnfast.ops
+        if not hasattr(self.api, "forward"):  # a baseline from before the uniform pair
+            self.api = _UniformPair(self.api)
         self.reference = reference
         # only an inference forward passes it: bfloat16 is not for training
         bf16 = matmul_precision != "float32"
@@ -361,9 +373,35 @@ class GemmBackend:
         return run
 
 
+class _UniformPair:
+    """forward(cell, ...) and backward(ctx, ...) over the per-cell functions of an rnnfast from
+    before ops.forward existed, so that --baseline can time such a build."""
+
+    def __init__(self, api):
+        self.api = api
+
+    def forward(self, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, **kw):
+        if cell == "lstm":
+            return self.api.lstm_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, **kw)
+        if cell == "gru":
+            y, h_n, ctx = self.api.gru_forward(x, w_ih, w_hh, b_ih, b_hh, h0, **kw)
+        else:
+            act = cell.split("_", 1)[1]
+            y, h_n, ctx = self.api.rnn_forward(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity=act,
+                                               **kw)  # fmt: skip
+        return y, h_n, None, ctx
+
+    def backward(self, ctx, dy):
+        name = {"lstm": "lstm_backward", "gru": "gru_backward"}.get(ctx.cell, "rnn_backward")
+        return getattr(self.api, name)(ctx, dy)
+
+
 def make_backend(name: str, threads: int):
     if name == "ours":
         return RnnfastBackend(threads, reference=False)
+    if name == "base":
+        return RnnfastBackend(threads, reference=False,
+                              package_root=os.environ["RNNFAST_BENCH_BASELINE"])  # fmt: skip
     if name == "ours-bf16":
         return RnnfastBackend(threads, reference=False, matmul_precision="bfloat16")
     if name == "ref":

@@ -72,6 +72,7 @@ BF16_CHECK_TOL = 3e-2
 
 BACKEND_LABEL = {
     "ours": "rnnfast",
+    "base": "rnnfast, the --baseline build",
     "ours-bf16": "rnnfast bfloat16",
     "torch": "torch.nn",
     "ort": "onnxruntime",
@@ -89,13 +90,15 @@ class WorkerError(RuntimeError):
 class Worker:
     """One backend's process; request() sends a JSON line and waits for the reply."""
 
-    def __init__(self, name: str, threads: int, log_dir: Path):
+    def __init__(self, name: str, threads: int, log_dir: Path, baseline: Path | None = None):
         # "gemm:<core>" is the GEMM worker with OpenBLAS forced to another kernel set
         self.name = name
         backend, _, core = name.partition(":")
         env = thread_env(threads)
         if core:
             env["OPENBLAS_CORETYPE"] = core
+        if backend == "base":
+            env["RNNFAST_BENCH_BASELINE"] = str(baseline)
         self.log_path = log_dir / f"worker-{name.replace(':', '-')}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
@@ -237,10 +240,12 @@ def run_benchmark(args) -> dict:
         "loadavg": [],
     }
     names = list(dict.fromkeys(list(args.backends) + ["gemm"]))
+    if args.baseline:
+        names.insert(names.index("ours") + 1 if "ours" in names else 0, "base")
     names += [f"gemm:{core}" for core in args.gemm_cores]
     workers: dict[str, Worker] = {}
     for name in names:
-        w = Worker(name, args.threads, OUT_DIR)
+        w = Worker(name, args.threads, OUT_DIR, args.baseline)
         try:
             rep = w.request(op="init")
         except WorkerError as e:
@@ -561,6 +566,25 @@ def table_rows(res: dict, mode: str) -> list[list[str]]:
     return rows
 
 
+def baseline_lines(res: dict) -> list[str]:
+    """ours against the --baseline build, case by case (a markdown table), and the summary."""
+    rows = [r for r in res["cases"] if stat(r, "base") and stat(r, "ours")]
+    if not rows:
+        return []
+    out = ["| cell | (N, T, C=H) | mode | baseline min ms | ours min ms | baseline / ours |",
+           "|---|---|---|---:|---:|---:|"]  # fmt: skip
+    speedups = []
+    for r in rows:
+        x = ratio(stat(r, "base"), stat(r, "ours"))
+        speedups.append(x)
+        out.append(f"| {r['cell']} | ({r['N']}, {r['T']}, {r['H']}) | {r['mode']} | "
+                   f"{ms(stat(r, 'base'))} | {ms(stat(r, 'ours'))} | {fx(x)} |")  # fmt: skip
+    lo, hi = min(speedups), max(speedups)
+    out.append(f"Against the baseline build: geometric mean {geomean(speedups):.3f}x, range "
+               f"{lo:.3f}x-{hi:.3f}x (above 1: this build is faster).")  # fmt: skip
+    return out
+
+
 def summary_lines(res: dict) -> list[str]:
     out = []
     tr = [r for r in res["cases"] if r["mode"] == "train"]
@@ -705,6 +729,8 @@ def print_report(res: dict) -> None:
             print(text_table(rows))
     print()
     print("\n".join(summary_lines(res)))
+    if any(stat(r, "base") for r in res["cases"]):
+        print("\n" + "\n".join(baseline_lines(res)))
 
 
 def plot(res: dict, path: Path) -> None:
@@ -846,6 +872,13 @@ def main(argv=None) -> None:
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=list(SHAPES), metavar="N,T,H")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="also time another build of rnnfast, interleaved with this one: a folder holding its "
+        "rnnfast package (with the compiled _C), e.g. a `pip install --target` of another commit",
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
