@@ -283,7 +283,7 @@ struct BackwardThread {
 // the thread that owns the units while the rows are still in cache; the order of the sums is
 // fixed (t down, n up) whatever the thread count.
 template <typename T>
-void sum_bias_rows(const BackwardThread<T>& th, const BackwardStep<T>& s, int64_t G) {
+RNNFAST_PASS void sum_bias_rows(const BackwardThread<T>& th, const BackwardStep<T>& s, int64_t G) {
   if (th.db_x) add_gate_rows<T>(s.N, G, s.H, th.units, s.dgx, th.db_x);
   if (th.db_h) add_gate_rows<T>(s.N, G, s.H, th.units, s.dgh, th.db_h);
 }
@@ -297,7 +297,7 @@ void sum_bias_rows(const BackwardThread<T>& th, const BackwardStep<T>& s, int64_
 // own steps in its file, from the same pieces.
 struct DefaultStep {
   template <class Cell, typename T>
-  static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
+  RNNFAST_PASS static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
     (*th.product)(s.N, s.h_prev, s.H, th.gh, th.width, Accumulate::no);
     s.gh = th.gh;
     if (th.avx512)
@@ -308,7 +308,7 @@ struct DefaultStep {
   }
 
   template <class Cell, typename T>
-  static void backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
+  RNNFAST_PASS static void backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
     constexpr int64_t G = cell_info(Cell::kind).gates;
     if (th.avx512)
       backward_pass_avx512<Cell, T>(s);
