@@ -305,6 +305,22 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "rnnfast CPU kernels (private; use rnnfast.ops)";
   m.attr("__version__") = RNNFAST_VERSION;
   for (const rnnfast::CellInfo& info : rnnfast::kCellTable) bind_cell(m, info);
+  m.def(
+      "cell_table",
+      [] {
+        py::list rows;
+        for (const rnnfast::CellInfo& c : rnnfast::kCellTable) {
+          py::dict row;
+          row["name"] = c.name;
+          row["gates"] = c.gates;
+          row["has_c"] = c.has_c;
+          row["saves_gates"] = c.saves_gates;
+          row["reset_after"] = c.reset_after;
+          rows.append(row);
+        }
+        return rows;
+      },
+      "The C++ cell table (csrc/rnnfast/cell.h), row by row; rnnfast/cells.py must agree.");
   m.def("build_info", &build_info);
   m.def("set_num_threads", &rnnfast::cpu::set_num_threads);
   m.def("get_num_threads", &rnnfast::cpu::get_num_threads);
