@@ -50,7 +50,9 @@ def _array(name, a, dtype=None):
             "(cast explicitly)"
         )
     # aligned as well as contiguous: the kernels load whole elements (a view at an odd byte offset
-    # of a buffer is contiguous but not aligned)
+    # of a buffer is contiguous but not aligned); the flags first, as np.require costs 0.6 us
+    if a.flags.c_contiguous and a.flags.aligned:
+        return a
     return np.require(a, requirements="CA")
 
 
