@@ -274,6 +274,7 @@ struct BackwardThread {
   int team;
   Range units;
   bool avx512;
+  int64_t gates;            // G
   StepProduct<T>* product;  // dgh_t [N, G*H] onto this thread's columns of dh_{t-1}
   T* db_x;                  // [G*H] column sums of dgx, or null where no bias takes them
   T* db_h;                  // [G*H] of dgh, reset_after cells with b_hh only, else null
@@ -283,9 +284,9 @@ struct BackwardThread {
 // the thread that owns the units while the rows are still in cache; the order of the sums is
 // fixed (t down, n up) whatever the thread count.
 template <typename T>
-RNNFAST_PASS void sum_bias_rows(const BackwardThread<T>& th, const BackwardStep<T>& s, int64_t G) {
-  if (th.db_x) add_gate_rows<T>(s.N, G, s.H, th.units, s.dgx, th.db_x);
-  if (th.db_h) add_gate_rows<T>(s.N, G, s.H, th.units, s.dgh, th.db_h);
+void sum_bias_rows(const BackwardThread<T>& th, const BackwardStep<T>& s) {
+  if (th.db_x) add_gate_rows<T>(s.N, th.gates, s.H, th.units, s.dgx, th.db_x);
+  if (th.db_h) add_gate_rows<T>(s.N, th.gates, s.H, th.units, s.dgh, th.db_h);
 }
 
 // The step every cell runs unless it defines its own `forward_step` or `backward_step` (static
@@ -297,7 +298,7 @@ RNNFAST_PASS void sum_bias_rows(const BackwardThread<T>& th, const BackwardStep<
 // own steps in its file, from the same pieces.
 struct DefaultStep {
   template <class Cell, typename T>
-  RNNFAST_PASS static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
+  static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
     (*th.product)(s.N, s.h_prev, s.H, th.gh, th.width, Accumulate::no);
     s.gh = th.gh;
     if (th.avx512)
@@ -308,15 +309,14 @@ struct DefaultStep {
   }
 
   template <class Cell, typename T>
-  RNNFAST_PASS static void backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
-    constexpr int64_t G = cell_info(Cell::kind).gates;
+  static void backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
     if (th.avx512)
       backward_pass_avx512<Cell, T>(s);
     else
       backward_pass_baseline<Cell, T>(s);
-    sum_bias_rows(th, s, G);
+    sum_bias_rows(th, s);
 #pragma omp barrier
-    (*th.product)(s.N, s.dgh, G* s.H, s.dh + th.units.begin, s.H, Accumulate::yes);
+    (*th.product)(s.N, s.dgh, th.gates* s.H, s.dh + th.units.begin, s.H, Accumulate::yes);
   }
 };
 
@@ -395,6 +395,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
     BackwardThread<T> th{team_size()};
     th.units = split(H, th.team, thread_index(), kUnitAlign);
     th.avx512 = cpu_has_avx512();
+    th.gates = d.G();
     th.db_x = sum_db_x ? db_sum.get() : nullptr;
     th.db_h = sum_db_h ? db_sum.get() + GH : nullptr;
     std::optional<StepProduct<T>> product;
