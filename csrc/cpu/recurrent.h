@@ -234,9 +234,9 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     th.gh = gh.get();
     th.product = product ? &*product : nullptr;
     for (int64_t t0 = 0; ok && t0 < d.T; t0 += chunk) {
-      const int64_t steps = std::min(chunk, d.T - t0);
+      const int64_t steps = std::min(chunk, d.T - t0), rows = steps * N;
       // the biases are added in the pointwise pass, which saves a pass over gx to preset them
-      (*projection)(steps* N, io.x + t0 * N * d.C, d.C, gx.get(), th.width, Accumulate::no);
+      (*projection)(rows, io.x + t0 * N * d.C, d.C, gx.get(), th.width, Accumulate::no);
       for (int64_t t = t0; t < t0 + steps; ++t) {
         ForwardStep<T> s{N, H, t, th.units, io.lengths};
         s.gx = gx.get() + (t - t0) * N * th.width;
