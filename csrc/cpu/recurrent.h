@@ -316,7 +316,8 @@ struct DefaultStep {
       backward_pass_baseline<Cell, T>(s);
     sum_bias_rows(th, s);
 #pragma omp barrier
-    (*th.product)(s.N, s.dgh, th.gates* s.H, s.dh + th.units.begin, s.H, Accumulate::yes);
+    const int64_t ld_dgh = th.gates * s.H;  // dgh's rows are all G gates of all H units
+    (*th.product)(s.N, s.dgh, ld_dgh, s.dh + th.units.begin, s.H, Accumulate::yes);
   }
 };
 
