@@ -26,32 +26,28 @@ void scale(int64_t M, int64_t N, T beta, T* C, int64_t ldc) {
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
 }
+
+// the BLAS's single and double precision products, under one name
+void cblas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int M, int N, int K, float alpha,
+                const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc) {
+  scipy_cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+void cblas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int M, int N, int K, double alpha,
+                const double* A, int lda, const double* B, int ldb, double beta, double* C,
+                int ldc) {
+  scipy_cblas_dgemm(CblasRowMajor, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
 }  // namespace
 
-template <>
-void gemm<float>(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-                 const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-                 int64_t ldc) {
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+          int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) return scale(M, N, beta, C, ldc);
   for (int64_t v : {M, N, K, lda, ldb, ldc}) check_blas_size(v);
-  scipy_cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-                    trans_b ? CblasTrans : CblasNoTrans, int(M), int(N), int(K), alpha, A,
-                    int(std::max<int64_t>(lda, 1)), B, int(std::max<int64_t>(ldb, 1)), beta, C,
-                    int(ldc));
-}
-
-template <>
-void gemm<double>(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha,
-                  const double* A, int64_t lda, const double* B, int64_t ldb, double beta,
-                  double* C, int64_t ldc) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) return scale(M, N, beta, C, ldc);
-  for (int64_t v : {M, N, K, lda, ldb, ldc}) check_blas_size(v);
-  scipy_cblas_dgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-                    trans_b ? CblasTrans : CblasNoTrans, int(M), int(N), int(K), alpha, A,
-                    int(std::max<int64_t>(lda, 1)), B, int(std::max<int64_t>(ldb, 1)), beta, C,
-                    int(ldc));
+  cblas_gemm(trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, int(M),
+             int(N), int(K), alpha, A, int(std::max<int64_t>(lda, 1)), B,
+             int(std::max<int64_t>(ldb, 1)), beta, C, int(ldc));
 }
 
 template <typename T>
@@ -71,6 +67,8 @@ void parallel_gemm(int threads, bool trans_a, bool trans_b, int64_t M, int64_t N
 }
 
 #define RNNFAST_INSTANTIATE(T)                                                                  \
+  template void gemm<T>(bool, bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*,  \
+                        int64_t, T, T*, int64_t);                                               \
   template void parallel_gemm<T>(int, bool, bool, int64_t, int64_t, int64_t, const T*, int64_t, \
                                  const T*, int64_t, T, T*, int64_t);
 RNNFAST_INSTANTIATE(float)

@@ -161,7 +161,7 @@ struct ForwardThread {
   StepProduct<T>* product;  // h_{t-1} [N, H] onto this thread's gate columns of w_hh
 };
 
-// h and c before step 0: h0 and c0, or zeros.
+// h and c before step 0: h0 and c0, or zeros (backward starts its dh and dc the same way).
 template <typename T>
 void initial_states(int64_t NH, const T* h0, const T* c0, T* hs, T* cs) {
   if (h0)
@@ -192,7 +192,7 @@ void fold_biases(const CellInfo& cell, int64_t H, const T* b_ih, const T* b_hh, 
 template <class Cell, typename T>
 void run_forward(const Dims& d, const ForwardIO<T>& io) {
   constexpr CellInfo cell = cell_info(Cell::kind);
-  const int64_t N = d.N, H = d.H, G = d.G(), NH = N * H;
+  const int64_t N = d.N, H = d.H, G = cell.gates, GH = G * H, NH = N * H;
   const bool training = io.reserve != nullptr;
   const ReserveLayout layout = reserve_layout(d);
   T* hs = io.hs;
@@ -202,7 +202,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   auto c_slot = [&](int64_t t) { return cs + (training ? t : (t & 1)) * NH; };
   initial_states(NH, io.h0, io.c0, hs, cs);
 
-  auto bx = scratch<T>(d.GH());
+  auto bx = scratch<T>(GH);
   auto bhn = scratch<T>(cell.reset_after ? H : 0);
   fold_biases(cell, H, io.b_ih, io.b_hh, bx.get(), bhn.get());
 
@@ -249,7 +249,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
           s.c = c_slot(t + 1);
         }
         if (training) {
-          s.gates = cell.saves_gates ? io.reserve + layout.gates + t * N * d.GH() : nullptr;
+          s.gates = cell.saves_gates ? io.reserve + layout.gates + t * N * GH : nullptr;
           s.ghn = cell.reset_after ? io.reserve + layout.ghn + t * NH : nullptr;
         }
         Cell::template forward_step<Cell, T>(th, s);
@@ -321,12 +321,6 @@ struct DefaultStep {
   }
 };
 
-// dh_n and dc_n into the running gradients (dh0 and dc0 are them at the end), or zeros.
-template <typename T>
-void final_state_gradients(int64_t NH, const T* dh_n, const T* dc_n, T* dh, T* dc) {
-  initial_states(NH, dh_n, dc_n, dh, dc);
-}
-
 // x, or where a padded row (t >= lengths[n]) holds a NaN or infinity, a copy of x with the padded
 // rows zeroed. Padded rows have zero gate gradients, but 0 * NaN in the dw_ih product would spread
 // the padding, which is the caller's and never read, into every weight gradient; with finite
@@ -374,14 +368,15 @@ void weight_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx, cons
 template <class Cell, typename T>
 void run_backward(const Dims& d, const BackwardIO<T>& io) {
   constexpr CellInfo cell = cell_info(Cell::kind);
-  const int64_t N = d.N, H = d.H, GH = d.GH(), NH = N * H, TN = d.T * N;
+  const int64_t N = d.N, H = d.H, GH = cell.gates * H, NH = N * H, TN = d.T * N;
   const ReserveLayout layout = reserve_layout(d);
   const T* hs = io.reserve + layout.hs;
 
   auto dgx = scratch<T>(TN * GH);
   auto dgh_own = scratch<T>(cell.reset_after ? TN * GH : 0);
   T* dgh = cell.reset_after ? dgh_own.get() : dgx.get();
-  final_state_gradients(NH, io.dh_n, io.dc_n, io.dh0, cell.has_c ? io.dc0 : nullptr);
+  // the running gradients dh and dc (dh0 and dc0 at the end) start as dh_n and dc_n, or zeros
+  initial_states(NH, io.dh_n, io.dc_n, io.dh0, cell.has_c ? io.dc0 : nullptr);
 
   auto zeros = scratch<T>(io.dy ? 0 : NH);
   if (!io.dy) std::fill(zeros.get(), zeros.get() + NH, T(0));
@@ -396,7 +391,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
     BackwardThread<T> th{team_size()};
     th.units = split(H, th.team, thread_index(), kUnitAlign);
     th.avx512 = cpu_has_avx512();
-    th.gates = d.G();
+    th.gates = cell.gates;
     th.db_x = sum_db_x ? db_sum.get() : nullptr;
     th.db_h = sum_db_h ? db_sum.get() + GH : nullptr;
     std::optional<StepProduct<T>> product;
