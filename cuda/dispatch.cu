@@ -30,7 +30,7 @@ static void use_device(const Options& opt) {
 
 void forward(const Dims& d, DType s, const ForwardArgs& a, const Options& opt) {
   use_device(opt);
-  dispatch_cell(d.cell, [&](auto kind) {
+  dispatch_gpu_cell(d.cell, [&](auto kind) {
     dispatch_dtype(
         s, [&](auto tag) { forward_impl<decltype(kind)::value, decltype(tag)>(d, a, opt); });
   });
@@ -38,7 +38,7 @@ void forward(const Dims& d, DType s, const ForwardArgs& a, const Options& opt) {
 
 void backward(const Dims& d, DType s, const BackwardArgs& a, const Options& opt) {
   use_device(opt);
-  dispatch_cell(d.cell, [&](auto kind) {
+  dispatch_gpu_cell(d.cell, [&](auto kind) {
     dispatch_dtype(
         s, [&](auto tag) { backward_impl<decltype(kind)::value, decltype(tag)>(d, a, opt); });
   });

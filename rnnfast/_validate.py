@@ -27,6 +27,7 @@ class Checked:
     h0: np.ndarray | None
     c0: np.ndarray | None
     lengths: np.ndarray | None
+    w_peephole: np.ndarray | None = None  # (3, H), cells that take peepholes only
 
     @property
     def dims(self) -> tuple[int, int, int, int]:
@@ -80,7 +81,8 @@ def check_lengths(lengths, T: int, N: int) -> np.ndarray | None:
     return np.ascontiguousarray(lengths, dtype=np.int32)
 
 
-def check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, array=_array) -> Checked:
+def check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, array=_array,
+                         w_peephole=None) -> Checked:  # fmt: skip
     """The forward arguments checked and made contiguous by ``array(name, a, dtype=None)`` (NumPy
     here; rnnfast.cuda passes its CuPy conversion). lengths must be on the host."""
     spec = cell_spec(cell)
@@ -106,7 +108,11 @@ def check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, array
     if c0 is not None and not spec.has_c:
         raise ValueError(f"c0 is only for LSTM, not {cell}")
     c0 = None if c0 is None else _shaped("c0", c0, (N, H), x.dtype, array)
-    return Checked(x, w_ih, w_hh, b_ih, b_hh, h0, c0, check_lengths(lengths, T, N))
+    if w_peephole is not None:
+        if not spec.peephole:
+            raise ValueError(f"w_peephole is only for LSTM cells, not {cell}")
+        w_peephole = _shaped("w_peephole", w_peephole, (3, H), x.dtype, array)
+    return Checked(x, w_ih, w_hh, b_ih, b_hh, h0, c0, check_lengths(lengths, T, N), w_peephole)
 
 
 def check_backward_inputs(cell, a: Checked, dy, dh_n, dc_n, array=_array):

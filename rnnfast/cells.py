@@ -12,34 +12,67 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["CELLS", "CellSpec", "cell_spec", "public_functions", "rnn_cell"]
+__all__ = ["CELLS", "CellSpec", "cell_spec", "family_cell", "public_functions", "rnn_cell"]
 
 
 @dataclass(frozen=True)
 class CellSpec:
     """One cell. ``name`` is what the kernels, contexts and layers call it."""
 
-    name: str  # "lstm", "gru", "rnn_tanh", "rnn_relu"
+    name: str  # "lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cifg", "gru_reset_before"
     gates: int  # G: w_ih is (G*H, C), w_hh (G*H, H), the biases (G*H,)
     has_c: bool  # carries a cell state: takes c0 and dc_n, returns c_n and dc0
     family: str  # the public functions' stem: <family>_forward, <family>_backward
+    # the family's options that select this row, as the public functions and layers name them
+    options: tuple[tuple[str, object], ...] = ()
+    peephole: bool = False  # takes the optional w_peephole (3, H), rows i, f, o
+    gpu: bool = True  # the CUDA backend has kernels for it
+    torch: bool = True  # torch.nn has the same cell (an oracle for the tests)
 
     @property
     def grad_names(self) -> tuple[str, ...]:
-        """The keys of a backward's gradient dict, in the documented order."""
+        """The keys of a backward's gradient dict, in the documented order (without peepholes)."""
         c = ("dc0",) if self.has_c else ()
         return ("dx", "dh0", *c, "dw_ih", "dw_hh", "db_ih", "db_hh")
 
+    def grads_of(self, peephole: bool) -> tuple[str, ...]:
+        """grad_names, plus dw_peephole where the forward had w_peephole."""
+        return self.grad_names + (("dw_peephole",) if peephole else ())
 
+
+# fmt: off
 CELLS: dict[str, CellSpec] = {
     s.name: s
     for s in (
-        CellSpec("lstm", gates=4, has_c=True, family="lstm"),
-        CellSpec("gru", gates=3, has_c=False, family="gru"),
-        CellSpec("rnn_tanh", gates=1, has_c=False, family="rnn"),
-        CellSpec("rnn_relu", gates=1, has_c=False, family="rnn"),
+        CellSpec("lstm", 4, has_c=True, family="lstm",
+                 options=(("coupled_input_forget", False),), peephole=True),
+        CellSpec("gru", 3, has_c=False, family="gru", options=(("reset_after", True),)),
+        CellSpec("rnn_tanh", 1, has_c=False, family="rnn", options=(("nonlinearity", "tanh"),)),
+        CellSpec("rnn_relu", 1, has_c=False, family="rnn", options=(("nonlinearity", "relu"),)),
+        # f = 1 - i (Greff et al. 2017): three gate blocks i, g, o
+        CellSpec("lstm_cifg", 3, has_c=True, family="lstm",
+                 options=(("coupled_input_forget", True),), peephole=True, gpu=False, torch=False),
+        # n = tanh(x W_in^T + b_in + (r * h) W_hn^T + b_hn): Cho et al. 2014, Keras's
+        # reset_after=False, ONNX's linear_before_reset=0
+        CellSpec("gru_reset_before", 3, has_c=False, family="gru",
+                 options=(("reset_after", False),), gpu=False, torch=False),
     )
 }
+# fmt: on
+
+
+def family_cell(family: str, **options) -> str:
+    """The cell of ``family`` ("lstm", "gru", "rnn") with these options, e.g.
+    ``family_cell("gru", reset_after=False)``; ValueError naming the option for a bad value."""
+    rows = [s for s in CELLS.values() if s.family == family]
+    for key, value in options.items():
+        known = [v for s in rows for k, v in s.options if k == key]
+        if not known:
+            raise TypeError(f"{family} has no option {key!r}")
+        if isinstance(value, bool) != isinstance(known[0], bool) or value not in known:
+            raise ValueError(f"{key} must be one of {known}, got {value!r}")
+        rows = [s for s in rows if (key, value) in s.options]
+    return rows[0].name
 
 
 def cell_spec(name) -> CellSpec:
@@ -54,35 +87,46 @@ def rnn_cell(nonlinearity) -> str:
     """The vanilla RNN's cell name for ``nonlinearity`` ("tanh" or "relu")."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-    return "rnn_" + nonlinearity
+    return family_cell("rnn", nonlinearity=nonlinearity)
 
 
 def public_functions(forward: Callable, backward: Callable, api: str, docs: dict[str, str]):
     """The six per-cell functions (lstm_, gru_, rnn_ forward and backward) over a module's
     uniform pair, for rnnfast.ops and rnnfast.reference alike.
 
-    forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, *, lengths, training, matmul_precision)
-    returns (y, h_n, c_n or None, ctx); backward(ctx, dy, dh_n, dc_n, *, cell) returns the
-    gradient dict and checks that ctx comes from a forward of ``cell``. ``api`` is the module's
-    name (for __module__); ``docs`` holds each function's docstring.
+    forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, *, lengths, training, matmul_precision,
+    w_peephole) returns (y, h_n, c_n or None, ctx); backward(ctx, dy, dh_n, dc_n, *, cell)
+    returns the gradient dict and checks that ctx comes from a forward of ``cell``. ``api`` is the
+    module's name (for __module__); ``docs`` holds each function's docstring.
     """
 
+    def family_backward(family, ctx, dy, dh_n, dc_n):
+        cell = getattr(ctx, "cell", None)
+        if cell not in CELLS or CELLS[cell].family != family:
+            raise TypeError(
+                f"{family}_backward needs the context returned by {api}.{family}_forward"
+            )
+        return backward(ctx, dy, dh_n, dc_n, cell=cell)
+
     def lstm_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-                     training=True, matmul_precision="float32"):  # fmt: skip
-        return forward("lstm", x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths,
-                       training=training, matmul_precision=matmul_precision)  # fmt: skip
+                     training=True, matmul_precision="float32", w_peephole=None,
+                     coupled_input_forget=False):  # fmt: skip
+        cell = family_cell("lstm", coupled_input_forget=coupled_input_forget)
+        return forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths, training=training,
+                       matmul_precision=matmul_precision, w_peephole=w_peephole)  # fmt: skip
 
     def lstm_backward(ctx, dy, dh_n=None, dc_n=None):
-        return backward(ctx, dy, dh_n, dc_n, cell="lstm")
+        return family_backward("lstm", ctx, dy, dh_n, dc_n)
 
     def gru_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, lengths=None, training=True,
-                    matmul_precision="float32"):  # fmt: skip
-        y, h_n, _, ctx = forward("gru", x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths=lengths,
+                    matmul_precision="float32", reset_after=True):  # fmt: skip
+        cell = family_cell("gru", reset_after=reset_after)
+        y, h_n, _, ctx = forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths=lengths,
                                  training=training, matmul_precision=matmul_precision)  # fmt: skip
         return y, h_n, ctx
 
     def gru_backward(ctx, dy, dh_n=None):
-        return backward(ctx, dy, dh_n, None, cell="gru")
+        return family_backward("gru", ctx, dy, dh_n, None)
 
     def rnn_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearity="tanh",
                     lengths=None, training=True, matmul_precision="float32"):  # fmt: skip
@@ -92,10 +136,7 @@ def public_functions(forward: Callable, backward: Callable, api: str, docs: dict
         return y, h_n, ctx
 
     def rnn_backward(ctx, dy, dh_n=None):
-        cell = getattr(ctx, "cell", None)
-        if cell not in CELLS or CELLS[cell].family != "rnn":
-            raise TypeError(f"rnn_backward needs the context returned by {api}.rnn_forward")
-        return backward(ctx, dy, dh_n, None, cell=cell)
+        return family_backward("rnn", ctx, dy, dh_n, None)
 
     functions = (lstm_forward, lstm_backward, gru_forward, gru_backward, rnn_forward, rnn_backward)
     for f in functions:

@@ -57,36 +57,88 @@ def _sigmoid(a):
 
 
 # ---- the cells --------------------------------------------------------------------------------
-# step(a_x, a_h, h, c) -> (h_new, c_new, saved); c and c_new are None for cells without a cell
-# state. step_backward(saved, h, dh, dc) -> (da_x, da_h, dh_direct, dc_prev): dh and dc are the
-# total gradients reaching h_new and c_new; da_x and da_h those of the two projections (equal
-# unless the cell treats them differently, as the GRU's n gate does); dh_direct the part of the
-# gradient of h that does not pass through W_hh (the skeleton adds da_h W_hh).
+# A cell owns its recurrent products, as in the kernels. step(a_x, h, c, w) -> (h_new, c_new,
+# saved): a_x the input projection with b_ih, w the step's weights (_StepWeights); c and c_new are
+# None for cells without a cell state. step_backward(saved, h, dh, dc, w) -> (da_x, dh_prev,
+# dc_prev, grads): dh and dc are the total gradients reaching h_new and c_new, da_x that of a_x,
+# dh_prev and dc_prev those of the old state, grads this step's share of the recurrent
+# parameters' gradients (dw_hh, db_hh and dw_peephole where the cell has it).
 
 
-def _lstm_step(a_x, a_h, h, c):
-    i, f, g, o = np.split(a_x + a_h, 4, axis=1)
-    i, f, g, o = _sigmoid(i), _sigmoid(f), np.tanh(g), _sigmoid(o)
-    c_new = f * c + i * g
-    h_new = o * np.tanh(c_new)
-    return h_new, c_new, (i, f, g, o, c, c_new)
+class _StepWeights(NamedTuple):
+    w_hh: np.ndarray  # (G*H, H) as given: the backward's products
+    w_hh_rounded: np.ndarray  # the forward's (rounded to bfloat16 for that precision)
+    b_hh: np.ndarray | None
+    w_peephole: np.ndarray | None  # (3, H) rows i, f, o
+    rounded: Callable  # what the forward's products do to their left operand
+
+    def recur(self, h, rows=slice(None)):
+        """h W_hh^T + b_hh for the gate rows ``rows`` of W_hh."""
+        a = self.rounded(h) @ self.w_hh_rounded[rows].T
+        return a if self.b_hh is None else a + self.b_hh[rows]
 
 
-def _lstm_step_backward(saved, h, dh, dc):
-    i, f, g, o, c_prev, c = saved
-    tc = np.tanh(c)
-    dc = dc + dh * o * (1 - tc * tc)
-    da_i = dc * g * i * (1 - i)
-    da_f = dc * c_prev * f * (1 - f)
-    da_g = dc * i * (1 - g * g)
-    da_o = dh * tc * o * (1 - o)
-    da = np.concatenate([da_i, da_f, da_g, da_o], axis=1)
-    return da, da, 0, dc * f
+def _recurrent_grads(da_h, h_in, w: _StepWeights, **more) -> dict:
+    """This step's dw_hh (da_h^T h_in) and db_hh, plus ``more``."""
+    return {"dw_hh": da_h.T @ h_in, "db_hh": da_h.sum(axis=0), **more}
 
 
-def _gru_step(a_x, a_h, h, c):
+def _lstm_cell(coupled: bool):
+    """The LSTM's step pair; coupled: f = 1 - i with gate blocks i, g, o. Peepholes where
+    w.w_peephole is given: i and f see c, o sees c_new."""
+
+    def step(a_x, h, c, w):
+        a = a_x + w.recur(h)
+        if coupled:
+            a_i, a_g, a_o = np.split(a, 3, axis=1)
+        else:
+            a_i, a_f, a_g, a_o = np.split(a, 4, axis=1)
+        p = w.w_peephole
+        if p is not None:
+            a_i = a_i + p[0] * c
+            if not coupled:
+                a_f = a_f + p[1] * c
+        i = _sigmoid(a_i)
+        f = 1 - i if coupled else _sigmoid(a_f)
+        g = np.tanh(a_g)
+        c_new = f * c + i * g
+        if p is not None:
+            a_o = a_o + p[2] * c_new
+        o = _sigmoid(a_o)
+        h_new = o * np.tanh(c_new)
+        return h_new, c_new, (i, f, g, o, c, c_new)
+
+    def step_backward(saved, h, dh, dc, w):
+        i, f, g, o, c_prev, c = saved
+        p = w.w_peephole
+        tc = np.tanh(c)
+        da_o = dh * tc * o * (1 - o)
+        dc = dc + dh * o * (1 - tc * tc)
+        if p is not None:
+            dc = dc + da_o * p[2]
+        if coupled:
+            da_i = dc * (g - c_prev) * i * (1 - i)
+            da_f = np.zeros_like(da_i)
+        else:
+            da_i = dc * g * i * (1 - i)
+            da_f = dc * c_prev * f * (1 - f)
+        da_g = dc * i * (1 - g * g)
+        dc_prev = dc * f
+        more = {}
+        if p is not None:
+            dc_prev = dc_prev + da_i * p[0] + da_f * p[1]
+            more["dw_peephole"] = np.stack([(da_i * c_prev).sum(0), (da_f * c_prev).sum(0),
+                                            (da_o * c).sum(0)])  # fmt: skip
+        blocks = [da_i, da_g, da_o] if coupled else [da_i, da_f, da_g, da_o]
+        da = np.concatenate(blocks, axis=1)
+        return da, da @ w.w_hh, dc_prev, _recurrent_grads(da, h, w, **more)
+
+    return step, step_backward
+
+
+def _gru_step(a_x, h, c, w):
     x_r, x_z, x_n = np.split(a_x, 3, axis=1)
-    hh_r, hh_z, hh_n = np.split(a_h, 3, axis=1)
+    hh_r, hh_z, hh_n = np.split(w.recur(h), 3, axis=1)
     r = _sigmoid(x_r + hh_r)
     z = _sigmoid(x_z + hh_z)
     n = np.tanh(x_n + r * hh_n)
@@ -94,7 +146,7 @@ def _gru_step(a_x, a_h, h, c):
     return h_new, None, (r, z, n, hh_n)
 
 
-def _gru_step_backward(saved, h, dh, dc):
+def _gru_step_backward(saved, h, dh, dc, w):
     r, z, n, hh_n = saved
     da_n = dh * (1 - z) * (1 - n * n)
     da_z = dh * (h - n) * z * (1 - z)
@@ -102,28 +154,55 @@ def _gru_step_backward(saved, h, dh, dc):
     # r multiplies the recurrent part of n only: a_h's n slot gets da_n * r, a_x's gets da_n
     da_x = np.concatenate([da_r, da_z, da_n], axis=1)
     da_h = np.concatenate([da_r, da_z, da_n * r], axis=1)
-    return da_x, da_h, dh * z, None
+    return da_x, dh * z + da_h @ w.w_hh, None, _recurrent_grads(da_h, h, w)
 
 
-def _rnn_tanh_step(a_x, a_h, h, c):
-    h_new = np.tanh(a_x + a_h)
+def _gru_reset_before_step(a_x, h, c, w):
+    H = h.shape[1]
+    x_r, x_z, x_n = np.split(a_x, 3, axis=1)
+    hh_r, hh_z = np.split(w.recur(h, slice(0, 2 * H)), 2, axis=1)
+    r = _sigmoid(x_r + hh_r)
+    z = _sigmoid(x_z + hh_z)
+    rh = r * h  # the reset gate acts on h before the candidate's product
+    n = np.tanh(x_n + w.recur(rh, slice(2 * H, 3 * H)))
+    h_new = (1 - z) * n + z * h
+    return h_new, None, (r, z, n, rh)
+
+
+def _gru_reset_before_step_backward(saved, h, dh, dc, w):
+    r, z, n, rh = saved
+    H = h.shape[1]
+    w_rz, w_n = w.w_hh[: 2 * H], w.w_hh[2 * H :]
+    da_n = dh * (1 - z) * (1 - n * n)
+    da_z = dh * (h - n) * z * (1 - z)
+    drh = da_n @ w_n
+    da_r = drh * h * r * (1 - r)
+    da_rz = np.concatenate([da_r, da_z], axis=1)
+    dh_prev = dh * z + drh * r + da_rz @ w_rz
+    da = np.concatenate([da_r, da_z, da_n], axis=1)
+    grads = {"dw_hh": np.concatenate([da_rz.T @ h, da_n.T @ rh]), "db_hh": da.sum(axis=0)}
+    return da, dh_prev, None, grads
+
+
+def _rnn_tanh_step(a_x, h, c, w):
+    h_new = np.tanh(a_x + w.recur(h))
     return h_new, None, h_new
 
 
-def _rnn_tanh_step_backward(h_new, h, dh, dc):
+def _rnn_tanh_step_backward(h_new, h, dh, dc, w):
     da = dh * (1 - h_new * h_new)
-    return da, da, 0, None
+    return da, da @ w.w_hh, None, _recurrent_grads(da, h, w)
 
 
-def _rnn_relu_step(a_x, a_h, h, c):
-    h_new = np.maximum(a_x + a_h, 0)  # a NaN stays NaN, as in torch.relu and the kernels
+def _rnn_relu_step(a_x, h, c, w):
+    h_new = np.maximum(a_x + w.recur(h), 0)  # a NaN stays NaN, as in torch.relu and the kernels
     return h_new, None, h_new
 
 
-def _rnn_relu_step_backward(h_new, h, dh, dc):
+def _rnn_relu_step_backward(h_new, h, dh, dc, w):
     # relu'(0) = 0 as in torch; a NaN output passes its gradient on, as the kernels (cell.h) do
     da = np.where((h_new > 0) | np.isnan(h_new), dh, 0)
-    return da, da, 0, None
+    return da, da @ w.w_hh, None, _recurrent_grads(da, h, w)
 
 
 class _Cell(NamedTuple):
@@ -132,10 +211,12 @@ class _Cell(NamedTuple):
 
 
 _CELLS = {
-    "lstm": _Cell(_lstm_step, _lstm_step_backward),
+    "lstm": _Cell(*_lstm_cell(coupled=False)),
     "gru": _Cell(_gru_step, _gru_step_backward),
     "rnn_tanh": _Cell(_rnn_tanh_step, _rnn_tanh_step_backward),
     "rnn_relu": _Cell(_rnn_relu_step, _rnn_relu_step_backward),
+    "lstm_cifg": _Cell(*_lstm_cell(coupled=True)),
+    "gru_reset_before": _Cell(_gru_reset_before_step, _gru_reset_before_step_backward),
 }
 
 
@@ -176,19 +257,25 @@ def _active(a: Checked) -> np.ndarray:
     return (np.arange(T)[:, None] < lengths[None, :])[:, :, None]
 
 
+def _step_weights(a: Checked, rounded=lambda m: m) -> _StepWeights:
+    return _StepWeights(a.w_hh, rounded(a.w_hh), a.b_hh, a.w_peephole, rounded)
+
+
 def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-            training=True, matmul_precision="float32"):  # fmt: skip
+            training=True, matmul_precision="float32", w_peephole=None):  # fmt: skip
     """Any cell over a whole sequence, by name; returns ``(y, h_n, c_n, ctx)`` as
     rnnfast.ops.forward (c_n None for a cell without a cell state)."""
     spec = cell_spec(cell)
     cell = spec.name
     bf16 = check_matmul_precision(matmul_precision, training)
     rounded = _round_to_bfloat16 if bf16 else (lambda m: m)  # what the products multiply
-    a = check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths)
+    a = check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
+                             w_peephole=w_peephole)  # fmt: skip
     T, N, _, H = a.dims
     dtype = a.x.dtype
     step = _CELLS[cell].step
     active = _active(a)
+    w = _step_weights(a, rounded)
 
     h = np.zeros((N, H), dtype) if a.h0 is None else a.h0.copy()
     c = None
@@ -196,7 +283,6 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
         c = np.zeros((N, H), dtype) if a.c0 is None else a.c0.copy()
     # (T, N, G*H): every step's input projection at once; the padding is never read
     a_x = rounded(np.where(active, a.x, 0)) @ rounded(a.w_ih).T
-    w_hh = rounded(a.w_hh)
     if a.b_ih is not None:
         a_x = a_x + a.b_ih
 
@@ -204,10 +290,7 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     hs = np.zeros((T, N, H), dtype)
     steps = []
     for t in range(T):
-        a_h = rounded(h) @ w_hh.T
-        if a.b_hh is not None:
-            a_h = a_h + a.b_hh
-        h_new, c_new, saved = step(a_x[t], a_h, h, c)
+        h_new, c_new, saved = step(a_x[t], h, c, w)
         m = active[t]
         y[t] = np.where(m, h_new, 0)
         hs[t] = h
@@ -236,35 +319,44 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
     step_backward = _CELLS[cell].step_backward
     active = _active(a)
     hs, steps = ctx.saved
+    w = _step_weights(a)
 
     dh = np.zeros((N, H), dtype) if dh_n is None else dh_n.copy()
     dc = None
     if spec.has_c:
         dc = np.zeros((N, H), dtype) if dc_n is None else dc_n.copy()
     da_x = np.zeros((T, N, GH), dtype)
-    da_h = np.zeros((T, N, GH), dtype)
+    sums: dict = {}  # the recurrent parameters' gradients, summed over the steps
     for t in reversed(range(T)):
         m = active[t]
         if dy is not None:
             dh = dh + np.where(m, dy[t], 0)  # y is zero past the length: no gradient there
-        gx, gh, dh_direct, dc_prev = step_backward(steps[t], hs[t], dh, dc)
+        # a padded row takes no part in the step: zero gradients in, its dh and dc passed on
+        gx, dh_prev, dc_prev, grads = step_backward(
+            steps[t], hs[t], np.where(m, dh, 0), None if dc is None else np.where(m, dc, 0), w
+        )
         da_x[t] = np.where(m, gx, 0)
-        da_h[t] = np.where(m, gh, 0)
-        dh = np.where(m, dh_direct + da_h[t] @ a.w_hh, dh)  # padded steps pass dh on unchanged
+        for k, v in grads.items():
+            sums[k] = sums[k] + v if k in sums else v
+        dh = np.where(m, dh_prev, dh)
         if dc is not None:
             dc = np.where(m, dc_prev, dc)
+
+    def summed(name, like):  # a recurrent parameter's gradient (zero for T = 0)
+        return sums[name] if name in sums else np.zeros_like(like)
 
     grads = {
         "dx": da_x @ a.w_ih,
         "dh0": dh,
         # padded rows of x are the caller's and never read: 0 * NaN there must not reach dw_ih
         "dw_ih": da_x.reshape(-1, GH).T @ np.where(active, a.x, 0).reshape(-1, C),
-        "dw_hh": da_h.reshape(-1, GH).T @ hs.reshape(-1, H),
+        "dw_hh": summed("dw_hh", a.w_hh),
         "db_ih": None if a.b_ih is None else da_x.sum(axis=(0, 1)),
-        "db_hh": None if a.b_hh is None else da_h.sum(axis=(0, 1)),
+        "db_hh": None if a.b_hh is None else summed("db_hh", a.b_hh),
         "dc0": dc,
+        "dw_peephole": None if a.w_peephole is None else summed("dw_peephole", a.w_peephole),
     }
-    return {k: grads[k] for k in spec.grad_names}
+    return {k: grads[k] for k in spec.grads_of(a.w_peephole is not None)}
 
 
 # ---- the public API (signatures as rnnfast.ops) ----------------------------------------------

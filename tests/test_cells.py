@@ -42,15 +42,16 @@ def test_uniform_pair_is_the_per_cell_functions(api, cell):
     grads = api.backward(ctx, **up)
     assert tuple(grads) == spec.grad_names
     args = [inputs[k] for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0")]
+    options = dict(spec.options)  # what selects this row of the family's function
     if spec.family == "lstm":
-        y2, h2, c2, ctx2 = api.lstm_forward(*args, inputs["c0"], lengths=inputs["lengths"])
+        y2, h2, c2, ctx2 = api.lstm_forward(*args, inputs["c0"], lengths=inputs["lengths"],
+                                            **options)  # fmt: skip
         g2 = api.lstm_backward(ctx2, **up)
     elif spec.family == "gru":
-        y2, h2, ctx2 = api.gru_forward(*args, lengths=inputs["lengths"])
+        y2, h2, ctx2 = api.gru_forward(*args, lengths=inputs["lengths"], **options)
         c2, g2 = None, api.gru_backward(ctx2, up["dy"], up["dh_n"])
     else:
-        act = cell.removeprefix("rnn_")
-        y2, h2, ctx2 = api.rnn_forward(*args, nonlinearity=act, lengths=inputs["lengths"])
+        y2, h2, ctx2 = api.rnn_forward(*args, lengths=inputs["lengths"], **options)
         c2, g2 = None, api.rnn_backward(ctx2, up["dy"], up["dh_n"])
     np.testing.assert_array_equal(y, y2)
     np.testing.assert_array_equal(h_n, h2)

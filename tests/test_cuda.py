@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import (
     CELLS,
+    GPU_CELLS,
     GRAD_NAMES,
     assert_close,
     cast,
@@ -179,7 +180,7 @@ def _check(cell, dtype_name, case):
 @pytest.mark.parametrize("lengths_kind", LENGTHS, ids=lambda k: str(k))
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}N{}C{}H{}".format(*s))
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", GPU_CELLS)
 def test_grid_against_reference(cell, shape, dtype_name, lengths_kind, persistent_mode):
     _check(cell, dtype_name, _case(cell, *shape, True, True, lengths_kind, dtype_name))
 
@@ -187,7 +188,7 @@ def test_grid_against_reference(cell, shape, dtype_name, lengths_kind, persisten
 @pytest.mark.parametrize("persistent_mode", ["always"], indirect=True)
 @pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape", PERSISTENT_SHAPES, ids=lambda s: "T{}N{}C{}H{}".format(*s))
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", GPU_CELLS)
 def test_persistent_kernel_against_reference(cell, shape, dtype_name, persistent_mode):
     _check(cell, dtype_name, _case(cell, *shape, True, True, "mixed", dtype_name))
 
@@ -195,7 +196,7 @@ def test_persistent_kernel_against_reference(cell, shape, dtype_name, persistent
 @pytest.mark.parametrize("lengths_kind", [None, "full", "zero", "mixed"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", GPU_CELLS)
 def test_states_biases_lengths(cell, with_state, with_bias, lengths_kind):
     _check(
         cell, "float64", _case(cell, 7, 3, 5, 64, with_state, with_bias, lengths_kind, "float64")
@@ -203,7 +204,7 @@ def test_states_biases_lengths(cell, with_state, with_bias, lengths_kind):
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", GPU_CELLS)
 def test_matches_cpu_kernels(cell, dtype_name):
     from rnnfast import ops
 
@@ -222,7 +223,7 @@ def test_matches_cpu_kernels(cell, dtype_name):
 
 @pytest.mark.parametrize("poison", [np.nan, np.inf])
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", GPU_CELLS)
 def test_nonfinite_padding_never_reaches_the_results(cell, dtype_name, poison):
     """As on the CPU: NaN or inf in x past each length leaves every output and gradient exactly
     as zero padding does (the dw_ih product reads a copy of x with the padding zeroed)."""
@@ -244,7 +245,7 @@ def test_nonfinite_padding_never_reaches_the_results(cell, dtype_name, poison):
             np.testing.assert_array_equal(grads1[k], v, err_msg=k)
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", GPU_CELLS)
 def test_inference_matches_training_and_keeps_no_reserve(cell):
     inputs, *_ = _case(cell, 7, 3, 5, 64, True, True, "mixed", "float32")
     g = _to_gpu(inputs, "float32")
@@ -260,7 +261,7 @@ def test_inference_matches_training_and_keeps_no_reserve(cell):
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", GPU_CELLS)
 def test_reproducible(cell, dtype_name):
     inputs, up, *_ = _case(cell, 20, 16, 33, 129, True, True, "mixed", dtype_name)
     g, gu = _to_gpu(inputs, dtype_name), _to_gpu(up, dtype_name)
@@ -274,7 +275,7 @@ def test_reproducible(cell, dtype_name):
             assert (a is None and b is None) or np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", GPU_CELLS)
 def test_inputs_never_modified(cell):
     inputs, up, *_ = _case(cell, 7, 3, 5, 64, True, True, "mixed", "float32")
     g, gu = _to_gpu(inputs, "float32"), _to_gpu(up, "float32")
@@ -355,3 +356,26 @@ def test_build_info_names_the_architecture():
     info = cuda.build_info()
     assert info["cuda"] and "90" in info["architectures"]
     assert info["cublas"]
+
+
+@pytest.mark.parametrize("cell", [c for c in CELLS if c not in GPU_CELLS])
+def test_cells_without_cuda_kernels_raise(cell):
+    """A cell the CUDA backend lacks is a clear NotImplementedError on GPU arrays, never a wrong
+    result or a crash; so are peepholes."""
+    import rnnfast
+
+    cupy = _cupy()
+    inputs = make_inputs(cell, 3, 2, 4, 5, np.float32, np.random.default_rng(0))
+    gpu = {k: None if v is None or k == "lengths" else cupy.asarray(v) for k, v in inputs.items()}
+    with pytest.raises(NotImplementedError, match=cell):
+        run_forward(rnnfast.ops, cell, **gpu)
+
+
+def test_peepholes_raise_on_the_gpu():
+    import rnnfast
+
+    cupy = _cupy()
+    inputs = make_inputs("lstm", 3, 2, 4, 5, np.float32, np.random.default_rng(0))
+    gpu = {k: None if v is None or k == "lengths" else cupy.asarray(v) for k, v in inputs.items()}
+    with pytest.raises(NotImplementedError, match="peepholes"):
+        run_forward(rnnfast.ops, "lstm", **gpu, w_peephole=cupy.zeros((3, 5), cupy.float32))

@@ -12,6 +12,7 @@ import pytest
 from conftest import (
     CELLS,
     GATES,
+    HAS_C,
     assert_close,
     assert_grads_close,
     make_upstream,
@@ -53,7 +54,7 @@ def problems(draw):
         "c0": None,
         "lengths": rng.integers(0, T + 1, N) if draw(st.booleans()) else None,
     }
-    if cell == "lstm" and draw(st.booleans()):
+    if HAS_C[cell] and draw(st.booleans()):
         inputs["c0"] = rng.standard_normal((N, H)).astype(dtype)
     threads = draw(st.sampled_from([1, 2, 3]))
     return cell, inputs, rng, threads
@@ -128,7 +129,7 @@ def near_valid(draw):
         "c0": None,
         "lengths": None,
     }
-    names = [k for k in args if k != "c0" or cell == "lstm"]
+    names = [k for k in args if k != "c0" or HAS_C[cell]]
     for name in draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True)):
         args[name] = draw(junk())
     return cell, args

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from conftest import (
     CELLS,
+    HAS_C,
+    TORCH_CELLS,
     assert_close,
     make_inputs,
     make_upstream,
@@ -49,7 +51,7 @@ def _explicit_states(cell, inputs):
     """inputs with h0 (and c0 for LSTM) given as zeros where missing, so they can be perturbed."""
     inputs = dict(inputs)
     N, H = inputs["x"].shape[1], inputs["w_hh"].shape[1]
-    for key in ("h0", "c0") if cell == "lstm" else ("h0",):
+    for key in ("h0", "c0") if HAS_C[cell] else ("h0",):
         if inputs[key] is None:
             inputs[key] = np.zeros((N, H))
     return inputs
@@ -75,7 +77,7 @@ def test_gradients_match_finite_differences(cell, lengths_kind, with_state):
     inputs = _explicit_states(cell, inputs)
     eps = 1e-6
     for name, key in WRT.items():
-        if key == "c0" and cell != "lstm":
+        if key == "c0" and not HAS_C[cell]:
             assert name not in grads
             continue
         wrt = inputs[key]
@@ -116,7 +118,7 @@ def _torch_module(torch, cell, C, H, inputs):
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])
 @pytest.mark.parametrize("lengths_kind", [None, "positive"])
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", TORCH_CELLS)
 def test_matches_torch(cell, lengths_kind, with_state, with_bias):
     torch = pytest.importorskip("torch")
     T, N, C, H = 6, 5, 4, 7
@@ -130,18 +132,18 @@ def test_matches_torch(cell, lengths_kind, with_state, with_bias):
     full = _explicit_states(cell, inputs)  # torch gets explicit zeros, to differentiate them
     x = torch.tensor(full["x"], requires_grad=True)
     h0 = torch.tensor(full["h0"][None], requires_grad=True)
-    c0 = torch.tensor(full["c0"][None], requires_grad=True) if cell == "lstm" else None
+    c0 = torch.tensor(full["c0"][None], requires_grad=True) if HAS_C[cell] else None
     seq = x
     if inputs["lengths"] is not None:
         lengths = torch.from_numpy(inputs["lengths"])
         seq = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-    out, state = module(seq, (h0, c0) if cell == "lstm" else h0)
+    out, state = module(seq, (h0, c0) if HAS_C[cell] else h0)
     if inputs["lengths"] is not None:
         out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=T)
-    t_h_n, t_c_n = state if cell == "lstm" else (state, None)
+    t_h_n, t_c_n = state if HAS_C[cell] else (state, None)
     loss = (out * torch.from_numpy(upstream["dy"])).sum()
     loss = loss + (t_h_n[0] * torch.from_numpy(upstream["dh_n"])).sum()
-    if cell == "lstm":
+    if HAS_C[cell]:
         loss = loss + (t_c_n[0] * torch.from_numpy(upstream["dc_n"])).sum()
     loss.backward()
 
@@ -149,7 +151,7 @@ def test_matches_torch(cell, lengths_kind, with_state, with_bias):
     assert_close(y, out.detach().numpy(), **close, name="y")
     assert_close(h_n, t_h_n[0].detach().numpy(), **close, name="h_n")
     expected = {"dx": x.grad.numpy(), "dh0": h0.grad[0].numpy()}
-    if cell == "lstm":
+    if HAS_C[cell]:
         assert_close(c_n, t_c_n[0].detach().numpy(), **close, name="c_n")
         expected["dc0"] = c0.grad[0].numpy()
     for param, key in names.items():
@@ -177,12 +179,12 @@ def test_lengths_equal_running_each_sequence_alone(cell):
         row = dict(inputs, lengths=None)
         row["x"] = inputs["x"][:L, n : n + 1]
         row["h0"] = inputs["h0"][n : n + 1]
-        row["c0"] = None if cell != "lstm" else inputs["c0"][n : n + 1]
+        row["c0"] = None if not HAS_C[cell] else inputs["c0"][n : n + 1]
         up = {k: None if v is None else v[n : n + 1] for k, v in upstream.items()}
         up["dy"] = upstream["dy"][:L, n : n + 1]
         if L == 0:  # x with no steps: the final state is the initial state
             assert_close(h_n[n], inputs["h0"][n], 0, 0, name="h_n of a length-0 row")
-            if cell == "lstm":
+            if HAS_C[cell]:
                 assert_close(c_n[n], inputs["c0"][n], 0, 0, name="c_n of a length-0 row")
                 assert_close(grads["dc0"][n], upstream["dc_n"][n], 0, 0, name="dc0, length 0")
             assert_close(grads["dh0"][n], upstream["dh_n"][n], 0, 0, name="dh0, length 0")
@@ -194,7 +196,7 @@ def test_lengths_equal_running_each_sequence_alone(cell):
         assert_close(y[:L, n], y1[:, 0], 1e-14, 1e-14, name=f"y[:{L}, {n}]")
         assert not y[L:, n].any(), f"y is not zero past length {L} in row {n}"
         assert_close(h_n[n], h1[0], 1e-14, 1e-14, name=f"h_n[{n}]")
-        if cell == "lstm":
+        if HAS_C[cell]:
             assert_close(c_n[n], c1[0], 1e-14, 1e-14, name=f"c_n[{n}]")
             assert_close(grads["dc0"][n], g1["dc0"][0], 1e-12, 1e-12, name=f"dc0[{n}]")
         assert_close(grads["dx"][:L, n], g1["dx"][:, 0], 1e-12, 1e-12, name=f"dx[:{L}, {n}]")
@@ -305,7 +307,7 @@ def test_outputs_do_not_alias_inputs(cell):
     grads = run_backward(ref, cell, ctx, **upstream)
     assert not np.shares_memory(h_n, inputs["h0"])
     assert not np.shares_memory(grads["dh0"], upstream["dh_n"])
-    if cell == "lstm":
+    if HAS_C[cell]:
         assert not np.shares_memory(c_n, inputs["c0"])
         assert not np.shares_memory(grads["dc0"], upstream["dc_n"])
 

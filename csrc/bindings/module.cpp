@@ -118,11 +118,21 @@ Dims dims_of(CellKind cell, const py::array& x, const py::array& w_hh) {
   return d;
 }
 
+// w_peephole [3, H], or null; only for a cell whose row takes peepholes
+template <typename T>
+const T* peephole_input(CellKind cell, const py::object& w_peephole, const Dims& d) {
+  const T* p = input<T>(w_peephole, "w_peephole", {3, d.H}, true);
+  if (p && !rnnfast::cell_info(cell).peephole)
+    throw py::value_error(std::string("w_peephole is only for LSTM cells, not ") +
+                          rnnfast::cell_info(cell).name);
+  return p;
+}
+
 template <typename T>
 py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih,
                         const py::array& w_hh, const py::object& b_ih, const py::object& b_hh,
                         const py::object& h0, const py::object& c0, const py::object& lengths,
-                        bool training, bool bf16) {
+                        bool training, bool bf16, const py::object& w_peephole) {
   if (bf16 && training)
     throw py::value_error("bfloat16 products are for inference: pass training=False");
   if (bf16 && !rnnfast::cpu::cpu_has_avx512_bf16())
@@ -139,6 +149,7 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
   io.h0 = input<T>(h0, "h0", {d.N, d.H}, true);
   io.c0 = input<T>(c0, "c0", {d.N, d.H}, true);
   if (io.c0 && !has_c) throw py::value_error("c0 is only for LSTM");
+  io.w_peephole = peephole_input<T>(cell, w_peephole, d);
   io.lengths = lengths_input(lengths, d.N, d.T);
   io.bf16 = bf16;
 
@@ -166,12 +177,15 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
 
 py::tuple forward(CellKind cell, const py::array& x, const py::array& w_ih, const py::array& w_hh,
                   const py::object& b_ih, const py::object& b_hh, const py::object& h0,
-                  const py::object& c0, const py::object& lengths, bool training, bool bf16) {
+                  const py::object& c0, const py::object& lengths, bool training, bool bf16,
+                  const py::object& w_peephole) {
   if (x.dtype().is(py::dtype::of<float>()))
-    return forward_typed<float>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, bf16);
+    return forward_typed<float>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, bf16,
+                                w_peephole);
   if (bf16) throw py::type_error("bfloat16 products take float32 inputs, got float64");
   if (x.dtype().is(py::dtype::of<double>()))
-    return forward_typed<double>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, false);
+    return forward_typed<double>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, false,
+                                 w_peephole);
   throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
@@ -179,7 +193,8 @@ template <typename T>
 py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_ih,
                          const py::array& w_hh, bool has_b_ih, bool has_b_hh,
                          const py::object& lengths, const py::object& reserve, const py::object& dy,
-                         const py::object& dh_n, const py::object& dc_n) {
+                         const py::object& dh_n, const py::object& dc_n,
+                         const py::object& w_peephole) {
   const Dims d = dims_of(cell, x, w_hh);
   const int64_t GH = d.GH();
   const bool has_c = rnnfast::cell_info(cell).has_c;
@@ -193,10 +208,11 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
   io.dh_n = input<T>(dh_n, "dh_n", {d.N, d.H}, true);
   io.dc_n = input<T>(dc_n, "dc_n", {d.N, d.H}, true);
   if (io.dc_n && !has_c) throw py::value_error("dc_n is only for LSTM");
+  io.w_peephole = peephole_input<T>(cell, w_peephole, d);
 
   auto dx = new_array<T>({d.T, d.N, d.C}), dh0 = new_array<T>({d.N, d.H});
   auto dw_ih = new_array<T>({GH, d.C}), dw_hh = new_array<T>({GH, d.H});
-  py::object dc0 = py::none(), db_ih = py::none(), db_hh = py::none();
+  py::object dc0 = py::none(), db_ih = py::none(), db_hh = py::none(), dw_peephole = py::none();
   io.dx = data(dx);
   io.dh0 = data(dh0);
   io.dw_ih = data(dw_ih);
@@ -216,23 +232,28 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
     io.db_hh = data(a);
     db_hh = a;
   }
+  if (io.w_peephole) {
+    auto a = new_array<T>({3, d.H});
+    io.dw_peephole = data(a);
+    dw_peephole = a;
+  }
   {
     py::gil_scoped_release release;
     kernels_for<T>(cell).backward(d, io);
   }
-  return py::make_tuple(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh);
+  return py::make_tuple(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peephole);
 }
 
 py::tuple backward(CellKind cell, const py::array& x, const py::array& w_ih, const py::array& w_hh,
                    bool has_b_ih, bool has_b_hh, const py::object& lengths,
                    const py::object& reserve, const py::object& dy, const py::object& dh_n,
-                   const py::object& dc_n) {
+                   const py::object& dc_n, const py::object& w_peephole) {
   if (x.dtype().is(py::dtype::of<float>()))
     return backward_typed<float>(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
-                                 dh_n, dc_n);
+                                 dh_n, dc_n, w_peephole);
   if (x.dtype().is(py::dtype::of<double>()))
     return backward_typed<double>(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
-                                  dh_n, dc_n);
+                                  dh_n, dc_n, w_peephole);
   throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
@@ -243,22 +264,28 @@ void bind_cell(py::module_& m, const rnnfast::CellInfo& info) {
   m.def((std::string(info.name) + "_forward").c_str(),
         [cell](const py::array& x, const py::array& w_ih, const py::array& w_hh,
                const py::object& b_ih, const py::object& b_hh, const py::object& h0,
-               const py::object& c0, const py::object& lengths, bool training, bool bf16) {
-          return forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, bf16);
+               const py::object& c0, const py::object& lengths, bool training, bool bf16,
+               const py::object& w_peephole) {
+          return forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, bf16,
+                         w_peephole);
         },
         "x"_a, "w_ih"_a, "w_hh"_a, "b_ih"_a.none(true), "b_hh"_a.none(true), "h0"_a.none(true),
         "c0"_a.none(true), "lengths"_a.none(true), "training"_a, "bf16"_a = false,
+        "w_peephole"_a.none(true) = py::none(),
         "(y, h_n, c_n or None, reserve or None); see rnnfast.ops");
   m.def((std::string(info.name) + "_backward").c_str(),
         [cell](const py::array& x, const py::array& w_ih, const py::array& w_hh, bool has_b_ih,
                bool has_b_hh, const py::object& lengths, const py::object& reserve,
-               const py::object& dy, const py::object& dh_n, const py::object& dc_n) {
-          return backward(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy, dh_n,
-                          dc_n);
+               const py::object& dy, const py::object& dh_n, const py::object& dc_n,
+               const py::object& w_peephole) {
+          return backward(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy, dh_n, dc_n,
+                          w_peephole);
         },
         "x"_a, "w_ih"_a, "w_hh"_a, "has_b_ih"_a, "has_b_hh"_a, "lengths"_a.none(true), "reserve"_a,
         "dy"_a.none(true), "dh_n"_a.none(true), "dc_n"_a.none(true),
-        "(dx, dh0, dc0 or None, dw_ih, dw_hh, db_ih or None, db_hh or None); see rnnfast.ops");
+        "w_peephole"_a.none(true) = py::none(),
+        "(dx, dh0, dc0 or None, dw_ih, dw_hh, db_ih or None, db_hh or None, dw_peephole or None); "
+        "see rnnfast.ops");
 }
 
 py::dict build_info() {
@@ -316,6 +343,9 @@ PYBIND11_MODULE(_C, m) {
           row["has_c"] = c.has_c;
           row["saves_gates"] = c.saves_gates;
           row["reset_after"] = c.reset_after;
+          row["reset_before"] = c.reset_before;
+          row["peephole"] = c.peephole;
+          row["gpu"] = c.gpu;
           rows.append(row);
         }
         return rows;

@@ -1,5 +1,6 @@
-// GRU (gates r, z, n; r multiplies the recurrent product as in cuDNN and PyTorch): the fused
-// pointwise forward and backward passes, over the shared driver.
+// GRU (gates r, z, n; r multiplies the recurrent product as in cuDNN and PyTorch), and the GRU
+// with r applied to h before the product (Cho et al. 2014), which owns its step: the fused
+// pointwise passes, over the shared driver.
 #include <type_traits>
 
 #include "cpu/recurrent.h"
@@ -83,8 +84,172 @@ struct Gru : DefaultStep {
   }
 };
 
+// n = tanh(x W_in^T + b_in + (r * h_{t-1}) W_hn^T + b_hn): the candidate's product needs every
+// unit's r, so a step is two products with a barrier between them. Forward: h_{t-1} onto the r
+// and z columns, the gate pass (r, z, r * h_{t-1}), a barrier, r * h_{t-1} onto the n columns, the
+// candidate pass, a barrier. Backward mirrors it. All biases are plain sums (folded into bx).
+struct GruResetBefore : DefaultStep {
+  static constexpr CellKind kind = CellKind::gru_reset_before;
+
+  template <typename T>
+  static void forward_products(const Dims& d, const ForwardIO<T>& io, const ForwardThread<T>& th,
+                               StepProducts<T>& out) {
+    const int64_t H = d.H, nu = th.units.size();
+    out[0].emplace(io.w_hh + th.units.begin * H, H, 2 * nu, H, WeightsBy::row, OutputBlocks{nu, H},
+                   d.T * d.N, io.bf16);
+    out[1].emplace(io.w_hh + (2 * H + th.units.begin) * H, H, nu, H, WeightsBy::row, OutputBlocks{},
+                   d.T * d.N, io.bf16);
+  }
+
+  template <typename T>
+  static void backward_products(const Dims& d, const BackwardIO<T>& io, const BackwardThread<T>& th,
+                                StepProducts<T>& out) {
+    const int64_t H = d.H, nu = th.units.size();
+    out[0].emplace(io.w_hh + th.units.begin, H, nu, 2 * H, WeightsBy::column, OutputBlocks{},
+                   d.T * d.N);
+    out[1].emplace(io.w_hh + 2 * H * H + th.units.begin, H, nu, H, WeightsBy::column,
+                   OutputBlocks{}, d.T * d.N);
+  }
+
+  template <class Cell, typename T>
+  static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
+    const int64_t nu = th.units.size();
+    (*th.product[0])(s.N, s.h_prev, s.H, th.gh, th.width, Accumulate::no);
+    s.gh = th.gh;
+    run_pass<&Cell::template gates_forward<T>>(th.avx512, s);
+    team_barrier(th.team);  // r * h_{t-1} is complete
+    (*th.product[1])(s.N, s.rh, s.H, th.gh + 2 * nu, th.width, Accumulate::no);
+    run_pass<&Cell::template candidate_forward<T>>(th.avx512, s);
+    team_barrier(th.team);  // h_t is complete
+  }
+
+  template <class Cell, typename T>
+  static void backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
+    const int64_t GH = 3 * s.H, nu = th.units.size();
+    run_pass<&Cell::template candidate_backward<T>>(th.avx512, s);
+    team_barrier(th.team);  // every unit's da_n
+    (*th.product[1])(s.N, s.dgx + 2 * s.H, GH, s.drh, nu, Accumulate::no);
+    run_pass<&Cell::template gates_backward<T>>(th.avx512, s);
+    sum_bias_rows(th, s);
+    team_barrier(th.team);  // every unit's da_r and da_z
+    (*th.product[0])(s.N, s.dgx, GH, s.dh + th.units.begin, s.H, Accumulate::yes);
+  }
+
+  // W_hr and W_hz multiply h_{t-1}, W_hn multiplies r * h_{t-1}
+  template <typename T>
+  static void weight_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx, const T*,
+                               const T* hs) {
+    input_gradients(d, io, dgx);
+    dw_hh_rows(d, dgx, hs, 0, 2 * d.H, io.dw_hh);
+    dw_hh_rows(d, dgx, io.reserve + reserve_layout(d).rh, 2 * d.H, d.H, io.dw_hh);
+  }
+
+  // r, z and r * h_{t-1}; z waits in h_t's slot (this thread's units, read by no one else until
+  // the step's last barrier) for the candidate pass, which overwrites it with h_t
+  template <typename T>
+  RNNFAST_PASS static void gates_forward(const ForwardStep<T>& s) {
+    const int64_t H = s.H, GH = 3 * H, j0 = s.units.begin, nu = s.units.size();
+    for (int64_t n = 0; n < s.N; ++n) {
+      T* h = s.h + n * H;
+      T* rh = s.rh + n * H;
+      T* gates = s.gates ? s.gates + n * GH : nullptr;
+      if (!s.valid(n)) {
+        std::fill(h + j0, h + s.units.end, T(0));
+        std::fill(rh + j0, rh + s.units.end, T(0));  // the reserve's rh feeds dW_hn: finite
+        if (gates) zero_gate_rows<T>(3, H, s.units, gates);
+        continue;
+      }
+      const T* gx = s.gx + n * 3 * nu;
+      const T* gh = s.gh + n * 3 * nu;
+      const T* b = s.bx;
+      const T* h_prev = s.h_prev + n * H;
+#pragma omp simd
+      for (int64_t u = 0; u < nu; ++u) {
+        const int64_t j = j0 + u;
+        const T r = Math<T>::sigmoid(gx[u] + b[j] + gh[u]);
+        const T z = Math<T>::sigmoid(gx[nu + u] + b[H + j] + gh[nu + u]);
+        rh[j] = r * h_prev[j];
+        h[j] = z;
+        if (gates) {
+          gates[j] = r;
+          gates[H + j] = z;
+        }
+      }
+    }
+  }
+
+  template <typename T>
+  RNNFAST_PASS static void candidate_forward(const ForwardStep<T>& s) {
+    const int64_t H = s.H, GH = 3 * H, j0 = s.units.begin, nu = s.units.size();
+    for (int64_t n = 0; n < s.N; ++n) {
+      if (!s.valid(n)) continue;
+      T* h = s.h + n * H;
+      T* gates = s.gates ? s.gates + n * GH : nullptr;
+      const T* gx = s.gx + n * 3 * nu;
+      const T* gh = s.gh + n * 3 * nu;
+      const T* b = s.bx;
+      const T* h_prev = s.h_prev + n * H;
+#pragma omp simd
+      for (int64_t u = 0; u < nu; ++u) {
+        const int64_t j = j0 + u;
+        const GruCandidate<T> p = gru_reset_before_candidate<T, Math<T>>(
+            gx[2 * nu + u] + b[2 * H + j] + gh[2 * nu + u], h[j], h_prev[j]);
+        h[j] = p.h;
+        if (gates) gates[2 * H + j] = p.n;
+      }
+    }
+  }
+
+  // da_z and da_n, and the part of dh_{t-1} through z; rows past their length pass dh on
+  template <typename T>
+  RNNFAST_PASS static void candidate_backward(const BackwardStep<T>& s) {
+    const int64_t H = s.H, GH = 3 * H;
+    for (int64_t n = 0; n < s.N; ++n) {
+      T* dg = s.dgx + n * GH;
+      if (!s.valid(n)) {
+        zero_gate_rows<T>(3, H, s.units, dg);
+        continue;
+      }
+      const T* gates = s.gates + n * GH;
+      const T* h_prev = s.h_prev + n * H;
+      const T* dy = s.dy + n * H;
+      T* dh = s.dh + n * H;
+#pragma omp simd
+      for (int64_t j = s.units.begin; j < s.units.end; ++j) {
+        const GruResetBeforeGrad<T> g =
+            gru_reset_before_backward(gates[H + j], gates[2 * H + j], h_prev[j], dh[j] + dy[j]);
+        dg[H + j] = g.da_z;
+        dg[2 * H + j] = g.da_n;
+        dh[j] = g.dh_prev;
+      }
+    }
+  }
+
+  // from this thread's columns of d(r * h_{t-1}) = da_n W_hn: da_r and the rest of dh_{t-1}
+  template <typename T>
+  RNNFAST_PASS static void gates_backward(const BackwardStep<T>& s) {
+    const int64_t H = s.H, GH = 3 * H, j0 = s.units.begin, nu = s.units.size();
+    for (int64_t n = 0; n < s.N; ++n) {
+      if (!s.valid(n)) continue;
+      T* dg = s.dgx + n * GH;
+      const T* r = s.gates + n * GH;
+      const T* h_prev = s.h_prev + n * H;
+      const T* drh = s.drh + n * nu;
+      T* dh = s.dh + n * H;
+#pragma omp simd
+      for (int64_t u = 0; u < nu; ++u) {
+        const int64_t j = j0 + u;
+        const GruResetGateGrad<T> g = gru_reset_gate_backward(r[j], h_prev[j], drh[u]);
+        dg[j] = g.da_r;
+        dh[j] += g.dh_prev;
+      }
+    }
+  }
+};
+
 }  // namespace
 
 RNNFAST_CPU_CELL(Gru)
+RNNFAST_CPU_CELL(GruResetBefore)
 
 }  // namespace rnnfast::cpu

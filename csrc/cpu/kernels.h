@@ -20,6 +20,7 @@ struct ForwardIO {
   const T* b_hh;           // [G*H] or null
   const T* h0;             // [N, H] or null
   const T* c0;             // [N, H] or null; LSTM only
+  const T* w_peephole;     // [3, H] rows i, f, o, or null; cells whose row has peephole only
   const int32_t* lengths;  // [N], each in [0, T], or null
   T* hs;              // [T+1, N, H] out: slot 0 = h0, y = hs[1:]; the reserve's start in training
   T* h_n;             // [N, H] out: h after each sequence's own last step
@@ -33,6 +34,7 @@ struct BackwardIO {
   const T* x;              // [T, N, C]
   const T* w_ih;           // [G*H, C]
   const T* w_hh;           // [G*H, H]
+  const T* w_peephole;     // [3, H] or null, as in the forward
   const int32_t* lengths;  // [N] or null
   const T* reserve;        // [reserve_layout(dims).total] from the training forward
   const T* dy;             // [T, N, H] or null (zero)
@@ -45,6 +47,7 @@ struct BackwardIO {
   T* dw_hh;                // [G*H, H] out
   T* db_ih;                // [G*H] out, or null where the forward had no b_ih
   T* db_hh;                // [G*H] out, or null where the forward had no b_hh
+  T* dw_peephole;          // [3, H] out where w_peephole is given (row f zero when coupled)
 };
 
 // A cell's forward and backward through time, for T = float and double: specialised in the
@@ -68,5 +71,7 @@ RNNFAST_DECLARE_CPU_CELL(CellKind::lstm)
 RNNFAST_DECLARE_CPU_CELL(CellKind::gru)
 RNNFAST_DECLARE_CPU_CELL(CellKind::rnn_tanh)
 RNNFAST_DECLARE_CPU_CELL(CellKind::rnn_relu)
+RNNFAST_DECLARE_CPU_CELL(CellKind::lstm_cifg)
+RNNFAST_DECLARE_CPU_CELL(CellKind::gru_reset_before)
 
 }  // namespace rnnfast::cpu

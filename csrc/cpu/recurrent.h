@@ -33,10 +33,12 @@ struct ForwardStep {
   const T* bhn;            // [H] GRU: b_hn, kept out of gx since r multiplies it; else null
   const T* h_prev;         // [N, H]
   const T* c_prev;         // [N, H] LSTM, else null
+  const T* peephole;       // [3, H] w_peephole (rows i, f, o), or null
   T* h;                    // [N, H] out: zero where t >= length
   T* c;                    // [N, H] out, LSTM: carried unchanged where t >= length
   T* gates;                // [N, G*H] out, training only (else null)
   T* ghn;                  // [N, H] out, GRU training only (else null)
+  T* rh;                   // [N, H] out, reset_before: r * h_{t-1}, read by the whole team
   bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
 };
 
@@ -53,36 +55,39 @@ struct BackwardStep {
   const T* c;              // [N, H] LSTM
   const T* gates;          // [N, G*H] post-activation gates (LSTM, GRU)
   const T* ghn;            // [N, H] GRU
-  T* dh;   // [N, H] in: gradient reaching h_t from later steps; out: its path to h_{t-1} that
-           // bypasses w_hh (the GEMM adds the rest)
-  T* dc;   // [N, H] LSTM: in dc_t, out dc_{t-1}
-  T* dgx;  // [N, G*H] out: gradient of the x-side pre-activations
-  T* dgh;  // [N, G*H] out: of the h-side products; the same buffer as dgx but for GRU
+  const T* peephole;       // [3, H] w_peephole, or null
+  T* dpeephole;  // [3, H] w_peephole's gradient, summed step by step (this thread's units)
+  T* drh;        // [N, units] reset_before: this thread's columns of d(r * h_{t-1})
+  T* dh;         // [N, H] in: gradient reaching h_t from later steps; out: its path to h_{t-1} that
+                 // bypasses w_hh (the GEMM adds the rest)
+  T* dc;         // [N, H] LSTM: in dc_t, out dc_{t-1}
+  T* dgx;        // [N, G*H] out: gradient of the x-side pre-activations
+  T* dgh;        // [N, G*H] out: of the h-side products; the same buffer as dgx but for GRU
   bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
 };
 
 // A cell's pointwise pass is inlined into two wrappers, one compiled for AVX-512: the passes'
 // polynomial math vectorises twice as wide there (a quarter to a third of an LSTM step at
-// H = 128, bench/RESULTS.md).
+// H = 128, bench/RESULTS.md). Pass is a cell's static pass for one step type, e.g.
+// &Cell::template forward<T>.
 #define RNNFAST_INLINE __attribute__((always_inline))
 #define RNNFAST_PASS RNNFAST_INLINE inline
 #define RNNFAST_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq")))
 
-template <class Cell, typename T>
-RNNFAST_AVX512 void forward_pass_avx512(const ForwardStep<T>& s) {
-  Cell::forward(s);
+template <auto Pass, class Step>
+RNNFAST_AVX512 void pass_avx512(const Step& s) {
+  Pass(s);
 }
-template <class Cell, typename T>
-void forward_pass_baseline(const ForwardStep<T>& s) {
-  Cell::forward(s);
+template <auto Pass, class Step>
+void pass_baseline(const Step& s) {
+  Pass(s);
 }
-template <class Cell, typename T>
-RNNFAST_AVX512 void backward_pass_avx512(const BackwardStep<T>& s) {
-  Cell::backward(s);
-}
-template <class Cell, typename T>
-void backward_pass_baseline(const BackwardStep<T>& s) {
-  Cell::backward(s);
+template <auto Pass, class Step>
+inline void run_pass(bool avx512, const Step& s) {
+  if (avx512)
+    pass_avx512<Pass>(s);
+  else
+    pass_baseline<Pass>(s);
 }
 
 // A step too small to share is not worth a barrier; otherwise each thread owns >= 16 units.
@@ -150,15 +155,20 @@ constexpr int64_t kProjectionRows = 1024, kProjectionSteps = 64;
 
 // ---- forward ----------------------------------------------------------------------------------
 
+// A thread's step products, built once per call by its cell (DefaultStep::forward_products): the
+// default step uses the first, a cell with a second product per step both.
+template <typename T>
+using StepProducts = std::optional<StepProduct<T>>[2];
+
 // What one thread of the forward team holds for the whole call.
 template <typename T>
 struct ForwardThread {
-  int team;                 // threads in the team (the barrier's width)
-  Range units;              // the hidden units this thread owns
-  int64_t width;            // G * units.size(): this thread's gate columns
-  bool avx512;              // run the AVX-512 build of the pointwise pass
-  T* gh;                    // [N, width] the step's recurrent product
-  StepProduct<T>* product;  // h_{t-1} [N, H] onto this thread's gate columns of w_hh
+  int team;                          // threads in the team (the barrier's width)
+  Range units;                       // the hidden units this thread owns
+  int64_t width;                     // G * units.size(): this thread's gate columns
+  bool avx512;                       // run the AVX-512 build of the pointwise pass
+  T* gh;                             // [N, width] the step's recurrent products
+  const StepProduct<T>* product[2];  // by default h_{t-1} [N, H] onto its gate columns of w_hh
 };
 
 // h and c before step 0: h0 and c0, or zeros (backward starts its dh and dc the same way).
@@ -205,6 +215,8 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   auto bx = scratch<T>(GH);
   auto bhn = scratch<T>(cell.reset_after ? H : 0);
   fold_biases(cell, H, io.b_ih, io.b_hh, bx.get(), bhn.get());
+  // r * h_{t-1} in inference, where no reserve keeps it
+  auto rh_step = scratch<T>(cell.reset_before && !training ? NH : 0);
 
   // Each thread projects the inputs onto its own units' gates, through the same packed kernel as
   // the step product (w_ih packed once per call), a chunk of steps ahead of the recurrence: the
@@ -219,20 +231,18 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     th.width = G * th.units.size();
     th.avx512 = cpu_has_avx512();
     Scratch<T> gh(nullptr, release_scratch), gx(nullptr, release_scratch);
-    std::optional<StepProduct<T>> product, projection;
+    StepProducts<T> products;
+    std::optional<StepProduct<T>> projection;
     const bool ok = setup.run([&] {
       gh = scratch<T>(N * th.width);
       gx = scratch<T>(chunk * N * th.width);
-      // this thread's outputs: the rows of all G gates of its units, G blocks of w_hh and w_ih
-      const OutputBlocks gates_of_units{th.units.size(), H};
-      // both put T*N rows through their weights in this call
-      product.emplace(io.w_hh + th.units.begin * H, H, th.width, H, WeightsBy::row, gates_of_units,
-                      d.T * N, io.bf16);
+      Cell::template forward_products<T>(d, io, th, products);
+      // this thread's outputs: the rows of all G gates of its units, G blocks of w_ih; T*N rows
       projection.emplace(io.w_ih + th.units.begin * d.C, d.C, th.width, d.C, WeightsBy::row,
-                         gates_of_units, d.T * N, io.bf16);
+                         OutputBlocks{th.units.size(), H}, d.T * N, io.bf16);
     });
     th.gh = gh.get();
-    th.product = product ? &*product : nullptr;
+    for (int k = 0; k < 2; ++k) th.product[k] = products[k] ? &*products[k] : nullptr;
     for (int64_t t0 = 0; ok && t0 < d.T; t0 += chunk) {
       const int64_t steps = std::min(chunk, d.T - t0), rows = steps * N;
       // the biases are added in the pointwise pass, which saves a pass over gx to preset them
@@ -248,10 +258,12 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
           s.c_prev = c_slot(t);
           s.c = c_slot(t + 1);
         }
+        s.peephole = io.w_peephole;
         if (training) {
           s.gates = cell.saves_gates ? io.reserve + layout.gates + t * N * GH : nullptr;
           s.ghn = cell.reset_after ? io.reserve + layout.ghn + t * NH : nullptr;
         }
+        if (cell.reset_before) s.rh = training ? io.reserve + layout.rh + t * NH : rh_step.get();
         Cell::template forward_step<Cell, T>(th, s);
       }
     }
@@ -274,10 +286,10 @@ struct BackwardThread {
   int team;
   Range units;
   bool avx512;
-  int64_t gates;            // G
-  StepProduct<T>* product;  // dgh_t [N, G*H] onto this thread's columns of dh_{t-1}
-  T* db_x;                  // [G*H] column sums of dgx, or null where no bias takes them
-  T* db_h;                  // [G*H] of dgh, reset_after cells with b_hh only, else null
+  int64_t gates;                     // G
+  const StepProduct<T>* product[2];  // by default dgh_t [N, G*H] onto its columns of dh_{t-1}
+  T* db_x;                           // [G*H] column sums of dgx, or null where no bias takes them
+  T* db_h;                           // [G*H] of dgh, reset_after cells with b_hh only, else null
 };
 
 // The bias gradients are the column sums of dgx (and, apart, of dgh), added up step by step by
@@ -296,29 +308,46 @@ void sum_bias_rows(const BackwardThread<T>& th, const BackwardStep<T>& s) {
 // w_hh[:, units] (rows past their length have dgh = 0). A cell whose step needs a second product
 // or a reduction across units mid-step (the reset-before GRU, layer norm, a projection) writes its
 // own steps in its file, from the same pieces.
+// The products are built once per thread per call (forward_products, backward_products), and the
+// weight gradients follow the loop (weight_gradients); a cell may replace any of these too.
 struct DefaultStep {
+  // h_{t-1} [N, H] onto the thread's outputs, the rows of all G gates of its units: G blocks of
+  // w_hh, with T*N rows through them in this call
+  template <typename T>
+  static void forward_products(const Dims& d, const ForwardIO<T>& io, const ForwardThread<T>& th,
+                               StepProducts<T>& out) {
+    out[0].emplace(io.w_hh + th.units.begin * d.H, d.H, th.width, d.H, WeightsBy::row,
+                   OutputBlocks{th.units.size(), d.H}, d.T * d.N, io.bf16);
+  }
+
+  // dgh_t [N, G*H] onto the thread's columns of dh_{t-1}
+  template <typename T>
+  static void backward_products(const Dims& d, const BackwardIO<T>& io, const BackwardThread<T>& th,
+                                StepProducts<T>& out) {
+    out[0].emplace(io.w_hh + th.units.begin, d.H, th.units.size(), th.gates * d.H,
+                   WeightsBy::column, OutputBlocks{}, d.T * d.N);
+  }
+
   template <class Cell, typename T>
   static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
-    (*th.product)(s.N, s.h_prev, s.H, th.gh, th.width, Accumulate::no);
+    (*th.product[0])(s.N, s.h_prev, s.H, th.gh, th.width, Accumulate::no);
     s.gh = th.gh;
-    if (th.avx512)
-      forward_pass_avx512<Cell, T>(s);
-    else
-      forward_pass_baseline<Cell, T>(s);
+    run_pass<&Cell::template forward<T>>(th.avx512, s);
     team_barrier(th.team);  // h_t is complete when every thread has written its units
   }
 
   template <class Cell, typename T>
   static void backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
-    if (th.avx512)
-      backward_pass_avx512<Cell, T>(s);
-    else
-      backward_pass_baseline<Cell, T>(s);
+    run_pass<&Cell::template backward<T>>(th.avx512, s);
     sum_bias_rows(th, s);
 #pragma omp barrier
     const int64_t ld_dgh = th.gates * s.H;  // dgh's rows are all G gates of all H units
-    (*th.product)(s.N, s.dgh, ld_dgh, s.dh + th.units.begin, s.H, Accumulate::yes);
+    (*th.product[0])(s.N, s.dgh, ld_dgh, s.dh + th.units.begin, s.H, Accumulate::yes);
   }
+
+  template <typename T>
+  static void weight_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx, const T* dgh,
+                               const T* hs);
 };
 
 // x, or where a padded row (t >= lengths[n]) holds a NaN or infinity, a copy of x with the padded
@@ -352,17 +381,31 @@ const T* finite_padding(const Dims& d, const T* x, const int32_t* lengths, Scrat
   return copy.get();
 }
 
-// After the loop: the weight gradients and dx as large GEMMs over all T*N rows.
+// After the loop: the weight gradients and dx as large GEMMs over all T*N rows. dw_hh_rows: `rows`
+// rows of dw_hh from row `first` on, dgh's columns of those rows times the sequence h [T*N, H];
+// input_gradients: dw_ih and dx.
 template <typename T>
-void weight_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx, const T* dgh,
-                      const T* hs) {
+void dw_hh_rows(const Dims& d, const T* dgh, const T* h, int64_t first, int64_t rows, T* dw_hh) {
+  const int64_t GH = d.GH();
+  parallel_gemm<T>(get_num_threads(), true, false, rows, d.H, d.T * d.N, dgh + first, GH, h, d.H,
+                   T(0), dw_hh + first * d.H, d.H);
+}
+
+template <typename T>
+void input_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx) {
   const int64_t GH = d.GH(), TN = d.T * d.N;
   const int threads = get_num_threads();
   auto x_masked = scratch<T>(0);
   const T* x_rows = finite_padding(d, io.x, io.lengths, x_masked);
   parallel_gemm<T>(threads, true, false, GH, d.C, TN, dgx, GH, x_rows, d.C, T(0), io.dw_ih, d.C);
-  parallel_gemm<T>(threads, true, false, GH, d.H, TN, dgh, GH, hs, d.H, T(0), io.dw_hh, d.H);
   parallel_gemm<T>(threads, false, false, TN, d.C, GH, dgx, GH, io.w_ih, d.C, T(0), io.dx, d.C);
+}
+
+template <typename T>
+void DefaultStep::weight_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx,
+                                   const T* dgh, const T* hs) {
+  input_gradients(d, io, dgx);
+  dw_hh_rows(d, dgh, hs, 0, d.GH(), io.dw_hh);
 }
 
 template <class Cell, typename T>
@@ -384,6 +427,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   const bool sum_db_x = io.db_ih || io.db_hh, sum_db_h = cell.reset_after && io.db_hh;
   auto db_sum = scratch<T>(sum_db_x ? (sum_db_h ? 2 : 1) * GH : 0);
   if (sum_db_x) std::fill(db_sum.get(), db_sum.get() + (sum_db_h ? 2 : 1) * GH, T(0));
+  if (io.dw_peephole) std::fill(io.dw_peephole, io.dw_peephole + 3 * H, T(0));
 
   TeamSetup setup;
 #pragma omp parallel num_threads(recurrent_threads(d))
@@ -394,12 +438,13 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
     th.gates = cell.gates;
     th.db_x = sum_db_x ? db_sum.get() : nullptr;
     th.db_h = sum_db_h ? db_sum.get() + GH : nullptr;
-    std::optional<StepProduct<T>> product;
+    StepProducts<T> products;
+    Scratch<T> drh(nullptr, release_scratch);
     const bool ok = setup.run([&] {
-      product.emplace(io.w_hh + th.units.begin, H, th.units.size(), GH, WeightsBy::column,
-                      OutputBlocks{}, TN);
+      Cell::template backward_products<T>(d, io, th, products);
+      drh = scratch<T>(cell.reset_before ? N * th.units.size() : 0);
     });
-    th.product = product ? &*product : nullptr;
+    for (int k = 0; k < 2; ++k) th.product[k] = products[k] ? &*products[k] : nullptr;
     for (int64_t t = d.T - 1; ok && t >= 0; --t) {
       BackwardStep<T> s{N, H, t, th.units, io.lengths};
       s.dy = io.dy ? io.dy + t * NH : zeros.get();
@@ -411,6 +456,9 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
       }
       if (cell.saves_gates) s.gates = io.reserve + layout.gates + t * N * GH;
       if (cell.reset_after) s.ghn = io.reserve + layout.ghn + t * NH;
+      s.peephole = io.w_peephole;
+      s.dpeephole = io.dw_peephole;
+      s.drh = drh.get();
       s.dh = io.dh0;
       s.dc = io.dc0;
       s.dgx = dgx.get() + t * N * GH;
@@ -420,7 +468,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   }
   setup.rethrow();
 
-  weight_gradients(d, io, dgx.get(), dgh, hs);
+  Cell::template weight_gradients<T>(d, io, dgx.get(), dgh, hs);
   if (io.db_ih) std::memcpy(io.db_ih, db_sum.get(), sizeof(T) * GH);
   if (io.db_hh) std::memcpy(io.db_hh, db_sum.get() + (sum_db_h ? GH : 0), sizeof(T) * GH);
 }

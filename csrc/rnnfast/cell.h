@@ -22,7 +22,14 @@ namespace rnnfast {
 // Layouts are time-major and row-major: x [T, N, C], y [T, N, H], gates [T, N, G*H] with gate g of
 // unit j at column g*H + j, weights exactly as PyTorch lays them out (w_ih [G*H, C], w_hh [G*H,
 // H]).
-enum class CellKind : int { rnn_tanh = 0, rnn_relu = 1, lstm = 2, gru = 3 };
+enum class CellKind : int {
+  rnn_tanh = 0,
+  rnn_relu = 1,
+  lstm = 2,
+  gru = 3,
+  lstm_cifg = 4,         // LSTM with coupled input and forget gates, f = 1 - i: gates i, g, o
+  gru_reset_before = 5,  // GRU with r applied to h before the candidate's recurrent product
+};
 
 // The cell table: one row per kind, all that the drivers, the reserve layout, the bindings and
 // the CUDA code know about a cell besides its own pointwise math (rnnfast/cells.py is the Python
@@ -37,13 +44,21 @@ struct CellInfo {
   // and PyTorch define it): that product stays apart from the x side, in the reserve as ghn and
   // in backward as its own gradient
   bool reset_after;
+  // r multiplies h_{t-1} before the candidate's recurrent product (Cho et al. 2014): the step has
+  // a second product, r * h_{t-1} is kept in the reserve as rh, and W_hn's gradient comes from it
+  bool reset_before;
+  bool peephole;  // takes the optional w_peephole [3, H] (rows i, f, o: the gates see c)
+  bool gpu;       // the CUDA backend has kernels for it (the others raise there)
 };
 
 inline constexpr CellInfo kCellTable[] = {
-    {CellKind::rnn_tanh, "rnn_tanh", 1, false, false, false},
-    {CellKind::rnn_relu, "rnn_relu", 1, false, false, false},
-    {CellKind::lstm, "lstm", 4, true, true, false},
-    {CellKind::gru, "gru", 3, false, true, true},
+    // kind, name, gates, has_c, saves_gates, reset_after, reset_before, peephole, gpu
+    {CellKind::rnn_tanh, "rnn_tanh", 1, false, false, false, false, false, true},
+    {CellKind::rnn_relu, "rnn_relu", 1, false, false, false, false, false, true},
+    {CellKind::lstm, "lstm", 4, true, true, false, false, true, true},
+    {CellKind::gru, "gru", 3, false, true, true, false, false, true},
+    {CellKind::lstm_cifg, "lstm_cifg", 3, true, true, false, false, true, false},
+    {CellKind::gru_reset_before, "gru_reset_before", 3, false, true, false, true, false, false},
 };
 
 // The row of `kind`. An unknown kind throws: at compile time where the kind is a constant, else
@@ -68,21 +83,36 @@ constexpr int gate_count(CellKind cell) { return cell_info(cell).gates; }
 
 // f(std::integral_constant<CellKind, kind>{}) for the table's row of `kind`, turning a run-time
 // kind into the compile-time one kernels are instantiated for; throws for a kind the table lacks.
-// Every row is instantiated, so a row whose kernels are missing fails to compile or link.
-template <class F, size_t... I>
+// Every row is instantiated (on the GPU every row marked gpu; the others throw there), so a row
+// whose kernels are missing fails to compile or link.
+template <bool GpuOnly, class F, size_t... I>
 void dispatch_cell_rows(CellKind kind, F&& f, std::index_sequence<I...>) {
   bool found = false;
-  ((kCellTable[I].kind == kind
-        ? (f(std::integral_constant<CellKind, kCellTable[I].kind>{}), found = true)
-        : false),
-   ...);
-  if (!found) throw std::invalid_argument("rnnfast: unknown cell kind");
+  (
+      [&] {
+        if constexpr (!GpuOnly || kCellTable[I].gpu)
+          if (kCellTable[I].kind == kind) {
+            f(std::integral_constant<CellKind, kCellTable[I].kind>{});
+            found = true;
+          }
+      }(),
+      ...);
+  if (!found)
+    throw std::invalid_argument(GpuOnly ? "rnnfast: this cell has no CUDA kernels yet"
+                                        : "rnnfast: unknown cell kind");
 }
+
+constexpr size_t kCellRows = sizeof(kCellTable) / sizeof(kCellTable[0]);
 
 template <class F>
 void dispatch_cell(CellKind kind, F&& f) {
-  constexpr size_t rows = sizeof(kCellTable) / sizeof(kCellTable[0]);
-  dispatch_cell_rows(kind, std::forward<F>(f), std::make_index_sequence<rows>{});
+  dispatch_cell_rows<false>(kind, std::forward<F>(f), std::make_index_sequence<kCellRows>{});
+}
+
+// dispatch_cell over the rows the CUDA backend has
+template <class F>
+void dispatch_gpu_cell(CellKind kind, F&& f) {
+  dispatch_cell_rows<true>(kind, std::forward<F>(f), std::make_index_sequence<kCellRows>{});
 }
 
 struct Dims {
@@ -98,8 +128,9 @@ struct Dims {
 // - gates [T, N, G*H], where saves_gates: post-activation gates (LSTM i f g o, GRU r z n); the
 //   vanilla RNN's derivative comes from h itself
 // - ghn [T, N, H], where reset_after: W_hn h + b_hn, the recurrent part of n that r multiplies
+// - rh [T, N, H], where reset_before: r * h_{t-1}, what W_hn multiplies
 struct ReserveLayout {
-  int64_t hs, cs, gates, ghn, total;  // offsets of each part, and the total size
+  int64_t hs, cs, gates, ghn, rh, total;  // offsets of each part, and the total size
 };
 
 inline ReserveLayout reserve_layout(const Dims& d) {
@@ -110,7 +141,8 @@ inline ReserveLayout reserve_layout(const Dims& d) {
   r.cs = state;
   r.gates = r.cs + (cell.has_c ? state : 0);
   r.ghn = r.gates + (cell.saves_gates ? d.T * d.N * d.GH() : 0);
-  r.total = r.ghn + (cell.reset_after ? d.T * d.N * d.H : 0);
+  r.rh = r.ghn + (cell.reset_after ? d.T * d.N * d.H : 0);
+  r.total = r.rh + (cell.reset_before ? d.T * d.N * d.H : 0);
   return r;
 }
 
@@ -134,16 +166,34 @@ struct LstmPoint {
   T i, f, g, o, c, h;
 };
 
-template <typename T, class M = StdMath>
-RNNFAST_HD LstmPoint<T> lstm_point_forward(T a_i, T a_f, T a_g, T a_o, T c_prev) {
+// The LSTM's variants in one template, each flag a compile-time branch (the plain cell's arithmetic
+// is exactly the flags-off path). Coupled: f = 1 - i (a_f unused). Peephole: p_i, p_f, p_o weigh
+// c_{t-1} into i and f and c_t into o (p_f unused when coupled).
+template <typename T, class M, bool Coupled, bool Peephole>
+RNNFAST_HD LstmPoint<T> lstm_variant_point_forward(T a_i, T a_f, T a_g, T a_o, T c_prev, T p_i,
+                                                   T p_f, T p_o) {
   LstmPoint<T> p;
+  if constexpr (Peephole) {
+    a_i += p_i * c_prev;
+    if constexpr (!Coupled) a_f += p_f * c_prev;
+  }
   p.i = M::sigmoid(a_i);
-  p.f = M::sigmoid(a_f);
+  if constexpr (Coupled)
+    p.f = T(1) - p.i;
+  else
+    p.f = M::sigmoid(a_f);
   p.g = M::tanh(a_g);
-  p.o = M::sigmoid(a_o);
   p.c = p.f * c_prev + p.i * p.g;
+  if constexpr (Peephole) a_o += p_o * p.c;
+  p.o = M::sigmoid(a_o);
   p.h = p.o * M::tanh(p.c);
   return p;
+}
+
+template <typename T, class M = StdMath>
+RNNFAST_HD LstmPoint<T> lstm_point_forward(T a_i, T a_f, T a_g, T a_o, T c_prev) {
+  return lstm_variant_point_forward<T, M, false, false>(a_i, a_f, a_g, a_o, c_prev, T(0), T(0),
+                                                        T(0));
 }
 
 template <typename T>
@@ -151,18 +201,36 @@ struct LstmPointGrad {
   T da_i, da_f, da_g, da_o, dc_prev;
 };
 
-// dh and dc are the total gradients reaching h_t and c_t.
-template <typename T, class M = StdMath>
-RNNFAST_HD LstmPointGrad<T> lstm_point_backward(T i, T f, T g, T o, T c_prev, T c, T dh, T dc) {
+// dh and dc are the total gradients reaching h_t and c_t; f is 1 - i when coupled (da_f is then
+// 0). The peephole weights' gradients are da_i * c_prev, da_f * c_prev and da_o * c.
+template <typename T, class M, bool Coupled, bool Peephole>
+RNNFAST_HD LstmPointGrad<T> lstm_variant_point_backward(T i, T f, T g, T o, T c_prev, T c, T dh,
+                                                        T dc, T p_i, T p_f, T p_o) {
   const T tc = M::tanh(c);
-  dc += dh * o * (T(1) - tc * tc);
   LstmPointGrad<T> d;
   d.da_o = dh * tc * o * (T(1) - o);
-  d.da_i = dc * g * i * (T(1) - i);
-  d.da_f = dc * c_prev * f * (T(1) - f);
+  dc += dh * o * (T(1) - tc * tc);
+  if constexpr (Peephole) dc += d.da_o * p_o;
+  if constexpr (Coupled) {
+    d.da_i = dc * (g - c_prev) * i * (T(1) - i);
+    d.da_f = T(0);
+  } else {
+    d.da_i = dc * g * i * (T(1) - i);
+    d.da_f = dc * c_prev * f * (T(1) - f);
+  }
   d.da_g = dc * i * (T(1) - g * g);
   d.dc_prev = dc * f;
+  if constexpr (Peephole) {
+    d.dc_prev += d.da_i * p_i;
+    if constexpr (!Coupled) d.dc_prev += d.da_f * p_f;
+  }
   return d;
+}
+
+template <typename T, class M = StdMath>
+RNNFAST_HD LstmPointGrad<T> lstm_point_backward(T i, T f, T g, T o, T c_prev, T c, T dh, T dc) {
+  return lstm_variant_point_backward<T, M, false, false>(i, f, g, o, c_prev, c, dh, dc, T(0), T(0),
+                                                         T(0));
 }
 
 // ---- GRU: r, z, n; the reset gate multiplies the recurrent product (cuDNN and PyTorch) ------
@@ -197,6 +265,49 @@ RNNFAST_HD GruPointGrad<T> gru_point_backward(T r, T z, T n, T hh_n, T h_prev, T
   d.dhh_n = dn * r;
   d.dh_prev = dh * z;
   return d;
+}
+
+// ---- GRU with the reset gate before the product (Cho et al. 2014) ---------------------------
+// In two phases around the second product: r and z first (r * h_{t-1} is what W_hn multiplies),
+// then n = tanh(x_n + (r * h_{t-1}) W_hn^T + b_hn) and h. Backward mirrors it: da_z and da_n,
+// then, once d(r * h) = da_n W_hn is known, da_r and the rest of dh_{t-1}.
+template <typename T>
+struct GruCandidate {
+  T n, h;
+};
+
+// a_n: the candidate's whole pre-activation, x and (r * h_{t-1}) sides with both biases
+template <typename T, class M = StdMath>
+RNNFAST_HD GruCandidate<T> gru_reset_before_candidate(T a_n, T z, T h_prev) {
+  GruCandidate<T> p;
+  p.n = M::tanh(a_n);
+  p.h = (T(1) - z) * p.n + z * h_prev;
+  return p;
+}
+
+template <typename T>
+struct GruResetBeforeGrad {
+  T da_z, da_n, dh_prev;  // dh_prev: the part that bypasses both products (dh * z)
+};
+
+template <typename T>
+RNNFAST_HD GruResetBeforeGrad<T> gru_reset_before_backward(T z, T n, T h_prev, T dh) {
+  GruResetBeforeGrad<T> d;
+  d.da_n = dh * (T(1) - z) * (T(1) - n * n);
+  d.da_z = dh * (h_prev - n) * z * (T(1) - z);
+  d.dh_prev = dh * z;
+  return d;
+}
+
+// the second phase, from drh = d(r * h_{t-1}): da_r, and what it adds to dh_{t-1}
+template <typename T>
+struct GruResetGateGrad {
+  T da_r, dh_prev;
+};
+
+template <typename T>
+RNNFAST_HD GruResetGateGrad<T> gru_reset_gate_backward(T r, T h_prev, T drh) {
+  return {drh * h_prev * r * (T(1) - r), drh * r};
 }
 
 // ---- vanilla RNN -------------------------------------------------------------------------------
