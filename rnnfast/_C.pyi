@@ -7,7 +7,14 @@ __version__: str
 
 _Forward = tuple[NDArray, NDArray, NDArray | None, NDArray | None]
 _Backward = tuple[
-    NDArray, NDArray, NDArray | None, NDArray, NDArray, NDArray | None, NDArray | None
+    NDArray,
+    NDArray,
+    NDArray | None,
+    NDArray,
+    NDArray,
+    NDArray | None,
+    NDArray | None,
+    NDArray | None,
 ]
 
 def _forward(
@@ -21,6 +28,7 @@ def _forward(
     lengths: NDArray[np.int32] | None,
     training: bool,
     bf16: bool = False,
+    w_peephole: NDArray | None = None,
 ) -> _Forward: ...
 def _backward(
     x: NDArray,
@@ -33,6 +41,7 @@ def _backward(
     dy: NDArray | None,
     dh_n: NDArray | None,
     dc_n: NDArray | None,
+    w_peephole: NDArray | None = None,
 ) -> _Backward: ...
 
 # (y, h_n, c_n or None, reserve or None); y is a view of the reserve in training
@@ -40,11 +49,15 @@ lstm_forward = _forward
 gru_forward = _forward
 rnn_tanh_forward = _forward
 rnn_relu_forward = _forward
-# (dx, dh0, dc0 or None, dw_ih, dw_hh, db_ih or None, db_hh or None)
+lstm_cifg_forward = _forward
+gru_reset_before_forward = _forward
+# (dx, dh0, dc0 or None, dw_ih, dw_hh, db_ih or None, db_hh or None, dw_peephole or None)
 lstm_backward = _backward
 gru_backward = _backward
 rnn_tanh_backward = _backward
 rnn_relu_backward = _backward
+lstm_cifg_backward = _backward
+gru_reset_before_backward = _backward
 
 def build_info() -> dict[str, object]: ...
 def set_num_threads(n: int) -> None: ...

@@ -19,7 +19,7 @@ import numpy as np
 from . import init as _init
 from . import ops
 from ._validate import check_lengths, check_matmul_precision
-from .cells import cell_spec
+from .cells import cell_spec, family_cell
 from .sequences import reverse_index
 
 __all__ = ["Module", "RNN", "LSTM", "GRU", "Embedding", "Linear", "IncompatibleKeys"]
@@ -165,11 +165,13 @@ _INITS = {"uniform": _init_torch, "orthogonal": _init_orthogonal}
 class _Recurrent(Module):
     """Stacked, optionally bidirectional recurrent layer over one row of the cell table."""
 
+    _default_options: tuple = ()  # (name, default) of a subclass's cell options, for repr
+
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, *, dtype=np.float32, seed=None,
                  init: str | Callable = "uniform", learn_initial_state: bool = False,
-                 matmul_precision: str = "float32"):  # fmt: skip
+                 matmul_precision: str = "float32", peephole: bool = False):  # fmt: skip
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("num_layers", num_layers)):  # fmt: skip
@@ -179,6 +181,11 @@ class _Recurrent(Module):
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         self.spec = cell_spec(cell)  # the row of the cell table
         self.mode = self.spec.name  # as torch.nn.RNNBase.mode
+        if not isinstance(peephole, bool):
+            raise TypeError(f"peephole must be True or False, got {peephole!r}")
+        if peephole and not self.spec.peephole:
+            raise ValueError(f"peephole=True is for LSTM layers, not {self.spec.name}")
+        self.peephole = peephole
         self.input_size, self.hidden_size = int(input_size), int(hidden_size)
         self.num_layers, self.bias, self.batch_first = int(num_layers), bool(bias), batch_first
         self.dropout, self.bidirectional = float(dropout), bool(bidirectional)
@@ -205,6 +212,8 @@ class _Recurrent(Module):
                 shapes = {"weight_ih": (G * H, C), "weight_hh": (G * H, H)}
                 if self.bias:
                     shapes.update(bias_ih=(G * H,), bias_hh=(G * H,))
+                if self.peephole:  # rows i, f, o (f unused with coupled gates)
+                    shapes.update(weight_peephole=(3, H))
                 for kind, shape in shapes.items():
                     w = np.zeros(shape, dtype=self.dtype)
                     init(kind + suffix, w, self.rng, H, G)
@@ -231,6 +240,8 @@ class _Recurrent(Module):
                 ("bidirectional", False),
                 ("learn_initial_state", False),
                 ("matmul_precision", "float32"),
+                ("peephole", False),
+                *((k, v) for k, v in self._default_options),
             )  # fmt: skip
             if getattr(self, k) != default
         )
@@ -322,6 +333,7 @@ class _Recurrent(Module):
                     p.get("bias_ih" + suffix), p.get("bias_hh" + suffix),
                     None if h0 is None else h0[k], None if c0 is None else c0[k],
                     lengths=lengths, training=training, matmul_precision=precision,
+                    w_peephole=p.get("weight_peephole" + suffix),
                 )  # fmt: skip
                 if d == 1:
                     y = y[::-1] if rev is None else y[rev]
@@ -421,6 +433,8 @@ class _Recurrent(Module):
                 if self.bias:
                     self.grads["bias_ih" + suffix] += g["db_ih"]
                     self.grads["bias_hh" + suffix] += g["db_hh"]
+                if self.peephole:
+                    self.grads["weight_peephole" + suffix] += g["dw_peephole"]
                 dh0[k] = g["dh0"]
                 if dc0 is not None:
                     dc0[k] = g["dc0"]
@@ -464,22 +478,41 @@ class RNN(_Recurrent):
 
 
 class LSTM(_Recurrent):
-    """LSTM (gates i, f, g, o), as torch.nn.LSTM; state is the tuple (h, c). See RNN for options."""
+    """LSTM (gates i, f, g, o), as torch.nn.LSTM; state is the tuple (h, c). See RNN for options.
+
+    ``peephole=True`` adds ``weight_peephole_l{k}`` (3, H) per layer and direction (rows i, f, o:
+    i and f see c_{t-1}, o sees c_t; Gers & Schmidhuber 2000). ``coupled_input_forget=True``
+    ties f = 1 - i (CIFG, Greff et al. 2017): the weights and biases hold three gate blocks i, g,
+    o ((3H, C), (3H, H), (3H,)), and a peephole's row f is unused (its gradient stays zero).
+    """
+
+    _default_options = (("coupled_input_forget", False),)
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 **kwargs):  # fmt: skip
-        super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                 *, coupled_input_forget: bool = False, **kwargs):  # fmt: skip
+        cell = family_cell("lstm", coupled_input_forget=coupled_input_forget)
+        self.coupled_input_forget = coupled_input_forget
+        super().__init__(cell, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, **kwargs)  # fmt: skip
 
 
 class GRU(_Recurrent):
-    """GRU (gates r, z, n; reset applied after the recurrent product), as torch.nn.GRU."""
+    """GRU (gates r, z, n; reset applied after the recurrent product), as torch.nn.GRU.
+
+    ``reset_after=False`` applies r to h before the candidate's product instead (Cho et al. 2014;
+    Keras's ``GRU(reset_after=False)``, ONNX's ``linear_before_reset=0``): n = tanh(x W_in^T +
+    b_in + (r * h) W_hn^T + b_hn). The parameters keep their shapes and names.
+    """
+
+    _default_options = (("reset_after", True),)
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 **kwargs):  # fmt: skip
-        super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                 *, reset_after: bool = True, **kwargs):  # fmt: skip
+        cell = family_cell("gru", reset_after=reset_after)
+        self.reset_after = reset_after
+        super().__init__(cell, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, **kwargs)  # fmt: skip
 
 

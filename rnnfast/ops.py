@@ -148,12 +148,15 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
 
 _DOCS = {
     "lstm_forward": """LSTM over a whole sequence. Returns ``(y, h_n, c_n, ctx)``; see the
-    module docstring.""",
+    module docstring. ``w_peephole`` (3, H), rows i, f, o, adds peepholes; with
+    ``coupled_input_forget=True`` f = 1 - i and the weights hold three gate blocks i, g, o (the
+    equations are in rnnfast.reference.lstm_forward).""",
     "lstm_backward": """Gradients of an LSTM forward: dict with dx dh0 dc0 dw_ih dw_hh db_ih
-    db_hh. dy (T, N, H), dh_n and dc_n (N, H) may each be None (zero). db_* is None where the
-    forward had no bias.""",
+    db_hh, and dw_peephole where the forward had peepholes. dy (T, N, H), dh_n and dc_n (N, H)
+    may each be None (zero). db_* is None where the forward had no bias.""",
     "gru_forward": """GRU over a whole sequence. Returns ``(y, h_n, ctx)``; see the module
-    docstring.""",
+    docstring. ``reset_after=False`` applies r to h before the candidate's recurrent product
+    (Cho et al. 2014; rnnfast.reference.gru_forward has the equations).""",
     "gru_backward": "Gradients of a GRU forward: dict with dx dh0 dw_ih dw_hh db_ih db_hh.",
     "rnn_forward": """Vanilla RNN (h = act(x W_ih^T + b_ih + h W_hh^T + b_hh)), act tanh or
     relu. Returns ``(y, h_n, ctx)``; see the module docstring.""",

@@ -375,6 +375,13 @@ _DOCS = {
 
     x (T, N, C); w_ih (4H, C); w_hh (4H, H); b_ih, b_hh (4H,) or None; h0, c0 (N, H) or None
     (zero); lengths (N,) ints in [0, T] or None. ``training=False`` keeps nothing for backward.
+
+    ``w_peephole`` (3, H) = [p_i, p_f, p_o] adds peepholes (Gers & Schmidhuber 2000):
+
+        i = s(a_i + p_i * c)    f = s(a_f + p_f * c)    o = s(a_o + p_o * c')
+
+    ``coupled_input_forget=True`` couples the gates (CIFG): a has three blocks i, g, o (w_ih
+    (3H, C), w_hh (3H, H), biases (3H,)) and f = 1 - i; p_f is then unused.
     """,
     "lstm_backward": """Gradients of an LSTM forward: dict with dx dh0 dc0 dw_ih dw_hh db_ih db_hh.
 
@@ -384,6 +391,10 @@ _DOCS = {
         da_o = dh' * tanh(c') * o (1 - o)     da_i = dc * g * i (1 - i)
         da_f = dc * c * f (1 - f)             da_g = dc * i * (1 - g^2)
         dc_prev = dc * f                      dh_prev = da W_hh
+
+    With peepholes, dc also takes da_o * p_o, dc_prev takes da_i * p_i + da_f * p_f, and
+    dw_peephole = [sum da_i * c, sum da_f * c, sum da_o * c'] over steps and rows. Coupled:
+    da_i = dc * (g - c) * i (1 - i), da_f = 0.
 
     dy (T, N, H), dh_n and dc_n (N, H) may each be None (zero). db_* is None where the forward
     had no bias.
@@ -396,6 +407,10 @@ _DOCS = {
         r = s(ax_r + ah_r)    z = s(ax_z + ah_z)    n = tanh(ax_n + r * ah_n)
         h' = (1 - z) * n + z * h                     y_t = h'
 
+    ``reset_after=False`` applies r to h before the candidate's product (Cho et al. 2014):
+
+        n = tanh(ax_n + (r * h) W_hn^T + b_hn)
+
     Shapes as lstm_forward with G = 3 and no c0.
     """,
     "gru_backward": """Gradients of a GRU forward: dict with dx dh0 dw_ih dw_hh db_ih db_hh.
@@ -405,6 +420,10 @@ _DOCS = {
         dax_n = dh' * (1 - z) * (1 - n^2)     dah_n = dax_n * r
         da_z = dh' * (h - n) * z (1 - z)      da_r = dax_n * ah_n * r (1 - r)
         dh_prev = dh' * z + [da_r, da_z, dah_n] W_hh
+
+    With reset_after=False: da_n = dh' (1 - z)(1 - n^2), d(r*h) = da_n W_hn, da_r = d(r*h) *
+    h * r (1 - r), dh_prev = dh' * z + d(r*h) * r + [da_r, da_z] W_h{r,z}, and W_hn's gradient
+    is da_n^T (r * h).
     """,
     "rnn_forward": """Vanilla RNN over a whole sequence. Returns ``(y, h_n, ctx)``.
 

@@ -23,7 +23,7 @@ def make_layer(cell, **kwargs):
 def random_state(layer, n, rng):
     shape = (layer.num_layers * layer.num_directions, n, H)
     h = rng.standard_normal(shape)
-    return (h, rng.standard_normal(shape)) if layer.mode == "lstm" else h
+    return (h, rng.standard_normal(shape)) if layer.spec.has_c else h
 
 
 def as_tuple(state):

@@ -173,9 +173,11 @@ template <typename T, class M, bool Coupled, bool Peephole>
 RNNFAST_HD LstmPoint<T> lstm_variant_point_forward(T a_i, T a_f, T a_g, T a_o, T c_prev, T p_i,
                                                    T p_f, T p_o) {
   LstmPoint<T> p;
+  // the peephole terms as explicit fused multiply-adds: the same bits in every build of the pass
+  // (training and inference, where the compiler would otherwise contract them differently)
   if constexpr (Peephole) {
-    a_i += p_i * c_prev;
-    if constexpr (!Coupled) a_f += p_f * c_prev;
+    a_i = std::fma(p_i, c_prev, a_i);
+    if constexpr (!Coupled) a_f = std::fma(p_f, c_prev, a_f);
   }
   p.i = M::sigmoid(a_i);
   if constexpr (Coupled)
@@ -184,7 +186,7 @@ RNNFAST_HD LstmPoint<T> lstm_variant_point_forward(T a_i, T a_f, T a_g, T a_o, T
     p.f = M::sigmoid(a_f);
   p.g = M::tanh(a_g);
   p.c = p.f * c_prev + p.i * p.g;
-  if constexpr (Peephole) a_o += p_o * p.c;
+  if constexpr (Peephole) a_o = std::fma(p_o, p.c, a_o);
   p.o = M::sigmoid(a_o);
   p.h = p.o * M::tanh(p.c);
   return p;
