@@ -28,11 +28,18 @@ class Checked:
     c0: np.ndarray | None
     lengths: np.ndarray | None
     w_peephole: np.ndarray | None = None  # (3, H), cells that take peepholes only
+    w_hr: np.ndarray | None = None  # (P, H), cells with a projection only
 
     @property
     def dims(self) -> tuple[int, int, int, int]:
+        """T, N, C and R, the size of h (H, or P with a projection)."""
         T, N, C = self.x.shape
         return T, N, C, self.w_hh.shape[1]
+
+    @property
+    def cell_size(self) -> int:
+        """H: the size of c and of each gate (R but with a projection)."""
+        return self.w_hr.shape[1] if self.w_hr is not None else self.w_hh.shape[1]
 
 
 def _array(name, a, dtype=None):
@@ -82,7 +89,7 @@ def check_lengths(lengths, T: int, N: int) -> np.ndarray | None:
 
 
 def check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, array=_array,
-                         w_peephole=None) -> Checked:  # fmt: skip
+                         w_peephole=None, w_hr=None) -> Checked:  # fmt: skip
     """The forward arguments checked and made contiguous by ``array(name, a, dtype=None)`` (NumPy
     here; rnnfast.cuda passes its CuPy conversion). lengths must be on the host."""
     spec = cell_spec(cell)
@@ -96,15 +103,28 @@ def check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, array
     if C == 0:
         raise ValueError(f"x has input size 0 (shape {x.shape}); C must be at least 1")
     w_hh = array("w_hh", w_hh, x.dtype)
-    if w_hh.ndim != 2 or w_hh.shape[1] == 0 or w_hh.shape[0] != G * w_hh.shape[1]:
+    if w_hr is not None:
+        if not spec.projection:
+            raise ValueError(f"w_hr (a projection) is only for LSTM cells, not {cell}")
+        w_hr = array("w_hr", w_hr, x.dtype)
+        if w_hr.ndim != 2 or not 0 < w_hr.shape[0] < w_hr.shape[1]:
+            raise ValueError(f"w_hr must have shape (P, H) with 0 < P < H, got {w_hr.shape}")
+        P, H = w_hr.shape
+        if w_hh.shape != (G * H, P):
+            raise ValueError(
+                f"w_hh must have shape ({G}*H, P) = {(G * H, P)} for {cell} with a projection "
+                f"w_hr of shape {w_hr.shape}, got {w_hh.shape}"
+            )
+    elif w_hh.ndim != 2 or w_hh.shape[1] == 0 or w_hh.shape[0] != G * w_hh.shape[1]:
         raise ValueError(
             f"w_hh must have shape ({G}*H, H) for {cell} (G = {G} gates), got {w_hh.shape}"
         )
-    H = w_hh.shape[1]
+    else:
+        H = P = w_hh.shape[1]
     w_ih = _shaped("w_ih", w_ih, (G * H, C), x.dtype, array)
     b_ih = None if b_ih is None else _shaped("b_ih", b_ih, (G * H,), x.dtype, array)
     b_hh = None if b_hh is None else _shaped("b_hh", b_hh, (G * H,), x.dtype, array)
-    h0 = None if h0 is None else _shaped("h0", h0, (N, H), x.dtype, array)
+    h0 = None if h0 is None else _shaped("h0", h0, (N, P), x.dtype, array)
     if c0 is not None and not spec.has_c:
         raise ValueError(f"c0 is only for LSTM, not {cell}")
     c0 = None if c0 is None else _shaped("c0", c0, (N, H), x.dtype, array)
@@ -112,18 +132,19 @@ def check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, array
         if not spec.peephole:
             raise ValueError(f"w_peephole is only for LSTM cells, not {cell}")
         w_peephole = _shaped("w_peephole", w_peephole, (3, H), x.dtype, array)
-    return Checked(x, w_ih, w_hh, b_ih, b_hh, h0, c0, check_lengths(lengths, T, N), w_peephole)
+    return Checked(x, w_ih, w_hh, b_ih, b_hh, h0, c0, check_lengths(lengths, T, N), w_peephole,
+                   w_hr)  # fmt: skip
 
 
 def check_backward_inputs(cell, a: Checked, dy, dh_n, dc_n, array=_array):
     """dy, dh_n, dc_n checked against the forward's shapes and dtype (None stays None)."""
-    T, N, _, H = a.dims
+    T, N, _, R = a.dims
     dtype = a.x.dtype
-    dy = None if dy is None else _shaped("dy", dy, (T, N, H), dtype, array)
-    dh_n = None if dh_n is None else _shaped("dh_n", dh_n, (N, H), dtype, array)
+    dy = None if dy is None else _shaped("dy", dy, (T, N, R), dtype, array)
+    dh_n = None if dh_n is None else _shaped("dh_n", dh_n, (N, R), dtype, array)
     if dc_n is not None and not cell_spec(cell).has_c:
         raise ValueError(f"dc_n is only for LSTM, not {cell}")
-    dc_n = None if dc_n is None else _shaped("dc_n", dc_n, (N, H), dtype, array)
+    dc_n = None if dc_n is None else _shaped("dc_n", dc_n, (N, a.cell_size), dtype, array)
     return dy, dh_n, dc_n
 
 

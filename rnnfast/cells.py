@@ -26,6 +26,7 @@ class CellSpec:
     # the family's options that select this row, as the public functions and layers name them
     options: tuple[tuple[str, object], ...] = ()
     peephole: bool = False  # takes the optional w_peephole (3, H), rows i, f, o
+    projection: bool = False  # takes the optional w_hr (P, H): h = (o * tanh(c)) W_hr^T
     gpu: bool = True  # the CUDA backend has kernels for it
     torch: bool = True  # torch.nn has the same cell (an oracle for the tests)
 
@@ -35,9 +36,10 @@ class CellSpec:
         c = ("dc0",) if self.has_c else ()
         return ("dx", "dh0", *c, "dw_ih", "dw_hh", "db_ih", "db_hh")
 
-    def grads_of(self, peephole: bool) -> tuple[str, ...]:
-        """grad_names, plus dw_peephole where the forward had w_peephole."""
-        return self.grad_names + (("dw_peephole",) if peephole else ())
+    def grads_of(self, peephole: bool = False, projection: bool = False) -> tuple[str, ...]:
+        """grad_names, plus dw_peephole and dw_hr where the forward had them."""
+        return (self.grad_names + (("dw_peephole",) if peephole else ())
+                + (("dw_hr",) if projection else ()))  # fmt: skip
 
 
 # fmt: off
@@ -45,13 +47,14 @@ CELLS: dict[str, CellSpec] = {
     s.name: s
     for s in (
         CellSpec("lstm", 4, has_c=True, family="lstm",
-                 options=(("coupled_input_forget", False),), peephole=True),
+                 options=(("coupled_input_forget", False),), peephole=True, projection=True),
         CellSpec("gru", 3, has_c=False, family="gru", options=(("reset_after", True),)),
         CellSpec("rnn_tanh", 1, has_c=False, family="rnn", options=(("nonlinearity", "tanh"),)),
         CellSpec("rnn_relu", 1, has_c=False, family="rnn", options=(("nonlinearity", "relu"),)),
         # f = 1 - i (Greff et al. 2017): three gate blocks i, g, o
         CellSpec("lstm_cifg", 3, has_c=True, family="lstm",
-                 options=(("coupled_input_forget", True),), peephole=True, gpu=False, torch=False),
+                 options=(("coupled_input_forget", True),), peephole=True, projection=True,
+                 gpu=False, torch=False),
         # n = tanh(x W_in^T + b_in + (r * h) W_hn^T + b_hn): Cho et al. 2014, Keras's
         # reset_after=False, ONNX's linear_before_reset=0
         CellSpec("gru_reset_before", 3, has_c=False, family="gru",
@@ -95,7 +98,7 @@ def public_functions(forward: Callable, backward: Callable, api: str, docs: dict
     uniform pair, for rnnfast.ops and rnnfast.reference alike.
 
     forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, *, lengths, training, matmul_precision,
-    w_peephole) returns (y, h_n, c_n or None, ctx); backward(ctx, dy, dh_n, dc_n, *, cell)
+    w_peephole, w_hr) returns (y, h_n, c_n or None, ctx); backward(ctx, dy, dh_n, dc_n, *, cell)
     returns the gradient dict and checks that ctx comes from a forward of ``cell``. ``api`` is the
     module's name (for __module__); ``docs`` holds each function's docstring.
     """
@@ -109,11 +112,12 @@ def public_functions(forward: Callable, backward: Callable, api: str, docs: dict
         return backward(ctx, dy, dh_n, dc_n, cell=cell)
 
     def lstm_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-                     training=True, matmul_precision="float32", w_peephole=None,
+                     training=True, matmul_precision="float32", w_peephole=None, w_hr=None,
                      coupled_input_forget=False):  # fmt: skip
         cell = family_cell("lstm", coupled_input_forget=coupled_input_forget)
         return forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths, training=training,
-                       matmul_precision=matmul_precision, w_peephole=w_peephole)  # fmt: skip
+                       matmul_precision=matmul_precision, w_peephole=w_peephole,
+                       w_hr=w_hr)  # fmt: skip
 
     def lstm_backward(ctx, dy, dh_n=None, dc_n=None):
         return family_backward("lstm", ctx, dy, dh_n, dc_n)

@@ -153,6 +153,8 @@ def _init_orthogonal(name: str, w: np.ndarray, rng: np.random.Generator, H: int,
         _init.xavier_uniform_(w, rng=rng, gates=G)
     elif name.startswith("weight_hh"):
         _init.orthogonal_(w, rng=rng, gates=G)
+    elif name.startswith("weight_hr"):  # the projection: semi-orthogonal, P < H rows
+        _init.orthogonal_(w, rng=rng)
     else:
         _init.zeros_(w)
         if G == 4 and name.startswith("bias_ih"):
@@ -171,7 +173,8 @@ class _Recurrent(Module):
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, *, dtype=np.float32, seed=None,
                  init: str | Callable = "uniform", learn_initial_state: bool = False,
-                 matmul_precision: str = "float32", peephole: bool = False):  # fmt: skip
+                 matmul_precision: str = "float32", peephole: bool = False,
+                 proj_size: int = 0):  # fmt: skip
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("num_layers", num_layers)):  # fmt: skip
@@ -186,6 +189,14 @@ class _Recurrent(Module):
         if peephole and not self.spec.peephole:
             raise ValueError(f"peephole=True is for LSTM layers, not {self.spec.name}")
         self.peephole = peephole
+        if isinstance(proj_size, bool) or not isinstance(proj_size, (int, np.integer)):
+            raise TypeError(f"proj_size must be an integer, got {proj_size!r}")
+        if proj_size and not self.spec.projection:
+            raise ValueError(f"proj_size is for LSTM layers, not {self.spec.name}")
+        if not 0 <= proj_size < hidden_size:
+            raise ValueError(f"proj_size must be in [0, hidden_size = {hidden_size}), got "
+                             f"{proj_size}")  # fmt: skip
+        self.proj_size = int(proj_size)
         self.input_size, self.hidden_size = int(input_size), int(hidden_size)
         self.num_layers, self.bias, self.batch_first = int(num_layers), bool(bias), batch_first
         self.dropout, self.bidirectional = float(dropout), bool(bidirectional)
@@ -205,13 +216,15 @@ class _Recurrent(Module):
             init = _INITS[init]
         elif not callable(init):
             raise TypeError(f"init must be a scheme name or a callable, got {init!r}")
-        G, H = self.spec.gates, self.hidden_size
+        G, H, R = self.spec.gates, self.hidden_size, self.state_size
         for layer in range(self.num_layers):
-            C = self.input_size if layer == 0 else H * self.num_directions
+            C = self.input_size if layer == 0 else R * self.num_directions
             for suffix in self._suffixes(layer):
-                shapes = {"weight_ih": (G * H, C), "weight_hh": (G * H, H)}
+                shapes = {"weight_ih": (G * H, C), "weight_hh": (G * H, R)}
                 if self.bias:
                     shapes.update(bias_ih=(G * H,), bias_hh=(G * H,))
+                if self.proj_size:  # as torch's
+                    shapes.update(weight_hr=(R, H))
                 if self.peephole:  # rows i, f, o (f unused with coupled gates)
                     shapes.update(weight_peephole=(3, H))
                 for kind, shape in shapes.items():
@@ -219,11 +232,16 @@ class _Recurrent(Module):
                     init(kind + suffix, w, self.rng, H, G)
                     self._add_param(kind + suffix, w)
         if self.learn_initial_state:
-            state_shape = (self.num_layers * self.num_directions, 1, H)
-            self._add_param("h0", np.zeros(state_shape, dtype=self.dtype))
+            LD = self.num_layers * self.num_directions
+            self._add_param("h0", np.zeros((LD, 1, R), dtype=self.dtype))
             if self.spec.has_c:
-                self._add_param("c0", np.zeros(state_shape, dtype=self.dtype))
+                self._add_param("c0", np.zeros((LD, 1, H), dtype=self.dtype))
         self._cache = None
+
+    @property
+    def state_size(self) -> int:
+        """The size of h and of each direction's output: proj_size, or hidden_size without one."""
+        return self.proj_size or self.hidden_size
 
     def _suffixes(self, layer: int) -> list[str]:
         s = f"_l{layer}"
@@ -241,6 +259,7 @@ class _Recurrent(Module):
                 ("learn_initial_state", False),
                 ("matmul_precision", "float32"),
                 ("peephole", False),
+                ("proj_size", 0),
                 *((k, v) for k, v in self._default_options),
             )  # fmt: skip
             if getattr(self, k) != default
@@ -250,13 +269,17 @@ class _Recurrent(Module):
     # -- forward --
 
     def _state_in(self, name, s, N, unbatched):
-        LD, H = self.num_layers * self.num_directions, self.hidden_size
+        """h0, dh_n (proj_size wide with a projection) or c0, dc_n (hidden_size) checked."""
+        LD = self.num_layers * self.num_directions
+        is_c = name in ("c0", "dc_n")
+        H, size = (self.hidden_size, "hidden_size") if is_c or not self.proj_size else (
+            self.proj_size, "proj_size")  # fmt: skip
         s = _check_input(name, s, self.dtype)
         shape = (LD, H) if unbatched else (LD, N, H)
         if s.shape != shape:
             raise ValueError(
                 f"{name} must have shape {shape} (num_layers * num_directions, "
-                f"{'' if unbatched else 'batch, '}hidden_size), got {s.shape}"
+                f"{'' if unbatched else 'batch, '}{size}), got {s.shape}"
             )
         return s[:, None] if unbatched else s
 
@@ -264,12 +287,11 @@ class _Recurrent(Module):
         if state is None:
             if not self.learn_initial_state:
                 return None, None
-            h0 = np.broadcast_to(
-                self.params["h0"], (self.params["h0"].shape[0], N, self.hidden_size)
-            )
+            LD = self.params["h0"].shape[0]
+            h0 = np.broadcast_to(self.params["h0"], (LD, N, self.state_size))
             c0 = None
             if self.spec.has_c:
-                c0 = np.broadcast_to(self.params["c0"], h0.shape)
+                c0 = np.broadcast_to(self.params["c0"], (LD, N, self.hidden_size))
             return h0, c0
         if self.spec.has_c:
             if not isinstance(state, tuple) or len(state) != 2:
@@ -311,7 +333,7 @@ class _Recurrent(Module):
         lengths = check_lengths(lengths, T, N)
         h0, c0 = self._split_state(state, N, unbatched)
         learned = state is None and self.learn_initial_state
-        D, H, L = self.num_directions, self.hidden_size, self.num_layers
+        D, H, L, R = self.num_directions, self.hidden_size, self.num_layers, self.state_size
         rev = None
         if D == 2:
             rev = (
@@ -320,7 +342,7 @@ class _Recurrent(Module):
         training = self.training
         precision = "float32" if training else self.matmul_precision
         ctxs, masks = [], []
-        h_n = np.empty((L * D, N, H), dtype=self.dtype)
+        h_n = np.empty((L * D, N, R), dtype=self.dtype)
         c_n = np.empty((L * D, N, H), dtype=self.dtype) if self.spec.has_c else None
         inp = x
         for layer in range(L):
@@ -333,7 +355,7 @@ class _Recurrent(Module):
                     p.get("bias_ih" + suffix), p.get("bias_hh" + suffix),
                     None if h0 is None else h0[k], None if c0 is None else c0[k],
                     lengths=lengths, training=training, matmul_precision=precision,
-                    w_peephole=p.get("weight_peephole" + suffix),
+                    w_peephole=p.get("weight_peephole" + suffix), w_hr=p.get("weight_hr" + suffix),
                 )  # fmt: skip
                 if d == 1:
                     y = y[::-1] if rev is None else y[rev]
@@ -384,14 +406,14 @@ class _Recurrent(Module):
             )
         T, N, C = cache["shape"]
         unbatched = cache["unbatched"]
-        D, H, L = self.num_directions, self.hidden_size, self.num_layers
+        D, H, L, R = self.num_directions, self.hidden_size, self.num_layers, self.state_size
         LD = L * D
         if dy is None:
-            dy = np.zeros((T, N, D * H), dtype=self.dtype)
+            dy = np.zeros((T, N, D * R), dtype=self.dtype)
         else:
             dy = _check_input("dy", dy, self.dtype)
             want = (
-                (T, D * H) if unbatched else ((N, T, D * H) if self.batch_first else (T, N, D * H))
+                (T, D * R) if unbatched else ((N, T, D * R) if self.batch_first else (T, N, D * R))
             )
             if dy.shape != want:
                 raise ValueError(f"dy must have the shape of y, {want}, got {dy.shape}")
@@ -410,14 +432,14 @@ class _Recurrent(Module):
             dc_n = None if dc_n is None else self._state_in("dc_n", dc_n, N, unbatched)
         self._cache = None
         rev = cache["rev"]
-        dh0 = np.zeros((LD, N, H), dtype=self.dtype)
+        dh0 = np.zeros((LD, N, R), dtype=self.dtype)
         dc0 = np.zeros((LD, N, H), dtype=self.dtype) if self.spec.has_c else None
         dcur = dy
         for layer in reversed(range(L)):
             dx = None
             for d, suffix in enumerate(self._suffixes(layer)):
                 k = layer * D + d
-                dyd = dcur[..., d * H : (d + 1) * H]
+                dyd = dcur[..., d * R : (d + 1) * R]
                 if d == 1:
                     dyd = dyd[::-1] if rev is None else dyd[rev]
                 g = ops.backward(
@@ -435,6 +457,8 @@ class _Recurrent(Module):
                     self.grads["bias_hh" + suffix] += g["db_hh"]
                 if self.peephole:
                     self.grads["weight_peephole" + suffix] += g["dw_peephole"]
+                if self.proj_size:
+                    self.grads["weight_hr" + suffix] += g["dw_hr"]
                 dh0[k] = g["dh0"]
                 if dc0 is not None:
                     dc0[k] = g["dc0"]
@@ -480,6 +504,9 @@ class RNN(_Recurrent):
 class LSTM(_Recurrent):
     """LSTM (gates i, f, g, o), as torch.nn.LSTM; state is the tuple (h, c). See RNN for options.
 
+    ``proj_size=P`` (0 < P < hidden_size) projects h as torch.nn.LSTM(proj_size=P) does (LSTMP,
+    Sak et al. 2014): ``weight_hr_l{k}`` (P, H), ``weight_hh`` (4H, P), h and each direction's
+    output P wide, c still H; a torch state_dict with proj_size loads as it is.
     ``peephole=True`` adds ``weight_peephole_l{k}`` (3, H) per layer and direction (rows i, f, o:
     i and f see c_{t-1}, o sees c_t; Gers & Schmidhuber 2000). ``coupled_input_forget=True``
     ties f = 1 - i (CIFG, Greff et al. 2017): the weights and biases hold three gate blocks i, g,

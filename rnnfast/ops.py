@@ -87,30 +87,33 @@ class RecurrentContext:
 
 
 def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-            training=True, matmul_precision="float32", w_peephole=None):  # fmt: skip
+            training=True, matmul_precision="float32", w_peephole=None, w_hr=None):  # fmt: skip
     """Any cell over a whole sequence, by its name in ``rnnfast.cells.CELLS``.
 
     Returns ``(y, h_n, c_n, ctx)`` for every cell, c_n None for a cell without a cell state (c0
     must then be None); see the module docstring. ``w_peephole`` (3, H), rows i, f, o, for the
-    cells that take peepholes (the LSTMs).
+    cells that take peepholes (the LSTMs); ``w_hr`` (P, H), 0 < P < H, a projection for the cells
+    that take one (the LSTMs, as torch.nn.LSTM(proj_size=P)): h, h0, h_n and each step of y are
+    then (N, P) and w_hh is (G*H, P), while c stays (N, H).
     """
     spec = cell_spec(cell)
     bf16 = check_matmul_precision(matmul_precision, training)
     if _gpu.is_gpu_array(x):
         if bf16:
             raise NotImplementedError('matmul_precision="bfloat16" runs on the CPU kernels only')
-        if not spec.gpu or w_peephole is not None:
-            what = "peepholes" if spec.gpu else f"the {spec.name} cell"
+        if not spec.gpu or w_peephole is not None or w_hr is not None:
+            what = f"the {spec.name} cell" if not spec.gpu else (
+                "peepholes" if w_peephole is not None else "projections")  # fmt: skip
             raise NotImplementedError(f"{what} run on the CPU kernels only (no CUDA kernels yet)")
         return _gpu.forward(spec.name, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training)
     a = check_forward_inputs(spec.name, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
-                             w_peephole=w_peephole)  # fmt: skip
+                             w_peephole=w_peephole, w_hr=w_hr)  # fmt: skip
     if bf16 and a.x.dtype != np.float32:
         raise TypeError(f'matmul_precision="bfloat16" takes float32 inputs, got {a.x.dtype}')
     kernel, _ = _KERNELS[spec.name]
     y, h_n, c_n, reserve = kernel(
         a.x, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.h0, a.c0, a.lengths, bool(training), bf16,
-        a.w_peephole,
+        a.w_peephole, a.w_hr,
     )  # fmt: skip
     if reserve is not None:
         y.flags.writeable = False
@@ -120,7 +123,7 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
 def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> dict:
     """Gradients of a training forward, for any cell: a dict keyed by
     ``cell_spec(ctx.cell).grad_names`` (dx dh0 [dc0] dw_ih dw_hh db_ih db_hh), and dw_peephole
-    where the forward had w_peephole.
+    and dw_hr where the forward had w_peephole and w_hr.
 
     dy (T, N, H), dh_n and dc_n (N, H) may each be None (zero); dc_n only for a cell with a cell
     state. db_* is None where the forward had no bias. ``cell``, where given, is the cell the
@@ -137,13 +140,13 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
     a = ctx.inputs
     dy, dh_n, dc_n = check_backward_inputs(spec.name, a, dy, dh_n, dc_n)
     _, kernel = _KERNELS[spec.name]
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peephole = kernel(
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peephole, dw_hr = kernel(
         a.x, a.w_ih, a.w_hh, a.b_ih is not None, a.b_hh is not None, a.lengths, ctx.reserve,
-        dy, dh_n, dc_n, a.w_peephole,
+        dy, dh_n, dc_n, a.w_peephole, a.w_hr,
     )  # fmt: skip
     grads = {"dx": dx, "dh0": dh0, "dc0": dc0, "dw_ih": dw_ih, "dw_hh": dw_hh, "db_ih": db_ih,
-             "db_hh": db_hh, "dw_peephole": dw_peephole}  # fmt: skip
-    return {k: grads[k] for k in spec.grads_of(a.w_peephole is not None)}
+             "db_hh": db_hh, "dw_peephole": dw_peephole, "dw_hr": dw_hr}  # fmt: skip
+    return {k: grads[k] for k in spec.grads_of(a.w_peephole is not None, a.w_hr is not None)}
 
 
 _DOCS = {

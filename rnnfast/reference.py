@@ -70,6 +70,8 @@ class _StepWeights(NamedTuple):
     w_hh_rounded: np.ndarray  # the forward's (rounded to bfloat16 for that precision)
     b_hh: np.ndarray | None
     w_peephole: np.ndarray | None  # (3, H) rows i, f, o
+    w_hr: np.ndarray | None  # (P, H) the projection, as given
+    w_hr_rounded: np.ndarray | None  # and for the forward's product
     rounded: Callable  # what the forward's products do to their left operand
 
     def recur(self, h, rows=slice(None)):
@@ -85,7 +87,8 @@ def _recurrent_grads(da_h, h_in, w: _StepWeights, **more) -> dict:
 
 def _lstm_cell(coupled: bool):
     """The LSTM's step pair; coupled: f = 1 - i with gate blocks i, g, o. Peepholes where
-    w.w_peephole is given: i and f see c, o sees c_new."""
+    w.w_peephole is given: i and f see c, o sees c_new. A projection where w.w_hr is given:
+    h_new = (o * tanh(c_new)) W_hr^T."""
 
     def step(a_x, h, c, w):
         a = a_x + w.recur(h)
@@ -105,11 +108,17 @@ def _lstm_cell(coupled: bool):
         if p is not None:
             a_o = a_o + p[2] * c_new
         o = _sigmoid(a_o)
-        h_new = o * np.tanh(c_new)
-        return h_new, c_new, (i, f, g, o, c, c_new)
+        h_new = m = o * np.tanh(c_new)
+        if w.w_hr is not None:
+            h_new = w.rounded(m) @ w.w_hr_rounded.T
+        return h_new, c_new, (i, f, g, o, c, c_new, m)
 
     def step_backward(saved, h, dh, dc, w):
-        i, f, g, o, c_prev, c = saved
+        i, f, g, o, c_prev, c, m = saved
+        more = {}
+        if w.w_hr is not None:  # back through the projection: dh becomes that of m
+            more["dw_hr"] = dh.T @ m
+            dh = dh @ w.w_hr
         p = w.w_peephole
         tc = np.tanh(c)
         da_o = dh * tc * o * (1 - o)
@@ -124,7 +133,6 @@ def _lstm_cell(coupled: bool):
             da_f = dc * c_prev * f * (1 - f)
         da_g = dc * i * (1 - g * g)
         dc_prev = dc * f
-        more = {}
         if p is not None:
             dc_prev = dc_prev + da_i * p[0] + da_f * p[1]
             more["dw_peephole"] = np.stack([(da_i * c_prev).sum(0), (da_f * c_prev).sum(0),
@@ -258,11 +266,13 @@ def _active(a: Checked) -> np.ndarray:
 
 
 def _step_weights(a: Checked, rounded=lambda m: m) -> _StepWeights:
-    return _StepWeights(a.w_hh, rounded(a.w_hh), a.b_hh, a.w_peephole, rounded)
+    w_hr = a.w_hr
+    return _StepWeights(a.w_hh, rounded(a.w_hh), a.b_hh, a.w_peephole, w_hr,
+                        None if w_hr is None else rounded(w_hr), rounded)  # fmt: skip
 
 
 def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-            training=True, matmul_precision="float32", w_peephole=None):  # fmt: skip
+            training=True, matmul_precision="float32", w_peephole=None, w_hr=None):  # fmt: skip
     """Any cell over a whole sequence, by name; returns ``(y, h_n, c_n, ctx)`` as
     rnnfast.ops.forward (c_n None for a cell without a cell state)."""
     spec = cell_spec(cell)
@@ -270,14 +280,15 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     bf16 = check_matmul_precision(matmul_precision, training)
     rounded = _round_to_bfloat16 if bf16 else (lambda m: m)  # what the products multiply
     a = check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
-                             w_peephole=w_peephole)  # fmt: skip
-    T, N, _, H = a.dims
+                             w_peephole=w_peephole, w_hr=w_hr)  # fmt: skip
+    T, N, _, R = a.dims  # R: the size of h (P with a projection), H that of c
+    H = a.cell_size
     dtype = a.x.dtype
     step = _CELLS[cell].step
     active = _active(a)
     w = _step_weights(a, rounded)
 
-    h = np.zeros((N, H), dtype) if a.h0 is None else a.h0.copy()
+    h = np.zeros((N, R), dtype) if a.h0 is None else a.h0.copy()
     c = None
     if spec.has_c:
         c = np.zeros((N, H), dtype) if a.c0 is None else a.c0.copy()
@@ -286,8 +297,8 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     if a.b_ih is not None:
         a_x = a_x + a.b_ih
 
-    y = np.zeros((T, N, H), dtype)
-    hs = np.zeros((T, N, H), dtype)
+    y = np.zeros((T, N, R), dtype)
+    hs = np.zeros((T, N, R), dtype)
     steps = []
     for t in range(T):
         h_new, c_new, saved = step(a_x[t], h, c, w)
@@ -313,7 +324,8 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
     check_context(cell, ctx, ReferenceContext, "rnnfast.reference")
     a = ctx.inputs
     dy, dh_n, dc_n = check_backward_inputs(cell, a, dy, dh_n, dc_n)
-    T, N, C, H = a.dims
+    T, N, C, R = a.dims
+    H = a.cell_size
     GH = spec.gates * H
     dtype = a.x.dtype
     step_backward = _CELLS[cell].step_backward
@@ -321,7 +333,7 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
     hs, steps = ctx.saved
     w = _step_weights(a)
 
-    dh = np.zeros((N, H), dtype) if dh_n is None else dh_n.copy()
+    dh = np.zeros((N, R), dtype) if dh_n is None else dh_n.copy()
     dc = None
     if spec.has_c:
         dc = np.zeros((N, H), dtype) if dc_n is None else dc_n.copy()
@@ -355,8 +367,9 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
         "db_hh": None if a.b_hh is None else summed("db_hh", a.b_hh),
         "dc0": dc,
         "dw_peephole": None if a.w_peephole is None else summed("dw_peephole", a.w_peephole),
+        "dw_hr": None if a.w_hr is None else summed("dw_hr", a.w_hr),
     }
-    return {k: grads[k] for k in spec.grads_of(a.w_peephole is not None)}
+    return {k: grads[k] for k in spec.grads_of(a.w_peephole is not None, a.w_hr is not None)}
 
 
 # ---- the public API (signatures as rnnfast.ops) ----------------------------------------------
@@ -382,6 +395,12 @@ _DOCS = {
 
     ``coupled_input_forget=True`` couples the gates (CIFG): a has three blocks i, g, o (w_ih
     (3H, C), w_hh (3H, H), biases (3H,)) and f = 1 - i; p_f is then unused.
+
+    ``w_hr`` (P, H), 0 < P < H, projects h (LSTMP, Sak et al. 2014; torch's proj_size):
+
+        h' = (o * tanh(c')) W_hr^T
+
+    so h, h0, h_n and y_t are (N, P) and w_hh is (4H, P) (3H with coupled gates); c stays (N, H).
     """,
     "lstm_backward": """Gradients of an LSTM forward: dict with dx dh0 dc0 dw_ih dw_hh db_ih db_hh.
 
@@ -394,7 +413,8 @@ _DOCS = {
 
     With peepholes, dc also takes da_o * p_o, dc_prev takes da_i * p_i + da_f * p_f, and
     dw_peephole = [sum da_i * c, sum da_f * c, sum da_o * c'] over steps and rows. Coupled:
-    da_i = dc * (g - c) * i (1 - i), da_f = 0.
+    da_i = dc * (g - c) * i (1 - i), da_f = 0. With a projection, dh' above is dh' W_hr (the
+    gradient of m = o * tanh(c')), and dw_hr = sum dh'^T m.
 
     dy (T, N, H), dh_n and dc_n (N, H) may each be None (zero). db_* is None where the forward
     had no bias.

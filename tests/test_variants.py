@@ -1,11 +1,11 @@
-"""The cell variants: peepholes (both LSTMs), coupled input-forget gates (lstm_cifg) and the
-reset-before GRU (gru_reset_before).
+"""The cell variants: peepholes and projections (both LSTMs), coupled input-forget gates
+(lstm_cifg) and the reset-before GRU (gru_reset_before).
 
 The plain grids of test_reference and test_ops run every row of the cell table, the variants'
-included; here are what those grids cannot reach: the peephole parameter (finite differences,
-the kernels against the reference), the peers (onnxruntime's LSTM and GRU nodes with P,
-input_forget, linear_before_reset, sequence_lens, reverse and bidirectional), the public options
-and the errors.
+included; here are what those grids cannot reach: the extra parameters w_peephole and w_hr
+(finite differences, the kernels against the reference), the peers (torch.nn.LSTM(proj_size),
+onnxruntime's LSTM and GRU nodes with P, input_forget, linear_before_reset, sequence_lens,
+reverse and bidirectional), the public options, the layers and the errors.
 """
 
 from __future__ import annotations
@@ -37,16 +37,31 @@ def _rng(*keys) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(repr(keys).encode()))
 
 
-def _peephole_case(cell, T, N, C, H, rng, dtype=np.float64, **kwargs):
+def _peephole_case(cell, T, N, C, H, rng, dtype=np.float64, P=0, peephole=True, **kwargs):
+    """make_inputs and make_upstream with w_peephole (unless not peephole) and, for P > 0, a
+    projection w_hr (P, H) (w_hh, h0, dy and dh_n then take P columns)."""
     inputs = make_inputs(cell, T, N, C, H, dtype, rng, **kwargs)
-    inputs["w_peephole"] = rng.uniform(-1, 1, (3, H)).astype(dtype)
-    return inputs, make_upstream(cell, T, N, H, dtype, rng)
+    inputs["w_peephole"] = rng.uniform(-1, 1, (3, H)).astype(dtype) if peephole else None
+    up = make_upstream(cell, T, N, H, dtype, rng)
+    inputs["w_hr"] = None
+    if P:
+        k = 1 / np.sqrt(H)
+        G = cells.cell_spec(cell).gates
+        inputs["w_hr"] = rng.uniform(-k, k, (P, H)).astype(dtype)
+        inputs["w_hh"] = rng.uniform(-k, k, (G * H, P)).astype(dtype)
+        if inputs["h0"] is not None:
+            inputs["h0"] = rng.standard_normal((N, P)).astype(dtype)
+        up["dy"] = rng.standard_normal((T, N, P)).astype(dtype)
+        up["dh_n"] = rng.standard_normal((N, P)).astype(dtype)
+    return inputs, up
 
 
 # ---- the reference: finite differences ----------------------------------------------------------
 
 WRT = {"dx": "x", "dh0": "h0", "dc0": "c0", "dw_ih": "w_ih", "dw_hh": "w_hh", "db_ih": "b_ih",
-       "db_hh": "b_hh", "dw_peephole": "w_peephole"}  # fmt: skip
+       "db_hh": "b_hh", "dw_peephole": "w_peephole", "dw_hr": "w_hr"}  # fmt: skip
+# (peephole, P) of the LSTM variants under test: peepholes, a projection, both
+EXTRAS = [(True, 0), (False, 2), (True, 2)]
 
 
 def _loss(cell, inputs, up) -> float:
@@ -55,18 +70,21 @@ def _loss(cell, inputs, up) -> float:
 
 
 @pytest.mark.parametrize("lengths_kind", [None, "mixed"])
+@pytest.mark.parametrize(("peephole", "P"), EXTRAS, ids=["peephole", "proj", "peephole-proj"])
 @pytest.mark.parametrize("cell", LSTMS)
-def test_peephole_gradients_match_finite_differences(cell, lengths_kind):
+def test_extra_parameter_gradients_match_finite_differences(cell, peephole, P, lengths_kind):
     T, N, C, H = 4, 4, 2, 3
-    inputs, up = _peephole_case(cell, T, N, C, H, _rng("fd", cell, lengths_kind),
-                                lengths_kind=lengths_kind)  # fmt: skip
+    inputs, up = _peephole_case(cell, T, N, C, H, _rng("fd", cell, peephole, P, lengths_kind),
+                                P=P, peephole=peephole, lengths_kind=lengths_kind)  # fmt: skip
     if lengths_kind:
         assert 0 in inputs["lengths"] and T in inputs["lengths"]
     _, _, _, ctx = run_forward(reference, cell, **inputs)
     grads = run_backward(reference, cell, ctx, **up)
-    assert set(grads) == set(WRT)
+    wrt = {k: v for k, v in WRT.items() if inputs[v] is not None or k not in ("dw_peephole",
+                                                                             "dw_hr")}  # fmt: skip
+    assert set(grads) == set(wrt)
     eps = 1e-6
-    for name, key in WRT.items():
+    for name, key in wrt.items():
         wrt = inputs[key]
         numeric = np.zeros_like(wrt)
         for i in np.ndindex(wrt.shape):
@@ -108,14 +126,24 @@ SHAPES = [((1, 7, 33)[i % 3], (1, 3, 16)[(i // 3) % 3], C, H)
           for i, (C, H) in enumerate(itertools.product(_SIZES, (1, 5, 65, 128)))]  # fmt: skip
 
 
+# a projection needs 0 < P < H: no H = 1 with one
+GRID = [(extras, shape) for extras in ("peephole", "proj", "peephole-proj") for shape in SHAPES
+        if extras == "peephole" or shape[3] > 1]  # fmt: skip
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}N{}C{}H{}".format(*s))
+@pytest.mark.parametrize(
+    ("extras", "shape"), GRID, ids=lambda v: v if isinstance(v, str) else "T{}N{}C{}H{}".format(*v)
+)
 @pytest.mark.parametrize("cell", LSTMS)
-def test_peephole_kernels_match_the_reference(cell, shape, dtype, threads):
+def test_extra_parameter_kernels_match_the_reference(cell, extras, shape, dtype, threads):
     T, N, C, H = shape
+    P = (1, H // 4 or 1, H - 1)[sum(shape) % 3] if "proj" in extras else 0
     lengths_kind = ("mixed", None, "zero")[sum(shape) % 3]
-    inputs, up = _peephole_case(cell, T, N, C, H, _rng("k", cell, shape), lengths_kind=lengths_kind)
+    rng = _rng("k", cell, extras, shape)
+    inputs, up = _peephole_case(cell, T, N, C, H, rng, P=P, peephole="peephole" in extras,
+                                lengths_kind=lengths_kind)  # fmt: skip
     y, h_n, c_n, ctx = run_forward(reference, cell, **inputs)
     expected = run_backward(reference, cell, ctx, **up)
     before = rnnfast.get_num_threads()
@@ -139,10 +167,9 @@ def test_variants_are_bitwise_repeatable(cell):
     """The same call twice at each thread count gives the same bits (the peephole sums too: they
     run in a fixed order)."""
     T, N, C, H = 9, 5, 16, 96
-    inputs, up = _peephole_case(cell, T, N, C, H, _rng("bits", cell), np.float32,
-                                lengths_kind="mixed")  # fmt: skip
-    if not cells.cell_spec(cell).peephole:
-        inputs["w_peephole"] = None
+    lstm = cells.cell_spec(cell).peephole
+    inputs, up = _peephole_case(cell, T, N, C, H, _rng("bits", cell), np.float32, P=24 * lstm,
+                                peephole=lstm, lengths_kind="mixed")  # fmt: skip
     results = []
     before = rnnfast.get_num_threads()
     try:
@@ -158,6 +185,81 @@ def test_variants_are_bitwise_repeatable(cell):
         for k, v in g.items():
             if v is not None:
                 np.testing.assert_array_equal(v, g0[k], err_msg=k)
+
+
+# ---- the projection against torch.nn.LSTM(proj_size) ---------------------------------------------
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("lengths_kind", [None, "positive"])
+@pytest.mark.parametrize("P", [1, 3, 6])
+def test_projection_matches_torch(P, lengths_kind, with_bias):
+    """Forward and every gradient, with packed sequences where there are lengths."""
+    torch = pytest.importorskip("torch")
+    T, N, C, H = 6, 5, 4, 7
+    rng = _rng("torch-proj", P, lengths_kind, with_bias)
+    inputs, up = _peephole_case("lstm", T, N, C, H, rng, P=P, peephole=False,
+                                with_bias=with_bias, lengths_kind=lengths_kind)  # fmt: skip
+    module = torch.nn.LSTM(C, H, proj_size=P, bias=with_bias, dtype=torch.float64)
+    names = {"weight_ih_l0": "w_ih", "weight_hh_l0": "w_hh", "weight_hr_l0": "w_hr"}
+    if with_bias:
+        names |= {"bias_ih_l0": "b_ih", "bias_hh_l0": "b_hh"}
+    with torch.no_grad():
+        for param, key in names.items():
+            getattr(module, param).copy_(torch.from_numpy(inputs[key]))
+    x = torch.tensor(inputs["x"], requires_grad=True)
+    h0 = torch.tensor(inputs["h0"][None], requires_grad=True)
+    c0 = torch.tensor(inputs["c0"][None], requires_grad=True)
+    seq = x
+    if lengths_kind:
+        seq = torch.nn.utils.rnn.pack_padded_sequence(x, torch.from_numpy(inputs["lengths"]),
+                                                      enforce_sorted=False)  # fmt: skip
+    out, (h_n, c_n) = module(seq, (h0, c0))
+    if lengths_kind:
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=T)
+    loss = (out * torch.from_numpy(up["dy"])).sum() + (h_n[0] * torch.from_numpy(up["dh_n"])).sum()
+    loss = loss + (c_n[0] * torch.from_numpy(up["dc_n"])).sum()
+    loss.backward()
+    want = {"dx": x.grad, "dh0": h0.grad[0], "dc0": c0.grad[0]}
+    want |= {"d" + key: getattr(module, param).grad for param, key in names.items()}
+    for api in (reference, ops):
+        y, h, c, ctx = run_forward(api, "lstm", **inputs)
+        assert y.shape == (T, N, P) and h.shape == (N, P) and c.shape == (N, H)
+        for name, a, e in (("y", y, out), ("h_n", h, h_n[0]), ("c_n", c, c_n[0])):
+            assert_close(a, e.detach().numpy(), **tol(np.float64), name=name)
+        grads = run_backward(api, "lstm", ctx, **up)
+        for name, e in want.items():
+            assert_close(grads[name], e.numpy(), **tol(np.float64, "grad"), name=name)
+        assert grads.get("db_ih") is None if not with_bias else grads["db_ih"] is not None
+
+
+@pytest.mark.parametrize("api", [ops, reference], ids=["ops", "reference"])
+def test_bad_projection_arguments_raise(api):
+    rng = _rng("proj-errors")
+    T, N, C, H, P = 3, 2, 4, 6, 2
+    inputs, _ = _peephole_case("lstm", T, N, C, H, rng, P=P, peephole=False)
+    x, w_ih, w_hh, w_hr = (inputs[k] for k in ("x", "w_ih", "w_hh", "w_hr"))
+    for bad in (np.zeros((H, H)), np.zeros((H + 1, H)), np.zeros((0, H)), np.zeros(H)):
+        with pytest.raises(ValueError, match="w_hr must have shape \\(P, H\\) with 0 < P < H"):
+            api.lstm_forward(x, w_ih, w_hh, w_hr=bad)
+    with pytest.raises(ValueError, match=r"w_hh must have shape \(4\*H, P\) = \(24, 2\)"):
+        api.lstm_forward(x, w_ih, np.zeros((4 * H, H)), w_hr=w_hr)
+    with pytest.raises(ValueError, match=r"h0 must have shape \(2, 2\)"):
+        api.lstm_forward(x, w_ih, w_hh, None, None, np.zeros((N, H)), w_hr=w_hr)
+    with pytest.raises(ValueError, match=r"c0 must have shape \(2, 6\)"):
+        api.lstm_forward(x, w_ih, w_hh, None, None, None, np.zeros((N, P)), w_hr=w_hr)
+    with pytest.raises(TypeError, match="w_hr has dtype float32"):
+        api.lstm_forward(x, w_ih, w_hh, w_hr=w_hr.astype(np.float32))
+    *_, ctx = api.lstm_forward(x, w_ih, w_hh, w_hr=w_hr)
+    with pytest.raises(ValueError, match=r"dy must have shape \(3, 2, 2\)"):
+        api.lstm_backward(ctx, np.zeros((T, N, H)))
+    with pytest.raises(ValueError, match=r"dc_n must have shape \(2, 6\)"):
+        api.lstm_backward(ctx, None, None, np.zeros((N, P)))
+    g = make_inputs("gru", T, N, C, H, np.float64, rng)
+    with pytest.raises(ValueError, match="w_hr \\(a projection\\) is only for LSTM cells"):
+        api.forward("gru", g["x"], g["w_ih"], g["w_hh"], w_hr=w_hr)
+    with pytest.raises(TypeError):
+        api.gru_forward(g["x"], g["w_ih"], g["w_hh"], w_hr=w_hr)
 
 
 # ---- against onnxruntime's LSTM and GRU nodes ----------------------------------------------
@@ -413,3 +515,71 @@ def test_reset_before_gru_layer_loads_a_torch_gru_state_dict():
     y2, h2, _ = reference.gru_forward(x, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"],
                                       p["bias_hh_l0"], reset_after=False)  # fmt: skip
     assert_close(y, y2, **tol(np.float64))
+
+
+@pytest.mark.parametrize("peephole", [False, True])
+def test_projected_stack_finite_differences(peephole):
+    from test_layers import C, N, T, numeric_check
+
+    rng = np.random.default_rng(14)
+    layer = rnnfast.LSTM(C, 5, num_layers=2, bidirectional=True, proj_size=2, peephole=peephole,
+                         dtype=np.float64, seed=7)  # fmt: skip
+    assert layer.params["weight_hr_l1_reverse"].shape == (2, 5)
+    assert layer.params["weight_ih_l1"].shape == (20, 4)  # two directions of P = 2
+    state = (rng.standard_normal((4, N, 2)), rng.standard_normal((4, N, 5)))
+    numeric_check(layer, rng.standard_normal((T, N, C)), state, np.array([2, T, 0]), rng,
+                  n_probe=8)  # fmt: skip
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_projected_stack_matches_torch(bidirectional):
+    """torch.nn.LSTM(proj_size): its state_dict loads as it is; outputs, states and every
+    gradient agree, with packed lengths."""
+    torch = pytest.importorskip("torch")
+    T, N, C, H, P = 6, 4, 3, 7, 3
+    t = torch.nn.LSTM(C, H, num_layers=2, proj_size=P, bidirectional=bidirectional,
+                      dtype=torch.float64)  # fmt: skip
+    layer = rnnfast.LSTM(C, H, num_layers=2, proj_size=P, bidirectional=bidirectional,
+                         dtype=np.float64)  # fmt: skip
+    layer.load_state_dict({k: v.detach().numpy() for k, v in t.state_dict().items()})
+    rng = np.random.default_rng(15)
+    D = 2 if bidirectional else 1
+    x = rng.standard_normal((T, N, C))
+    h0, c0 = rng.standard_normal((2 * D, N, P)), rng.standard_normal((2 * D, N, H))
+    lengths = np.array([6, 2, 5, 1])
+    y, (h_n, c_n) = layer(x, (h0, c0), lengths=lengths)
+    xt = torch.tensor(x, requires_grad=True)
+    st = (torch.tensor(h0, requires_grad=True), torch.tensor(c0, requires_grad=True))
+    packed = torch.nn.utils.rnn.pack_padded_sequence(xt, torch.tensor(lengths),
+                                                     enforce_sorted=False)  # fmt: skip
+    yt, (ht, ct) = t(packed, st)
+    yt, _ = torch.nn.utils.rnn.pad_packed_sequence(yt, total_length=T)
+    for name, a, e in (("y", y, yt), ("h_n", h_n, ht), ("c_n", c_n, ct)):
+        assert_close(a, e.detach().numpy(), **tol(np.float64), name=name)
+    dy, dh, dc = (rng.standard_normal(a.shape) for a in (y, h_n, c_n))
+    layer.zero_grad()
+    dx, (dh0, dc0) = layer.backward(dy, (dh, dc))
+    loss = (yt * torch.from_numpy(dy)).sum() + (ht * torch.from_numpy(dh)).sum()
+    (loss + (ct * torch.from_numpy(dc)).sum()).backward()
+    assert_close(dx, xt.grad.numpy(), **tol(np.float64, "grad"), name="dx")
+    assert_close(dh0, st[0].grad.numpy(), **tol(np.float64, "grad"), name="dh0")
+    assert_close(dc0, st[1].grad.numpy(), **tol(np.float64, "grad"), name="dc0")
+    for k, v in t.named_parameters():
+        assert_close(layer.grads[k], v.grad.numpy(), **tol(np.float64, "grad"), name=k)
+
+
+def test_projection_layer_errors():
+    with pytest.raises(ValueError, match="proj_size must be in \\[0, hidden_size = 4\\)"):
+        rnnfast.LSTM(3, 4, proj_size=4)
+    with pytest.raises(TypeError, match="proj_size must be an integer"):
+        rnnfast.LSTM(3, 4, proj_size=1.5)
+    with pytest.raises(ValueError, match="proj_size is for LSTM layers, not gru"):
+        rnnfast.GRU(3, 4, proj_size=2)
+    layer = rnnfast.LSTM(3, 4, proj_size=2, learn_initial_state=True)
+    assert layer.params["h0"].shape == (1, 1, 2) and layer.params["c0"].shape == (1, 1, 4)
+    x = np.zeros((5, 2, 3), np.float32)
+    with pytest.raises(ValueError, match="h0 must have shape \\(1, 2, 2\\).*proj_size"):
+        layer(x, (np.zeros((1, 2, 4), np.float32), np.zeros((1, 2, 4), np.float32)))
+    y, (h, c) = layer(x)
+    assert y.shape == (5, 2, 2) and h.shape == (1, 2, 2) and c.shape == (1, 2, 4)
+    assert "proj_size=2" in repr(layer)

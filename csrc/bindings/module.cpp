@@ -103,10 +103,22 @@ py::array_t<T> new_array(std::vector<py::ssize_t> shape) {
   return py::array_t<T>(std::move(shape), static_cast<T*>(p), owner);
 }
 
-Dims dims_of(CellKind cell, const py::array& x, const py::array& w_hh) {
+// H from w_hh [G*H, H], or with a projection from w_hr [P, H] (then w_hh is [G*H, P])
+Dims dims_of(CellKind cell, const py::array& x, const py::array& w_hh, const py::object& w_hr) {
   if (x.ndim() != 3) throw py::value_error("x must be 3-D (T, N, C), got shape " + shape_str(x));
   if (w_hh.ndim() != 2) throw py::value_error("w_hh must be 2-D, got shape " + shape_str(w_hh));
-  const Dims d{x.shape(0), x.shape(1), x.shape(2), w_hh.shape(1), cell};
+  Dims d{x.shape(0), x.shape(1), x.shape(2), w_hh.shape(1), cell};
+  if (!w_hr.is_none()) {
+    if (!rnnfast::cell_info(cell).projection)
+      throw py::value_error(std::string("w_hr (a projection) is only for LSTM cells, not ") +
+                            rnnfast::cell_info(cell).name);
+    if (!py::isinstance<py::array>(w_hr)) throw py::type_error("w_hr must be an ndarray");
+    const auto hr = py::reinterpret_borrow<py::array>(w_hr);
+    if (hr.ndim() != 2 || hr.shape(0) < 1 || hr.shape(0) >= hr.shape(1))
+      throw py::value_error("w_hr must have shape (P, H) with 0 < P < H, got " + shape_str(hr));
+    d.P = hr.shape(0);
+    d.H = hr.shape(1);
+  }
   // every matrix the kernels hand the BLAS must fit its 32-bit sizes
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
   if (d.T * d.N > kMax || d.GH() > kMax || d.C > kMax)
@@ -132,21 +144,23 @@ template <typename T>
 py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih,
                         const py::array& w_hh, const py::object& b_ih, const py::object& b_hh,
                         const py::object& h0, const py::object& c0, const py::object& lengths,
-                        bool training, bool bf16, const py::object& w_peephole) {
+                        bool training, bool bf16, const py::object& w_peephole,
+                        const py::object& w_hr) {
   if (bf16 && training)
     throw py::value_error("bfloat16 products are for inference: pass training=False");
   if (bf16 && !rnnfast::cpu::cpu_has_avx512_bf16())
     throw std::runtime_error("bfloat16 products need a CPU with AVX512_BF16, which this one lacks");
-  const Dims d = dims_of(cell, x, w_hh);
-  const int64_t GH = d.GH(), NH = d.N * d.H;
+  const Dims d = dims_of(cell, x, w_hh, w_hr);
+  const int64_t GH = d.GH(), R = d.R(), NR = d.N * R;
   const bool has_c = rnnfast::cell_info(cell).has_c;
   rnnfast::cpu::ForwardIO<T> io{};
   io.x = input<T>(x, "x", {d.T, d.N, d.C});
   io.w_ih = input<T>(w_ih, "w_ih", {GH, d.C});
-  io.w_hh = input<T>(w_hh, "w_hh", {GH, d.H});
+  io.w_hh = input<T>(w_hh, "w_hh", {GH, R});
+  io.w_hr = input<T>(w_hr, "w_hr", {d.P, d.H}, true);
   io.b_ih = input<T>(b_ih, "b_ih", {GH}, true);
   io.b_hh = input<T>(b_hh, "b_hh", {GH}, true);
-  io.h0 = input<T>(h0, "h0", {d.N, d.H}, true);
+  io.h0 = input<T>(h0, "h0", {d.N, R}, true);
   io.c0 = input<T>(c0, "c0", {d.N, d.H}, true);
   if (io.c0 && !has_c) throw py::value_error("c0 is only for LSTM");
   io.w_peephole = peephole_input<T>(cell, w_peephole, d);
@@ -154,9 +168,9 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
   io.bf16 = bf16;
 
   // y is a view of the h sequence, which in training is the start of the reserve
-  const int64_t hs_size = (d.T + 1) * NH;
+  const int64_t hs_size = (d.T + 1) * NR;
   auto store = new_array<T>({training ? rnnfast::reserve_layout(d).total : hs_size});
-  auto h_n = new_array<T>({d.N, d.H});
+  auto h_n = new_array<T>({d.N, R});
   py::object c_n = py::none();
   io.hs = data(store);
   io.reserve = training ? io.hs : nullptr;
@@ -171,21 +185,21 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
     kernels_for<T>(cell).forward(d, io);
   }
   const py::ssize_t s = sizeof(T);
-  py::array y(py::dtype::of<T>(), {d.T, d.N, d.H}, {NH * s, d.H * s, s}, io.hs + NH, store);
+  py::array y(py::dtype::of<T>(), {d.T, d.N, R}, {NR * s, R * s, s}, io.hs + NR, store);
   return py::make_tuple(y, h_n, c_n, training ? py::object(store) : py::none());
 }
 
 py::tuple forward(CellKind cell, const py::array& x, const py::array& w_ih, const py::array& w_hh,
                   const py::object& b_ih, const py::object& b_hh, const py::object& h0,
                   const py::object& c0, const py::object& lengths, bool training, bool bf16,
-                  const py::object& w_peephole) {
+                  const py::object& w_peephole, const py::object& w_hr) {
   if (x.dtype().is(py::dtype::of<float>()))
     return forward_typed<float>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, bf16,
-                                w_peephole);
+                                w_peephole, w_hr);
   if (bf16) throw py::type_error("bfloat16 products take float32 inputs, got float64");
   if (x.dtype().is(py::dtype::of<double>()))
     return forward_typed<double>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, false,
-                                 w_peephole);
+                                 w_peephole, w_hr);
   throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
@@ -194,25 +208,27 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
                          const py::array& w_hh, bool has_b_ih, bool has_b_hh,
                          const py::object& lengths, const py::object& reserve, const py::object& dy,
                          const py::object& dh_n, const py::object& dc_n,
-                         const py::object& w_peephole) {
-  const Dims d = dims_of(cell, x, w_hh);
-  const int64_t GH = d.GH();
+                         const py::object& w_peephole, const py::object& w_hr) {
+  const Dims d = dims_of(cell, x, w_hh, w_hr);
+  const int64_t GH = d.GH(), R = d.R();
   const bool has_c = rnnfast::cell_info(cell).has_c;
   rnnfast::cpu::BackwardIO<T> io{};
   io.x = input<T>(x, "x", {d.T, d.N, d.C});
   io.w_ih = input<T>(w_ih, "w_ih", {GH, d.C});
-  io.w_hh = input<T>(w_hh, "w_hh", {GH, d.H});
+  io.w_hh = input<T>(w_hh, "w_hh", {GH, R});
+  io.w_hr = input<T>(w_hr, "w_hr", {d.P, d.H}, true);
   io.lengths = lengths_input(lengths, d.N, d.T);
   io.reserve = input<T>(reserve, "reserve", {rnnfast::reserve_layout(d).total});
-  io.dy = input<T>(dy, "dy", {d.T, d.N, d.H}, true);
-  io.dh_n = input<T>(dh_n, "dh_n", {d.N, d.H}, true);
+  io.dy = input<T>(dy, "dy", {d.T, d.N, R}, true);
+  io.dh_n = input<T>(dh_n, "dh_n", {d.N, R}, true);
   io.dc_n = input<T>(dc_n, "dc_n", {d.N, d.H}, true);
   if (io.dc_n && !has_c) throw py::value_error("dc_n is only for LSTM");
   io.w_peephole = peephole_input<T>(cell, w_peephole, d);
 
-  auto dx = new_array<T>({d.T, d.N, d.C}), dh0 = new_array<T>({d.N, d.H});
-  auto dw_ih = new_array<T>({GH, d.C}), dw_hh = new_array<T>({GH, d.H});
-  py::object dc0 = py::none(), db_ih = py::none(), db_hh = py::none(), dw_peephole = py::none();
+  auto dx = new_array<T>({d.T, d.N, d.C}), dh0 = new_array<T>({d.N, R});
+  auto dw_ih = new_array<T>({GH, d.C}), dw_hh = new_array<T>({GH, R});
+  py::object dc0 = py::none(), db_ih = py::none(), db_hh = py::none(), dw_peephole = py::none(),
+             dw_hr = py::none();
   io.dx = data(dx);
   io.dh0 = data(dh0);
   io.dw_ih = data(dw_ih);
@@ -237,23 +253,28 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
     io.dw_peephole = data(a);
     dw_peephole = a;
   }
+  if (io.w_hr) {
+    auto a = new_array<T>({d.P, d.H});
+    io.dw_hr = data(a);
+    dw_hr = a;
+  }
   {
     py::gil_scoped_release release;
     kernels_for<T>(cell).backward(d, io);
   }
-  return py::make_tuple(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peephole);
+  return py::make_tuple(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peephole, dw_hr);
 }
 
 py::tuple backward(CellKind cell, const py::array& x, const py::array& w_ih, const py::array& w_hh,
                    bool has_b_ih, bool has_b_hh, const py::object& lengths,
                    const py::object& reserve, const py::object& dy, const py::object& dh_n,
-                   const py::object& dc_n, const py::object& w_peephole) {
+                   const py::object& dc_n, const py::object& w_peephole, const py::object& w_hr) {
   if (x.dtype().is(py::dtype::of<float>()))
     return backward_typed<float>(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
-                                 dh_n, dc_n, w_peephole);
+                                 dh_n, dc_n, w_peephole, w_hr);
   if (x.dtype().is(py::dtype::of<double>()))
     return backward_typed<double>(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
-                                  dh_n, dc_n, w_peephole);
+                                  dh_n, dc_n, w_peephole, w_hr);
   throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
@@ -265,27 +286,27 @@ void bind_cell(py::module_& m, const rnnfast::CellInfo& info) {
         [cell](const py::array& x, const py::array& w_ih, const py::array& w_hh,
                const py::object& b_ih, const py::object& b_hh, const py::object& h0,
                const py::object& c0, const py::object& lengths, bool training, bool bf16,
-               const py::object& w_peephole) {
+               const py::object& w_peephole, const py::object& w_hr) {
           return forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, bf16,
-                         w_peephole);
+                         w_peephole, w_hr);
         },
         "x"_a, "w_ih"_a, "w_hh"_a, "b_ih"_a.none(true), "b_hh"_a.none(true), "h0"_a.none(true),
         "c0"_a.none(true), "lengths"_a.none(true), "training"_a, "bf16"_a = false,
-        "w_peephole"_a.none(true) = py::none(),
+        "w_peephole"_a.none(true) = py::none(), "w_hr"_a.none(true) = py::none(),
         "(y, h_n, c_n or None, reserve or None); see rnnfast.ops");
   m.def((std::string(info.name) + "_backward").c_str(),
         [cell](const py::array& x, const py::array& w_ih, const py::array& w_hh, bool has_b_ih,
                bool has_b_hh, const py::object& lengths, const py::object& reserve,
                const py::object& dy, const py::object& dh_n, const py::object& dc_n,
-               const py::object& w_peephole) {
+               const py::object& w_peephole, const py::object& w_hr) {
           return backward(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy, dh_n, dc_n,
-                          w_peephole);
+                          w_peephole, w_hr);
         },
         "x"_a, "w_ih"_a, "w_hh"_a, "has_b_ih"_a, "has_b_hh"_a, "lengths"_a.none(true), "reserve"_a,
         "dy"_a.none(true), "dh_n"_a.none(true), "dc_n"_a.none(true),
-        "w_peephole"_a.none(true) = py::none(),
-        "(dx, dh0, dc0 or None, dw_ih, dw_hh, db_ih or None, db_hh or None, dw_peephole or None); "
-        "see rnnfast.ops");
+        "w_peephole"_a.none(true) = py::none(), "w_hr"_a.none(true) = py::none(),
+        "(dx, dh0, dc0 or None, dw_ih, dw_hh, db_ih or None, db_hh or None, dw_peephole or None, "
+        "dw_hr or None); see rnnfast.ops");
 }
 
 py::dict build_info() {
@@ -345,6 +366,7 @@ PYBIND11_MODULE(_C, m) {
           row["reset_after"] = c.reset_after;
           row["reset_before"] = c.reset_before;
           row["peephole"] = c.peephole;
+          row["projection"] = c.projection;
           row["gpu"] = c.gpu;
           rows.append(row);
         }

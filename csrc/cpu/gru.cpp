@@ -138,7 +138,7 @@ struct GruResetBefore : DefaultStep {
   // W_hr and W_hz multiply h_{t-1}, W_hn multiplies r * h_{t-1}
   template <typename T>
   static void weight_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx, const T*,
-                               const T* hs) {
+                               const T* hs, const T*) {
     input_gradients(d, io, dgx);
     dw_hh_rows(d, dgx, hs, 0, 2 * d.H, io.dw_hh);
     dw_hh_rows(d, dgx, io.reserve + reserve_layout(d).rh, 2 * d.H, d.H, io.dw_hh);

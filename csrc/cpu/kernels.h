@@ -10,20 +10,21 @@ namespace rnnfast::cpu {
 
 // All arrays are C-contiguous, of one dtype T (float or double), and must not alias each other.
 // Optional inputs may be null: biases (no bias), h0/c0 (zero), lengths (every sequence runs T
-// steps).
+// steps). R is the size of h: H, or P with a projection (Dims::R()).
 template <typename T>
 struct ForwardIO {
   const T* x;              // [T, N, C]
   const T* w_ih;           // [G*H, C]
-  const T* w_hh;           // [G*H, H]
+  const T* w_hh;           // [G*H, R]
   const T* b_ih;           // [G*H] or null
   const T* b_hh;           // [G*H] or null
-  const T* h0;             // [N, H] or null
+  const T* h0;             // [N, R] or null
   const T* c0;             // [N, H] or null; LSTM only
   const T* w_peephole;     // [3, H] rows i, f, o, or null; cells whose row has peephole only
+  const T* w_hr;           // [P, H] the projection where Dims::P > 0 (cells with projection)
   const int32_t* lengths;  // [N], each in [0, T], or null
-  T* hs;              // [T+1, N, H] out: slot 0 = h0, y = hs[1:]; the reserve's start in training
-  T* h_n;             // [N, H] out: h after each sequence's own last step
+  T* hs;              // [T+1, N, R] out: slot 0 = h0, y = hs[1:]; the reserve's start in training
+  T* h_n;             // [N, R] out: h after each sequence's own last step
   T* c_n;             // [N, H] out, LSTM only (else null)
   T* reserve;         // [reserve_layout(dims).total] out, or null for inference; hs points into it
   bool bf16 = false;  // the products in bfloat16, sums in float32: float32 inference only
@@ -33,21 +34,23 @@ template <typename T>
 struct BackwardIO {
   const T* x;              // [T, N, C]
   const T* w_ih;           // [G*H, C]
-  const T* w_hh;           // [G*H, H]
+  const T* w_hh;           // [G*H, R]
   const T* w_peephole;     // [3, H] or null, as in the forward
+  const T* w_hr;           // [P, H] or null, as in the forward
   const int32_t* lengths;  // [N] or null
   const T* reserve;        // [reserve_layout(dims).total] from the training forward
-  const T* dy;             // [T, N, H] or null (zero)
-  const T* dh_n;           // [N, H] or null (zero)
+  const T* dy;             // [T, N, R] or null (zero)
+  const T* dh_n;           // [N, R] or null (zero)
   const T* dc_n;           // [N, H] or null (zero); LSTM only
   T* dx;                   // [T, N, C] out
-  T* dh0;                  // [N, H] out
+  T* dh0;                  // [N, R] out
   T* dc0;                  // [N, H] out, LSTM only (else null)
   T* dw_ih;                // [G*H, C] out
-  T* dw_hh;                // [G*H, H] out
+  T* dw_hh;                // [G*H, R] out
   T* db_ih;                // [G*H] out, or null where the forward had no b_ih
   T* db_hh;                // [G*H] out, or null where the forward had no b_hh
   T* dw_peephole;          // [3, H] out where w_peephole is given (row f zero when coupled)
+  T* dw_hr;                // [P, H] out where w_hr is given
 };
 
 // A cell's forward and backward through time, for T = float and double: specialised in the

@@ -1,5 +1,6 @@
 // LSTM (gates i, f, g, o) and its coupled-gate variant (CIFG: f = 1 - i, gates i, g, o), each with
-// optional peepholes: the fused pointwise forward and backward passes, over the shared driver.
+// optional peepholes and an optional projection (LSTMP: h = (o * tanh(c)) W_hr^T, P < H values):
+// the fused pointwise forward and backward passes, and the projected step, over the shared driver.
 #include <type_traits>
 
 #include "cpu/recurrent.h"
@@ -13,6 +14,79 @@ struct Lstm : DefaultStep {
   static constexpr CellKind kind = Coupled ? CellKind::lstm_cifg : CellKind::lstm;
   // gate blocks: i, f, g, o, or i, g, o when f is 1 - i
   static constexpr int64_t G = Coupled ? 3 : 4, kG = Coupled ? 1 : 2, kO = Coupled ? 2 : 3;
+
+  // With a projection the step has a second product: the pass writes m = o * tanh(c) for the
+  // thread's units, a barrier, then each thread projects m onto its own columns of h (of P), a
+  // barrier. Backward: h_t's total gradient for its columns, a barrier, dm = dh W_hr for its
+  // units, the pass, a barrier, dh_{t-1} for its columns.
+  template <typename T>
+  static void forward_products(const Dims& d, const ForwardIO<T>& io, const ForwardThread<T>& th,
+                               StepProducts<T>& out) {
+    DefaultStep::forward_products(d, io, th, out);
+    if (d.P)
+      out[1].emplace(io.w_hr + th.state_cols.begin * d.H, d.H, th.state_cols.size(), d.H,
+                     WeightsBy::row, OutputBlocks{}, d.T * d.N, io.bf16);
+  }
+
+  template <typename T>
+  static void backward_products(const Dims& d, const BackwardIO<T>& io, const BackwardThread<T>& th,
+                                StepProducts<T>& out) {
+    if (!d.P) return DefaultStep::backward_products(d, io, th, out);
+    out[0].emplace(io.w_hh + th.state_cols.begin, d.P, th.state_cols.size(), G * d.H,
+                   WeightsBy::column, OutputBlocks{}, d.T * d.N);
+    out[1].emplace(io.w_hr + th.units.begin, d.H, th.units.size(), d.P, WeightsBy::column,
+                   OutputBlocks{}, d.T * d.N);
+  }
+
+  template <class Cell, typename T>
+  static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
+    if (!th.product[1]) return DefaultStep::forward_step<Cell, T>(th, s);
+    (*th.product[0])(s.N, s.h_prev, s.R, th.gh, th.width, Accumulate::no);
+    ForwardStep<T> pass = s;
+    pass.gh = th.gh;
+    pass.h = s.m;  // zero past a row's length, so that its h is too
+    run_pass<&Cell::template forward<T>>(th.avx512, pass);
+    team_barrier(th.team);  // m is complete
+    (*th.product[1])(s.N, s.m, s.H, s.h + th.state_cols.begin, s.R, Accumulate::no);
+    team_barrier(th.team);  // h_t is complete
+  }
+
+  template <class Cell, typename T>
+  static void backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
+    if (!th.product[1]) return DefaultStep::backward_step<Cell, T>(th, s);
+    const int64_t R = s.R;
+    // h_t's total gradient for a row in its length (kept for dw_hr; dh then restarts at zero
+    // for the product into dh_{t-1}); a padded row keeps its dh and adds nothing
+    for (int64_t n = 0; n < s.N; ++n) {
+      T* dh = s.dh + n * R;
+      T* total = s.dh_seq + n * R;
+      const T* dy = s.dy + n * R;
+      const bool valid = s.valid(n);
+      for (int64_t j = th.state_cols.begin; j < th.state_cols.end; ++j) {
+        total[j] = valid ? dh[j] + dy[j] : T(0);
+        if (valid) dh[j] = T(0);
+      }
+    }
+    team_barrier(th.team);  // h_t's gradient is complete
+    (*th.product[1])(s.N, s.dh_seq, R, s.dm + th.units.begin, s.H, Accumulate::no);
+    BackwardStep<T> pass = s;
+    pass.dh = s.dm;
+    pass.dy = s.zeros;
+    run_pass<&Cell::template backward<T>>(th.avx512, pass);
+    sum_bias_rows(th, pass);
+    team_barrier(th.team);  // every unit's gate gradients
+    (*th.product[0])(s.N, s.dgh, G* s.H, s.dh + th.state_cols.begin, R, Accumulate::yes);
+  }
+
+  // and dw_hr = sum over steps of h_t's gradient times m_t
+  template <typename T>
+  static void weight_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx, const T* dgh,
+                               const T* hs, const T* dh_seq) {
+    DefaultStep::weight_gradients(d, io, dgx, dgh, hs, dh_seq);
+    if (d.P)
+      parallel_gemm<T>(get_num_threads(), true, false, d.P, d.H, d.T * d.N, dh_seq, d.P,
+                       io.reserve + reserve_layout(d).m, d.H, T(0), io.dw_hr, d.H);
+  }
 
   template <typename T>
   RNNFAST_PASS static void forward(const ForwardStep<T>& s) {

@@ -24,45 +24,49 @@ namespace rnnfast::cpu {
 // One thread's slice of one forward step.
 template <typename T>
 struct ForwardStep {
-  int64_t N, H, t;
+  int64_t N, H, R, t;      // R: the size of h (Dims::R)
   Range units;             // the hidden units this thread owns
   const int32_t* lengths;  // [N] or null
   const T* gx;             // [N, G*units] this thread's input projection, without biases
   const T* bx;             // [G*H] b_ih plus the parts of b_hh that are plain sums: add to gx
   const T* gh;             // [N, G*units] this thread's recurrent product, gate-major per row
   const T* bhn;            // [H] GRU: b_hn, kept out of gx since r multiplies it; else null
-  const T* h_prev;         // [N, H]
+  const T* h_prev;         // [N, R] (R = H but with a projection, Dims::R)
   const T* c_prev;         // [N, H] LSTM, else null
   const T* peephole;       // [3, H] w_peephole (rows i, f, o), or null
-  T* h;                    // [N, H] out: zero where t >= length
+  T* h;                    // [N, R] out: zero where t >= length
   T* c;                    // [N, H] out, LSTM: carried unchanged where t >= length
   T* gates;                // [N, G*H] out, training only (else null)
   T* ghn;                  // [N, H] out, GRU training only (else null)
   T* rh;                   // [N, H] out, reset_before: r * h_{t-1}, read by the whole team
+  T* m;                    // [N, H] out, with a projection: o * tanh(c), which W_hr projects to h
   bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
 };
 
 // One thread's slice of one backward step.
 template <typename T>
 struct BackwardStep {
-  int64_t N, H, t;
+  int64_t N, H, R, t;  // R: the size of h (Dims::R)
   Range units;
   const int32_t* lengths;  // [N] or null
-  const T* dy;             // [N, H] (zeros where the caller gave none)
-  const T* h_prev;         // [N, H]
-  const T* h;              // [N, H]
+  const T* dy;             // [N, R] (zeros where the caller gave none)
+  const T* h_prev;         // [N, R]
+  const T* h;              // [N, R]
   const T* c_prev;         // [N, H] LSTM
   const T* c;              // [N, H] LSTM
   const T* gates;          // [N, G*H] post-activation gates (LSTM, GRU)
   const T* ghn;            // [N, H] GRU
   const T* peephole;       // [3, H] w_peephole, or null
-  T* dpeephole;  // [3, H] w_peephole's gradient, summed step by step (this thread's units)
-  T* drh;        // [N, units] reset_before: this thread's columns of d(r * h_{t-1})
-  T* dh;         // [N, H] in: gradient reaching h_t from later steps; out: its path to h_{t-1} that
-                 // bypasses w_hh (the GEMM adds the rest)
-  T* dc;         // [N, H] LSTM: in dc_t, out dc_{t-1}
-  T* dgx;        // [N, G*H] out: gradient of the x-side pre-activations
-  T* dgh;        // [N, G*H] out: of the h-side products; the same buffer as dgx but for GRU
+  T* dpeephole;    // [3, H] w_peephole's gradient, summed step by step (this thread's units)
+  T* drh;          // [N, units] reset_before: this thread's columns of d(r * h_{t-1})
+  T* dh_seq;       // [N, R] with a projection: h_t's total gradient, kept for dw_hr
+  T* dm;           // [N, H] with a projection: the gradient of o * tanh(c), read by the pass
+  const T* zeros;  // [N, max(R, H)] zeros
+  T* dh;   // [N, R] in: gradient reaching h_t from later steps; out: its path to h_{t-1} that
+           // bypasses w_hh (the GEMM adds the rest)
+  T* dc;   // [N, H] LSTM: in dc_t, out dc_{t-1}
+  T* dgx;  // [N, G*H] out: gradient of the x-side pre-activations
+  T* dgh;  // [N, G*H] out: of the h-side products; the same buffer as dgx but for GRU
   bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
 };
 
@@ -165,19 +169,21 @@ template <typename T>
 struct ForwardThread {
   int team;                          // threads in the team (the barrier's width)
   Range units;                       // the hidden units this thread owns
+  Range state_cols;                  // with a projection: the columns of h it computes (of R)
   int64_t width;                     // G * units.size(): this thread's gate columns
   bool avx512;                       // run the AVX-512 build of the pointwise pass
   T* gh;                             // [N, width] the step's recurrent products
   const StepProduct<T>* product[2];  // by default h_{t-1} [N, H] onto its gate columns of w_hh
 };
 
-// h and c before step 0: h0 and c0, or zeros (backward starts its dh and dc the same way).
+// h [N, R] and c [N, H] before step 0: h0 and c0, or zeros (backward starts its dh and dc the
+// same way).
 template <typename T>
-void initial_states(int64_t NH, const T* h0, const T* c0, T* hs, T* cs) {
+void initial_states(int64_t NR, int64_t NH, const T* h0, const T* c0, T* hs, T* cs) {
   if (h0)
-    std::memcpy(hs, h0, sizeof(T) * NH);
+    std::memcpy(hs, h0, sizeof(T) * NR);
   else
-    std::fill(hs, hs + NH, T(0));
+    std::fill(hs, hs + NR, T(0));
   if (cs) {
     if (c0)
       std::memcpy(cs, c0, sizeof(T) * NH);
@@ -202,7 +208,7 @@ void fold_biases(const CellInfo& cell, int64_t H, const T* b_ih, const T* b_hh, 
 template <class Cell, typename T>
 void run_forward(const Dims& d, const ForwardIO<T>& io) {
   constexpr CellInfo cell = cell_info(Cell::kind);
-  const int64_t N = d.N, H = d.H, G = cell.gates, GH = G * H, NH = N * H;
+  const int64_t N = d.N, H = d.H, G = cell.gates, GH = G * H, NH = N * H, R = d.R(), NR = N * R;
   const bool training = io.reserve != nullptr;
   const ReserveLayout layout = reserve_layout(d);
   T* hs = io.hs;
@@ -210,13 +216,14 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   auto c_ring = scratch<T>(cell.has_c && !training ? 2 * NH : 0);
   T* cs = cell.has_c ? (training ? io.reserve + layout.cs : c_ring.get()) : nullptr;
   auto c_slot = [&](int64_t t) { return cs + (training ? t : (t & 1)) * NH; };
-  initial_states(NH, io.h0, io.c0, hs, cs);
+  initial_states(NR, NH, io.h0, io.c0, hs, cs);
 
   auto bx = scratch<T>(GH);
   auto bhn = scratch<T>(cell.reset_after ? H : 0);
   fold_biases(cell, H, io.b_ih, io.b_hh, bx.get(), bhn.get());
   // r * h_{t-1} in inference, where no reserve keeps it
   auto rh_step = scratch<T>(cell.reset_before && !training ? NH : 0);
+  auto m_step = scratch<T>(d.P && !training ? NH : 0);  // o * tanh(c), likewise
 
   // Each thread projects the inputs onto its own units' gates, through the same packed kernel as
   // the step product (w_ih packed once per call), a chunk of steps ahead of the recurrence: the
@@ -228,6 +235,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   {
     ForwardThread<T> th{team_size()};
     th.units = split(H, th.team, thread_index(), kUnitAlign);
+    th.state_cols = split(R, th.team, thread_index(), kUnitAlign);
     th.width = G * th.units.size();
     th.avx512 = cpu_has_avx512();
     Scratch<T> gh(nullptr, release_scratch), gx(nullptr, release_scratch);
@@ -248,12 +256,12 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
       // the biases are added in the pointwise pass, which saves a pass over gx to preset them
       (*projection)(rows, io.x + t0 * N * d.C, d.C, gx.get(), th.width, Accumulate::no);
       for (int64_t t = t0; t < t0 + steps; ++t) {
-        ForwardStep<T> s{N, H, t, th.units, io.lengths};
+        ForwardStep<T> s{N, H, R, t, th.units, io.lengths};
         s.gx = gx.get() + (t - t0) * N * th.width;
         s.bx = bx.get();
         s.bhn = bhn.get();
-        s.h_prev = hs + t * NH;
-        s.h = hs + (t + 1) * NH;
+        s.h_prev = hs + t * NR;
+        s.h = hs + (t + 1) * NR;
         if (cell.has_c) {
           s.c_prev = c_slot(t);
           s.c = c_slot(t + 1);
@@ -264,6 +272,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
           s.ghn = cell.reset_after ? io.reserve + layout.ghn + t * NH : nullptr;
         }
         if (cell.reset_before) s.rh = training ? io.reserve + layout.rh + t * NH : rh_step.get();
+        if (d.P) s.m = training ? io.reserve + layout.m + t * NH : m_step.get();
         Cell::template forward_step<Cell, T>(th, s);
       }
     }
@@ -273,7 +282,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   // final states: each row's after its own last step
   for (int64_t n = 0; n < N; ++n) {
     const int64_t len = io.lengths ? io.lengths[n] : d.T;
-    std::memcpy(io.h_n + n * H, hs + len * NH + n * H, sizeof(T) * H);
+    std::memcpy(io.h_n + n * R, hs + len * NR + n * R, sizeof(T) * R);
     if (cell.has_c) std::memcpy(io.c_n + n * H, c_slot(d.T) + n * H, sizeof(T) * H);
   }
 }
@@ -285,6 +294,7 @@ template <typename T>
 struct BackwardThread {
   int team;
   Range units;
+  Range state_cols;  // with a projection: the columns of dh_{t-1} it computes (of R)
   bool avx512;
   int64_t gates;                     // G
   const StepProduct<T>* product[2];  // by default dgh_t [N, G*H] onto its columns of dh_{t-1}
@@ -311,12 +321,13 @@ void sum_bias_rows(const BackwardThread<T>& th, const BackwardStep<T>& s) {
 // The products are built once per thread per call (forward_products, backward_products), and the
 // weight gradients follow the loop (weight_gradients); a cell may replace any of these too.
 struct DefaultStep {
-  // h_{t-1} [N, H] onto the thread's outputs, the rows of all G gates of its units: G blocks of
+  // h_{t-1} [N, R] onto the thread's outputs, the rows of all G gates of its units: G blocks of
   // w_hh, with T*N rows through them in this call
   template <typename T>
   static void forward_products(const Dims& d, const ForwardIO<T>& io, const ForwardThread<T>& th,
                                StepProducts<T>& out) {
-    out[0].emplace(io.w_hh + th.units.begin * d.H, d.H, th.width, d.H, WeightsBy::row,
+    const int64_t R = d.R();
+    out[0].emplace(io.w_hh + th.units.begin * R, R, th.width, R, WeightsBy::row,
                    OutputBlocks{th.units.size(), d.H}, d.T * d.N, io.bf16);
   }
 
@@ -324,13 +335,13 @@ struct DefaultStep {
   template <typename T>
   static void backward_products(const Dims& d, const BackwardIO<T>& io, const BackwardThread<T>& th,
                                 StepProducts<T>& out) {
-    out[0].emplace(io.w_hh + th.units.begin, d.H, th.units.size(), th.gates * d.H,
+    out[0].emplace(io.w_hh + th.units.begin, d.R(), th.units.size(), th.gates * d.H,
                    WeightsBy::column, OutputBlocks{}, d.T * d.N);
   }
 
   template <class Cell, typename T>
   static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
-    (*th.product[0])(s.N, s.h_prev, s.H, th.gh, th.width, Accumulate::no);
+    (*th.product[0])(s.N, s.h_prev, s.R, th.gh, th.width, Accumulate::no);
     s.gh = th.gh;
     run_pass<&Cell::template forward<T>>(th.avx512, s);
     team_barrier(th.team);  // h_t is complete when every thread has written its units
@@ -342,12 +353,13 @@ struct DefaultStep {
     sum_bias_rows(th, s);
 #pragma omp barrier
     const int64_t ld_dgh = th.gates * s.H;  // dgh's rows are all G gates of all H units
-    (*th.product[0])(s.N, s.dgh, ld_dgh, s.dh + th.units.begin, s.H, Accumulate::yes);
+    (*th.product[0])(s.N, s.dgh, ld_dgh, s.dh + th.units.begin, s.R, Accumulate::yes);
   }
 
+  // dh_seq: [T, N, R] every step's total gradient of h, where the cell projects (else null)
   template <typename T>
   static void weight_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx, const T* dgh,
-                               const T* hs);
+                               const T* hs, const T* dh_seq);
 };
 
 // x, or where a padded row (t >= lengths[n]) holds a NaN or infinity, a copy of x with the padded
@@ -382,13 +394,13 @@ const T* finite_padding(const Dims& d, const T* x, const int32_t* lengths, Scrat
 }
 
 // After the loop: the weight gradients and dx as large GEMMs over all T*N rows. dw_hh_rows: `rows`
-// rows of dw_hh from row `first` on, dgh's columns of those rows times the sequence h [T*N, H];
+// rows of dw_hh from row `first` on, dgh's columns of those rows times the sequence h [T*N, R];
 // input_gradients: dw_ih and dx.
 template <typename T>
 void dw_hh_rows(const Dims& d, const T* dgh, const T* h, int64_t first, int64_t rows, T* dw_hh) {
-  const int64_t GH = d.GH();
-  parallel_gemm<T>(get_num_threads(), true, false, rows, d.H, d.T * d.N, dgh + first, GH, h, d.H,
-                   T(0), dw_hh + first * d.H, d.H);
+  const int64_t GH = d.GH(), R = d.R();
+  parallel_gemm<T>(get_num_threads(), true, false, rows, R, d.T * d.N, dgh + first, GH, h, R, T(0),
+                   dw_hh + first * R, R);
 }
 
 template <typename T>
@@ -403,7 +415,7 @@ void input_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx) {
 
 template <typename T>
 void DefaultStep::weight_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx,
-                                   const T* dgh, const T* hs) {
+                                   const T* dgh, const T* hs, const T*) {
   input_gradients(d, io, dgx);
   dw_hh_rows(d, dgh, hs, 0, d.GH(), io.dw_hh);
 }
@@ -411,7 +423,8 @@ void DefaultStep::weight_gradients(const Dims& d, const BackwardIO<T>& io, const
 template <class Cell, typename T>
 void run_backward(const Dims& d, const BackwardIO<T>& io) {
   constexpr CellInfo cell = cell_info(Cell::kind);
-  const int64_t N = d.N, H = d.H, GH = cell.gates * H, NH = N * H, TN = d.T * N;
+  const int64_t N = d.N, H = d.H, GH = cell.gates * H, NH = N * H, TN = d.T * N, R = d.R(),
+                NR = N * R;
   const ReserveLayout layout = reserve_layout(d);
   const T* hs = io.reserve + layout.hs;
 
@@ -419,10 +432,15 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   auto dgh_own = scratch<T>(cell.reset_after ? TN * GH : 0);
   T* dgh = cell.reset_after ? dgh_own.get() : dgx.get();
   // the running gradients dh and dc (dh0 and dc0 at the end) start as dh_n and dc_n, or zeros
-  initial_states(NH, io.dh_n, io.dc_n, io.dh0, cell.has_c ? io.dc0 : nullptr);
+  initial_states(NR, NH, io.dh_n, io.dc_n, io.dh0, cell.has_c ? io.dc0 : nullptr);
 
-  auto zeros = scratch<T>(io.dy ? 0 : NH);
-  if (!io.dy) std::fill(zeros.get(), zeros.get() + NH, T(0));
+  // dy where the caller gave none, and with a projection the pass's (its dy is in dm already)
+  const int64_t zero_count = io.dy && !d.P ? 0 : N * std::max(R, H);
+  auto zeros = scratch<T>(zero_count);
+  std::fill(zeros.get(), zeros.get() + zero_count, T(0));
+  // with a projection: every step's total gradient of h (for dw_hr) and d(o * tanh(c))
+  auto dh_seq = scratch<T>(d.P ? TN * R : 0);
+  auto dm = scratch<T>(d.P ? NH : 0);
 
   const bool sum_db_x = io.db_ih || io.db_hh, sum_db_h = cell.reset_after && io.db_hh;
   auto db_sum = scratch<T>(sum_db_x ? (sum_db_h ? 2 : 1) * GH : 0);
@@ -434,6 +452,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   {
     BackwardThread<T> th{team_size()};
     th.units = split(H, th.team, thread_index(), kUnitAlign);
+    th.state_cols = split(R, th.team, thread_index(), kUnitAlign);
     th.avx512 = cpu_has_avx512();
     th.gates = cell.gates;
     th.db_x = sum_db_x ? db_sum.get() : nullptr;
@@ -446,10 +465,10 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
     });
     for (int k = 0; k < 2; ++k) th.product[k] = products[k] ? &*products[k] : nullptr;
     for (int64_t t = d.T - 1; ok && t >= 0; --t) {
-      BackwardStep<T> s{N, H, t, th.units, io.lengths};
-      s.dy = io.dy ? io.dy + t * NH : zeros.get();
-      s.h_prev = hs + t * NH;
-      s.h = hs + (t + 1) * NH;
+      BackwardStep<T> s{N, H, R, t, th.units, io.lengths};
+      s.dy = io.dy ? io.dy + t * NR : zeros.get();
+      s.h_prev = hs + t * NR;
+      s.h = hs + (t + 1) * NR;
       if (cell.has_c) {
         s.c_prev = io.reserve + layout.cs + t * NH;
         s.c = s.c_prev + NH;
@@ -459,6 +478,9 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
       s.peephole = io.w_peephole;
       s.dpeephole = io.dw_peephole;
       s.drh = drh.get();
+      s.dh_seq = d.P ? dh_seq.get() + t * NR : nullptr;
+      s.dm = dm.get();
+      s.zeros = zeros.get();
       s.dh = io.dh0;
       s.dc = io.dc0;
       s.dgx = dgx.get() + t * N * GH;
@@ -468,7 +490,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   }
   setup.rethrow();
 
-  Cell::template weight_gradients<T>(d, io, dgx.get(), dgh, hs);
+  Cell::template weight_gradients<T>(d, io, dgx.get(), dgh, hs, dh_seq.get());
   if (io.db_ih) std::memcpy(io.db_ih, db_sum.get(), sizeof(T) * GH);
   if (io.db_hh) std::memcpy(io.db_hh, db_sum.get() + (sum_db_h ? GH : 0), sizeof(T) * GH);
 }

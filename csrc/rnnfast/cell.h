@@ -48,17 +48,20 @@ struct CellInfo {
   // a second product, r * h_{t-1} is kept in the reserve as rh, and W_hn's gradient comes from it
   bool reset_before;
   bool peephole;  // takes the optional w_peephole [3, H] (rows i, f, o: the gates see c)
-  bool gpu;       // the CUDA backend has kernels for it (the others raise there)
+  // takes the optional w_hr [P, H]: h is the projection (o * tanh(c)) W_hr^T of P < H values
+  bool projection;
+  bool gpu;  // the CUDA backend has kernels for it (the others raise there)
 };
 
 inline constexpr CellInfo kCellTable[] = {
-    // kind, name, gates, has_c, saves_gates, reset_after, reset_before, peephole, gpu
-    {CellKind::rnn_tanh, "rnn_tanh", 1, false, false, false, false, false, true},
-    {CellKind::rnn_relu, "rnn_relu", 1, false, false, false, false, false, true},
-    {CellKind::lstm, "lstm", 4, true, true, false, false, true, true},
-    {CellKind::gru, "gru", 3, false, true, true, false, false, true},
-    {CellKind::lstm_cifg, "lstm_cifg", 3, true, true, false, false, true, false},
-    {CellKind::gru_reset_before, "gru_reset_before", 3, false, true, false, true, false, false},
+    // kind, name, gates, has_c, saves_gates, reset_after, reset_before, peephole, projection, gpu
+    {CellKind::rnn_tanh, "rnn_tanh", 1, false, false, false, false, false, false, true},
+    {CellKind::rnn_relu, "rnn_relu", 1, false, false, false, false, false, false, true},
+    {CellKind::lstm, "lstm", 4, true, true, false, false, true, true, true},
+    {CellKind::gru, "gru", 3, false, true, true, false, false, false, true},
+    {CellKind::lstm_cifg, "lstm_cifg", 3, true, true, false, false, true, true, false},
+    {CellKind::gru_reset_before, "gru_reset_before", 3, false, true, false, true, false, false,
+     false},
 };
 
 // The row of `kind`. An unknown kind throws: at compile time where the kind is a constant, else
@@ -118,19 +121,24 @@ void dispatch_gpu_cell(CellKind kind, F&& f) {
 struct Dims {
   int64_t T, N, C, H;
   CellKind cell;
+  int64_t P = 0;  // the projection's size (0 < P < H), or 0 without one
   int64_t G() const { return gate_count(cell); }
   int64_t GH() const { return G() * H; }
+  // R: the size of h, the recurrent state and the output (P with a projection, else H); w_hh is
+  // [G*H, R], h0, h_n and each step of y [N, R], while c stays [N, H]
+  int64_t R() const { return P ? P : H; }
 };
 
 // The reserve (what a training forward leaves for backward), in elements, laid out back to back:
-// - hs [T+1, N, H]: slot 0 is h0, slot t+1 is h after step t (zero where t >= length); y = hs[1:]
+// - hs [T+1, N, R]: slot 0 is h0, slot t+1 is h after step t (zero where t >= length); y = hs[1:]
 // - cs [T+1, N, H], where has_c: c after each step (carried unchanged past a sequence's length)
 // - gates [T, N, G*H], where saves_gates: post-activation gates (LSTM i f g o, GRU r z n); the
 //   vanilla RNN's derivative comes from h itself
 // - ghn [T, N, H], where reset_after: W_hn h + b_hn, the recurrent part of n that r multiplies
 // - rh [T, N, H], where reset_before: r * h_{t-1}, what W_hn multiplies
+// - m [T, N, H], with a projection: o * tanh(c), what W_hr projects
 struct ReserveLayout {
-  int64_t hs, cs, gates, ghn, rh, total;  // offsets of each part, and the total size
+  int64_t hs, cs, gates, ghn, rh, m, total;  // offsets of each part, and the total size
 };
 
 inline ReserveLayout reserve_layout(const Dims& d) {
@@ -138,11 +146,12 @@ inline ReserveLayout reserve_layout(const Dims& d) {
   const int64_t state = (d.T + 1) * d.N * d.H;
   ReserveLayout r{};
   r.hs = 0;
-  r.cs = state;
+  r.cs = (d.T + 1) * d.N * d.R();
   r.gates = r.cs + (cell.has_c ? state : 0);
   r.ghn = r.gates + (cell.saves_gates ? d.T * d.N * d.GH() : 0);
   r.rh = r.ghn + (cell.reset_after ? d.T * d.N * d.H : 0);
-  r.total = r.rh + (cell.reset_before ? d.T * d.N * d.H : 0);
+  r.m = r.rh + (cell.reset_before ? d.T * d.N * d.H : 0);
+  r.total = r.m + (d.P ? d.T * d.N * d.H : 0);
   return r;
 }
 
