@@ -112,8 +112,10 @@ PYBIND11_MODULE(_cuda, m) {
          uintptr_t x, uintptr_t w_ih, uintptr_t w_hh, uintptr_t b_ih, uintptr_t b_hh, uintptr_t h0,
          uintptr_t c0, uintptr_t lengths, uintptr_t hseq, uintptr_t h_n, uintptr_t c_n,
          uintptr_t reserve, uintptr_t workspace, uintptr_t stream, int device, bool tf32,
-         int persistent) {
+         int persistent, uintptr_t w_peephole) {
         const Dims d = dims(cell, T, N, C, H);
+        if (w_peephole && !rnnfast::cell_info(d.cell).peephole)
+          throw py::value_error("w_peephole is only for LSTM cells, not " + cell);
         if (T > 0) need(x, "x");  // an empty x may have no allocation
         need(w_ih, "w_ih");
         need(w_hh, "w_hh");
@@ -121,13 +123,14 @@ PYBIND11_MODULE(_cuda, m) {
         need(h_n, "h_n");
         need(workspace, "workspace");
         if (rnnfast::cell_info(d.cell).has_c) need(c_n, "c_n");
-        const rc::ForwardArgs a{ptr<const void*>(x),    ptr<const void*>(w_ih),
-                                ptr<const void*>(w_hh), ptr<const void*>(b_ih),
-                                ptr<const void*>(b_hh), ptr<const void*>(h0),
-                                ptr<const void*>(c0),   ptr<const int32_t*>(lengths),
-                                ptr<void*>(hseq),       ptr<void*>(h_n),
-                                ptr<void*>(c_n),        ptr<void*>(reserve),
-                                ptr<void*>(workspace)};
+        rc::ForwardArgs a{ptr<const void*>(x),    ptr<const void*>(w_ih),
+                          ptr<const void*>(w_hh), ptr<const void*>(b_ih),
+                          ptr<const void*>(b_hh), ptr<const void*>(h0),
+                          ptr<const void*>(c0),   ptr<const int32_t*>(lengths),
+                          ptr<void*>(hseq),       ptr<void*>(h_n),
+                          ptr<void*>(c_n),        ptr<void*>(reserve),
+                          ptr<void*>(workspace)};
+        a.w_peephole = ptr<const void*>(w_peephole);
         const rc::Options opt{ptr<void*>(stream), tf32, persistent, device};
         const rc::DType s = dtype(dt);
         py::gil_scoped_release release;
@@ -138,7 +141,8 @@ PYBIND11_MODULE(_cuda, m) {
       py::kw_only(), py::arg("x"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
       py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("hseq"),
       py::arg("h_n"), py::arg("c_n"), py::arg("reserve"), py::arg("workspace"), py::arg("stream"),
-      py::arg("device") = -1, py::arg("tf32") = false, py::arg("persistent") = -1);
+      py::arg("device") = -1, py::arg("tf32") = false, py::arg("persistent") = -1,
+      py::arg("w_peephole") = 0);
 
   m.def(
       "backward",
@@ -146,8 +150,13 @@ PYBIND11_MODULE(_cuda, m) {
          uintptr_t x, uintptr_t w_ih, uintptr_t w_hh, uintptr_t lengths, uintptr_t reserve,
          uintptr_t hseq, uintptr_t dy, uintptr_t dh_n, uintptr_t dc_n, uintptr_t dx, uintptr_t dh0,
          uintptr_t dc0, uintptr_t dw_ih, uintptr_t dw_hh, uintptr_t db_ih, uintptr_t db_hh,
-         uintptr_t workspace, uintptr_t stream, int device, bool tf32, int persistent) {
+         uintptr_t workspace, uintptr_t stream, int device, bool tf32, int persistent,
+         uintptr_t w_peephole, uintptr_t dw_peephole) {
         const Dims d = dims(cell, T, N, C, H);
+        if (w_peephole && !rnnfast::cell_info(d.cell).peephole)
+          throw py::value_error("w_peephole is only for LSTM cells, not " + cell);
+        if (bool(w_peephole) != bool(dw_peephole))
+          throw py::value_error("w_peephole and dw_peephole go together");
         if (T > 0) need(x, "x");  // an empty x may have no allocation
         need(w_ih, "w_ih");
         need(w_hh, "w_hh");
@@ -159,15 +168,17 @@ PYBIND11_MODULE(_cuda, m) {
         need(workspace, "workspace");
         if (T > 0) need(dx, "dx");
         if (rnnfast::cell_info(d.cell).has_c) need(dc0, "dc0");
-        const rc::BackwardArgs a{ptr<const void*>(x),       ptr<const void*>(w_ih),
-                                 ptr<const void*>(w_hh),    ptr<const int32_t*>(lengths),
-                                 ptr<const void*>(reserve), ptr<const void*>(hseq),
-                                 ptr<const void*>(dy),      ptr<const void*>(dh_n),
-                                 ptr<const void*>(dc_n),    ptr<void*>(dx),
-                                 ptr<void*>(dh0),           ptr<void*>(dc0),
-                                 ptr<void*>(dw_ih),         ptr<void*>(dw_hh),
-                                 ptr<void*>(db_ih),         ptr<void*>(db_hh),
-                                 ptr<void*>(workspace)};
+        rc::BackwardArgs a{ptr<const void*>(x),       ptr<const void*>(w_ih),
+                           ptr<const void*>(w_hh),    ptr<const int32_t*>(lengths),
+                           ptr<const void*>(reserve), ptr<const void*>(hseq),
+                           ptr<const void*>(dy),      ptr<const void*>(dh_n),
+                           ptr<const void*>(dc_n),    ptr<void*>(dx),
+                           ptr<void*>(dh0),           ptr<void*>(dc0),
+                           ptr<void*>(dw_ih),         ptr<void*>(dw_hh),
+                           ptr<void*>(db_ih),         ptr<void*>(db_hh),
+                           ptr<void*>(workspace)};
+        a.w_peephole = ptr<const void*>(w_peephole);
+        a.dw_peephole = ptr<void*>(dw_peephole);
         const rc::Options opt{ptr<void*>(stream), tf32, persistent, device};
         const rc::DType s = dtype(dt);
         py::gil_scoped_release release;
@@ -178,7 +189,8 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("reserve"), py::arg("hseq"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"),
       py::arg("dx"), py::arg("dh0"), py::arg("dc0"), py::arg("dw_ih"), py::arg("dw_hh"),
       py::arg("db_ih"), py::arg("db_hh"), py::arg("workspace"), py::arg("stream"),
-      py::arg("device") = -1, py::arg("tf32") = false, py::arg("persistent") = -1);
+      py::arg("device") = -1, py::arg("tf32") = false, py::arg("persistent") = -1,
+      py::arg("w_peephole") = 0, py::arg("dw_peephole") = 0);
 
   m.attr("architectures") = RNNFAST_CUDA_ARCHS;
   m.attr("cuda_compiler_version") = RNNFAST_CUDA_COMPILER_VERSION;

@@ -14,6 +14,7 @@ namespace rnnfast::cuda {
   X(CellKind::lstm)           \
   X(CellKind::gru)            \
   X(CellKind::rnn_tanh)       \
-  X(CellKind::rnn_relu)
+  X(CellKind::rnn_relu)       \
+  X(CellKind::lstm_cifg)
 
 }  // namespace rnnfast::cuda

@@ -61,6 +61,9 @@ bool launch(const FwdPtrs<S, acc_t<S>>& p, const S* w_hh, const Plan& plan, cons
 
 bool persistent_fits_impl(const Dims& d, DType s) {
   if (s == DType::f64) return false;
+  bool runs = false;  // a cell with a second product per step has no persistent kernel
+  dispatch_gpu_cell(d.cell, [&](auto kind) { runs = GpuCell<decltype(kind)::value>::persistent; });
+  if (!runs) return false;
   const int H = static_cast<int>(d.H);
   return persistent::make_plan(static_cast<int>(d.G()), H, static_cast<int>(d.N), H,
                                storage_size(s), acc_size(s), persistent::device_facts())

@@ -27,10 +27,13 @@ struct FwdPtrs {
   int64_t h_stride;
   A* c_acc;  // LSTM only
   int64_t c_stride;
-  A* gates;  // [T, N, G*H] or null (inference)
-  A* ghn;    // [T, N, H] GRU training, else null
-  S* h_n;    // [N, H]
-  S* c_n;    // [N, H] LSTM
+  A* gates;             // [T, N, G*H] or null (inference)
+  A* ghn;               // [T, N, H] GRU training, else null
+  const S* w_peephole;  // [3, H] rows i, f, o, or null
+  S* rh;                // reset_before: r * h_{t-1} in S, what W_hn multiplies ([T, N, H] in
+  int64_t rh_stride;    // the reserve with stride N*H, else one [N, H] slot with stride 0)
+  S* h_n;               // [N, H]
+  S* c_n;               // [N, H] LSTM
   int T, N, H;
 };
 
@@ -126,6 +129,8 @@ struct BwdPtrs {
   const A* cs;             // [T+1, N, H] reserve, LSTM
   const A* gates;          // [T, N, G*H] reserve
   const A* ghn;            // [T, N, H] reserve, GRU
+  const S* w_peephole;     // [3, H] or null
+  const S* rh;             // [T, N, H] reserve, reset_before: r * h_{t-1} (S values)
   S* da_x;                 // [T, N, G*H] gradient of x W_ih^T + b_ih
   S* da_h;                 // [T, N, G*H] gradient of h W_hh^T + b_hh (== da_x but for GRU)
   A* dc;                   // [N, H] in place: dc_t in, dc_{t-1} out
@@ -189,6 +194,29 @@ __global__ void backward_finish_kernel(int64_t NH, const A* __restrict__ dh,
   if (dc0) dc0[i] = from_acc<S>(dc[i]);
 }
 
+// dw_peephole [3, H]: row i sums da_i * c_{t-1}, row f da_f * c_{t-1} (zero when f = 1 - i),
+// row o da_o * c_t over every step and row, a thread per (row, unit) in a fixed order
+template <typename S, typename A>
+__global__ void peephole_grad_kernel(BwdPtrs<S, A> p, int G, S* __restrict__ dw) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t H = p.H, NH = int64_t(p.N) * H, GH = G * H;
+  if (idx >= 3 * H) return;
+  const int row = static_cast<int>(idx / H), j = static_cast<int>(idx % H);
+  const bool coupled = G == 3;
+  if (coupled && row == 1) {
+    dw[idx] = from_acc<S>(A(0));
+    return;
+  }
+  const int gate = row == 2 ? G - 1 : row;  // o is the last gate block, i the first
+  const int later = row == 2;               // o sees c_t, i and f see c_{t-1}
+  A sum = 0;
+  for (int t = 0; t < p.T; ++t)
+    for (int n = 0; n < p.N; ++n)
+      sum += to_acc<A>(p.da_x[t * p.N * GH + n * GH + gate * H + j]) *
+             p.cs[(t + later) * NH + n * H + j];
+  dw[idx] = from_acc<S>(sum);
+}
+
 template <typename S>
 __global__ void fill_kernel(int64_t n, S* __restrict__ out, float v) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -209,7 +237,7 @@ __global__ void mask_padding_kernel(int64_t rows, int N, int C, const S* __restr
 
 // ---- workspaces ------------------------------------------------------------------------------
 struct FwdWorkspace {
-  int64_t gx, gh, c_state, h_state, total;  // byte offsets
+  int64_t gx, gh, c_state, h_state, rh, total;  // byte offsets
 };
 
 inline FwdWorkspace forward_workspace(const Dims& d, size_t acc) {
@@ -218,12 +246,13 @@ inline FwdWorkspace forward_workspace(const Dims& d, size_t acc) {
   w.gh = align_up(d.T * d.N * d.GH() * acc);
   w.c_state = w.gh + align_up(d.N * d.GH() * acc);
   w.h_state = w.c_state + align_up(d.N * d.H * acc);
-  w.total = w.h_state + align_up(d.N * d.H * acc);
+  w.rh = w.h_state + align_up(d.N * d.H * acc);  // reset_before inference: one step's r * h
+  w.total = w.rh + (cell_info(d.cell).reset_before ? align_up(d.N * d.H * acc) : 0);
   return w;
 }
 
 struct BwdWorkspace {
-  int64_t da_x, da_h, dh, dc, ones, total;
+  int64_t da_x, da_h, dh, dc, ones, drh, total;
 };
 
 inline BwdWorkspace backward_workspace(const Dims& d, size_t st, size_t acc) {
@@ -234,7 +263,8 @@ inline BwdWorkspace backward_workspace(const Dims& d, size_t st, size_t acc) {
   w.dh = w.da_h + (cell_info(d.cell).reset_after ? da : 0);
   w.dc = w.dh + 2 * align_up(d.N * d.H * acc);
   w.ones = w.dc + align_up(d.N * d.H * acc);
-  w.total = w.ones + align_up(d.T * d.N * st);
+  w.drh = w.ones + align_up(d.T * d.N * st);  // reset_before: d(r * h_{t-1}) of one step
+  w.total = w.drh + (cell_info(d.cell).reset_before ? align_up(d.N * d.H * acc) : 0);
   return w;
 }
 
@@ -278,6 +308,7 @@ FwdPtrs<S, acc_t<S>> forward_pointers(const Dims& d, const ForwardArgs& a, char*
   p.b_ih = static_cast<const S*>(a.b_ih);
   p.b_hh = static_cast<const S*>(a.b_hh);
   p.lengths = a.lengths;
+  p.w_peephole = static_cast<const S*>(a.w_peephole);
   p.hseq = static_cast<S*>(a.hseq);
   p.h_n = static_cast<S*>(a.h_n);
   p.c_n = static_cast<S*>(a.c_n);
@@ -295,7 +326,12 @@ FwdPtrs<S, acc_t<S>> forward_pointers(const Dims& d, const ForwardArgs& a, char*
     }
     if (cell.saves_gates) p.gates = res + r.gates;
     if (cell.reset_after) p.ghn = res + r.ghn;
+    if (cell.reset_before) {
+      p.rh = reinterpret_cast<S*>(res + r.rh);  // S values in A's room
+      p.rh_stride = NH;
+    }
   } else {
+    if (cell.reset_before) p.rh = reinterpret_cast<S*>(ws + wl.rh);
     if constexpr (std::is_same_v<S, A>) {
       p.h_acc = p.hseq;
       p.h_stride = NH;
@@ -310,6 +346,59 @@ FwdPtrs<S, acc_t<S>> forward_pointers(const Dims& d, const ForwardArgs& a, char*
   }
   return p;
 }
+
+// The step loops every cell runs unless its GpuCell replaces them (the reset-before GRU, with a
+// second product per step): per step the recurrent GEMM and the cell's pointwise kernel, or the
+// persistent kernel for the whole recurrence; and dw_hh from h. A GpuCell inherits these.
+struct DefaultGpuSteps {
+  static constexpr bool persistent = true;  // the persistent kernels can run this cell
+
+  template <CellKind Kind, typename S>
+  static void forward_steps(const Dims& d, const ForwardArgs& a, const FwdPtrs<S, acc_t<S>>& p,
+                            acc_t<S>* gh, const Gemms<S>& g, cudaStream_t stream) {
+    const int T = static_cast<int>(d.T), N = static_cast<int>(d.N), H = static_cast<int>(d.H),
+              GH = static_cast<int>(d.GH());
+    const int64_t NH = int64_t(N) * H;
+    for (int t = 0; t < T; ++t) {
+      const bool zero_h = t == 0 && a.h0 == nullptr;  // h W_hh^T of a zero h0 is zero
+      if (!zero_h)
+        cublas::gemm_rm(g.h, false, true, N, GH, H, &g.one, p.hseq + t * NH, g.st, H, a.w_hh, g.st,
+                        H, &g.zero, gh, g.at, GH, g.ct);
+      const auto step = forward_step_kernel<Kind, S, acc_t<S>>;
+      RNNFAST_LAUNCH(step, blocks_for(NH, kPointThreads), kPointThreads, stream, p,
+                     zero_h ? nullptr : gh, t);
+      RNNFAST_CHECK_LAUNCH("forward_step_kernel");
+    }
+  }
+
+  // steps T-1..0 with dh[cur] holding dh_n; returns with dh[cur] holding dh0
+  template <CellKind Kind, typename S>
+  static void backward_steps(const Dims& d, const BackwardArgs& a, const BwdPtrs<S, acc_t<S>>& p,
+                             acc_t<S>* const dh[2], int& cur, acc_t<S>*, const Gemms<S>& g,
+                             cudaStream_t stream) {
+    const int N = static_cast<int>(d.N), H = static_cast<int>(d.H), GH = static_cast<int>(d.GH());
+    const S* w_hh = static_cast<const S*>(a.w_hh);
+    for (int t = static_cast<int>(d.T) - 1; t >= 0; --t) {
+      const auto step = backward_step_kernel<Kind, S, acc_t<S>>;
+      RNNFAST_LAUNCH(step, blocks_for(int64_t(N) * H, kPointThreads), kPointThreads, stream, p,
+                     dh[cur], dh[1 - cur], t);
+      RNNFAST_CHECK_LAUNCH("backward_step_kernel");
+      // dh_{t-1} += da_h[t] [N, GH] W_hh [GH, H]
+      cublas::gemm_rm(g.h, false, false, N, H, GH, &g.one, p.da_h + t * N * int64_t(GH), g.st, GH,
+                      w_hh, g.st, H, &g.one, dh[1 - cur], g.at, H, g.ct);
+      cur = 1 - cur;
+    }
+  }
+
+  // dw_hh [GH, H] = da_h^T hseq[0:T]
+  template <typename S>
+  static void dw_hh(const Dims& d, const BackwardArgs& a, const BwdPtrs<S, acc_t<S>>& p,
+                    const Gemms<S>& g) {
+    const int H = static_cast<int>(d.H), GH = static_cast<int>(d.GH());
+    cublas::gemm_rm(g.h, true, false, GH, H, static_cast<int>(d.T * d.N), &g.one, p.da_h, g.st, GH,
+                    a.hseq, g.st, H, &g.zero, a.dw_hh, g.st, H, g.ct);
+  }
+};
 
 template <CellKind Kind, typename S>
 void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
@@ -333,21 +422,16 @@ void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
   cublas::gemm_rm(g.h, false, true, T * N, GH, C, &g.one, a.x, g.st, C, a.w_ih, g.st, C, &g.zero,
                   ws + wl.gx, g.at, GH, g.ct);
 
-  if (opt.persistent != 0 &&
-      persistent_forward<Kind, S>(p, static_cast<const S*>(a.w_hh), stream, opt.persistent == 1))
-    return;
-
-  A* gh = reinterpret_cast<A*>(ws + wl.gh);
-  for (int t = 0; t < T; ++t) {
-    const bool zero_h = t == 0 && a.h0 == nullptr;  // h W_hh^T of a zero h0 is zero
-    if (!zero_h)
-      cublas::gemm_rm(g.h, false, true, N, GH, H, &g.one, p.hseq + t * NH, g.st, H, a.w_hh, g.st, H,
-                      &g.zero, gh, g.at, GH, g.ct);
-    const auto step = forward_step_kernel<Kind, S, A>;
-    RNNFAST_LAUNCH(step, blocks_for(NH, kPointThreads), kPointThreads, stream, p,
-                   zero_h ? nullptr : gh, t);
-    RNNFAST_CHECK_LAUNCH("forward_step_kernel");
+  if constexpr (GpuCell<Kind>::persistent) {
+    if (opt.persistent != 0 &&
+        persistent_forward<Kind, S>(p, static_cast<const S*>(a.w_hh), stream, opt.persistent == 1))
+      return;
+  } else if (opt.persistent == 1) {
+    throw std::runtime_error(std::string("the persistent recurrence cannot run the ") +
+                             cell_info(Kind).name + " cell (its step has a second product)");
   }
+  GpuCell<Kind>::template forward_steps<Kind, S>(d, a, p, reinterpret_cast<A*>(ws + wl.gh), g,
+                                                 stream);
 }
 
 // Where a backward's pointwise kernels read (the reserve) and write (the workspace).
@@ -365,6 +449,8 @@ BwdPtrs<S, acc_t<S>> backward_pointers(const Dims& d, const BackwardArgs& a, cha
   p.cs = cell.has_c ? res + r.cs : nullptr;
   p.gates = res + r.gates;
   p.ghn = cell.reset_after ? res + r.ghn : nullptr;
+  p.rh = cell.reset_before ? reinterpret_cast<const S*>(res + r.rh) : nullptr;
+  p.w_peephole = static_cast<const S*>(a.w_peephole);
   p.da_x = reinterpret_cast<S*>(ws + wl.da_x);
   p.da_h = reinterpret_cast<S*>(ws + (cell.reset_after ? wl.da_h : wl.da_x));
   p.dc = cell.has_c ? reinterpret_cast<A*>(ws + wl.dc) : nullptr;
@@ -375,7 +461,7 @@ BwdPtrs<S, acc_t<S>> backward_pointers(const Dims& d, const BackwardArgs& a, cha
 }
 
 // After the loop: dw_ih, dx, dw_hh and the bias gradients as large GEMMs over all T*N rows.
-template <typename S>
+template <CellKind Kind, typename S>
 void backward_weight_gradients(const Dims& d, const BackwardArgs& a, const BwdPtrs<S, acc_t<S>>& p,
                                char* ws, const BwdWorkspace& wl, const Gemms<S>& g,
                                cudaStream_t stream) {
@@ -390,7 +476,14 @@ void backward_weight_gradients(const Dims& d, const BackwardArgs& a, const BwdPt
     zero_fill(a.dw_hh, int64_t(GH) * H);
     zero_fill(a.db_ih, GH);
     zero_fill(a.db_hh, GH);
+    zero_fill(a.dw_peephole, 3 * int64_t(H));
     return;
+  }
+  if (a.dw_peephole) {
+    const auto peep = peephole_grad_kernel<S, acc_t<S>>;
+    RNNFAST_LAUNCH(peep, blocks_for(3 * int64_t(H), kPointThreads), kPointThreads, stream, p,
+                   static_cast<int>(d.G()), static_cast<S*>(a.dw_peephole));
+    RNNFAST_CHECK_LAUNCH("peephole_grad_kernel");
   }
   const int tn = static_cast<int>(TN);
   // dw_ih [GH, C] = da_x^T x, with x's padded rows zeroed in dx (free until the dx product below)
@@ -407,9 +500,7 @@ void backward_weight_gradients(const Dims& d, const BackwardArgs& a, const BwdPt
   // dx [TN, C] = da_x [TN, GH] W_ih [GH, C]
   cublas::gemm_rm(g.h, false, false, tn, C, GH, &g.one, p.da_x, g.st, GH, a.w_ih, g.st, C, &g.zero,
                   a.dx, g.st, C, g.ct);
-  // dw_hh [GH, H] = da_h^T hseq[0:T]
-  cublas::gemm_rm(g.h, true, false, GH, H, tn, &g.one, p.da_h, g.st, GH, a.hseq, g.st, H, &g.zero,
-                  a.dw_hh, g.st, H, g.ct);
+  GpuCell<Kind>::template dw_hh<S>(d, a, p, g);
   if (a.db_ih || a.db_hh) {
     // bias gradients as GEMVs against a ones vector: deterministic, and on the tensor cores
     S* ones = reinterpret_cast<S*>(ws + wl.ones);
@@ -428,9 +519,7 @@ void backward_weight_gradients(const Dims& d, const BackwardArgs& a, const BwdPt
 template <CellKind Kind, typename S>
 void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
   using A = acc_t<S>;
-  const int T = static_cast<int>(d.T), N = static_cast<int>(d.N), H = static_cast<int>(d.H),
-            GH = static_cast<int>(d.GH());
-  const int64_t NH = int64_t(N) * H;
+  const int64_t NH = d.N * d.H;
   auto stream = static_cast<cudaStream_t>(opt.stream);
   char* ws = static_cast<char*>(a.workspace);
   const BwdWorkspace wl = backward_workspace(d, sizeof(S), sizeof(A));
@@ -445,25 +534,25 @@ void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
   RNNFAST_CHECK_LAUNCH("backward_init_kernel");
 
   const Gemms<S> g(opt);
-  const S* w_hh = static_cast<const S*>(a.w_hh);
   int cur = 0;
-  const bool persistent = opt.persistent != 0 &&
-                          persistent_backward<Kind, S>(p, w_hh, dh[0], stream, opt.persistent == 1);
-  for (int t = persistent ? -1 : T - 1; t >= 0; --t) {
-    const auto step = backward_step_kernel<Kind, S, A>;
-    RNNFAST_LAUNCH(step, pb, kPointThreads, stream, p, dh[cur], dh[1 - cur], t);
-    RNNFAST_CHECK_LAUNCH("backward_step_kernel");
-    // dh_{t-1} += da_h[t] [N, GH] W_hh [GH, H]
-    cublas::gemm_rm(g.h, false, false, N, H, GH, &g.one, p.da_h + t * N * int64_t(GH), g.st, GH,
-                    w_hh, g.st, H, &g.one, dh[1 - cur], g.at, H, g.ct);
-    cur = 1 - cur;
+  bool persistent = false;
+  if constexpr (GpuCell<Kind>::persistent) {
+    persistent =
+        opt.persistent != 0 && persistent_backward<Kind, S>(p, static_cast<const S*>(a.w_hh), dh[0],
+                                                            stream, opt.persistent == 1);
+  } else if (opt.persistent == 1) {
+    throw std::runtime_error(std::string("the persistent recurrence cannot run the ") +
+                             cell_info(Kind).name + " cell (its step has a second product)");
   }
+  if (!persistent)
+    GpuCell<Kind>::template backward_steps<Kind, S>(d, a, p, dh, cur,
+                                                    reinterpret_cast<A*>(ws + wl.drh), g, stream);
   const auto finish = backward_finish_kernel<S, A>;
   RNNFAST_LAUNCH(finish, pb, kPointThreads, stream, NH, dh[cur], p.dc, static_cast<S*>(a.dh0),
                  static_cast<S*>(a.dc0));
   RNNFAST_CHECK_LAUNCH("backward_finish_kernel");
 
-  backward_weight_gradients<S>(d, a, p, ws, wl, g, stream);
+  backward_weight_gradients<Kind, S>(d, a, p, ws, wl, g, stream);
 }
 
 }  // namespace rnnfast::cuda

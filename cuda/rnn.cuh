@@ -7,7 +7,7 @@
 namespace rnnfast::cuda {
 
 template <bool Relu>
-struct GpuRnn {
+struct GpuRnn : DefaultGpuSteps {
   template <typename S, typename A>
   __device__ static A forward(const FwdPtrs<S, A>& p, int, int64_t, int j, const A* ax, const A* ah,
                               A*, bool) {

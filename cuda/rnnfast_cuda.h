@@ -46,26 +46,29 @@ struct ForwardArgs {
   void* c_n;               // [N, H] out, LSTM only (else null)
   void* reserve;           // reserve_bytes() of A, or null for inference
   void* workspace;         // forward_workspace_bytes()
+  const void* w_peephole = nullptr;  // [3, H] rows i, f, o, or null; cells with peepholes only
 };
 
 struct BackwardArgs {
-  const void* x;           // [T, N, C] the forward's input
-  const void* w_ih;        // [G*H, C]
-  const void* w_hh;        // [G*H, H]
-  const int32_t* lengths;  // [N] or null, as in forward
-  const void* reserve;     // the training forward's reserve (A)
-  const void* hseq;        // [T+1, N, H] the forward's hseq (S)
-  const void* dy;          // [T, N, H] or null (zeros)
-  const void* dh_n;        // [N, H] or null
-  const void* dc_n;        // [N, H] or null; LSTM only
-  void* dx;                // [T, N, C] out
-  void* dh0;               // [N, H] out
-  void* dc0;               // [N, H] out, LSTM only (else null)
-  void* dw_ih;             // [G*H, C] out
-  void* dw_hh;             // [G*H, H] out
-  void* db_ih;             // [G*H] out or null (no bias)
-  void* db_hh;             // [G*H] out or null
-  void* workspace;         // backward_workspace_bytes()
+  const void* x;                     // [T, N, C] the forward's input
+  const void* w_ih;                  // [G*H, C]
+  const void* w_hh;                  // [G*H, H]
+  const int32_t* lengths;            // [N] or null, as in forward
+  const void* reserve;               // the training forward's reserve (A)
+  const void* hseq;                  // [T+1, N, H] the forward's hseq (S)
+  const void* dy;                    // [T, N, H] or null (zeros)
+  const void* dh_n;                  // [N, H] or null
+  const void* dc_n;                  // [N, H] or null; LSTM only
+  void* dx;                          // [T, N, C] out
+  void* dh0;                         // [N, H] out
+  void* dc0;                         // [N, H] out, LSTM only (else null)
+  void* dw_ih;                       // [G*H, C] out
+  void* dw_hh;                       // [G*H, H] out
+  void* db_ih;                       // [G*H] out or null (no bias)
+  void* db_hh;                       // [G*H] out or null
+  void* workspace;                   // backward_workspace_bytes()
+  const void* w_peephole = nullptr;  // [3, H] or null, as in the forward
+  void* dw_peephole = nullptr;       // [3, H] out where w_peephole is given
 };
 
 // Both throw std::runtime_error (with the CUDA or cuBLAS error) on failure; the work is queued on

@@ -28,6 +28,7 @@ class CellSpec:
     peephole: bool = False  # takes the optional w_peephole (3, H), rows i, f, o
     projection: bool = False  # takes the optional w_hr (P, H): h = (o * tanh(c)) W_hr^T
     gpu: bool = True  # the CUDA backend has kernels for it
+    gpu_persistent: bool = True  # and its persistent recurrence runs it (one product a step)
     torch: bool = True  # torch.nn has the same cell (an oracle for the tests)
 
     @property
@@ -54,11 +55,11 @@ CELLS: dict[str, CellSpec] = {
         # f = 1 - i (Greff et al. 2017): three gate blocks i, g, o
         CellSpec("lstm_cifg", 3, has_c=True, family="lstm",
                  options=(("coupled_input_forget", True),), peephole=True, projection=True,
-                 gpu=False, torch=False),
+                 torch=False),
         # n = tanh(x W_in^T + b_in + (r * h) W_hn^T + b_hn): Cho et al. 2014, Keras's
         # reset_after=False, ONNX's linear_before_reset=0
         CellSpec("gru_reset_before", 3, has_c=False, family="gru",
-                 options=(("reset_after", False),), gpu=False, torch=False),
+                 options=(("reset_after", False),), torch=False, gpu_persistent=False),
     )
 }
 # fmt: on

@@ -234,12 +234,14 @@ class CudaContext:
         return self.reserve is not None
 
 
-def _check_forward(cupy, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths) -> Checked:
+def _check_forward(cupy, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
+                   w_peephole=None) -> Checked:  # fmt: skip
     """The CPU path's checks (rnnfast._validate) over CuPy arrays, then one device for all."""
     if lengths is not None and is_gpu_array(lengths):
         lengths = cupy.asnumpy(lengths)
     a = check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
-                             array=functools.partial(_checked, cupy))  # fmt: skip
+                             array=functools.partial(_checked, cupy),
+                             w_peephole=w_peephole)  # fmt: skip
     dev = a.x.device.id
     for f in fields(a):
         v = getattr(a, f.name)
@@ -263,13 +265,13 @@ def _module():
     return mod
 
 
-def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
+def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, w_peephole=None):
     """The GPU side of rnnfast.ops' forward: returns (y, h_n, c_n or None, CudaContext)."""
     mod = _module()
     cupy = _cupy()
     device = cupy.cuda.Device(_as_cupy(cupy, "x", x).device.id)
     with device:
-        a = _check_forward(cupy, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths)
+        a = _check_forward(cupy, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, w_peephole)
         T, N, C, H = a.dims
         dt = a.x.dtype
         stream = cupy.cuda.get_current_stream()
@@ -294,7 +296,7 @@ def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training):
             b_hh=_ptr(a.b_hh), h0=_ptr(a.h0), c0=_ptr(a.c0), lengths=_ptr(a.lengths),
             hseq=_ptr(hseq), h_n=_ptr(h_n), c_n=_ptr(c_n), reserve=_ptr(reserve),
             workspace=_ptr(ws), stream=stream.ptr, device=device.id, tf32=_options["tf32"],
-            persistent=_PERSISTENT[_options["persistent"]],
+            persistent=_PERSISTENT[_options["persistent"]], w_peephole=_ptr(a.w_peephole),
         )  # fmt: skip
         return hseq[1:], h_n, c_n, CudaContext(cell, a, reserve, hseq)
 
@@ -321,6 +323,7 @@ def backward(cell, ctx, dy, dh_n, dc_n):
         dw_hh = cupy.empty((G * H, H), dtype=dt)
         db_ih = None if a.b_ih is None else cupy.empty((G * H,), dtype=dt)
         db_hh = None if a.b_hh is None else cupy.empty((G * H,), dtype=dt)
+        dw_peephole = None if a.w_peephole is None else cupy.empty((3, H), dtype=dt)
         ws = cupy.empty(mod.backward_workspace_bytes(cell, dt.name, T, N, C, H), cupy.uint8)
         mod.backward(
             cell, dt.name, T, N, C, H,
@@ -329,8 +332,9 @@ def backward(cell, ctx, dy, dh_n, dc_n):
             dc_n=_ptr(dc_n), dx=_ptr(dx), dh0=_ptr(dh0), dc0=_ptr(dc0), dw_ih=_ptr(dw_ih),
             dw_hh=_ptr(dw_hh), db_ih=_ptr(db_ih), db_hh=_ptr(db_hh), workspace=_ptr(ws),
             stream=stream.ptr, device=device.id, tf32=_options["tf32"],
-            persistent=_PERSISTENT[_options["persistent"]],
+            persistent=_PERSISTENT[_options["persistent"]], w_peephole=_ptr(a.w_peephole),
+            dw_peephole=_ptr(dw_peephole),
         )  # fmt: skip
     grads = {"dx": dx, "dh0": dh0, "dc0": dc0, "dw_ih": dw_ih, "dw_hh": dw_hh, "db_ih": db_ih,
-             "db_hh": db_hh}  # fmt: skip
-    return {k: grads[k] for k in spec.grad_names}
+             "db_hh": db_hh, "dw_peephole": dw_peephole}  # fmt: skip
+    return {k: grads[k] for k in spec.grads_of(a.w_peephole is not None)}

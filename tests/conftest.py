@@ -24,6 +24,7 @@ GATES = {name: spec.gates for name, spec in _TABLE.items()}
 HAS_C = {name: spec.has_c for name, spec in _TABLE.items()}
 TORCH_CELLS = [name for name, spec in _TABLE.items() if spec.torch]  # torch.nn has them
 GPU_CELLS = [name for name, spec in _TABLE.items() if spec.gpu]  # the CUDA backend has them
+PERSISTENT_CELLS = [name for name, spec in _TABLE.items() if spec.gpu_persistent]
 GRAD_NAMES = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
 
 # ---- the tolerance table ----------------------------------------------------------------------

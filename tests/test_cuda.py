@@ -18,6 +18,7 @@ from conftest import (
     CELLS,
     GPU_CELLS,
     GRAD_NAMES,
+    PERSISTENT_CELLS,
     assert_close,
     cast,
     make_inputs,
@@ -69,10 +70,11 @@ class _Gpu:
 
     @staticmethod
     def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-                training=True):  # fmt: skip
+                training=True, w_peephole=None):  # fmt: skip
         from rnnfast import cuda
 
-        return cuda.forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training)
+        return cuda.forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training,
+                            w_peephole)  # fmt: skip
 
     @staticmethod
     def backward(ctx, dy, dh_n=None, dc_n=None, *, cell):
@@ -188,7 +190,7 @@ def test_grid_against_reference(cell, shape, dtype_name, lengths_kind, persisten
 @pytest.mark.parametrize("persistent_mode", ["always"], indirect=True)
 @pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape", PERSISTENT_SHAPES, ids=lambda s: "T{}N{}C{}H{}".format(*s))
-@pytest.mark.parametrize("cell", GPU_CELLS)
+@pytest.mark.parametrize("cell", PERSISTENT_CELLS)
 def test_persistent_kernel_against_reference(cell, shape, dtype_name, persistent_mode):
     _check(cell, dtype_name, _case(cell, *shape, True, True, "mixed", dtype_name))
 
@@ -358,24 +360,53 @@ def test_build_info_names_the_architecture():
     assert info["cublas"]
 
 
-@pytest.mark.parametrize("cell", [c for c in CELLS if c not in GPU_CELLS])
-def test_cells_without_cuda_kernels_raise(cell):
-    """A cell the CUDA backend lacks is a clear NotImplementedError on GPU arrays, never a wrong
-    result or a crash; so are peepholes."""
-    import rnnfast
+@pytest.mark.parametrize("persistent_mode", ["always"], indirect=True)
+@pytest.mark.parametrize("cell", [c for c in GPU_CELLS if c not in PERSISTENT_CELLS])
+def test_required_persistent_kernel_refuses_cells_without_one(cell, persistent_mode):
+    """A cell with a second product per step has no persistent kernel: persistent="always"
+    raises naming the cell, "auto" takes the stepped kernels."""
+    from rnnfast import cuda
 
-    cupy = _cupy()
-    inputs = make_inputs(cell, 3, 2, 4, 5, np.float32, np.random.default_rng(0))
-    gpu = {k: None if v is None or k == "lengths" else cupy.asarray(v) for k, v in inputs.items()}
-    with pytest.raises(NotImplementedError, match=cell):
-        run_forward(rnnfast.ops, cell, **gpu)
+    inputs = make_inputs(cell, 3, 2, 4, 8, np.float32, np.random.default_rng(0))
+    assert not cuda._module().persistent_fits(cell, "float32", 2, 8)
+    with pytest.raises(RuntimeError, match=cell):
+        run_forward(GPU, cell, **_to_gpu(inputs, "float32"))
 
 
-def test_peepholes_raise_on_the_gpu():
+def test_projections_raise_on_the_gpu():
     import rnnfast
 
     cupy = _cupy()
     inputs = make_inputs("lstm", 3, 2, 4, 5, np.float32, np.random.default_rng(0))
     gpu = {k: None if v is None or k == "lengths" else cupy.asarray(v) for k, v in inputs.items()}
-    with pytest.raises(NotImplementedError, match="peepholes"):
-        run_forward(rnnfast.ops, "lstm", **gpu, w_peephole=cupy.zeros((3, 5), cupy.float32))
+    gpu["w_hh"] = cupy.zeros((20, 2), cupy.float32)
+    with pytest.raises(NotImplementedError, match="projections"):
+        run_forward(rnnfast.ops, "lstm", **gpu, w_hr=cupy.zeros((2, 5), cupy.float32))
+
+
+PEEPHOLE_CELLS = [c for c in GPU_CELLS if c.startswith("lstm")]
+
+
+@pytest.mark.parametrize("persistent_mode", ["never", "auto"], indirect=True)
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("cell", PEEPHOLE_CELLS)
+def test_peepholes_against_reference(cell, dtype_name, persistent_mode):
+    """w_peephole on the GPU, the persistent kernels included, and dw_peephole's reduction."""
+    from rnnfast import reference
+
+    rng = np.random.default_rng([7, CELLS.index(cell)])
+    T, N, C, H = 7, 5, 33, 64
+    inputs = make_inputs(cell, T, N, C, H, np.float64, rng, lengths_kind="mixed")
+    inputs["w_peephole"] = rng.uniform(-1, 1, (3, H))
+    up = make_upstream(cell, T, N, H, np.float64, rng)
+    if dtype_name in ("float16", "bfloat16"):
+        inputs, up = _rounded(inputs, _np_dtype(dtype_name)), _rounded(up, _np_dtype(dtype_name))
+    y, h_n, c_n, ctx = run_forward(reference, cell, **inputs)
+    expected = run_backward(reference, cell, ctx, **up)
+    gy, gh, gc, gctx = run_forward(GPU, cell, **_to_gpu(inputs, dtype_name))
+    for name, a, e in (("y", gy, y), ("h_n", gh, h_n), ("c_n", gc, c_n)):
+        _compare(a, e, dtype_name, "output", name)
+    grads = run_backward(GPU, cell, gctx, **_to_gpu(up, dtype_name))
+    assert set(grads) == set(expected) and "dw_peephole" in grads
+    for k, e in expected.items():
+        _compare(grads[k], e, dtype_name, "grad", k)

@@ -59,9 +59,9 @@ inline constexpr CellInfo kCellTable[] = {
     {CellKind::rnn_relu, "rnn_relu", 1, false, false, false, false, false, false, true},
     {CellKind::lstm, "lstm", 4, true, true, false, false, true, true, true},
     {CellKind::gru, "gru", 3, false, true, true, false, false, false, true},
-    {CellKind::lstm_cifg, "lstm_cifg", 3, true, true, false, false, true, true, false},
+    {CellKind::lstm_cifg, "lstm_cifg", 3, true, true, false, false, true, true, true},
     {CellKind::gru_reset_before, "gru_reset_before", 3, false, true, false, true, false, false,
-     false},
+     true},
 };
 
 // The row of `kind`. An unknown kind throws: at compile time where the kind is a constant, else
