@@ -168,6 +168,21 @@ def make_upstream(cell: str, T: int, N: int, H: int, dtype, rng: np.random.Gener
     }
 
 
+def central_differences(loss, a: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """d loss() / d a by central differences, perturbing ``a`` in place one element at a time
+    (each restored before the next)."""
+    numeric = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        saved = a[i]
+        a[i] = saved + eps
+        plus = loss()
+        a[i] = saved - eps
+        minus = loss()
+        a[i] = saved
+        numeric[i] = (plus - minus) / (2 * eps)
+    return numeric
+
+
 def cast(arrays: dict, dtype) -> dict:
     """A copy of a dict of arrays with every floating array cast to ``dtype`` (None, ints kept)."""
     return {

@@ -12,6 +12,7 @@ from conftest import (
     HAS_C,
     TORCH_CELLS,
     assert_close,
+    central_differences,
     make_inputs,
     make_upstream,
     noncontiguous,
@@ -75,21 +76,11 @@ def test_gradients_match_finite_differences(cell, lengths_kind, with_state):
 
     # a missing state is a zero state: differentiate with respect to explicit zeros
     inputs = _explicit_states(cell, inputs)
-    eps = 1e-6
     for name, key in WRT.items():
         if key == "c0" and not HAS_C[cell]:
             assert name not in grads
             continue
-        wrt = inputs[key]
-        numeric = np.zeros_like(wrt)
-        for i in np.ndindex(wrt.shape):
-            saved = wrt[i]
-            wrt[i] = saved + eps
-            plus = _loss(cell, inputs, upstream)
-            wrt[i] = saved - eps
-            minus = _loss(cell, inputs, upstream)
-            wrt[i] = saved
-            numeric[i] = (plus - minus) / (2 * eps)
+        numeric = central_differences(lambda: _loss(cell, inputs, upstream), inputs[key])
         assert np.abs(numeric).max() > 1e-3, f"{name}: a vanishing gradient tests nothing"
         assert_close(grads[name], numeric, rtol=1e-6, atol=1e-8, name=name)
 
