@@ -33,12 +33,15 @@ rc::DType dtype(const std::string& name) {
   throw py::type_error("the CUDA kernels take float32, float64, float16 or bfloat16, not " + name);
 }
 
-Dims dims(const std::string& cell, int64_t T, int64_t N, int64_t C, int64_t H) {
-  if (T < 0 || N < 1 || C < 1 || H < 1)
+// P: the projection's size (0 < P < H, cells with projection), or 0
+Dims dims(const std::string& cell, int64_t T, int64_t N, int64_t C, int64_t H, int64_t P = 0) {
+  if (T < 0 || N < 1 || C < 1 || H < 1 || P < 0 || (P && P >= H))
     throw py::value_error("bad dims T=" + std::to_string(T) + " N=" + std::to_string(N) +
                           " C=" + std::to_string(C) + " H=" + std::to_string(H) +
-                          " (need T >= 0, N, C, H >= 1)");
-  const Dims d{T, N, C, H, cell_kind(cell)};
+                          " P=" + std::to_string(P) + " (need T >= 0, N, C, H >= 1, 0 <= P < H)");
+  const Dims d{T, N, C, H, cell_kind(cell), P};
+  if (P && !rnnfast::cell_info(d.cell).projection)
+    throw py::value_error("a projection is only for LSTM cells, not " + cell);
   if (d.T * d.N > INT32_MAX || d.GH() > INT32_MAX || C > INT32_MAX)
     throw py::value_error("dims too large for 32-bit GEMM sizes: T*N=" + std::to_string(T * N) +
                           ", G*H=" + std::to_string(d.GH()));
@@ -69,13 +72,14 @@ PYBIND11_MODULE(_cuda, m) {
 
   m.def(
       "reserve_bytes",
-      [](const std::string& cell, const std::string& dt, int64_t T, int64_t N, int64_t C,
-         int64_t H) { return rc::reserve_bytes(dims(cell, T, N, C, H), dtype(dt)); },
-      py::arg("cell"), py::arg("dtype"), py::arg("T"), py::arg("N"), py::arg("C"), py::arg("H"));
+      [](const std::string& cell, const std::string& dt, int64_t T, int64_t N, int64_t C, int64_t H,
+         int64_t P) { return rc::reserve_bytes(dims(cell, T, N, C, H, P), dtype(dt)); },
+      py::arg("cell"), py::arg("dtype"), py::arg("T"), py::arg("N"), py::arg("C"), py::arg("H"),
+      py::arg("P") = 0);
   m.def(
       "reserve_layout",
-      [](const std::string& cell, int64_t T, int64_t N, int64_t C, int64_t H) {
-        const rnnfast::ReserveLayout r = rnnfast::reserve_layout(dims(cell, T, N, C, H));
+      [](const std::string& cell, int64_t T, int64_t N, int64_t C, int64_t H, int64_t P) {
+        const rnnfast::ReserveLayout r = rnnfast::reserve_layout(dims(cell, T, N, C, H, P));
         py::dict out;
         out["hs"] = r.hs;
         out["cs"] = r.cs;
@@ -84,21 +88,22 @@ PYBIND11_MODULE(_cuda, m) {
         out["total"] = r.total;
         return out;
       },
-      py::arg("cell"), py::arg("T"), py::arg("N"), py::arg("C"), py::arg("H"),
+      py::arg("cell"), py::arg("T"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("P") = 0,
       "Element offsets of the reserve's parts (hs, cs, gates, ghn) and its total size.");
   m.def(
       "forward_workspace_bytes",
       [](const std::string& cell, const std::string& dt, int64_t T, int64_t N, int64_t C, int64_t H,
-         bool training) {
-        return rc::forward_workspace_bytes(dims(cell, T, N, C, H), dtype(dt), training);
+         bool training, int64_t P) {
+        return rc::forward_workspace_bytes(dims(cell, T, N, C, H, P), dtype(dt), training);
       },
       py::arg("cell"), py::arg("dtype"), py::arg("T"), py::arg("N"), py::arg("C"), py::arg("H"),
-      py::arg("training"));
+      py::arg("training"), py::arg("P") = 0);
   m.def(
       "backward_workspace_bytes",
-      [](const std::string& cell, const std::string& dt, int64_t T, int64_t N, int64_t C,
-         int64_t H) { return rc::backward_workspace_bytes(dims(cell, T, N, C, H), dtype(dt)); },
-      py::arg("cell"), py::arg("dtype"), py::arg("T"), py::arg("N"), py::arg("C"), py::arg("H"));
+      [](const std::string& cell, const std::string& dt, int64_t T, int64_t N, int64_t C, int64_t H,
+         int64_t P) { return rc::backward_workspace_bytes(dims(cell, T, N, C, H, P), dtype(dt)); },
+      py::arg("cell"), py::arg("dtype"), py::arg("T"), py::arg("N"), py::arg("C"), py::arg("H"),
+      py::arg("P") = 0);
   m.def(
       "persistent_fits",
       [](const std::string& cell, const std::string& dt, int64_t N, int64_t H) {
@@ -112,8 +117,9 @@ PYBIND11_MODULE(_cuda, m) {
          uintptr_t x, uintptr_t w_ih, uintptr_t w_hh, uintptr_t b_ih, uintptr_t b_hh, uintptr_t h0,
          uintptr_t c0, uintptr_t lengths, uintptr_t hseq, uintptr_t h_n, uintptr_t c_n,
          uintptr_t reserve, uintptr_t workspace, uintptr_t stream, int device, bool tf32,
-         int persistent, uintptr_t w_peephole) {
-        const Dims d = dims(cell, T, N, C, H);
+         int persistent, uintptr_t w_peephole, int64_t P, uintptr_t w_hr) {
+        const Dims d = dims(cell, T, N, C, H, P);
+        if (P) need(w_hr, "w_hr");
         if (w_peephole && !rnnfast::cell_info(d.cell).peephole)
           throw py::value_error("w_peephole is only for LSTM cells, not " + cell);
         if (T > 0) need(x, "x");  // an empty x may have no allocation
@@ -131,6 +137,7 @@ PYBIND11_MODULE(_cuda, m) {
                           ptr<void*>(c_n),        ptr<void*>(reserve),
                           ptr<void*>(workspace)};
         a.w_peephole = ptr<const void*>(w_peephole);
+        a.w_hr = ptr<const void*>(P ? w_hr : 0);
         const rc::Options opt{ptr<void*>(stream), tf32, persistent, device};
         const rc::DType s = dtype(dt);
         py::gil_scoped_release release;
@@ -142,7 +149,7 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("hseq"),
       py::arg("h_n"), py::arg("c_n"), py::arg("reserve"), py::arg("workspace"), py::arg("stream"),
       py::arg("device") = -1, py::arg("tf32") = false, py::arg("persistent") = -1,
-      py::arg("w_peephole") = 0);
+      py::arg("w_peephole") = 0, py::arg("P") = 0, py::arg("w_hr") = 0);
 
   m.def(
       "backward",
@@ -151,8 +158,12 @@ PYBIND11_MODULE(_cuda, m) {
          uintptr_t hseq, uintptr_t dy, uintptr_t dh_n, uintptr_t dc_n, uintptr_t dx, uintptr_t dh0,
          uintptr_t dc0, uintptr_t dw_ih, uintptr_t dw_hh, uintptr_t db_ih, uintptr_t db_hh,
          uintptr_t workspace, uintptr_t stream, int device, bool tf32, int persistent,
-         uintptr_t w_peephole, uintptr_t dw_peephole) {
-        const Dims d = dims(cell, T, N, C, H);
+         uintptr_t w_peephole, uintptr_t dw_peephole, int64_t P, uintptr_t w_hr, uintptr_t dw_hr) {
+        const Dims d = dims(cell, T, N, C, H, P);
+        if (P) {
+          need(w_hr, "w_hr");
+          need(dw_hr, "dw_hr");
+        }
         if (w_peephole && !rnnfast::cell_info(d.cell).peephole)
           throw py::value_error("w_peephole is only for LSTM cells, not " + cell);
         if (bool(w_peephole) != bool(dw_peephole))
@@ -179,6 +190,8 @@ PYBIND11_MODULE(_cuda, m) {
                            ptr<void*>(workspace)};
         a.w_peephole = ptr<const void*>(w_peephole);
         a.dw_peephole = ptr<void*>(dw_peephole);
+        a.w_hr = ptr<const void*>(P ? w_hr : 0);
+        a.dw_hr = ptr<void*>(P ? dw_hr : 0);
         const rc::Options opt{ptr<void*>(stream), tf32, persistent, device};
         const rc::DType s = dtype(dt);
         py::gil_scoped_release release;
@@ -190,7 +203,8 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("dx"), py::arg("dh0"), py::arg("dc0"), py::arg("dw_ih"), py::arg("dw_hh"),
       py::arg("db_ih"), py::arg("db_hh"), py::arg("workspace"), py::arg("stream"),
       py::arg("device") = -1, py::arg("tf32") = false, py::arg("persistent") = -1,
-      py::arg("w_peephole") = 0, py::arg("dw_peephole") = 0);
+      py::arg("w_peephole") = 0, py::arg("dw_peephole") = 0, py::arg("P") = 0, py::arg("w_hr") = 0,
+      py::arg("dw_hr") = 0);
 
   m.attr("architectures") = RNNFAST_CUDA_ARCHS;
   m.attr("cuda_compiler_version") = RNNFAST_CUDA_COMPILER_VERSION;

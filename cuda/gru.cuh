@@ -156,7 +156,9 @@ struct GpuCell<CellKind::gru_reset_before> : DefaultGpuSteps {
 
   template <CellKind Kind, typename S>
   static void forward_steps(const Dims& d, const ForwardArgs& a, const FwdPtrs<S, acc_t<S>>& p,
-                            acc_t<S>* gh, const Gemms<S>& g, cudaStream_t stream) {
+                            char* ws, const FwdWorkspace& wl, const Gemms<S>& g,
+                            cudaStream_t stream) {
+    auto* gh = reinterpret_cast<acc_t<S>*>(ws + wl.gh);
     const int T = static_cast<int>(d.T), N = static_cast<int>(d.N), H = static_cast<int>(d.H);
     const int64_t NH = int64_t(N) * H;
     const S* w_hh = static_cast<const S*>(a.w_hh);
@@ -178,8 +180,9 @@ struct GpuCell<CellKind::gru_reset_before> : DefaultGpuSteps {
 
   template <CellKind Kind, typename S>
   static void backward_steps(const Dims& d, const BackwardArgs& a, const BwdPtrs<S, acc_t<S>>& p,
-                             acc_t<S>* const dh[2], int& cur, acc_t<S>* drh, const Gemms<S>& g,
-                             cudaStream_t stream) {
+                             acc_t<S>* const dh[2], int& cur, char* ws, const BwdWorkspace& wl,
+                             const Gemms<S>& g, cudaStream_t stream) {
+    auto* drh = reinterpret_cast<acc_t<S>*>(ws + wl.drh);
     const int N = static_cast<int>(d.N), H = static_cast<int>(d.H), GH = 3 * H;
     const int64_t NH = int64_t(N) * H;
     const S* w_hh = static_cast<const S*>(a.w_hh);

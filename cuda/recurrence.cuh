@@ -32,9 +32,11 @@ struct FwdPtrs {
   const S* w_peephole;  // [3, H] rows i, f, o, or null
   S* rh;                // reset_before: r * h_{t-1} in S, what W_hn multiplies ([T, N, H] in
   int64_t rh_stride;    // the reserve with stride N*H, else one [N, H] slot with stride 0)
-  S* h_n;               // [N, H]
+  S* h_n;               // [N, R]
   S* c_n;               // [N, H] LSTM
   int T, N, H;
+  int R;                // the size of h: H, or P with a projection (hseq, h_acc, h_n)
+  int64_t hseq_stride;  // between hseq's slots: N*R, or 0 where a cell writes one slot in place
 };
 
 template <typename A, typename S>
@@ -64,7 +66,7 @@ __device__ __forceinline__ void forward_point(const FwdPtrs<S, A>& p, int t, int
   const int64_t H = p.H, NH = int64_t(p.N) * H, GH = G * H;
   const int64_t i = int64_t(n) * H + j;
   const int len = p.lengths ? p.lengths[n] : p.T;
-  S* h_out = p.hseq + (t + 1) * NH + i;
+  S* h_out = p.hseq + (t + 1) * p.hseq_stride + i;
   A* gates = p.gates ? p.gates + t * p.N * GH + n * GH + j : nullptr;
   if (t >= len) {
     // past its length a row outputs zero and carries its cell state unchanged
@@ -103,18 +105,19 @@ __global__ void forward_step_kernel(FwdPtrs<S, A> p, const A* __restrict__ gh, i
   forward_point<Kind>(p, t, n, j, ah);
 }
 
-// slot 0 of every sequence, the in-place states, and h_n/c_n for rows of length 0
+// slot 0 of every sequence, the in-place states, and h_n/c_n for rows of length 0: h [N, R], c
+// [N, H] (launched over N * max(R, H))
 template <typename S, typename A>
 __global__ void forward_init_kernel(FwdPtrs<S, A> p, const S* __restrict__ h0,
                                     const S* __restrict__ c0) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= int64_t(p.N) * p.H) return;
-  const S hs = h0 ? h0[i] : from_acc<S>(A(0));
-  const A h = h0 ? to_acc<A>(h0[i]) : A(0);
-  p.hseq[i] = hs;
-  p.h_acc[i] = h;
-  p.h_n[i] = hs;
-  if (p.c_acc) {
+  if (i < int64_t(p.N) * p.R) {
+    const S hs = h0 ? h0[i] : from_acc<S>(A(0));
+    p.hseq[i] = hs;
+    p.h_acc[i] = h0 ? to_acc<A>(h0[i]) : A(0);
+    p.h_n[i] = hs;
+  }
+  if (i < int64_t(p.N) * p.H && p.c_acc) {
     p.c_acc[i] = c0 ? to_acc<A>(c0[i]) : A(0);
     p.c_n[i] = c0 ? c0[i] : from_acc<S>(A(0));
   }
@@ -131,6 +134,8 @@ struct BwdPtrs {
   const A* ghn;            // [T, N, H] reserve, GRU
   const S* w_peephole;     // [3, H] or null
   const S* rh;             // [T, N, H] reserve, reset_before: r * h_{t-1} (S values)
+  const S* m;              // [T+1, N, H] reserve, with a projection: o * tanh(c) (S values)
+  S* dh_seq;               // [T, N, P] workspace, with a projection: h_t's total gradient
   S* da_x;                 // [T, N, G*H] gradient of x W_ih^T + b_ih
   S* da_h;                 // [T, N, G*H] gradient of h W_hh^T + b_hh (== da_x but for GRU)
   A* dc;                   // [N, H] in place: dc_t in, dc_{t-1} out
@@ -174,24 +179,23 @@ __global__ void backward_step_kernel(BwdPtrs<S, A> p, const A* __restrict__ dh_i
   dh_out[i] = backward_point<Kind>(p, t, n, j, dh_in[i]);
 }
 
+// dh [N, R] and dc [N, H] (launched over N * max(R, H))
 template <typename S, typename A>
-__global__ void backward_init_kernel(int64_t NH, const S* __restrict__ dh_n,
+__global__ void backward_init_kernel(int64_t NR, int64_t NH, const S* __restrict__ dh_n,
                                      const S* __restrict__ dc_n, A* __restrict__ dh,
                                      A* __restrict__ dc) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= NH) return;
-  dh[i] = dh_n ? to_acc<A>(dh_n[i]) : A(0);
-  if (dc) dc[i] = dc_n ? to_acc<A>(dc_n[i]) : A(0);
+  if (i < NR) dh[i] = dh_n ? to_acc<A>(dh_n[i]) : A(0);
+  if (i < NH && dc) dc[i] = dc_n ? to_acc<A>(dc_n[i]) : A(0);
 }
 
 template <typename S, typename A>
-__global__ void backward_finish_kernel(int64_t NH, const A* __restrict__ dh,
+__global__ void backward_finish_kernel(int64_t NR, int64_t NH, const A* __restrict__ dh,
                                        const A* __restrict__ dc, S* __restrict__ dh0,
                                        S* __restrict__ dc0) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= NH) return;
-  dh0[i] = from_acc<S>(dh[i]);
-  if (dc0) dc0[i] = from_acc<S>(dc[i]);
+  if (i < NR) dh0[i] = from_acc<S>(dh[i]);
+  if (i < NH && dc0) dc0[i] = from_acc<S>(dc[i]);
 }
 
 // dw_peephole [3, H]: row i sums da_i * c_{t-1}, row f da_f * c_{t-1} (zero when f = 1 - i),
@@ -237,7 +241,7 @@ __global__ void mask_padding_kernel(int64_t rows, int N, int C, const S* __restr
 
 // ---- workspaces ------------------------------------------------------------------------------
 struct FwdWorkspace {
-  int64_t gx, gh, c_state, h_state, rh, total;  // byte offsets
+  int64_t gx, gh, c_state, h_state, rh, m, h_n, total;  // byte offsets
 };
 
 inline FwdWorkspace forward_workspace(const Dims& d, size_t acc) {
@@ -247,12 +251,15 @@ inline FwdWorkspace forward_workspace(const Dims& d, size_t acc) {
   w.c_state = w.gh + align_up(d.N * d.GH() * acc);
   w.h_state = w.c_state + align_up(d.N * d.H * acc);
   w.rh = w.h_state + align_up(d.N * d.H * acc);  // reset_before inference: one step's r * h
-  w.total = w.rh + (cell_info(d.cell).reset_before ? align_up(d.N * d.H * acc) : 0);
+  w.m = w.rh + (cell_info(d.cell).reset_before ? align_up(d.N * d.H * acc) : 0);
+  // with a projection: one step's o * tanh(c) in inference, and the pointwise pass's unused h_n
+  w.h_n = w.m + (d.P ? align_up(d.N * d.H * acc) : 0);
+  w.total = w.h_n + (d.P ? align_up(d.N * d.H * acc) : 0);
   return w;
 }
 
 struct BwdWorkspace {
-  int64_t da_x, da_h, dh, dc, ones, drh, total;
+  int64_t da_x, da_h, dh, dc, ones, drh, dh_seq, dm, total;
 };
 
 inline BwdWorkspace backward_workspace(const Dims& d, size_t st, size_t acc) {
@@ -264,7 +271,10 @@ inline BwdWorkspace backward_workspace(const Dims& d, size_t st, size_t acc) {
   w.dc = w.dh + 2 * align_up(d.N * d.H * acc);
   w.ones = w.dc + align_up(d.N * d.H * acc);
   w.drh = w.ones + align_up(d.T * d.N * st);  // reset_before: d(r * h_{t-1}) of one step
-  w.total = w.drh + (cell_info(d.cell).reset_before ? align_up(d.N * d.H * acc) : 0);
+  w.dh_seq = w.drh + (cell_info(d.cell).reset_before ? align_up(d.N * d.H * acc) : 0);
+  // with a projection: every step's gradient of h (for dW_hr), dm, and the pass's unused dh
+  w.dm = w.dh_seq + (d.P ? align_up(d.T * d.N * d.P * st) : 0);
+  w.total = w.dm + (d.P ? 2 * align_up(d.N * d.H * acc) : 0);
   return w;
 }
 
@@ -302,9 +312,11 @@ FwdPtrs<S, acc_t<S>> forward_pointers(const Dims& d, const ForwardArgs& a, char*
                                       const FwdWorkspace& wl) {
   using A = acc_t<S>;
   constexpr CellInfo cell = cell_info(Kind);
-  const int64_t NH = d.N * d.H;
+  const int64_t NH = d.N * d.H, NR = d.N * d.R();
   FwdPtrs<S, A> p{};
   p.gx = reinterpret_cast<const A*>(ws + wl.gx);
+  p.R = static_cast<int>(d.R());
+  p.hseq_stride = NR;
   p.b_ih = static_cast<const S*>(a.b_ih);
   p.b_hh = static_cast<const S*>(a.b_hh);
   p.lengths = a.lengths;
@@ -319,7 +331,7 @@ FwdPtrs<S, acc_t<S>> forward_pointers(const Dims& d, const ForwardArgs& a, char*
     const ReserveLayout r = reserve_layout(d);
     A* res = static_cast<A*>(a.reserve);
     p.h_acc = res + r.hs;  // may be hseq itself (S == A): both writes then agree
-    p.h_stride = NH;
+    p.h_stride = NR;
     if (cell.has_c) {
       p.c_acc = res + r.cs;
       p.c_stride = NH;
@@ -334,7 +346,7 @@ FwdPtrs<S, acc_t<S>> forward_pointers(const Dims& d, const ForwardArgs& a, char*
     if (cell.reset_before) p.rh = reinterpret_cast<S*>(ws + wl.rh);
     if constexpr (std::is_same_v<S, A>) {
       p.h_acc = p.hseq;
-      p.h_stride = NH;
+      p.h_stride = NR;
     } else {
       p.h_acc = reinterpret_cast<A*>(ws + wl.h_state);
       p.h_stride = 0;
@@ -355,10 +367,12 @@ struct DefaultGpuSteps {
 
   template <CellKind Kind, typename S>
   static void forward_steps(const Dims& d, const ForwardArgs& a, const FwdPtrs<S, acc_t<S>>& p,
-                            acc_t<S>* gh, const Gemms<S>& g, cudaStream_t stream) {
+                            char* ws, const FwdWorkspace& wl, const Gemms<S>& g,
+                            cudaStream_t stream) {
     const int T = static_cast<int>(d.T), N = static_cast<int>(d.N), H = static_cast<int>(d.H),
               GH = static_cast<int>(d.GH());
     const int64_t NH = int64_t(N) * H;
+    auto* gh = reinterpret_cast<acc_t<S>*>(ws + wl.gh);
     for (int t = 0; t < T; ++t) {
       const bool zero_h = t == 0 && a.h0 == nullptr;  // h W_hh^T of a zero h0 is zero
       if (!zero_h)
@@ -374,8 +388,8 @@ struct DefaultGpuSteps {
   // steps T-1..0 with dh[cur] holding dh_n; returns with dh[cur] holding dh0
   template <CellKind Kind, typename S>
   static void backward_steps(const Dims& d, const BackwardArgs& a, const BwdPtrs<S, acc_t<S>>& p,
-                             acc_t<S>* const dh[2], int& cur, acc_t<S>*, const Gemms<S>& g,
-                             cudaStream_t stream) {
+                             acc_t<S>* const dh[2], int& cur, char*, const BwdWorkspace&,
+                             const Gemms<S>& g, cudaStream_t stream) {
     const int N = static_cast<int>(d.N), H = static_cast<int>(d.H), GH = static_cast<int>(d.GH());
     const S* w_hh = static_cast<const S*>(a.w_hh);
     for (int t = static_cast<int>(d.T) - 1; t >= 0; --t) {
@@ -413,7 +427,7 @@ void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
 
   const auto init = forward_init_kernel<S, A>;
   RNNFAST_LAUNCH(init, blocks_for(NH, kPointThreads), kPointThreads, stream, p,
-                 static_cast<const S*>(a.h0), static_cast<const S*>(a.c0));
+                 static_cast<const S*>(a.h0), static_cast<const S*>(a.c0));  // R <= H
   RNNFAST_CHECK_LAUNCH("forward_init_kernel");
   if (T == 0) return;
 
@@ -423,15 +437,15 @@ void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
                   ws + wl.gx, g.at, GH, g.ct);
 
   if constexpr (GpuCell<Kind>::persistent) {
-    if (opt.persistent != 0 &&
+    if (d.P == 0 && opt.persistent != 0 &&
         persistent_forward<Kind, S>(p, static_cast<const S*>(a.w_hh), stream, opt.persistent == 1))
       return;
-  } else if (opt.persistent == 1) {
-    throw std::runtime_error(std::string("the persistent recurrence cannot run the ") +
-                             cell_info(Kind).name + " cell (its step has a second product)");
   }
-  GpuCell<Kind>::template forward_steps<Kind, S>(d, a, p, reinterpret_cast<A*>(ws + wl.gh), g,
-                                                 stream);
+  if (opt.persistent == 1 && (!GpuCell<Kind>::persistent || d.P))
+    throw std::runtime_error(std::string("the persistent recurrence cannot run the ") +
+                             cell_info(Kind).name + " cell " +
+                             (d.P ? "with a projection" : "(its step has a second product)"));
+  GpuCell<Kind>::template forward_steps<Kind, S>(d, a, p, ws, wl, g, stream);
 }
 
 // Where a backward's pointwise kernels read (the reserve) and write (the workspace).
@@ -450,6 +464,8 @@ BwdPtrs<S, acc_t<S>> backward_pointers(const Dims& d, const BackwardArgs& a, cha
   p.gates = res + r.gates;
   p.ghn = cell.reset_after ? res + r.ghn : nullptr;
   p.rh = cell.reset_before ? reinterpret_cast<const S*>(res + r.rh) : nullptr;
+  p.m = d.P ? reinterpret_cast<const S*>(res + r.m) : nullptr;
+  p.dh_seq = d.P ? reinterpret_cast<S*>(ws + wl.dh_seq) : nullptr;
   p.w_peephole = static_cast<const S*>(a.w_peephole);
   p.da_x = reinterpret_cast<S*>(ws + wl.da_x);
   p.da_h = reinterpret_cast<S*>(ws + (cell.reset_after ? wl.da_h : wl.da_x));
@@ -473,7 +489,8 @@ void backward_weight_gradients(const Dims& d, const BackwardArgs& a, const BwdPt
   };
   if (TN == 0) {
     zero_fill(a.dw_ih, int64_t(GH) * C);
-    zero_fill(a.dw_hh, int64_t(GH) * H);
+    zero_fill(a.dw_hh, int64_t(GH) * d.R());
+    zero_fill(a.dw_hr, d.P * int64_t(H));
     zero_fill(a.db_ih, GH);
     zero_fill(a.db_hh, GH);
     zero_fill(a.dw_peephole, 3 * int64_t(H));
@@ -519,7 +536,7 @@ void backward_weight_gradients(const Dims& d, const BackwardArgs& a, const BwdPt
 template <CellKind Kind, typename S>
 void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
   using A = acc_t<S>;
-  const int64_t NH = d.N * d.H;
+  const int64_t NH = d.N * d.H, NR = d.N * d.R();
   auto stream = static_cast<cudaStream_t>(opt.stream);
   char* ws = static_cast<char*>(a.workspace);
   const BwdWorkspace wl = backward_workspace(d, sizeof(S), sizeof(A));
@@ -529,7 +546,7 @@ void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
 
   const unsigned pb = blocks_for(NH, kPointThreads);
   const auto init = backward_init_kernel<S, A>;
-  RNNFAST_LAUNCH(init, pb, kPointThreads, stream, NH, static_cast<const S*>(a.dh_n),
+  RNNFAST_LAUNCH(init, pb, kPointThreads, stream, NR, NH, static_cast<const S*>(a.dh_n),
                  static_cast<const S*>(a.dc_n), dh[0], p.dc);
   RNNFAST_CHECK_LAUNCH("backward_init_kernel");
 
@@ -537,18 +554,18 @@ void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
   int cur = 0;
   bool persistent = false;
   if constexpr (GpuCell<Kind>::persistent) {
-    persistent =
-        opt.persistent != 0 && persistent_backward<Kind, S>(p, static_cast<const S*>(a.w_hh), dh[0],
-                                                            stream, opt.persistent == 1);
-  } else if (opt.persistent == 1) {
-    throw std::runtime_error(std::string("the persistent recurrence cannot run the ") +
-                             cell_info(Kind).name + " cell (its step has a second product)");
+    persistent = d.P == 0 && opt.persistent != 0 &&
+                 persistent_backward<Kind, S>(p, static_cast<const S*>(a.w_hh), dh[0], stream,
+                                              opt.persistent == 1);
   }
+  if (opt.persistent == 1 && (!GpuCell<Kind>::persistent || d.P))
+    throw std::runtime_error(std::string("the persistent recurrence cannot run the ") +
+                             cell_info(Kind).name + " cell " +
+                             (d.P ? "with a projection" : "(its step has a second product)"));
   if (!persistent)
-    GpuCell<Kind>::template backward_steps<Kind, S>(d, a, p, dh, cur,
-                                                    reinterpret_cast<A*>(ws + wl.drh), g, stream);
+    GpuCell<Kind>::template backward_steps<Kind, S>(d, a, p, dh, cur, ws, wl, g, stream);
   const auto finish = backward_finish_kernel<S, A>;
-  RNNFAST_LAUNCH(finish, pb, kPointThreads, stream, NH, dh[cur], p.dc, static_cast<S*>(a.dh0),
+  RNNFAST_LAUNCH(finish, pb, kPointThreads, stream, NR, NH, dh[cur], p.dc, static_cast<S*>(a.dh0),
                  static_cast<S*>(a.dc0));
   RNNFAST_CHECK_LAUNCH("backward_finish_kernel");
 

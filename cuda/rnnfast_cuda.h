@@ -47,6 +47,7 @@ struct ForwardArgs {
   void* reserve;           // reserve_bytes() of A, or null for inference
   void* workspace;         // forward_workspace_bytes()
   const void* w_peephole = nullptr;  // [3, H] rows i, f, o, or null; cells with peepholes only
+  const void* w_hr = nullptr;        // [P, H] where Dims::P > 0; hseq, h0, h_n are then [.., N, P]
 };
 
 struct BackwardArgs {
@@ -69,6 +70,8 @@ struct BackwardArgs {
   void* workspace;                   // backward_workspace_bytes()
   const void* w_peephole = nullptr;  // [3, H] or null, as in the forward
   void* dw_peephole = nullptr;       // [3, H] out where w_peephole is given
+  const void* w_hr = nullptr;        // [P, H] where Dims::P > 0 (dy, dh_n, dh0 [.., N, P])
+  void* dw_hr = nullptr;             // [P, H] out, likewise
 };
 
 // Both throw std::runtime_error (with the CUDA or cuBLAS error) on failure; the work is queued on

@@ -235,13 +235,13 @@ class CudaContext:
 
 
 def _check_forward(cupy, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
-                   w_peephole=None) -> Checked:  # fmt: skip
+                   w_peephole=None, w_hr=None) -> Checked:  # fmt: skip
     """The CPU path's checks (rnnfast._validate) over CuPy arrays, then one device for all."""
     if lengths is not None and is_gpu_array(lengths):
         lengths = cupy.asnumpy(lengths)
     a = check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
                              array=functools.partial(_checked, cupy),
-                             w_peephole=w_peephole)  # fmt: skip
+                             w_peephole=w_peephole, w_hr=w_hr)  # fmt: skip
     dev = a.x.device.id
     for f in fields(a):
         v = getattr(a, f.name)
@@ -265,30 +265,39 @@ def _module():
     return mod
 
 
-def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, w_peephole=None):
+def _sizes(a: Checked) -> tuple[int, int, int, int, int, int]:
+    """T, N, C, H (the cell's size), R (h's size) and P (the projection's, or 0)."""
+    T, N, C, R = a.dims
+    H = a.cell_size
+    return T, N, C, H, R, (R if a.w_hr is not None else 0)
+
+
+def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, w_peephole=None,
+            w_hr=None):  # fmt: skip
     """The GPU side of rnnfast.ops' forward: returns (y, h_n, c_n or None, CudaContext)."""
     mod = _module()
     cupy = _cupy()
     device = cupy.cuda.Device(_as_cupy(cupy, "x", x).device.id)
     with device:
-        a = _check_forward(cupy, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, w_peephole)
-        T, N, C, H = a.dims
+        a = _check_forward(cupy, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, w_peephole,
+                           w_hr)  # fmt: skip
+        T, N, C, H, R, P = _sizes(a)
         dt = a.x.dtype
         stream = cupy.cuda.get_current_stream()
         reserve = None
         if training:
             acc = _acc_dtype(cupy, dt)
-            nbytes = mod.reserve_bytes(cell, dt.name, T, N, C, H)
+            nbytes = mod.reserve_bytes(cell, dt.name, T, N, C, H, P)
             reserve = cupy.empty(nbytes // acc.itemsize, dtype=acc)
         if reserve is not None and reserve.dtype == dt:
-            at = mod.reserve_layout(cell, T, N, C, H)["hs"]  # y is a view of the reserve
-            hseq = reserve[at : at + (T + 1) * N * H].reshape(T + 1, N, H)
+            at = mod.reserve_layout(cell, T, N, C, H, P)["hs"]  # y is a view of the reserve
+            hseq = reserve[at : at + (T + 1) * N * R].reshape(T + 1, N, R)
         else:
-            hseq = cupy.empty((T + 1, N, H), dtype=dt)
-        h_n = cupy.empty((N, H), dtype=dt)
+            hseq = cupy.empty((T + 1, N, R), dtype=dt)
+        h_n = cupy.empty((N, R), dtype=dt)
         c_n = cupy.empty((N, H), dtype=dt) if cell_spec(cell).has_c else None
         ws = cupy.empty(
-            mod.forward_workspace_bytes(cell, dt.name, T, N, C, H, training), cupy.uint8
+            mod.forward_workspace_bytes(cell, dt.name, T, N, C, H, training, P), cupy.uint8
         )
         mod.forward(
             cell, dt.name, T, N, C, H,
@@ -296,7 +305,8 @@ def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, w_peepho
             b_hh=_ptr(a.b_hh), h0=_ptr(a.h0), c0=_ptr(a.c0), lengths=_ptr(a.lengths),
             hseq=_ptr(hseq), h_n=_ptr(h_n), c_n=_ptr(c_n), reserve=_ptr(reserve),
             workspace=_ptr(ws), stream=stream.ptr, device=device.id, tf32=_options["tf32"],
-            persistent=_PERSISTENT[_options["persistent"]], w_peephole=_ptr(a.w_peephole),
+            persistent=_PERSISTENT[_options["persistent"]], w_peephole=_ptr(a.w_peephole), P=P,
+            w_hr=_ptr(a.w_hr),
         )  # fmt: skip
         return hseq[1:], h_n, c_n, CudaContext(cell, a, reserve, hseq)
 
@@ -307,7 +317,7 @@ def backward(cell, ctx, dy, dh_n, dc_n):
     mod = _module()
     cupy = _cupy()
     a = ctx.inputs
-    T, N, C, H = a.dims
+    T, N, C, H, R, P = _sizes(a)
     dt = a.x.dtype
     spec = cell_spec(cell)
     G = spec.gates
@@ -317,14 +327,15 @@ def backward(cell, ctx, dy, dh_n, dc_n):
                                                array=functools.partial(_checked, cupy))  # fmt: skip
         stream = cupy.cuda.get_current_stream()
         dx = cupy.empty((T, N, C), dtype=dt)
-        dh0 = cupy.empty((N, H), dtype=dt)
+        dh0 = cupy.empty((N, R), dtype=dt)
         dc0 = cupy.empty((N, H), dtype=dt) if spec.has_c else None
         dw_ih = cupy.empty((G * H, C), dtype=dt)
-        dw_hh = cupy.empty((G * H, H), dtype=dt)
+        dw_hh = cupy.empty((G * H, R), dtype=dt)
+        dw_hr = cupy.empty((P, H), dtype=dt) if P else None
         db_ih = None if a.b_ih is None else cupy.empty((G * H,), dtype=dt)
         db_hh = None if a.b_hh is None else cupy.empty((G * H,), dtype=dt)
         dw_peephole = None if a.w_peephole is None else cupy.empty((3, H), dtype=dt)
-        ws = cupy.empty(mod.backward_workspace_bytes(cell, dt.name, T, N, C, H), cupy.uint8)
+        ws = cupy.empty(mod.backward_workspace_bytes(cell, dt.name, T, N, C, H, P), cupy.uint8)
         mod.backward(
             cell, dt.name, T, N, C, H,
             x=_ptr(a.x), w_ih=_ptr(a.w_ih), w_hh=_ptr(a.w_hh), lengths=_ptr(a.lengths),
@@ -333,8 +344,8 @@ def backward(cell, ctx, dy, dh_n, dc_n):
             dw_hh=_ptr(dw_hh), db_ih=_ptr(db_ih), db_hh=_ptr(db_hh), workspace=_ptr(ws),
             stream=stream.ptr, device=device.id, tf32=_options["tf32"],
             persistent=_PERSISTENT[_options["persistent"]], w_peephole=_ptr(a.w_peephole),
-            dw_peephole=_ptr(dw_peephole),
+            dw_peephole=_ptr(dw_peephole), P=P, w_hr=_ptr(a.w_hr), dw_hr=_ptr(dw_hr),
         )  # fmt: skip
     grads = {"dx": dx, "dh0": dh0, "dc0": dc0, "dw_ih": dw_ih, "dw_hh": dw_hh, "db_ih": db_ih,
-             "db_hh": db_hh, "dw_peephole": dw_peephole}  # fmt: skip
-    return {k: grads[k] for k in spec.grads_of(a.w_peephole is not None)}
+             "db_hh": db_hh, "dw_peephole": dw_peephole, "dw_hr": dw_hr}  # fmt: skip
+    return {k: grads[k] for k in spec.grads_of(a.w_peephole is not None, P > 0)}

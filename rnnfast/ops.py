@@ -101,11 +101,10 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     if _gpu.is_gpu_array(x):
         if bf16:
             raise NotImplementedError('matmul_precision="bfloat16" runs on the CPU kernels only')
-        if not spec.gpu or w_hr is not None:
-            what = f"the {spec.name} cell" if not spec.gpu else "projections (w_hr)"
-            raise NotImplementedError(f"{what} run on the CPU kernels only (no CUDA kernels yet)")
+        if not spec.gpu:
+            raise NotImplementedError(f"the {spec.name} cell runs on the CPU kernels only")
         return _gpu.forward(spec.name, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training,
-                            w_peephole)  # fmt: skip
+                            w_peephole, w_hr)  # fmt: skip
     a = check_forward_inputs(spec.name, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
                              w_peephole=w_peephole, w_hr=w_hr)  # fmt: skip
     if bf16 and a.x.dtype != np.float32:

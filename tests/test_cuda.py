@@ -70,11 +70,11 @@ class _Gpu:
 
     @staticmethod
     def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-                training=True, w_peephole=None):  # fmt: skip
+                training=True, w_peephole=None, w_hr=None):  # fmt: skip
         from rnnfast import cuda
 
         return cuda.forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training,
-                            w_peephole)  # fmt: skip
+                            w_peephole, w_hr)  # fmt: skip
 
     @staticmethod
     def backward(ctx, dy, dh_n=None, dc_n=None, *, cell):
@@ -373,32 +373,34 @@ def test_required_persistent_kernel_refuses_cells_without_one(cell, persistent_m
         run_forward(GPU, cell, **_to_gpu(inputs, "float32"))
 
 
-def test_projections_raise_on_the_gpu():
-    import rnnfast
-
-    cupy = _cupy()
-    inputs = make_inputs("lstm", 3, 2, 4, 5, np.float32, np.random.default_rng(0))
-    gpu = {k: None if v is None or k == "lengths" else cupy.asarray(v) for k, v in inputs.items()}
-    gpu["w_hh"] = cupy.zeros((20, 2), cupy.float32)
-    with pytest.raises(NotImplementedError, match="projections"):
-        run_forward(rnnfast.ops, "lstm", **gpu, w_hr=cupy.zeros((2, 5), cupy.float32))
-
-
 PEEPHOLE_CELLS = [c for c in GPU_CELLS if c.startswith("lstm")]
+
+
+# (peephole, P): peepholes, a projection, both
+EXTRAS = [(True, 0), (False, 16), (True, 5)]
 
 
 @pytest.mark.parametrize("persistent_mode", ["never", "auto"], indirect=True)
 @pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize(("peephole", "P"), EXTRAS, ids=["peephole", "proj", "peephole-proj"])
 @pytest.mark.parametrize("cell", PEEPHOLE_CELLS)
-def test_peepholes_against_reference(cell, dtype_name, persistent_mode):
-    """w_peephole on the GPU, the persistent kernels included, and dw_peephole's reduction."""
+def test_extra_parameters_against_reference(cell, peephole, P, dtype_name, persistent_mode):
+    """w_peephole and w_hr on the GPU (the persistent kernels where they apply), dw_peephole's
+    reduction and dw_hr."""
     from rnnfast import reference
 
-    rng = np.random.default_rng([7, CELLS.index(cell)])
+    rng = np.random.default_rng([7, CELLS.index(cell), P])
     T, N, C, H = 7, 5, 33, 64
+    R, k = P or H, 1 / np.sqrt(H)
     inputs = make_inputs(cell, T, N, C, H, np.float64, rng, lengths_kind="mixed")
-    inputs["w_peephole"] = rng.uniform(-1, 1, (3, H))
+    if peephole:
+        inputs["w_peephole"] = rng.uniform(-1, 1, (3, H))
     up = make_upstream(cell, T, N, H, np.float64, rng)
+    if P:
+        inputs["w_hr"] = rng.uniform(-k, k, (P, H))
+        inputs["w_hh"] = rng.uniform(-k, k, (inputs["w_hh"].shape[0], P))
+        inputs["h0"] = rng.standard_normal((N, P))
+        up["dy"], up["dh_n"] = rng.standard_normal((T, N, R)), rng.standard_normal((N, R))
     if dtype_name in ("float16", "bfloat16"):
         inputs, up = _rounded(inputs, _np_dtype(dtype_name)), _rounded(up, _np_dtype(dtype_name))
     y, h_n, c_n, ctx = run_forward(reference, cell, **inputs)
@@ -407,6 +409,17 @@ def test_peepholes_against_reference(cell, dtype_name, persistent_mode):
     for name, a, e in (("y", gy, y), ("h_n", gh, h_n), ("c_n", gc, c_n)):
         _compare(a, e, dtype_name, "output", name)
     grads = run_backward(GPU, cell, gctx, **_to_gpu(up, dtype_name))
-    assert set(grads) == set(expected) and "dw_peephole" in grads
-    for k, e in expected.items():
-        _compare(grads[k], e, dtype_name, "grad", k)
+    assert set(grads) == set(expected)
+    assert ("dw_peephole" in grads) == peephole and ("dw_hr" in grads) == bool(P)
+    for name, e in expected.items():
+        _compare(grads[name], e, dtype_name, "grad", name)
+
+
+@pytest.mark.parametrize("persistent_mode", ["always"], indirect=True)
+def test_required_persistent_kernel_refuses_a_projection(persistent_mode):
+    inputs = make_inputs("lstm", 3, 2, 4, 8, np.float32, np.random.default_rng(0))
+    inputs["w_hh"] = np.ones((32, 2), np.float32)
+    inputs["h0"] = None
+    inputs["w_hr"] = np.ones((2, 8), np.float32)
+    with pytest.raises(RuntimeError, match="with a projection"):
+        run_forward(GPU, "lstm", **_to_gpu(inputs, "float32"))

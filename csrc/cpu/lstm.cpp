@@ -85,7 +85,7 @@ struct Lstm : DefaultStep {
     DefaultStep::weight_gradients(d, io, dgx, dgh, hs, dh_seq);
     if (d.P)
       parallel_gemm<T>(get_num_threads(), true, false, d.P, d.H, d.T * d.N, dh_seq, d.P,
-                       io.reserve + reserve_layout(d).m, d.H, T(0), io.dw_hr, d.H);
+                       io.reserve + reserve_layout(d).m + d.N * d.H, d.H, T(0), io.dw_hr, d.H);
   }
 
   template <typename T>

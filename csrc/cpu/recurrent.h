@@ -272,7 +272,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
           s.ghn = cell.reset_after ? io.reserve + layout.ghn + t * NH : nullptr;
         }
         if (cell.reset_before) s.rh = training ? io.reserve + layout.rh + t * NH : rh_step.get();
-        if (d.P) s.m = training ? io.reserve + layout.m + t * NH : m_step.get();
+        if (d.P) s.m = training ? io.reserve + layout.m + (t + 1) * NH : m_step.get();
         Cell::template forward_step<Cell, T>(th, s);
       }
     }

@@ -136,7 +136,8 @@ struct Dims {
 //   vanilla RNN's derivative comes from h itself
 // - ghn [T, N, H], where reset_after: W_hn h + b_hn, the recurrent part of n that r multiplies
 // - rh [T, N, H], where reset_before: r * h_{t-1}, what W_hn multiplies
-// - m [T, N, H], with a projection: o * tanh(c), what W_hr projects
+// - m [T+1, N, H], with a projection: slot t+1 is step t's o * tanh(c), what W_hr projects (slot
+//   0 unused, so that the slots line up with hs)
 struct ReserveLayout {
   int64_t hs, cs, gates, ghn, rh, m, total;  // offsets of each part, and the total size
 };
@@ -151,7 +152,7 @@ inline ReserveLayout reserve_layout(const Dims& d) {
   r.ghn = r.gates + (cell.saves_gates ? d.T * d.N * d.GH() : 0);
   r.rh = r.ghn + (cell.reset_after ? d.T * d.N * d.H : 0);
   r.m = r.rh + (cell.reset_before ? d.T * d.N * d.H : 0);
-  r.total = r.m + (d.P ? d.T * d.N * d.H : 0);
+  r.total = r.m + (d.P ? (d.T + 1) * d.N * d.H : 0);
   return r;
 }
 
