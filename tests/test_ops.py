@@ -96,6 +96,13 @@ def test_short_and_long_calls_in_float32(cell, steps, batch):
     _check(cell, np.float32, _case(cell, steps, batch, 9, 150, True, True, "mixed"))
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_packed_product_in_row_blocks(cell):
+    # 96 rows of x at C = 700 pass the packed projection in two blocks of tiles (a block's rows
+    # of x stay in L2 while every panel passes over them)
+    _check(cell, np.float32, _case(cell, 6, 16, 700, 40, True, True, "mixed"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("cell", CELLS)
 def test_noncontiguous_inputs(cell, dtype):
@@ -312,13 +319,18 @@ def test_private_module_rejects_wrong_layout_instead_of_crashing():
                          None, None, None)  # fmt: skip
 
 
-def test_blas_fallback_path_matches(tmp_path):
-    # machines without AVX-512 run the recurrent products through the BLAS, and refuse bfloat16
-    # with a clear error; force that path here
+@pytest.mark.parametrize(
+    "setting, kernel",
+    [("RNNFAST_NO_AVX512", "avx2 packed (float32), BLAS (float64)"), ("RNNFAST_NO_PACKED", "BLAS")],
+    ids=["avx2", "blas"],
+)
+def test_paths_without_avx512_match(tmp_path, setting, kernel):
+    # machines without AVX-512 run the recurrent products through the AVX2 tile (or, without
+    # AVX2 and FMA, the BLAS), and refuse bfloat16 with a clear error; force those paths here
     script = tmp_path / "fallback.py"
     script.write_text(
         "import numpy as np, rnnfast\n"
-        "assert rnnfast.build_info()['recurrent_kernel'] == 'BLAS'\n"
+        f"assert rnnfast.build_info()['recurrent_kernel'] == {kernel!r}, rnnfast.build_info()\n"
         "rng = np.random.default_rng(0)\n"
         "x = rng.standard_normal((6, 5, 7)).astype(np.float32)\n"
         "w_ih = rng.standard_normal((4 * 70, 7)).astype(np.float32) * 0.1\n"
@@ -338,7 +350,8 @@ def test_blas_fallback_path_matches(tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "RNNFAST_NO_AVX512": "1"}
+    paths = ("RNNFAST_NO_AVX512", "RNNFAST_NO_PACKED")
+    env = {**{k: v for k, v in os.environ.items() if k not in paths}, setting: "1"}
     out = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr

@@ -339,8 +339,10 @@ py::dict build_info() {
   __builtin_cpu_init();
   info["cpu_avx512f"] = bool(__builtin_cpu_supports("avx512f"));
   info["cpu_avx512_bf16"] = rnnfast::cpu::cpu_has_avx512_bf16();
-  info["recurrent_kernel"] = !rnnfast::cpu::cpu_has_avx512() ? "BLAS"
-                             : rnnfast::cpu::cpu_has_avx512_bf16()
+  namespace cpu = rnnfast::cpu;
+  info["recurrent_kernel"] = !cpu::cpu_has_packed_products() ? "BLAS"
+                             : !cpu::cpu_has_avx512() ? "avx2 packed (float32), BLAS (float64)"
+                             : cpu::cpu_has_avx512_bf16()
                                  ? "avx512 packed (float32; bfloat16 opt-in), BLAS (float64)"
                                  : "avx512 packed (float32), BLAS (float64)";
   info["cuda"] = false;

@@ -1,5 +1,6 @@
-// The AVX-512 micro-kernel of the packed step product: a tile of R rows of A times two 16-wide
-// panels of W, kept in 2R zmm accumulators over the whole K, so each output is summed in one
+// The micro-kernels of the packed step product. AVX-512: a tile of R rows of A times two 16-wide
+// panels of W, kept in 2R zmm accumulators over the whole K; AVX2 + FMA: R rows times one panel,
+// in 2R ymm accumulators (its 16 registers hold no more). Either way each output is summed in one
 // fixed order (bitwise reproducible) and W streams from cache once per row tile. In bfloat16 the
 // panels hold pairs of k and each accumulator takes two products per lane (vdpbf16ps).
 #include "cpu/packed_gemm.h"
@@ -31,6 +32,17 @@ bool cpu_has_avx512() {
 
 bool cpu_has_avx512_bf16() {
   static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+bool cpu_has_packed_products() {
+  // RNNFAST_NO_PACKED=1 takes the BLAS path for the step products, to test it anywhere
+  static const bool has = [] {
+    const char* off = std::getenv("RNNFAST_NO_PACKED");
+    if (off && *off && *off != '0') return false;
+    __builtin_cpu_init();
+    return cpu_has_avx512() || (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+  }();
   return has;
 }
 
@@ -180,27 +192,135 @@ TileFn<E> tile_for_rows(int rows) {
   }
 }
 
-// C[N, M] (+)= A[N, K] times the panels, in row tiles as even as possible (32 rows: 6 6 5 5 5 5,
-// not 6 6 6 6 6 2): a thin last tile streams the panels for a fraction of the FMAs. K counts
-// panel steps.
+// N rows in tiles of at most kMaxRows, as even as possible (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2:
+// a thin last tile streams the panels for a fraction of the FMAs), visited in blocks of tiles
+// whose rows of A stay in L2 while every panel passes over them. Rows of A take 4K bytes (float32
+// rows of K, or K bfloat16 pairs). Without the blocks, a call of 1024 rows at K = 512 streamed
+// all of A from L3 once per panel (bench/RESULTS.md).
+struct RowTiles {
+  static constexpr int64_t kBlockBytes = 128 << 10;
+  int64_t N, count, per_block;
+  RowTiles(int64_t N, int64_t K)
+      : N(N),
+        count((N + kMaxRows - 1) / kMaxRows),
+        per_block(std::max<int64_t>(1, kBlockBytes / (kMaxRows * 4 * std::max<int64_t>(K, 1)))) {}
+  int rows(int64_t i) const { return int(N / count + (i < N % count ? 1 : 0)); }
+  int64_t first_row(int64_t i) const { return i * (N / count) + std::min(i, N % count); }
+  // calls f(first tile, end tile) for each block
+  template <class F>
+  void for_blocks(F&& f) const {
+    for (int64_t b = 0; b < count; b += per_block) f(b, std::min(count, b + per_block));
+  }
+};
+
+// C[N, M] (+)= A[N, K] times the panels, two at a time. K counts panel steps.
 template <typename E>
 void multiply_panels(int64_t N, int64_t M, int64_t K, const E* A, int64_t lda, const E* panels,
                      float* C, int64_t ldc, bool accumulate) {
   const int64_t count = (M + kPanel - 1) / kPanel, panel_stride = K * kPerK<E>;
   const int64_t tail = M % kPanel;
-  for (int64_t p0 = 0; p0 < count; p0 += 2) {
-    const int P = int(std::min<int64_t>(2, count - p0));
-    const __mmask16 last = (p0 + P == count && tail) ? __mmask16((1u << tail) - 1) : 0xFFFF;
-    const E* panel = panels + p0 * panel_stride;
-    const int64_t tiles = (N + kMaxRows - 1) / kMaxRows;
-    for (int64_t i = 0, n0 = 0; i < tiles; ++i) {
-      const int rows = int(N / tiles + (i < N % tiles ? 1 : 0));
-      const TileFn<E> f = P == 2 ? tile_for_rows<E, 2>(rows) : tile_for_rows<E, 1>(rows);
-      f(K, A + n0 * lda, lda, panel, panel_stride, C + n0 * ldc + p0 * kPanel, ldc, last,
-        accumulate);
-      n0 += rows;
+  const RowTiles tiles(N, K);
+  tiles.for_blocks([&](int64_t first, int64_t end) {
+    for (int64_t p0 = 0; p0 < count; p0 += 2) {
+      const int P = int(std::min<int64_t>(2, count - p0));
+      const __mmask16 last = (p0 + P == count && tail) ? __mmask16((1u << tail) - 1) : 0xFFFF;
+      const E* panel = panels + p0 * panel_stride;
+      for (int64_t i = first; i < end; ++i) {
+        const int rows = tiles.rows(i);
+        const int64_t n0 = tiles.first_row(i);
+        const TileFn<E> f = P == 2 ? tile_for_rows<E, 2>(rows) : tile_for_rows<E, 1>(rows);
+        f(K, A + n0 * lda, lda, panel, panel_stride, C + n0 * ldc + p0 * kPanel, ldc, last,
+          accumulate);
+      }
+    }
+  });
+}
+
+// ---- AVX2 + FMA: one 16-wide panel (two ymm) times up to 6 rows
+// ----------------------------------
+
+#define RNNFAST_AVX2_TARGET __attribute__((target("avx2,fma")))
+
+// one k of an R x 16 tile: 2 panel loads, R broadcasts, 2R FMAs
+template <int R>
+RNNFAST_AVX2_TARGET __attribute__((always_inline)) inline void multiply_add_k_avx2(
+    __m256 (&acc)[R][2], const float* A, int64_t lda, const float* panel, int64_t k) {
+  const __m256 b0 = _mm256_load_ps(panel + k * kPanel), b1 = _mm256_load_ps(panel + k * kPanel + 8);
+  for (int r = 0; r < R; ++r) {
+    const __m256 a = _mm256_set1_ps(A[r * lda + k]);  // not _mm256_broadcast_ss: its pointer
+    // argument made GCC keep the accumulators in memory, stored on every k
+    acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+    acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+  }
+}
+
+// S interleaved sums per output as in tile() above, for FMA's 4 x 2 cycles of latency x pipes.
+// A last panel of fewer than 16 outputs goes through a buffer: AVX2's masked stores are
+// microcoded on AMD's cores.
+template <int R, int S = (2 * R >= kChains<float> ? 1 : (4 * R >= kChains<float> ? 2 : 4))>
+RNNFAST_AVX2_TARGET void tile_avx2(int64_t K, const float* A, int64_t lda, const float* panel,
+                                   float* C, int64_t ldc, int64_t outputs, bool accumulate) {
+  __m256 acc[S][R][2];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) acc[s][r][0] = acc[s][r][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + S <= K; k += S)
+    for (int s = 0; s < S; ++s) multiply_add_k_avx2<R>(acc[s], A, lda, panel, k + s);
+  for (; k < K; ++k) multiply_add_k_avx2<R>(acc[0], A, lda, panel, k);
+  alignas(32) float partial[R][kPanel];
+  const bool whole = outputs == kPanel;
+  float* out = whole ? C : &partial[0][0];
+  const int64_t ld = whole ? ldc : kPanel;
+  if (!whole && accumulate)
+    for (int r = 0; r < R; ++r) std::memcpy(partial[r], C + r * ldc, sizeof(float) * outputs);
+  for (int r = 0; r < R; ++r) {
+    for (int h = 0; h < 2; ++h) {
+      __m256 v = acc[0][r][h];
+      for (int s = 1; s < S; ++s) v = _mm256_add_ps(v, acc[s][r][h]);
+      float* c = out + r * ld + 8 * h;
+      if (accumulate) v = _mm256_add_ps(_mm256_loadu_ps(c), v);
+      _mm256_storeu_ps(c, v);
     }
   }
+  if (!whole)
+    for (int r = 0; r < R; ++r) std::memcpy(C + r * ldc, partial[r], sizeof(float) * outputs);
+}
+
+using TileAvx2Fn = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
+                            bool);
+
+TileAvx2Fn tile_avx2_for_rows(int rows) {
+  switch (rows) {
+    case 1:
+      return tile_avx2<1>;
+    case 2:
+      return tile_avx2<2>;
+    case 3:
+      return tile_avx2<3>;
+    case 4:
+      return tile_avx2<4>;
+    case 5:
+      return tile_avx2<5>;
+    default:
+      return tile_avx2<6>;
+  }
+}
+
+// C[N, M] (+)= A[N, K] times the panels, one at a time, in RowTiles
+void multiply_panels_avx2(int64_t N, int64_t M, int64_t K, const float* A, int64_t lda,
+                          const float* panels, float* C, int64_t ldc, bool accumulate) {
+  const int64_t count = (M + kPanel - 1) / kPanel;
+  const RowTiles tiles(N, K);
+  tiles.for_blocks([&](int64_t first, int64_t end) {
+    for (int64_t p = 0; p < count; ++p) {
+      const int64_t outputs = std::min(kPanel, M - p * kPanel);
+      for (int64_t i = first; i < end; ++i) {
+        const int64_t n0 = tiles.first_row(i);
+        tile_avx2_for_rows(tiles.rows(i))(K, A + n0 * lda, lda, panels + p * K * kPanel,
+                                          C + n0 * ldc + p * kPanel, ldc, outputs, accumulate);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -261,7 +381,11 @@ PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bo
 
 void PackedPanels::multiply(int64_t N, const float* A, int64_t lda, float* C, int64_t ldc,
                             bool accumulate) const {
-  if (!bf16_) return multiply_panels<float>(N, M_, K_, A, lda, data_.get(), C, ldc, accumulate);
+  if (!bf16_) {
+    if (cpu_has_avx512())
+      return multiply_panels<float>(N, M_, K_, A, lda, data_.get(), C, ldc, accumulate);
+    return multiply_panels_avx2(N, M_, K_, A, lda, data_.get(), C, ldc, accumulate);
+  }
   const int64_t pairs = (K_ + 1) / 2;
   if (N * 2 * pairs > a_capacity_) {
     a_bf16_ = scratch<uint16_t>(N * 2 * pairs);

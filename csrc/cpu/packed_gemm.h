@@ -1,6 +1,6 @@
 // The recurrent product of one step, C[N, M] (+)= A[N, K] op(W), with W packed once per call and
 // reused for all T steps. A BLAS re-packs W on every call, and its small-M kernels run far below
-// peak; for float32 on AVX-512 this AVX-512 micro-kernel takes over, elsewhere the BLAS does.
+// peak; for float32 on AVX-512 or AVX2 + FMA our micro-kernels take over, elsewhere the BLAS does.
 #pragma once
 
 #include <algorithm>
@@ -17,6 +17,8 @@ namespace rnnfast::cpu {
 bool cpu_has_avx512();
 // AVX512_BF16 (vdpbf16ps), for the opt-in bfloat16 products
 bool cpu_has_avx512_bf16();
+// whether float32 step products run packed: AVX-512, or AVX2 with FMA
+bool cpu_has_packed_products();
 
 // Whether output j's weights are row j of W ([M, ldw], so C = A W^T) or column j ([K, ldw], so
 // C = A W), and whether a product adds to C or overwrites it: named at every call site.
@@ -53,7 +55,7 @@ class PackedPanels {
   mutable int64_t a_capacity_ = 0;
 };
 
-// The step product through the packed AVX-512 kernel where it applies (float32) and pays, else
+// The step product through the packed kernels where they apply (float32) and pay, else
 // through the BLAS on W as it lies, one call per output block. Built once per thread per call.
 template <typename T>
 class StepProduct {
@@ -78,7 +80,7 @@ class StepProduct {
     if (bf16 && !(std::is_same_v<T, float> && cpu_has_avx512_bf16()))
       throw std::invalid_argument("bfloat16 products need float32 and a CPU with AVX512_BF16");
     if constexpr (std::is_same_v<T, float>)
-      if (cpu_has_avx512() && M > 0 && K > 0 && (bf16 || packing_pays(M, K, rows)))
+      if (M > 0 && K > 0 && (bf16 || (cpu_has_packed_products() && packing_pays(M, K, rows))))
         packed_ = std::make_unique<PackedPanels>(W, ldw, M, K, outputs_are_rows_, blocks, bf16);
   }
   void operator()(int64_t N, const T* A, int64_t lda, T* C, int64_t ldc, Accumulate add) const {
@@ -98,7 +100,7 @@ class StepProduct {
   int64_t ldw_, M_, K_;
   bool outputs_are_rows_;
   OutputBlocks blocks_;
-  std::unique_ptr<PackedPanels> packed_;  // float32 on AVX-512 only
+  std::unique_ptr<PackedPanels> packed_;  // float32 on AVX-512 or AVX2 + FMA only
 };
 
 }  // namespace rnnfast::cpu
