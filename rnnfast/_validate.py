@@ -7,6 +7,7 @@ kernel. The checked arrays come back C-contiguous (copied only where needed, nev
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -173,3 +174,74 @@ def check_matmul_precision(matmul_precision, training) -> bool:
     if bf16 and training:
         raise ValueError('matmul_precision="bfloat16" is for inference: pass training=False')
     return bf16
+
+
+class Noise(NamedTuple):
+    """A call's recurrent dropout and zoneout, as the kernels take them (csrc/rnnfast/noise.h):
+    an element is kept (a zoneout unit takes its new value) where its 32-bit Philox draw is at
+    least the probability's threshold, floor(p * 2**32)."""
+
+    seed: int
+    stream: int
+    candidate: float
+    candidate_threshold: int
+    zoneout: float
+    zoneout_threshold: int
+
+
+DROPOUT_MODES = ("semeniuta", "variational")
+NOISE_STREAMS = 1 << 28  # the counter word holds the stream above 4 bits of purpose
+
+
+def threshold(p: float) -> int:
+    """The keep threshold of probability p in [0, 1): floor(p * 2**32)."""
+    return min(int(p * 2**32), 2**32 - 1)
+
+
+def _probability(name, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number in [0, 1), got {p!r}")
+    p = float(p)
+    if not 0 <= p < 1:  # NaN fails too
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
+    return p
+
+
+def check_noise(cell, recurrent_dropout=0.0, recurrent_dropout_mode="semeniuta", zoneout=0.0,
+                seed=None, noise_stream=0, projection=False) -> Noise | None:  # fmt: skip
+    """The call's Noise, or None where both probabilities are 0. seed None draws a fresh one."""
+    spec = cell_spec(cell)
+    p_drop = _probability("recurrent_dropout", recurrent_dropout)
+    p_zone = _probability("zoneout", zoneout)
+    if recurrent_dropout_mode not in DROPOUT_MODES:
+        raise ValueError(
+            f"recurrent_dropout_mode must be one of {DROPOUT_MODES}, got {recurrent_dropout_mode!r}"
+        )
+    if isinstance(noise_stream, bool) or not isinstance(noise_stream, (int, np.integer)):
+        raise TypeError(f"noise_stream must be an int, got {noise_stream!r}")
+    if not 0 <= noise_stream < NOISE_STREAMS:
+        raise ValueError(f"noise_stream must be in [0, 2**28), got {noise_stream}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    if p_drop > 0:
+        if recurrent_dropout_mode == "variational":
+            raise NotImplementedError(
+                'recurrent_dropout_mode="variational" is not implemented yet; use "semeniuta" '
+                "(the LSTM's and GRU's candidate)"
+            )
+        if spec.gates == 1:
+            raise ValueError(
+                f'recurrent_dropout_mode="semeniuta" drops the candidate, which the {spec.name} '
+                "cell does not have (the LSTM's g, the GRU's n)"
+            )
+    if p_zone > 0 and projection:
+        raise ValueError("zoneout is not supported with a projection (w_hr)")
+    if p_drop == 0 and p_zone == 0:
+        return None
+    if seed is None:
+        seed = int(np.random.default_rng().integers(2**63))
+    return Noise(int(seed), int(noise_stream), p_drop, threshold(p_drop), p_zone,
+                 threshold(p_zone))  # fmt: skip

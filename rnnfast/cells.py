@@ -99,7 +99,8 @@ def public_functions(forward: Callable, backward: Callable, api: str, docs: dict
     uniform pair, for rnnfast.ops and rnnfast.reference alike.
 
     forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, *, lengths, training, matmul_precision,
-    w_peephole, w_hr) returns (y, h_n, c_n or None, ctx); backward(ctx, dy, dh_n, dc_n, *, cell)
+    w_peephole, w_hr, recurrent_dropout, recurrent_dropout_mode, zoneout, seed, noise_stream)
+    returns (y, h_n, c_n or None, ctx); backward(ctx, dy, dh_n, dc_n, *, cell)
     returns the gradient dict and checks that ctx comes from a forward of ``cell``. ``api`` is the
     module's name (for __module__); ``docs`` holds each function's docstring.
     """
@@ -114,30 +115,44 @@ def public_functions(forward: Callable, backward: Callable, api: str, docs: dict
 
     def lstm_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
                      training=True, matmul_precision="float32", w_peephole=None, w_hr=None,
-                     coupled_input_forget=False):  # fmt: skip
+                     coupled_input_forget=False, recurrent_dropout=0.0,
+                     recurrent_dropout_mode="semeniuta", zoneout=0.0, seed=None,
+                     noise_stream=0):  # fmt: skip
         cell = family_cell("lstm", coupled_input_forget=coupled_input_forget)
         return forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths, training=training,
-                       matmul_precision=matmul_precision, w_peephole=w_peephole,
-                       w_hr=w_hr)  # fmt: skip
+                       matmul_precision=matmul_precision, w_peephole=w_peephole, w_hr=w_hr,
+                       recurrent_dropout=recurrent_dropout,
+                       recurrent_dropout_mode=recurrent_dropout_mode, zoneout=zoneout, seed=seed,
+                       noise_stream=noise_stream)  # fmt: skip
 
     def lstm_backward(ctx, dy, dh_n=None, dc_n=None):
         return family_backward("lstm", ctx, dy, dh_n, dc_n)
 
     def gru_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, lengths=None, training=True,
-                    matmul_precision="float32", reset_after=True):  # fmt: skip
+                    matmul_precision="float32", reset_after=True, recurrent_dropout=0.0,
+                    recurrent_dropout_mode="semeniuta", zoneout=0.0, seed=None,
+                    noise_stream=0):  # fmt: skip
         cell = family_cell("gru", reset_after=reset_after)
         y, h_n, _, ctx = forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths=lengths,
-                                 training=training, matmul_precision=matmul_precision)  # fmt: skip
+                                 training=training, matmul_precision=matmul_precision,
+                                 recurrent_dropout=recurrent_dropout,
+                                 recurrent_dropout_mode=recurrent_dropout_mode, zoneout=zoneout,
+                                 seed=seed, noise_stream=noise_stream)  # fmt: skip
         return y, h_n, ctx
 
     def gru_backward(ctx, dy, dh_n=None):
         return family_backward("gru", ctx, dy, dh_n, None)
 
     def rnn_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearity="tanh",
-                    lengths=None, training=True, matmul_precision="float32"):  # fmt: skip
+                    lengths=None, training=True, matmul_precision="float32", recurrent_dropout=0.0,
+                    recurrent_dropout_mode="variational", zoneout=0.0, seed=None,
+                    noise_stream=0):  # fmt: skip
         y, h_n, _, ctx = forward(rnn_cell(nonlinearity), x, w_ih, w_hh, b_ih, b_hh, h0, None,
                                  lengths=lengths, training=training,
-                                 matmul_precision=matmul_precision)  # fmt: skip
+                                 matmul_precision=matmul_precision,
+                                 recurrent_dropout=recurrent_dropout,
+                                 recurrent_dropout_mode=recurrent_dropout_mode, zoneout=zoneout,
+                                 seed=seed, noise_stream=noise_stream)  # fmt: skip
         return y, h_n, ctx
 
     def rnn_backward(ctx, dy, dh_n=None):

@@ -45,6 +45,8 @@ from ._validate import (
     check_context,
     check_forward_inputs,
     check_matmul_precision,
+    check_noise,
+    threshold,
 )
 from .cells import CELLS, cell_spec, public_functions
 
@@ -59,6 +61,7 @@ __all__ = [
     "rnn_forward",
     "rnn_backward",
     "bfloat16_supported",
+    "recurrent_masks",
 ]
 
 
@@ -80,6 +83,7 @@ class RecurrentContext:
     cell: str
     inputs: Checked
     reserve: np.ndarray | None
+    noise: tuple | None = None  # the forward's dropout and zoneout (rnnfast._validate.Noise)
 
     @property
     def training(self) -> bool:
@@ -87,7 +91,9 @@ class RecurrentContext:
 
 
 def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-            training=True, matmul_precision="float32", w_peephole=None, w_hr=None):  # fmt: skip
+            training=True, matmul_precision="float32", w_peephole=None, w_hr=None,
+            recurrent_dropout=0.0, recurrent_dropout_mode="semeniuta", zoneout=0.0, seed=None,
+            noise_stream=0):  # fmt: skip
     """Any cell over a whole sequence, by its name in ``rnnfast.cells.CELLS``.
 
     Returns ``(y, h_n, c_n, ctx)`` for every cell, c_n None for a cell without a cell state (c0
@@ -95,10 +101,23 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     cells that take peepholes (the LSTMs); ``w_hr`` (P, H), 0 < P < H, a projection for the cells
     that take one (the LSTMs, as torch.nn.LSTM(proj_size=P)): h, h0, h_n and each step of y are
     then (N, P) and w_hh is (G*H, P), while c stays (N, H).
+
+    ``recurrent_dropout=p`` (training only; ``recurrent_dropout_mode="semeniuta"``, Semeniuta et
+    al. 2016) drops units of the candidate (the LSTM's g, the GRU's n) with a fresh mask each step
+    and scales the kept ones by 1/(1-p). ``zoneout=p`` (Krueger et al. 2016) keeps each unit of h
+    at its previous value with probability p each step; with ``training=False`` h is
+    p h_{t-1} + (1-p) h_new instead. The masks come from Philox-4x32-10 keyed by ``seed`` (None:
+    a fresh one, kept in the context) and counted by (unit, row, step, ``noise_stream``): the same
+    seed gives the same masks and bits for any thread count; ``recurrent_masks`` returns them.
+    Stacked and bidirectional layers pass noise_stream = 2 * layer + direction.
     """
     spec = cell_spec(cell)
     bf16 = check_matmul_precision(matmul_precision, training)
+    noise = check_noise(spec.name, recurrent_dropout, recurrent_dropout_mode, zoneout, seed,
+                        noise_stream, projection=w_hr is not None)  # fmt: skip
     if _gpu.is_gpu_array(x):
+        if noise is not None:
+            raise NotImplementedError("recurrent dropout and zoneout run on the CPU kernels only")
         if bf16:
             raise NotImplementedError('matmul_precision="bfloat16" runs on the CPU kernels only')
         if not spec.gpu:
@@ -112,11 +131,11 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     kernel, _ = _KERNELS[spec.name]
     y, h_n, c_n, reserve = kernel(
         a.x, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.h0, a.c0, a.lengths, bool(training), bf16,
-        a.w_peephole, a.w_hr,
+        a.w_peephole, a.w_hr, noise,
     )  # fmt: skip
     if reserve is not None:
         y.flags.writeable = False
-    return y, h_n, c_n, RecurrentContext(spec.name, a, reserve)
+    return y, h_n, c_n, RecurrentContext(spec.name, a, reserve, noise)
 
 
 def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> dict:
@@ -141,11 +160,31 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
     _, kernel = _KERNELS[spec.name]
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peephole, dw_hr = kernel(
         a.x, a.w_ih, a.w_hh, a.b_ih is not None, a.b_hh is not None, a.lengths, ctx.reserve,
-        dy, dh_n, dc_n, a.w_peephole, a.w_hr,
+        dy, dh_n, dc_n, a.w_peephole, a.w_hr, ctx.noise,
     )  # fmt: skip
     grads = {"dx": dx, "dh0": dh0, "dc0": dc0, "dw_ih": dw_ih, "dw_hh": dw_hh, "db_ih": db_ih,
              "db_hh": db_hh, "dw_peephole": dw_peephole, "dw_hr": dw_hr}  # fmt: skip
     return {k: grads[k] for k in spec.grads_of(a.w_peephole is not None, a.w_hr is not None)}
+
+
+_PURPOSES = {"candidate": 1, "zoneout": 3}
+
+
+def recurrent_masks(kind: str, p: float, seed: int, T: int, N: int, H: int, *,
+                    noise_stream: int = 0) -> np.ndarray:  # fmt: skip
+    """The masks a training forward with these arguments draws: bool (T, N, H), True where a
+    unit is kept. ``kind`` "candidate": the candidate units recurrent dropout keeps (scaled by
+    1/(1-p)) at step t, row n; "zoneout": the units of h that take their new value (False: h keeps
+    its previous value). Steps count in the order the call runs them."""
+    if kind not in _PURPOSES:
+        raise ValueError(f"kind must be one of {sorted(_PURPOSES)}, got {kind!r}")
+    if seed is None:
+        raise TypeError("recurrent_masks needs the seed of the forward it reproduces")
+    noise = check_noise("lstm", p, "semeniuta", 0.0, seed, noise_stream)
+    if noise is None:
+        return np.ones((T, N, H), bool)
+    return _C.recurrent_masks(_PURPOSES[kind], noise.seed, noise.stream, threshold(noise.candidate),
+                              T, N, H)  # fmt: skip
 
 
 _DOCS = {

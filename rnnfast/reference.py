@@ -33,10 +33,12 @@ import numpy as np
 
 from ._validate import (
     Checked,
+    Noise,
     check_backward_inputs,
     check_context,
     check_forward_inputs,
     check_matmul_precision,
+    check_noise,
 )
 from .cells import cell_spec, public_functions
 
@@ -48,12 +50,60 @@ __all__ = [
     "gru_backward",
     "rnn_forward",
     "rnn_backward",
+    "recurrent_masks",
+    "philox4x32_10",
 ]
 
 
 def _sigmoid(a):
     with np.errstate(over="ignore"):  # exp(-a) = inf for very negative a gives the right 0
         return 1 / (1 + np.exp(-a))
+
+
+# ---- recurrent dropout and zoneout: the masks -------------------------------------------------
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1) -> np.ndarray:
+    """The first 32-bit word of Philox-4x32-10 (Salmon et al. 2011) of counters (c0, c1, c2, c3)
+    under key (k0, k1), elementwise over broadcast uint32 arrays."""
+    u32 = np.uint64(0xFFFFFFFF)
+    c0, c1, c2, c3 = (np.asarray(c, np.uint64) for c in np.broadcast_arrays(c0, c1, c2, c3))
+    k0, k1 = np.uint64(k0), np.uint64(k1)
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + np.uint64(0x9E3779B9)) & u32, (k1 + np.uint64(0xBB67AE85)) & u32
+        p0, p1 = np.uint64(0xD2511F53) * c0, np.uint64(0xCD9E8D57) * c2
+        c0, c1, c2, c3 = (
+            (p1 >> np.uint64(32)) ^ c1 ^ k0,
+            p1 & u32,
+            (p0 >> np.uint64(32)) ^ c3 ^ k1,
+            p0 & u32,
+        )
+    return c0.astype(np.uint32)
+
+
+_PURPOSES = {"candidate": 1, "zoneout": 3}
+
+
+def _keeps(noise: Noise, purpose: str, p_threshold: int, t: int, N: int, H: int) -> np.ndarray:
+    """(N, H) bool: which elements of step t are kept (rnnfast/_validate.Noise, noise.h)."""
+    word = (noise.stream << 4) | _PURPOSES[purpose]
+    units, rows = np.arange(H, dtype=np.uint64)[None, :], np.arange(N, dtype=np.uint64)[:, None]
+    draws = philox4x32_10(units, rows, t, word, noise.seed & 0xFFFFFFFF, noise.seed >> 32)
+    return draws >= p_threshold
+
+
+def recurrent_masks(kind: str, p: float, seed: int, T: int, N: int, H: int, *,
+                    noise_stream: int = 0) -> np.ndarray:  # fmt: skip
+    """As rnnfast.ops.recurrent_masks, computed here in NumPy."""
+    if kind not in _PURPOSES:
+        raise ValueError(f"kind must be one of {sorted(_PURPOSES)}, got {kind!r}")
+    if seed is None:
+        raise TypeError("recurrent_masks needs the seed of the forward it reproduces")
+    noise = check_noise("lstm", p, "semeniuta", 0.0, seed, noise_stream)
+    if noise is None:
+        return np.ones((T, N, H), bool)
+    return np.stack([_keeps(noise, kind, noise.candidate_threshold, t, N, H) for t in range(T)])
 
 
 # ---- the cells --------------------------------------------------------------------------------
@@ -73,6 +123,7 @@ class _StepWeights(NamedTuple):
     w_hr: np.ndarray | None  # (P, H) the projection, as given
     w_hr_rounded: np.ndarray | None  # and for the forward's product
     rounded: Callable  # what the forward's products do to their left operand
+    drop: np.ndarray | None = None  # (N, H) this step's candidate scale: 0 or 1/(1-p)
 
     def recur(self, h, rows=slice(None)):
         """h W_hh^T + b_hh for the gate rows ``rows`` of W_hh."""
@@ -104,7 +155,7 @@ def _lstm_cell(coupled: bool):
         i = _sigmoid(a_i)
         f = 1 - i if coupled else _sigmoid(a_f)
         g = np.tanh(a_g)
-        c_new = f * c + i * g
+        c_new = f * c + i * (g if w.drop is None else g * w.drop)
         if p is not None:
             a_o = a_o + p[2] * c_new
         o = _sigmoid(a_o)
@@ -125,13 +176,14 @@ def _lstm_cell(coupled: bool):
         dc = dc + dh * o * (1 - tc * tc)
         if p is not None:
             dc = dc + da_o * p[2]
+        drop = 1 if w.drop is None else w.drop
         if coupled:
-            da_i = dc * (g - c_prev) * i * (1 - i)
+            da_i = dc * (g * drop - c_prev) * i * (1 - i)
             da_f = np.zeros_like(da_i)
         else:
-            da_i = dc * g * i * (1 - i)
+            da_i = dc * g * drop * i * (1 - i)
             da_f = dc * c_prev * f * (1 - f)
-        da_g = dc * i * (1 - g * g)
+        da_g = dc * i * drop * (1 - g * g)
         dc_prev = dc * f
         if p is not None:
             dc_prev = dc_prev + da_i * p[0] + da_f * p[1]
@@ -150,14 +202,16 @@ def _gru_step(a_x, h, c, w):
     r = _sigmoid(x_r + hh_r)
     z = _sigmoid(x_z + hh_z)
     n = np.tanh(x_n + r * hh_n)
-    h_new = (1 - z) * n + z * h
+    drop = 1 if w.drop is None else w.drop
+    h_new = (1 - z) * (n * drop) + z * h
     return h_new, None, (r, z, n, hh_n)
 
 
 def _gru_step_backward(saved, h, dh, dc, w):
     r, z, n, hh_n = saved
-    da_n = dh * (1 - z) * (1 - n * n)
-    da_z = dh * (h - n) * z * (1 - z)
+    drop = 1 if w.drop is None else w.drop
+    da_n = dh * drop * (1 - z) * (1 - n * n)
+    da_z = dh * (h - n * drop) * z * (1 - z)
     da_r = da_n * hh_n * r * (1 - r)
     # r multiplies the recurrent part of n only: a_h's n slot gets da_n * r, a_x's gets da_n
     da_x = np.concatenate([da_r, da_z, da_n], axis=1)
@@ -173,7 +227,8 @@ def _gru_reset_before_step(a_x, h, c, w):
     z = _sigmoid(x_z + hh_z)
     rh = r * h  # the reset gate acts on h before the candidate's product
     n = np.tanh(x_n + w.recur(rh, slice(2 * H, 3 * H)))
-    h_new = (1 - z) * n + z * h
+    drop = 1 if w.drop is None else w.drop
+    h_new = (1 - z) * (n * drop) + z * h
     return h_new, None, (r, z, n, rh)
 
 
@@ -181,8 +236,9 @@ def _gru_reset_before_step_backward(saved, h, dh, dc, w):
     r, z, n, rh = saved
     H = h.shape[1]
     w_rz, w_n = w.w_hh[: 2 * H], w.w_hh[2 * H :]
-    da_n = dh * (1 - z) * (1 - n * n)
-    da_z = dh * (h - n) * z * (1 - z)
+    drop = 1 if w.drop is None else w.drop
+    da_n = dh * drop * (1 - z) * (1 - n * n)
+    da_z = dh * (h - n * drop) * z * (1 - z)
     drh = da_n @ w_n
     da_r = drh * h * r * (1 - r)
     da_rz = np.concatenate([da_r, da_z], axis=1)
@@ -243,6 +299,7 @@ class ReferenceContext:
     cell: str
     inputs: Checked
     saved: _Saved | None
+    noise: Noise | None = None
 
     @property
     def training(self) -> bool:
@@ -272,12 +329,21 @@ def _step_weights(a: Checked, rounded=lambda m: m) -> _StepWeights:
 
 
 def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-            training=True, matmul_precision="float32", w_peephole=None, w_hr=None):  # fmt: skip
+            training=True, matmul_precision="float32", w_peephole=None, w_hr=None,
+            recurrent_dropout=0.0, recurrent_dropout_mode="semeniuta", zoneout=0.0, seed=None,
+            noise_stream=0):  # fmt: skip
     """Any cell over a whole sequence, by name; returns ``(y, h_n, c_n, ctx)`` as
-    rnnfast.ops.forward (c_n None for a cell without a cell state)."""
+    rnnfast.ops.forward (c_n None for a cell without a cell state).
+
+    Recurrent dropout (Semeniuta): the candidate enters the state as g * d (LSTM, c = f c + i g d)
+    or n * d (GRU, h = (1 - z) n d + z h), d = keep / (1 - p) from the step's candidate mask;
+    training only. Zoneout: h_t = h_new where the step's zoneout mask takes it, else h_{t-1};
+    with training=False, h_t = p h_{t-1} + (1 - p) h_new. Masks: ``recurrent_masks``."""
     spec = cell_spec(cell)
     cell = spec.name
     bf16 = check_matmul_precision(matmul_precision, training)
+    noise = check_noise(cell, recurrent_dropout, recurrent_dropout_mode, zoneout, seed,
+                        noise_stream, projection=w_hr is not None)  # fmt: skip
     rounded = _round_to_bfloat16 if bf16 else (lambda m: m)  # what the products multiply
     a = check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
                              w_peephole=w_peephole, w_hr=w_hr)  # fmt: skip
@@ -301,7 +367,18 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     hs = np.zeros((T, N, R), dtype)
     steps = []
     for t in range(T):
-        h_new, c_new, saved = step(a_x[t], h, c, w)
+        w_t = w
+        if noise is not None and noise.candidate > 0 and training:
+            kept = _keeps(noise, "candidate", noise.candidate_threshold, t, N, H)
+            w_t = w._replace(drop=np.where(kept, 1 / (1 - noise.candidate), 0).astype(dtype))
+        h_new, c_new, saved = step(a_x[t], h, c, w_t)
+        if noise is not None and noise.zoneout > 0:
+            p = noise.zoneout
+            if training:
+                taken = _keeps(noise, "zoneout", noise.zoneout_threshold, t, N, R)
+                h_new = np.where(taken, h_new, h)
+            else:
+                h_new = p * h + (1 - p) * h_new
         m = active[t]
         y[t] = np.where(m, h_new, 0)
         hs[t] = h
@@ -309,7 +386,7 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
         h = np.where(m, h_new, h)  # finished sequences keep their final state
         if c is not None:
             c = np.where(m, c_new, c)
-    ctx = ReferenceContext(cell, a, _Saved(hs, steps) if training else None)
+    ctx = ReferenceContext(cell, a, _Saved(hs, steps) if training else None, noise)
     return y, h, c, ctx
 
 
@@ -339,14 +416,28 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
         dc = np.zeros((N, H), dtype) if dc_n is None else dc_n.copy()
     da_x = np.zeros((T, N, GH), dtype)
     sums: dict = {}  # the recurrent parameters' gradients, summed over the steps
+    noise = ctx.noise
     for t in reversed(range(T)):
         m = active[t]
         if dy is not None:
             dh = dh + np.where(m, dy[t], 0)  # y is zero past the length: no gradient there
+        w_t, carry = w, 0
+        if noise is not None and noise.candidate > 0:
+            kept = _keeps(noise, "candidate", noise.candidate_threshold, t, N, H)
+            w_t = w._replace(drop=np.where(kept, 1 / (1 - noise.candidate), 0).astype(dtype))
+        dh_step = dh
+        if noise is not None and noise.zoneout > 0:  # a zoned-out unit passes dh to h_{t-1}
+            taken = _keeps(noise, "zoneout", noise.zoneout_threshold, t, N, R)
+            dh_step, carry = np.where(taken, dh, 0), np.where(taken, 0, dh)
         # a padded row takes no part in the step: zero gradients in, its dh and dc passed on
         gx, dh_prev, dc_prev, grads = step_backward(
-            steps[t], hs[t], np.where(m, dh, 0), None if dc is None else np.where(m, dc, 0), w
+            steps[t],
+            hs[t],
+            np.where(m, dh_step, 0),
+            None if dc is None else np.where(m, dc, 0),
+            w_t,
         )
+        dh_prev = dh_prev + carry
         da_x[t] = np.where(m, gx, 0)
         for k, v in grads.items():
             sums[k] = sums[k] + v if k in sums else v

@@ -15,6 +15,7 @@
 #include "cpu/parallel.h"
 #include "cpu/scratch.h"
 #include "rnnfast/cell.h"
+#include "rnnfast/noise.h"
 
 namespace py = pybind11;
 using rnnfast::CellKind;
@@ -140,12 +141,40 @@ const T* peephole_input(CellKind cell, const py::object& w_peephole, const Dims&
   return p;
 }
 
+// The call's dropout and zoneout: None, or (seed, stream, candidate p, its threshold, zoneout p,
+// its threshold) as rnnfast/_validate.py builds it
+rnnfast::Noise noise_input(CellKind cell, const py::object& obj, const Dims& d, bool expectation) {
+  rnnfast::Noise z;
+  z.expectation = expectation;
+  if (obj.is_none()) return z;
+  const auto t = obj.cast<py::tuple>();
+  if (t.size() != 6) throw py::value_error("noise must be a 6-tuple (see rnnfast/_validate.py)");
+  z.seed = t[0].cast<uint64_t>();
+  z.stream = t[1].cast<uint32_t>();
+  z.candidate = t[2].cast<double>();
+  z.candidate_threshold = t[3].cast<uint32_t>();
+  z.zoneout = t[4].cast<double>();
+  z.zoneout_threshold = t[5].cast<uint32_t>();
+  if (z.stream >= (1u << 28)) throw py::value_error("the noise stream must be below 2**28");
+  for (double p : {z.candidate, z.zoneout})
+    if (!(p >= 0 && p < 1))
+      throw py::value_error("dropout and zoneout probabilities must be in [0, 1), got " +
+                            std::to_string(p));
+  const rnnfast::CellInfo& info = rnnfast::cell_info(cell);
+  if (z.candidate > 0 && !info.has_candidate())
+    throw py::value_error(std::string("recurrent dropout on the candidate needs a cell with one ") +
+                          "(LSTM g, GRU n), not " + info.name);
+  if (z.zoneout > 0 && d.P)
+    throw py::value_error("zoneout is not supported with a projection (w_hr)");
+  return z;
+}
+
 template <typename T>
 py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih,
                         const py::array& w_hh, const py::object& b_ih, const py::object& b_hh,
                         const py::object& h0, const py::object& c0, const py::object& lengths,
                         bool training, bool bf16, const py::object& w_peephole,
-                        const py::object& w_hr) {
+                        const py::object& w_hr, const py::object& noise) {
   if (bf16 && training)
     throw py::value_error("bfloat16 products are for inference: pass training=False");
   if (bf16 && !rnnfast::cpu::cpu_has_avx512_bf16())
@@ -166,6 +195,7 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
   io.w_peephole = peephole_input<T>(cell, w_peephole, d);
   io.lengths = lengths_input(lengths, d.N, d.T);
   io.bf16 = bf16;
+  io.noise = noise_input(cell, noise, d, !training);
 
   // y is a view of the h sequence, which in training is the start of the reserve
   const int64_t hs_size = (d.T + 1) * NR;
@@ -192,14 +222,15 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
 py::tuple forward(CellKind cell, const py::array& x, const py::array& w_ih, const py::array& w_hh,
                   const py::object& b_ih, const py::object& b_hh, const py::object& h0,
                   const py::object& c0, const py::object& lengths, bool training, bool bf16,
-                  const py::object& w_peephole, const py::object& w_hr) {
+                  const py::object& w_peephole, const py::object& w_hr,
+                  const py::object& noise) {
   if (x.dtype().is(py::dtype::of<float>()))
     return forward_typed<float>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, bf16,
-                                w_peephole, w_hr);
+                                w_peephole, w_hr, noise);
   if (bf16) throw py::type_error("bfloat16 products take float32 inputs, got float64");
   if (x.dtype().is(py::dtype::of<double>()))
     return forward_typed<double>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, false,
-                                 w_peephole, w_hr);
+                                 w_peephole, w_hr, noise);
   throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
@@ -208,7 +239,8 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
                          const py::array& w_hh, bool has_b_ih, bool has_b_hh,
                          const py::object& lengths, const py::object& reserve, const py::object& dy,
                          const py::object& dh_n, const py::object& dc_n,
-                         const py::object& w_peephole, const py::object& w_hr) {
+                         const py::object& w_peephole, const py::object& w_hr,
+                         const py::object& noise) {
   const Dims d = dims_of(cell, x, w_hh, w_hr);
   const int64_t GH = d.GH(), R = d.R();
   const bool has_c = rnnfast::cell_info(cell).has_c;
@@ -224,6 +256,7 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
   io.dc_n = input<T>(dc_n, "dc_n", {d.N, d.H}, true);
   if (io.dc_n && !has_c) throw py::value_error("dc_n is only for LSTM");
   io.w_peephole = peephole_input<T>(cell, w_peephole, d);
+  io.noise = noise_input(cell, noise, d, false);
 
   auto dx = new_array<T>({d.T, d.N, d.C}), dh0 = new_array<T>({d.N, R});
   auto dw_ih = new_array<T>({GH, d.C}), dw_hh = new_array<T>({GH, R});
@@ -268,13 +301,14 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
 py::tuple backward(CellKind cell, const py::array& x, const py::array& w_ih, const py::array& w_hh,
                    bool has_b_ih, bool has_b_hh, const py::object& lengths,
                    const py::object& reserve, const py::object& dy, const py::object& dh_n,
-                   const py::object& dc_n, const py::object& w_peephole, const py::object& w_hr) {
+                   const py::object& dc_n, const py::object& w_peephole, const py::object& w_hr,
+                   const py::object& noise) {
   if (x.dtype().is(py::dtype::of<float>()))
     return backward_typed<float>(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
-                                 dh_n, dc_n, w_peephole, w_hr);
+                                 dh_n, dc_n, w_peephole, w_hr, noise);
   if (x.dtype().is(py::dtype::of<double>()))
     return backward_typed<double>(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
-                                  dh_n, dc_n, w_peephole, w_hr);
+                                  dh_n, dc_n, w_peephole, w_hr, noise);
   throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
@@ -286,25 +320,27 @@ void bind_cell(py::module_& m, const rnnfast::CellInfo& info) {
         [cell](const py::array& x, const py::array& w_ih, const py::array& w_hh,
                const py::object& b_ih, const py::object& b_hh, const py::object& h0,
                const py::object& c0, const py::object& lengths, bool training, bool bf16,
-               const py::object& w_peephole, const py::object& w_hr) {
+               const py::object& w_peephole, const py::object& w_hr, const py::object& noise) {
           return forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, bf16,
-                         w_peephole, w_hr);
+                         w_peephole, w_hr, noise);
         },
         "x"_a, "w_ih"_a, "w_hh"_a, "b_ih"_a.none(true), "b_hh"_a.none(true), "h0"_a.none(true),
         "c0"_a.none(true), "lengths"_a.none(true), "training"_a, "bf16"_a = false,
         "w_peephole"_a.none(true) = py::none(), "w_hr"_a.none(true) = py::none(),
+        "noise"_a.none(true) = py::none(),
         "(y, h_n, c_n or None, reserve or None); see rnnfast.ops");
   m.def((std::string(info.name) + "_backward").c_str(),
         [cell](const py::array& x, const py::array& w_ih, const py::array& w_hh, bool has_b_ih,
                bool has_b_hh, const py::object& lengths, const py::object& reserve,
                const py::object& dy, const py::object& dh_n, const py::object& dc_n,
-               const py::object& w_peephole, const py::object& w_hr) {
+               const py::object& w_peephole, const py::object& w_hr, const py::object& noise) {
           return backward(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy, dh_n, dc_n,
-                          w_peephole, w_hr);
+                          w_peephole, w_hr, noise);
         },
         "x"_a, "w_ih"_a, "w_hh"_a, "has_b_ih"_a, "has_b_hh"_a, "lengths"_a.none(true), "reserve"_a,
         "dy"_a.none(true), "dh_n"_a.none(true), "dc_n"_a.none(true),
         "w_peephole"_a.none(true) = py::none(), "w_hr"_a.none(true) = py::none(),
+        "noise"_a.none(true) = py::none(),
         "(dx, dh0, dc0 or None, dw_ih, dw_hh, db_ih or None, db_hh or None, dw_peephole or None, "
         "dw_hr or None); see rnnfast.ops");
 }
@@ -352,6 +388,7 @@ py::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  using namespace py::literals;
   m.doc() = "rnnfast CPU kernels (private; use rnnfast.ops)";
   m.attr("__version__") = RNNFAST_VERSION;
   for (const rnnfast::CellInfo& info : rnnfast::kCellTable) bind_cell(m, info);
@@ -375,6 +412,23 @@ PYBIND11_MODULE(_C, m) {
         return rows;
       },
       "The C++ cell table (csrc/rnnfast/cell.h), row by row; rnnfast/cells.py must agree.");
+  m.def(
+      "recurrent_masks",
+      [](uint32_t purpose, uint64_t seed, uint32_t stream, uint32_t threshold, int64_t T, int64_t N,
+         int64_t H) {
+        if (purpose < 1 || purpose > 3) throw py::value_error("purpose must be 1, 2 or 3");
+        if (T < 0 || N < 0 || H < 0) throw py::value_error("T, N and H must be >= 0");
+        py::array_t<bool> out({T, N, H});
+        bool* o = out.mutable_data();
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t n = 0; n < N; ++n)
+            for (int64_t j = 0; j < H; ++j)
+              *o++ = rnnfast::noise_keeps(seed, stream, rnnfast::NoisePurpose(purpose), threshold,
+                                          t, n, j);
+        return out;
+      },
+      "purpose"_a, "seed"_a, "stream"_a, "threshold"_a, "T"_a, "N"_a, "H"_a,
+      "keep[T, N, H] of one mask purpose (csrc/rnnfast/noise.h); see rnnfast.ops.recurrent_masks");
   m.def("build_info", &build_info);
   m.def("set_num_threads", &rnnfast::cpu::set_num_threads);
   m.def("get_num_threads", &rnnfast::cpu::get_num_threads);

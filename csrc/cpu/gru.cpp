@@ -30,14 +30,16 @@ struct Gru : DefaultStep {
       const T* b = s.bx;
       const T* h_prev = s.h_prev + n * H;
       // one simd loop with the gate stores for training, one without for inference
-      auto row = [&](auto save) RNNFAST_INLINE {
+      const T* drop = s.drop ? s.drop + n * nu : nullptr;
+      auto row = [&](auto save, auto dropout) RNNFAST_INLINE {
+        constexpr bool D = decltype(dropout)::value;
 #pragma omp simd
         for (int64_t u = 0; u < nu; ++u) {
           const int64_t j = j0 + u;
           const T hh_n = gh[2 * nu + u] + s.bhn[j];
-          const GruPoint<T> p = gru_point_forward<T, Math<T>>(gx[u] + b[j], gx[nu + u] + b[H + j],
-                                                              gx[2 * nu + u] + b[2 * H + j], gh[u],
-                                                              gh[nu + u], hh_n, h_prev[j]);
+          const GruPoint<T> p = gru_point_forward<T, Math<T>, D>(
+              gx[u] + b[j], gx[nu + u] + b[H + j], gx[2 * nu + u] + b[2 * H + j], gh[u],
+              gh[nu + u], hh_n, h_prev[j], D ? drop[u] : T(1));
           h[j] = p.h;
           if constexpr (decltype(save)::value) {
             gates[j] = p.r;
@@ -47,10 +49,12 @@ struct Gru : DefaultStep {
           }
         }
       };
+      using yes = std::true_type;
+      using no = std::false_type;
       if (gates)
-        row(std::true_type{});
+        drop ? row(yes{}, yes{}) : row(yes{}, no{});
       else
-        row(std::false_type{});
+        drop ? row(no{}, yes{}) : row(no{}, no{});
     }
   }
 
@@ -70,16 +74,22 @@ struct Gru : DefaultStep {
       const T* h_prev = s.h_prev + n * H;
       const T* dy = s.dy + n * H;
       T* dh = s.dh + n * H;
+      const T* drop = s.drop ? s.drop + n * s.units.size() : nullptr;
+      auto row = [&](auto dropout) RNNFAST_INLINE {
+        constexpr bool D = decltype(dropout)::value;
 #pragma omp simd
-      for (int64_t j = s.units.begin; j < s.units.end; ++j) {
-        const GruPointGrad<T> g = gru_point_backward(gates[j], gates[H + j], gates[2 * H + j],
-                                                     ghn[j], h_prev[j], dh[j] + dy[j]);
-        dgx[j] = dgh[j] = g.da_r;
-        dgx[H + j] = dgh[H + j] = g.da_z;
-        dgx[2 * H + j] = g.dx_n;
-        dgh[2 * H + j] = g.dhh_n;
-        dh[j] = g.dh_prev;
-      }
+        for (int64_t j = s.units.begin; j < s.units.end; ++j) {
+          const GruPointGrad<T> g =
+              gru_point_backward<T, D>(gates[j], gates[H + j], gates[2 * H + j], ghn[j],
+                                       h_prev[j], dh[j] + dy[j], D ? drop[j - s.units.begin] : T(1));
+          dgx[j] = dgh[j] = g.da_r;
+          dgx[H + j] = dgh[H + j] = g.da_z;
+          dgx[2 * H + j] = g.dx_n;
+          dgh[2 * H + j] = g.dhh_n;
+          dh[j] = g.dh_prev;
+        }
+      };
+      drop ? row(std::true_type{}) : row(std::false_type{});
     }
   }
 };
@@ -120,6 +130,7 @@ struct GruResetBefore : DefaultStep {
     team_barrier(th.team);  // r * h_{t-1} is complete
     (*th.product[1])(s.N, s.rh, s.H, th.gh + 2 * nu, th.width, Accumulate::no);
     run_pass<&Cell::template candidate_forward<T>>(th.avx512, s);
+    apply_zoneout(s);
     team_barrier(th.team);  // h_t is complete
   }
 
@@ -189,14 +200,20 @@ struct GruResetBefore : DefaultStep {
       const T* gh = s.gh + n * 3 * nu;
       const T* b = s.bx;
       const T* h_prev = s.h_prev + n * H;
+      const T* drop = s.drop ? s.drop + n * nu : nullptr;
+      auto row = [&](auto dropout) RNNFAST_INLINE {
+        constexpr bool D = decltype(dropout)::value;
 #pragma omp simd
-      for (int64_t u = 0; u < nu; ++u) {
-        const int64_t j = j0 + u;
-        const GruCandidate<T> p = gru_reset_before_candidate<T, Math<T>>(
-            gx[2 * nu + u] + b[2 * H + j] + gh[2 * nu + u], h[j], h_prev[j]);
-        h[j] = p.h;
-        if (gates) gates[2 * H + j] = p.n;
-      }
+        for (int64_t u = 0; u < nu; ++u) {
+          const int64_t j = j0 + u;
+          const GruCandidate<T> p = gru_reset_before_candidate<T, Math<T>, D>(
+              gx[2 * nu + u] + b[2 * H + j] + gh[2 * nu + u], h[j], h_prev[j],
+              D ? drop[u] : T(1));
+          h[j] = p.h;
+          if (gates) gates[2 * H + j] = p.n;
+        }
+      };
+      drop ? row(std::true_type{}) : row(std::false_type{});
     }
   }
 
@@ -214,14 +231,19 @@ struct GruResetBefore : DefaultStep {
       const T* h_prev = s.h_prev + n * H;
       const T* dy = s.dy + n * H;
       T* dh = s.dh + n * H;
+      const T* drop = s.drop ? s.drop + n * s.units.size() : nullptr;
+      auto row = [&](auto dropout) RNNFAST_INLINE {
+        constexpr bool D = decltype(dropout)::value;
 #pragma omp simd
-      for (int64_t j = s.units.begin; j < s.units.end; ++j) {
-        const GruResetBeforeGrad<T> g =
-            gru_reset_before_backward(gates[H + j], gates[2 * H + j], h_prev[j], dh[j] + dy[j]);
-        dg[H + j] = g.da_z;
-        dg[2 * H + j] = g.da_n;
-        dh[j] = g.dh_prev;
-      }
+        for (int64_t j = s.units.begin; j < s.units.end; ++j) {
+          const GruResetBeforeGrad<T> g = gru_reset_before_backward<T, D>(
+              gates[H + j], gates[2 * H + j], h_prev[j], dh[j] + dy[j], D ? drop[j - s.units.begin] : T(1));
+          dg[H + j] = g.da_z;
+          dg[2 * H + j] = g.da_n;
+          dh[j] = g.dh_prev;
+        }
+      };
+      drop ? row(std::true_type{}) : row(std::false_type{});
     }
   }
 

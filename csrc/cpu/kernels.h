@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "rnnfast/cell.h"
+#include "rnnfast/noise.h"
 
 namespace rnnfast::cpu {
 
@@ -28,6 +29,7 @@ struct ForwardIO {
   T* c_n;             // [N, H] out, LSTM only (else null)
   T* reserve;         // [reserve_layout(dims).total] out, or null for inference; hs points into it
   bool bf16 = false;  // the products in bfloat16, sums in float32: float32 inference only
+  Noise noise;        // recurrent dropout and zoneout (rnnfast/noise.h); none by default
 };
 
 template <typename T>
@@ -51,6 +53,7 @@ struct BackwardIO {
   T* db_hh;                // [G*H] out, or null where the forward had no b_hh
   T* dw_peephole;          // [3, H] out where w_peephole is given (row f zero when coupled)
   T* dw_hr;                // [P, H] out where w_hr is given
+  Noise noise;             // as in the forward: backward draws the same masks again
 };
 
 // A cell's forward and backward through time, for T = float and double: specialised in the

@@ -109,7 +109,9 @@ struct Lstm : DefaultStep {
       const T* b = s.bx;
       const T* peep = s.peephole;
       // one simd loop per (gate stores for training, peepholes): each is a compile-time branch
-      auto row = [&](auto save, auto peephole) RNNFAST_INLINE {
+      const T* drop = s.drop ? s.drop + n * nu : nullptr;
+      auto row = [&](auto save, auto peephole, auto dropout) RNNFAST_INLINE {
+        constexpr bool D = decltype(dropout)::value;
 #pragma omp simd
         for (int64_t u = 0; u < nu; ++u) {
           const int64_t j = j0 + u;
@@ -121,9 +123,10 @@ struct Lstm : DefaultStep {
             p_o = peep[2 * H + j];
           }
           const LstmPoint<T> p =
-              lstm_variant_point_forward<T, Math<T>, Coupled, decltype(peephole)::value>(
+              lstm_variant_point_forward<T, Math<T>, Coupled, decltype(peephole)::value, D>(
                   gx[u] + b[j] + gh[u], a_f, gx[kG * nu + u] + b[kG * H + j] + gh[kG * nu + u],
-                  gx[kO * nu + u] + b[kO * H + j] + gh[kO * nu + u], c_prev[j], p_i, p_f, p_o);
+                  gx[kO * nu + u] + b[kO * H + j] + gh[kO * nu + u], c_prev[j], p_i, p_f, p_o,
+                  D ? drop[u] : T(1));
           c[j] = p.c;
           h[j] = p.h;
           if constexpr (decltype(save)::value) {
@@ -136,10 +139,13 @@ struct Lstm : DefaultStep {
       };
       using yes = std::true_type;
       using no = std::false_type;
+      auto rows = [&](auto save, auto peephole) RNNFAST_INLINE {
+        drop ? row(save, peephole, yes{}) : row(save, peephole, no{});
+      };
       if (gates)
-        peep ? row(yes{}, yes{}) : row(yes{}, no{});
+        peep ? rows(yes{}, yes{}) : rows(yes{}, no{});
       else
-        peep ? row(no{}, yes{}) : row(no{}, no{});
+        peep ? rows(no{}, yes{}) : rows(no{}, no{});
     }
   }
 
@@ -162,14 +168,16 @@ struct Lstm : DefaultStep {
       T* dc = s.dc + n * H;
       // the peephole weights' gradients are summed here, row by row, by the thread that owns
       // the units: a fixed order whatever the thread count
-      auto row = [&](auto peephole) RNNFAST_INLINE {
-        constexpr bool P = decltype(peephole)::value;
+      const T* drop = s.drop ? s.drop + n * s.units.size() : nullptr;
+      auto row = [&](auto peephole, auto dropout) RNNFAST_INLINE {
+        constexpr bool P = decltype(peephole)::value, D = decltype(dropout)::value;
 #pragma omp simd
         for (int64_t j = s.units.begin; j < s.units.end; ++j) {
           const T i = gates[j], f = Coupled ? T(1) - i : gates[H + j];
-          const LstmPointGrad<T> g = lstm_variant_point_backward<T, Math<T>, Coupled, P>(
+          const LstmPointGrad<T> g = lstm_variant_point_backward<T, Math<T>, Coupled, P, D>(
               i, f, gates[kG * H + j], gates[kO * H + j], c_prev[j], c[j], dh[j] + dy[j], dc[j],
-              P ? peep[j] : T(0), P ? peep[H + j] : T(0), P ? peep[2 * H + j] : T(0));
+              P ? peep[j] : T(0), P ? peep[H + j] : T(0), P ? peep[2 * H + j] : T(0),
+              D ? drop[j - s.units.begin] : T(1));
           dg[j] = g.da_i;
           if constexpr (!Coupled) dg[H + j] = g.da_f;
           dg[kG * H + j] = g.da_g;
@@ -183,10 +191,12 @@ struct Lstm : DefaultStep {
           }
         }
       };
+      using yes = std::true_type;
+      using no = std::false_type;
       if (peep)
-        row(std::true_type{});
+        drop ? row(yes{}, yes{}) : row(yes{}, no{});
       else
-        row(std::false_type{});
+        drop ? row(no{}, yes{}) : row(no{}, no{});
     }
   }
 };

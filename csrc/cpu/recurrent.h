@@ -40,6 +40,8 @@ struct ForwardStep {
   T* ghn;                  // [N, H] out, GRU training only (else null)
   T* rh;                   // [N, H] out, reset_before: r * h_{t-1}, read by the whole team
   T* m;                    // [N, H] out, with a projection: o * tanh(c), which W_hr projects to h
+  const T* drop;           // [N, units] candidate dropout's scale (0 or 1/(1-p)), or null
+  const Noise* zoneout;    // zoneout on h (apply_zoneout), or null
   bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
 };
 
@@ -67,6 +69,7 @@ struct BackwardStep {
   T* dc;   // [N, H] LSTM: in dc_t, out dc_{t-1}
   T* dgx;  // [N, G*H] out: gradient of the x-side pre-activations
   T* dgh;  // [N, G*H] out: of the h-side products; the same buffer as dgx but for GRU
+  const T* drop;  // [N, units] candidate dropout's scale, as in the forward, or null
   bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
 };
 
@@ -151,6 +154,84 @@ inline void team_barrier(int team) {
   }
 }
 
+// ---- recurrent dropout and zoneout (rnnfast/noise.h) ----------------------------------------
+
+// The thread's candidate-dropout scales of step t: 0 where dropped, 1/(1-p) where kept.
+template <typename T>
+void candidate_scales(const Noise& z, int64_t t, int64_t N, Range units, T* out) {
+  const T kept = T(1) / (T(1) - T(z.candidate));
+  const int64_t nu = units.size();
+  for (int64_t n = 0; n < N; ++n) {
+#pragma omp simd
+    for (int64_t u = 0; u < nu; ++u)
+      out[n * nu + u] = noise_keeps(z.seed, z.stream, NoisePurpose::candidate,
+                                    z.candidate_threshold, t, n, units.begin + u)
+                            ? kept
+                            : T(0);
+  }
+}
+
+// Zoneout on the thread's units of h_t, after the cell's pass wrote the new value there: where the
+// unit is zoned out h_t = h_{t-1}, else the new value; in inference p h_{t-1} + (1-p) h_new.
+// Rows past their length are left as the pass wrote them.
+template <typename T>
+void apply_zoneout(const ForwardStep<T>& s) {
+  if (!s.zoneout) return;
+  const Noise& z = *s.zoneout;
+  const T p = T(z.zoneout);
+  for (int64_t n = 0; n < s.N; ++n) {
+    if (!s.valid(n)) continue;
+    const T* h_prev = s.h_prev + n * s.R;
+    T* h = s.h + n * s.R;
+    if (z.expectation) {
+#pragma omp simd
+      for (int64_t j = s.units.begin; j < s.units.end; ++j)
+        h[j] = p * h_prev[j] + (T(1) - p) * h[j];
+      continue;
+    }
+#pragma omp simd
+    for (int64_t j = s.units.begin; j < s.units.end; ++j)
+      if (!noise_keeps(z.seed, z.stream, NoisePurpose::zoneout, z.zoneout_threshold, s.t, n, j))
+        h[j] = h_prev[j];
+  }
+}
+
+// Backward of zoneout, before the cell's pass: h_t's gradient (dh + dy) goes to the new value
+// where it was taken, else straight to h_{t-1} (`carry`, [N, units], added after the step). The
+// pass then reads dh alone (its dy is zeros).
+template <typename T>
+void split_zoneout_gradient(const Noise& z, const BackwardStep<T>& s, const T* dy, T* carry) {
+  const int64_t nu = s.units.size();
+  for (int64_t n = 0; n < s.N; ++n) {
+    T* dh = s.dh + n * s.R;
+    T* out = carry + n * nu;
+    if (!s.valid(n)) {  // a padded row passes dh through its pass untouched
+      std::fill(out, out + nu, T(0));
+      continue;
+    }
+    const T* dy_row = dy + n * s.R;
+#pragma omp simd
+    for (int64_t u = 0; u < nu; ++u) {
+      const int64_t j = s.units.begin + u;
+      const T total = dh[j] + dy_row[j];
+      const bool taken =
+          noise_keeps(z.seed, z.stream, NoisePurpose::zoneout, z.zoneout_threshold, s.t, n, j);
+      dh[j] = taken ? total : T(0);
+      out[u] = taken ? T(0) : total;
+    }
+  }
+}
+
+template <typename T>
+void add_zoneout_carry(const BackwardStep<T>& s, const T* carry) {
+  const int64_t nu = s.units.size();
+  for (int64_t n = 0; n < s.N; ++n) {
+    T* dh = s.dh + n * s.R + s.units.begin;
+#pragma omp simd
+    for (int64_t u = 0; u < nu; ++u) dh[u] += carry[n * nu + u];
+  }
+}
+
 constexpr int64_t kUnitAlign = 16;  // a thread's units start on a 64-byte boundary (float)
 // rows of x per projection chunk: the thread's packed w_ih streams from L3 once per chunk (larger
 // chunks measured faster, bench/RESULTS.md); and at most kProjectionSteps steps, so that the
@@ -230,6 +311,8 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   // rows it needs stay in its own cache, and no barrier separates projection and recurrence.
   const int64_t chunk = std::clamp<int64_t>((kProjectionRows + N - 1) / N, 1,
                                             std::clamp<int64_t>(d.T, 1, kProjectionSteps));
+  const bool dropping = io.noise.candidate > 0 && !io.noise.expectation;
+  const Noise* zoneout = io.noise.zoneout > 0 ? &io.noise : nullptr;
   TeamSetup setup;
 #pragma omp parallel num_threads(recurrent_threads(d))
   {
@@ -238,11 +321,13 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     th.state_cols = split(R, th.team, thread_index(), kUnitAlign);
     th.width = G * th.units.size();
     th.avx512 = cpu_has_avx512();
-    Scratch<T> gh(nullptr, release_scratch), gx(nullptr, release_scratch);
+    Scratch<T> gh(nullptr, release_scratch), gx(nullptr, release_scratch),
+        drop(nullptr, release_scratch);
     StepProducts<T> products;
     std::optional<StepProduct<T>> projection;
     const bool ok = setup.run([&] {
       gh = scratch<T>(N * th.width);
+      if (dropping) drop = scratch<T>(N * th.units.size());
       gx = scratch<T>(chunk * N * th.width);
       Cell::template forward_products<T>(d, io, th, products);
       // this thread's outputs: the rows of all G gates of its units, G blocks of w_ih; T*N rows
@@ -273,6 +358,9 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
         }
         if (cell.reset_before) s.rh = training ? io.reserve + layout.rh + t * NH : rh_step.get();
         if (d.P) s.m = training ? io.reserve + layout.m + (t + 1) * NH : m_step.get();
+        if (dropping) candidate_scales(io.noise, t, N, th.units, drop.get());
+        s.drop = drop.get();
+        s.zoneout = zoneout;
         Cell::template forward_step<Cell, T>(th, s);
       }
     }
@@ -344,6 +432,7 @@ struct DefaultStep {
     (*th.product[0])(s.N, s.h_prev, s.R, th.gh, th.width, Accumulate::no);
     s.gh = th.gh;
     run_pass<&Cell::template forward<T>>(th.avx512, s);
+    apply_zoneout(s);
     team_barrier(th.team);  // h_t is complete when every thread has written its units
   }
 
@@ -435,7 +524,8 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   initial_states(NR, NH, io.dh_n, io.dc_n, io.dh0, cell.has_c ? io.dc0 : nullptr);
 
   // dy where the caller gave none, and with a projection the pass's (its dy is in dm already)
-  const int64_t zero_count = io.dy && !d.P ? 0 : N * std::max(R, H);
+  const bool dropping = io.noise.candidate > 0, zoneout = io.noise.zoneout > 0;
+  const int64_t zero_count = io.dy && !d.P && !zoneout ? 0 : N * std::max(R, H);
   auto zeros = scratch<T>(zero_count);
   std::fill(zeros.get(), zeros.get() + zero_count, T(0));
   // with a projection: every step's total gradient of h (for dw_hr) and d(o * tanh(c))
@@ -458,10 +548,13 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
     th.db_x = sum_db_x ? db_sum.get() : nullptr;
     th.db_h = sum_db_h ? db_sum.get() + GH : nullptr;
     StepProducts<T> products;
-    Scratch<T> drh(nullptr, release_scratch);
+    Scratch<T> drh(nullptr, release_scratch), drop(nullptr, release_scratch),
+        carry(nullptr, release_scratch);
     const bool ok = setup.run([&] {
       Cell::template backward_products<T>(d, io, th, products);
       drh = scratch<T>(cell.reset_before ? N * th.units.size() : 0);
+      if (dropping) drop = scratch<T>(N * th.units.size());
+      if (zoneout) carry = scratch<T>(N * th.units.size());
     });
     for (int k = 0; k < 2; ++k) th.product[k] = products[k] ? &*products[k] : nullptr;
     for (int64_t t = d.T - 1; ok && t >= 0; --t) {
@@ -485,7 +578,14 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
       s.dc = io.dc0;
       s.dgx = dgx.get() + t * N * GH;
       s.dgh = dgh + t * N * GH;
+      if (dropping) candidate_scales(io.noise, t, N, th.units, drop.get());
+      s.drop = drop.get();
+      if (zoneout) {
+        split_zoneout_gradient(io.noise, s, s.dy, carry.get());
+        s.dy = zeros.get();
+      }
       Cell::template backward_step<Cell, T>(th, s);
+      if (zoneout) add_zoneout_carry(s, carry.get());
     }
   }
   setup.rethrow();

@@ -51,6 +51,8 @@ struct CellInfo {
   // takes the optional w_hr [P, H]: h is the projection (o * tanh(c)) W_hr^T of P < H values
   bool projection;
   bool gpu;  // the CUDA backend has kernels for it (the others raise there)
+  // a candidate that recurrent dropout (Semeniuta et al.) drops: the LSTM's g, the GRU's n
+  constexpr bool has_candidate() const { return gates > 1; }
 };
 
 inline constexpr CellInfo kCellTable[] = {
@@ -179,9 +181,11 @@ struct LstmPoint {
 // The LSTM's variants in one template, each flag a compile-time branch (the plain cell's arithmetic
 // is exactly the flags-off path). Coupled: f = 1 - i (a_f unused). Peephole: p_i, p_f, p_o weigh
 // c_{t-1} into i and f and c_t into o (p_f unused when coupled).
-template <typename T, class M, bool Coupled, bool Peephole>
+// Dropout: the candidate g enters c scaled by g_scale (recurrent dropout on the candidate,
+// Semeniuta et al. 2016: 0 where dropped, 1/(1-p) where kept); the saved g stays unscaled.
+template <typename T, class M, bool Coupled, bool Peephole, bool Dropout = false>
 RNNFAST_HD LstmPoint<T> lstm_variant_point_forward(T a_i, T a_f, T a_g, T a_o, T c_prev, T p_i,
-                                                   T p_f, T p_o) {
+                                                   T p_f, T p_o, T g_scale = T(1)) {
   LstmPoint<T> p;
   // the peephole terms as explicit fused multiply-adds: the same bits in every build of the pass
   // (training and inference, where the compiler would otherwise contract them differently)
@@ -195,7 +199,10 @@ RNNFAST_HD LstmPoint<T> lstm_variant_point_forward(T a_i, T a_f, T a_g, T a_o, T
   else
     p.f = M::sigmoid(a_f);
   p.g = M::tanh(a_g);
-  p.c = p.f * c_prev + p.i * p.g;
+  if constexpr (Dropout)
+    p.c = p.f * c_prev + p.i * (p.g * g_scale);
+  else
+    p.c = p.f * c_prev + p.i * p.g;
   if constexpr (Peephole) a_o = std::fma(p_o, p.c, a_o);
   p.o = M::sigmoid(a_o);
   p.h = p.o * M::tanh(p.c);
@@ -215,22 +222,27 @@ struct LstmPointGrad {
 
 // dh and dc are the total gradients reaching h_t and c_t; f is 1 - i when coupled (da_f is then
 // 0). The peephole weights' gradients are da_i * c_prev, da_f * c_prev and da_o * c.
-template <typename T, class M, bool Coupled, bool Peephole>
+template <typename T, class M, bool Coupled, bool Peephole, bool Dropout = false>
 RNNFAST_HD LstmPointGrad<T> lstm_variant_point_backward(T i, T f, T g, T o, T c_prev, T c, T dh,
-                                                        T dc, T p_i, T p_f, T p_o) {
+                                                        T dc, T p_i, T p_f, T p_o,
+                                                        T g_scale = T(1)) {
   const T tc = M::tanh(c);
   LstmPointGrad<T> d;
   d.da_o = dh * tc * o * (T(1) - o);
   dc += dh * o * (T(1) - tc * tc);
   if constexpr (Peephole) dc += d.da_o * p_o;
+  const T gs = Dropout ? g * g_scale : g;  // what entered c
   if constexpr (Coupled) {
-    d.da_i = dc * (g - c_prev) * i * (T(1) - i);
+    d.da_i = dc * (gs - c_prev) * i * (T(1) - i);
     d.da_f = T(0);
   } else {
-    d.da_i = dc * g * i * (T(1) - i);
+    d.da_i = dc * gs * i * (T(1) - i);
     d.da_f = dc * c_prev * f * (T(1) - f);
   }
-  d.da_g = dc * i * (T(1) - g * g);
+  if constexpr (Dropout)
+    d.da_g = dc * i * g_scale * (T(1) - g * g);
+  else
+    d.da_g = dc * i * (T(1) - g * g);
   d.dc_prev = dc * f;
   if constexpr (Peephole) {
     d.dc_prev += d.da_i * p_i;
@@ -252,13 +264,15 @@ struct GruPoint {
   T r, z, n, h;
 };
 
-template <typename T, class M = StdMath>
-RNNFAST_HD GruPoint<T> gru_point_forward(T x_r, T x_z, T x_n, T hh_r, T hh_z, T hh_n, T h_prev) {
+// Dropout: the candidate n enters h scaled by n_scale (as the LSTM's g); the saved n is unscaled
+template <typename T, class M = StdMath, bool Dropout = false>
+RNNFAST_HD GruPoint<T> gru_point_forward(T x_r, T x_z, T x_n, T hh_r, T hh_z, T hh_n, T h_prev,
+                                         T n_scale = T(1)) {
   GruPoint<T> p;
   p.r = M::sigmoid(x_r + hh_r);
   p.z = M::sigmoid(x_z + hh_z);
   p.n = M::tanh(x_n + p.r * hh_n);
-  p.h = (T(1) - p.z) * p.n + p.z * h_prev;
+  p.h = (T(1) - p.z) * (Dropout ? p.n * n_scale : p.n) + p.z * h_prev;
   return p;
 }
 
@@ -267,11 +281,12 @@ struct GruPointGrad {
   T da_r, da_z, dx_n, dhh_n, dh_prev;  // dx_n: to x_n; dhh_n: to hh_n (= dx_n * r)
 };
 
-template <typename T>
-RNNFAST_HD GruPointGrad<T> gru_point_backward(T r, T z, T n, T hh_n, T h_prev, T dh) {
+template <typename T, bool Dropout = false>
+RNNFAST_HD GruPointGrad<T> gru_point_backward(T r, T z, T n, T hh_n, T h_prev, T dh,
+                                              T n_scale = T(1)) {
   GruPointGrad<T> d;
-  const T dn = dh * (T(1) - z) * (T(1) - n * n);
-  d.da_z = dh * (h_prev - n) * z * (T(1) - z);
+  const T dn = (Dropout ? dh * n_scale : dh) * (T(1) - z) * (T(1) - n * n);
+  d.da_z = dh * (h_prev - (Dropout ? n * n_scale : n)) * z * (T(1) - z);
   d.da_r = dn * hh_n * r * (T(1) - r);
   d.dx_n = dn;
   d.dhh_n = dn * r;
@@ -289,11 +304,11 @@ struct GruCandidate {
 };
 
 // a_n: the candidate's whole pre-activation, x and (r * h_{t-1}) sides with both biases
-template <typename T, class M = StdMath>
-RNNFAST_HD GruCandidate<T> gru_reset_before_candidate(T a_n, T z, T h_prev) {
+template <typename T, class M = StdMath, bool Dropout = false>
+RNNFAST_HD GruCandidate<T> gru_reset_before_candidate(T a_n, T z, T h_prev, T n_scale = T(1)) {
   GruCandidate<T> p;
   p.n = M::tanh(a_n);
-  p.h = (T(1) - z) * p.n + z * h_prev;
+  p.h = (T(1) - z) * (Dropout ? p.n * n_scale : p.n) + z * h_prev;
   return p;
 }
 
@@ -302,11 +317,12 @@ struct GruResetBeforeGrad {
   T da_z, da_n, dh_prev;  // dh_prev: the part that bypasses both products (dh * z)
 };
 
-template <typename T>
-RNNFAST_HD GruResetBeforeGrad<T> gru_reset_before_backward(T z, T n, T h_prev, T dh) {
+template <typename T, bool Dropout = false>
+RNNFAST_HD GruResetBeforeGrad<T> gru_reset_before_backward(T z, T n, T h_prev, T dh,
+                                                           T n_scale = T(1)) {
   GruResetBeforeGrad<T> d;
-  d.da_n = dh * (T(1) - z) * (T(1) - n * n);
-  d.da_z = dh * (h_prev - n) * z * (T(1) - z);
+  d.da_n = (Dropout ? dh * n_scale : dh) * (T(1) - z) * (T(1) - n * n);
+  d.da_z = dh * (h_prev - (Dropout ? n * n_scale : n)) * z * (T(1) - z);
   d.dh_prev = dh * z;
   return d;
 }
