@@ -222,8 +222,7 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
 py::tuple forward(CellKind cell, const py::array& x, const py::array& w_ih, const py::array& w_hh,
                   const py::object& b_ih, const py::object& b_hh, const py::object& h0,
                   const py::object& c0, const py::object& lengths, bool training, bool bf16,
-                  const py::object& w_peephole, const py::object& w_hr,
-                  const py::object& noise) {
+                  const py::object& w_peephole, const py::object& w_hr, const py::object& noise) {
   if (x.dtype().is(py::dtype::of<float>()))
     return forward_typed<float>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, bf16,
                                 w_peephole, w_hr, noise);

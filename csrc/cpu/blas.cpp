@@ -53,16 +53,23 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
 template <typename T>
 void parallel_gemm(int threads, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                    const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  // small products are not worth a team
-  if (M * N * K < (int64_t(1) << 18)) threads = 1;
-  threads = team_request(int(std::min<int64_t>(threads, std::max<int64_t>(M / 4, 1))));
+  // C's rows go in blocks whose sizes depend on M alone (at most 8, a multiple of 16 rows each),
+  // handed out whole to the threads: every thread count makes the same BLAS calls and so gets the
+  // same bits (OpenBLAS picks kernels, and with them the order of its sums, by a call's shape; a
+  // split by thread count made dw_hh differ between 1 and 2 threads)
+  const int64_t block = std::max<int64_t>(16, (M + 127) / 128 * 16);
+  const int64_t blocks = (M + block - 1) / block;
+  if (M * N * K < (int64_t(1) << 18)) threads = 1;  // small products are not worth a team
+  threads = team_request(int(std::min<int64_t>(threads, std::max<int64_t>(blocks, 1))));
 #pragma omp parallel num_threads(threads)
   {
-    const Range rows = split(M, team_size(), thread_index(), 4);
-    // op(A)'s row r starts at A + r*lda untransposed, at column r of A transposed
-    const T* a = trans_a ? A + rows.begin : A + rows.begin * lda;
-    gemm<T>(trans_a, trans_b, rows.size(), N, K, T(1), a, lda, B, ldb, beta, C + rows.begin * ldc,
-            ldc);
+    const Range mine = split(blocks, team_size(), thread_index());
+    for (int64_t b = mine.begin; b < mine.end; ++b) {
+      const int64_t r0 = b * block, rows = std::min(block, M - r0);
+      // op(A)'s row r starts at A + r*lda untransposed, at column r of A transposed
+      const T* a = trans_a ? A + r0 : A + r0 * lda;
+      gemm<T>(trans_a, trans_b, rows, N, K, T(1), a, lda, B, ldb, beta, C + r0 * ldc, ldc);
+    }
   }
 }
 

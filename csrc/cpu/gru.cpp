@@ -38,8 +38,8 @@ struct Gru : DefaultStep {
           const int64_t j = j0 + u;
           const T hh_n = gh[2 * nu + u] + s.bhn[j];
           const GruPoint<T> p = gru_point_forward<T, Math<T>, D>(
-              gx[u] + b[j], gx[nu + u] + b[H + j], gx[2 * nu + u] + b[2 * H + j], gh[u],
-              gh[nu + u], hh_n, h_prev[j], D ? drop[u] : T(1));
+              gx[u] + b[j], gx[nu + u] + b[H + j], gx[2 * nu + u] + b[2 * H + j], gh[u], gh[nu + u],
+              hh_n, h_prev[j], D ? drop[u] : T(1));
           h[j] = p.h;
           if constexpr (decltype(save)::value) {
             gates[j] = p.r;
@@ -80,8 +80,8 @@ struct Gru : DefaultStep {
 #pragma omp simd
         for (int64_t j = s.units.begin; j < s.units.end; ++j) {
           const GruPointGrad<T> g =
-              gru_point_backward<T, D>(gates[j], gates[H + j], gates[2 * H + j], ghn[j],
-                                       h_prev[j], dh[j] + dy[j], D ? drop[j - s.units.begin] : T(1));
+              gru_point_backward<T, D>(gates[j], gates[H + j], gates[2 * H + j], ghn[j], h_prev[j],
+                                       dh[j] + dy[j], D ? drop[j - s.units.begin] : T(1));
           dgx[j] = dgh[j] = g.da_r;
           dgx[H + j] = dgh[H + j] = g.da_z;
           dgx[2 * H + j] = g.dx_n;
@@ -207,8 +207,7 @@ struct GruResetBefore : DefaultStep {
         for (int64_t u = 0; u < nu; ++u) {
           const int64_t j = j0 + u;
           const GruCandidate<T> p = gru_reset_before_candidate<T, Math<T>, D>(
-              gx[2 * nu + u] + b[2 * H + j] + gh[2 * nu + u], h[j], h_prev[j],
-              D ? drop[u] : T(1));
+              gx[2 * nu + u] + b[2 * H + j] + gh[2 * nu + u], h[j], h_prev[j], D ? drop[u] : T(1));
           h[j] = p.h;
           if (gates) gates[2 * H + j] = p.n;
         }
@@ -236,8 +235,9 @@ struct GruResetBefore : DefaultStep {
         constexpr bool D = decltype(dropout)::value;
 #pragma omp simd
         for (int64_t j = s.units.begin; j < s.units.end; ++j) {
-          const GruResetBeforeGrad<T> g = gru_reset_before_backward<T, D>(
-              gates[H + j], gates[2 * H + j], h_prev[j], dh[j] + dy[j], D ? drop[j - s.units.begin] : T(1));
+          const GruResetBeforeGrad<T> g =
+              gru_reset_before_backward<T, D>(gates[H + j], gates[2 * H + j], h_prev[j],
+                                              dh[j] + dy[j], D ? drop[j - s.units.begin] : T(1));
           dg[H + j] = g.da_z;
           dg[2 * H + j] = g.da_n;
           dh[j] = g.dh_prev;

@@ -199,10 +199,9 @@ RNNFAST_HD LstmPoint<T> lstm_variant_point_forward(T a_i, T a_f, T a_g, T a_o, T
   else
     p.f = M::sigmoid(a_f);
   p.g = M::tanh(a_g);
-  if constexpr (Dropout)
-    p.c = p.f * c_prev + p.i * (p.g * g_scale);
-  else
-    p.c = p.f * c_prev + p.i * p.g;
+  // c as an explicit fused multiply-add too: left to the compiler, the training and inference
+  // builds of the pass contracted it differently (different bits with a projection)
+  p.c = std::fma(p.f, c_prev, p.i * (Dropout ? p.g * g_scale : p.g));
   if constexpr (Peephole) a_o = std::fma(p_o, p.c, a_o);
   p.o = M::sigmoid(a_o);
   p.h = p.o * M::tanh(p.c);

@@ -1,8 +1,9 @@
 // Recurrent dropout and zoneout: which units a training step keeps, from a counter-based generator
 // (Philox-4x32-10, Salmon et al. 2011) keyed by the call's seed and counted by the element's
-// (unit, row, step, stream and purpose). A mask is a pure function of those, so the CPU and the GPU,
-// any thread count and the backward (which recomputes the masks instead of storing them) all see
-// the same bits. Shared by the CPU and CUDA kernels and the bindings (rnnfast.ops.recurrent_masks).
+// (unit, row, step, stream and purpose). A mask is a pure function of those, so the CPU and the
+// GPU, any thread count and the backward (which recomputes the masks instead of storing them) all
+// see the same bits. Shared by the CPU and CUDA kernels and the bindings
+// (rnnfast.ops.recurrent_masks).
 #pragma once
 
 #include <cstdint>
@@ -50,8 +51,8 @@ struct Noise {
 };
 
 // Whether element (step, row, unit) of `purpose` is kept: its draw against the threshold.
-RNNFAST_HD bool noise_keeps(uint64_t seed, uint32_t stream, NoisePurpose purpose, uint32_t threshold,
-                            int64_t step, int64_t row, int64_t unit) {
+RNNFAST_HD bool noise_keeps(uint64_t seed, uint32_t stream, NoisePurpose purpose,
+                            uint32_t threshold, int64_t step, int64_t row, int64_t unit) {
   const uint32_t word = (stream << 4) | uint32_t(purpose);
   return philox4x32_10(uint32_t(unit), uint32_t(row), uint32_t(step), word, uint32_t(seed),
                        uint32_t(seed >> 32)) >= threshold;
