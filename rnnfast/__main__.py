@@ -28,6 +28,13 @@ def _positive(kind):
     return parse
 
 
+def _probability(text):
+    value = _nonneg_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1), got {text}")
+    return value
+
+
 def _nonneg_float(text):
     try:
         value = float(text)
@@ -57,7 +64,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--hidden", type=_positive(int), default=d.hidden, help="LSTM hidden size")
     c.add_argument("--embed", type=_positive(int), default=d.embed, help="embedding size")
     c.add_argument("--layers", type=_positive(int), default=d.layers, help="LSTM layers")
-    c.add_argument("--dropout", type=_nonneg_float, default=d.dropout, help="between layers")
+    c.add_argument("--dropout", type=_probability, default=d.dropout, help="between layers")
+    c.add_argument(
+        "--recurrent-dropout",
+        type=_probability,
+        default=d.recurrent_dropout,
+        help="on the LSTM's candidate, a fresh mask each step (Semeniuta et al.)",
+    )
+    c.add_argument(
+        "--zoneout",
+        type=_probability,
+        default=d.zoneout,
+        help="probability that a unit of h keeps its value each step",
+    )
     c.add_argument("--seq-len", type=_positive(int), default=d.seq_len, help="TBPTT chunk length")
     c.add_argument("--batch", type=_positive(int), default=d.batch, help="parallel streams")
     c.add_argument("--steps", type=_positive(int), default=d.steps, help="optimizer steps in all")

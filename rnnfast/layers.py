@@ -18,7 +18,7 @@ import numpy as np
 
 from . import init as _init
 from . import ops
-from ._validate import check_lengths, check_matmul_precision
+from ._validate import check_lengths, check_matmul_precision, check_noise
 from .cells import cell_spec, family_cell
 from .sequences import reverse_index
 
@@ -174,7 +174,8 @@ class _Recurrent(Module):
                  bidirectional: bool = False, *, dtype=np.float32, seed=None,
                  init: str | Callable = "uniform", learn_initial_state: bool = False,
                  matmul_precision: str = "float32", peephole: bool = False,
-                 proj_size: int = 0):  # fmt: skip
+                 proj_size: int = 0, recurrent_dropout: float = 0.0,
+                 recurrent_dropout_mode: str | None = None, zoneout: float = 0.0):  # fmt: skip
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("num_layers", num_layers)):  # fmt: skip
@@ -197,6 +198,13 @@ class _Recurrent(Module):
             raise ValueError(f"proj_size must be in [0, hidden_size = {hidden_size}), got "
                              f"{proj_size}")  # fmt: skip
         self.proj_size = int(proj_size)
+        if recurrent_dropout_mode is None:  # the candidate where the cell has one (as Keras)
+            recurrent_dropout_mode = "semeniuta" if self.spec.gates > 1 else "variational"
+        # checked here, with a placeholder seed; each training forward draws its own
+        check_noise(self.spec.name, recurrent_dropout, recurrent_dropout_mode, zoneout, 0,
+                    projection=bool(proj_size))  # fmt: skip
+        self.recurrent_dropout, self.zoneout = float(recurrent_dropout), float(zoneout)
+        self.recurrent_dropout_mode = recurrent_dropout_mode
         self.input_size, self.hidden_size = int(input_size), int(hidden_size)
         self.num_layers, self.bias, self.batch_first = int(num_layers), bool(bias), batch_first
         self.dropout, self.bidirectional = float(dropout), bool(bidirectional)
@@ -260,6 +268,8 @@ class _Recurrent(Module):
                 ("matmul_precision", "float32"),
                 ("peephole", False),
                 ("proj_size", 0),
+                ("recurrent_dropout", 0.0),
+                ("zoneout", 0.0),
                 *((k, v) for k, v in self._default_options),
             )  # fmt: skip
             if getattr(self, k) != default
@@ -341,6 +351,13 @@ class _Recurrent(Module):
             )
         training = self.training
         precision = "float32" if training else self.matmul_precision
+        # recurrent dropout and zoneout: one seed a forward from the layer's generator, one noise
+        # stream per layer and direction (eval mode applies no dropout, zoneout's expectation)
+        noisy = self.recurrent_dropout > 0 or self.zoneout > 0
+        seed = int(self.rng.integers(2**63)) if noisy and training else None
+        noise = {"recurrent_dropout": self.recurrent_dropout,
+                 "recurrent_dropout_mode": self.recurrent_dropout_mode, "zoneout": self.zoneout,
+                 "seed": 0 if seed is None else seed}  # fmt: skip
         ctxs, masks = [], []
         h_n = np.empty((L * D, N, R), dtype=self.dtype)
         c_n = np.empty((L * D, N, H), dtype=self.dtype) if self.spec.has_c else None
@@ -356,6 +373,7 @@ class _Recurrent(Module):
                     None if h0 is None else h0[k], None if c0 is None else c0[k],
                     lengths=lengths, training=training, matmul_precision=precision,
                     w_peephole=p.get("weight_peephole" + suffix), w_hr=p.get("weight_hr" + suffix),
+                    noise_stream=k, **noise,
                 )  # fmt: skip
                 if d == 1:
                     y = y[::-1] if rev is None else y[rev]
@@ -489,6 +507,13 @@ class RNN(_Recurrent):
     num_directions, 1, H), used when forward gets no state; matmul_precision "bfloat16" (float32
     layers on a CPU with AVX512_BF16) multiplies in bfloat16 in eval mode, for speed at up to about
     1e-2 relative error (see rnnfast.ops); training mode always multiplies in float32.
+
+    ``recurrent_dropout=p`` (LSTM and GRU, ``recurrent_dropout_mode="semeniuta"``, their default)
+    drops units of the candidate inside the fused kernels, a fresh mask each step; ``zoneout=p``
+    keeps each unit of h at its previous value with probability p each step. Each training
+    forward draws one seed from the layer's generator (so training is reproducible from ``seed``),
+    each layer and direction its own masks; eval mode applies no dropout and zoneout's
+    expectation, h = p h_{t-1} + (1-p) h_new (rnnfast.ops.forward has the details).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,

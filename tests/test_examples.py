@@ -49,6 +49,31 @@ def test_charlm_trains_resumes_and_samples(tmp_path, capsys):
     assert text == charlm.sample(model, vocab_, "def ", 30, 0.8, rng=3)
 
 
+def test_charlm_with_recurrent_dropout_and_zoneout(tmp_path):
+    ck, js = tmp_path / "lm.npz", tmp_path / "run.json"
+    rc = main(["charlm", *TINY, "--steps", "30", "--eval-every", "30", "--sample-every", "0",
+               "--recurrent-dropout", "0.25", "--zoneout", "0.1", "--checkpoint", str(ck),
+               "--json", str(js)])  # fmt: skip
+    assert rc == 0
+    summary = json.loads(js.read_text())
+    assert summary["val_perplexity"] < summary["unigram_perplexity"]
+    model, _, meta = charlm.load_model(str(ck))
+    assert meta["model_config"]["recurrent_dropout"] == 0.25
+    assert model.rnn.recurrent_dropout == 0.25 and model.rnn.zoneout == 0.1
+    # a checkpoint from before these options (no such keys) still loads, with both at 0
+    from rnnfast import checkpoint
+
+    state, opt_state, meta = checkpoint.read_checkpoint(str(ck))
+    old = {k: v for k, v in meta["model_config"].items() if k not in ("recurrent_dropout",
+                                                                      "zoneout")}  # fmt: skip
+    opt = charlm.OPTIMIZERS["adam"](model.params)
+    checkpoint.save_checkpoint(tmp_path / "old.npz", model, opt, **{**meta, "model_config": old})
+    model, _, _ = charlm.load_model(str(tmp_path / "old.npz"))
+    assert model.rnn.zoneout == 0.0
+    out = _run_cli(tmp_path, "charlm", "--zoneout", "1.5", "--steps", "2")
+    assert out.returncode == 2 and "must be a probability in [0, 1)" in out.stderr
+
+
 def test_charlm_time_limit_ends_the_run(tmp_path):
     js = tmp_path / "run.json"
     main(["charlm", *TINY, "--steps", "1000000", "--time-limit", "2", "--sample-every", "0",
@@ -159,6 +184,8 @@ def test_charlm_resume_of_malformed_checkpoints_is_a_one_line_error(tmp_path):
         "hidden_mismatch": {"model_config": {**meta["model_config"], "hidden": 49}},
         "hidden_float": {"model_config": {**meta["model_config"], "hidden": 48.5}},
         "dropout_str": {"model_config": {**meta["model_config"], "dropout": "x"}},
+        "zoneout_one": {"model_config": {**meta["model_config"], "zoneout": 1.0}},
+        "config_extra_key": {"model_config": {**meta["model_config"], "layer_norm": True}},
         "vocab_mismatch": {"vocab": meta["vocab"][:-1]},
         "optimizer_unknown": {"optimizer_name": "lion"},
         "step_str": {"step": "ten"},

@@ -318,3 +318,69 @@ def test_extension_checks_the_noise_itself():
     with pytest.raises(ValueError, match="6-tuple"):
         rnnfast._C.rnn_tanh_forward(x, w_ih, w_hh, None, None, None, None, None, True,
                                     noise=(1, 0))  # fmt: skip
+
+
+# ---- the layers -------------------------------------------------------------------------------
+
+
+def _layer(kind, **kwargs):
+    cls = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}[kind]
+    return cls(3, 6, num_layers=2, bidirectional=True, dtype=np.float64, seed=11, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_layer_gradients_with_dropout_and_zoneout(kind):
+    """The stacked bidirectional layer's backward against central differences, the layer's
+    generator reset before each forward so that every call draws the same masks."""
+    layer = _layer(kind, recurrent_dropout=0.3, zoneout=0.2)
+    rng = _rng("layer", kind)
+    x = rng.standard_normal((5, 2, 3))
+    lengths = np.array([5, 3])
+    dy = rng.standard_normal((5, 2, 12))
+
+    def loss():
+        layer.rng = np.random.default_rng(99)
+        y, _ = layer(x, lengths=lengths)
+        return (y * dy).sum()
+
+    loss()
+    layer.zero_grad()
+    dx, _ = layer.backward(dy)
+    for name in ("weight_hh_l0", "weight_hh_l1_reverse", "bias_ih_l1"):
+        numeric = central_differences(loss, layer.params[name])
+        assert_close(layer.grads[name], numeric, rtol=1e-6, atol=1e-8, name=name)
+    assert_close(dx, central_differences(loss, x), rtol=1e-6, atol=1e-8, name="dx")
+
+
+def test_layer_masks_come_from_its_seed():
+    a, b = _layer("lstm", recurrent_dropout=0.4, zoneout=0.1), _layer("lstm", recurrent_dropout=0.4,
+                                                                     zoneout=0.1)  # fmt: skip
+    x = _rng("seeded").standard_normal((6, 3, 3))
+    ya, yb = a(x)[0], b(x)[0]
+    np.testing.assert_array_equal(ya, yb)  # the same seed: the same masks
+    assert not np.array_equal(a(x)[0], ya), "each forward draws fresh masks"
+    plain = _layer("lstm")
+    assert not np.allclose(plain(x)[0], ya)
+    assert "recurrent_dropout=0.4" in repr(a) and "zoneout=0.1" in repr(a)
+
+
+def test_layer_eval_mode_is_deterministic_and_the_expectation():
+    layer = rnnfast.GRU(3, 5, dtype=np.float64, seed=2, recurrent_dropout=0.5, zoneout=0.3).eval()
+    x = _rng("eval-layer").standard_normal((4, 2, 3))
+    y1, y2 = layer(x)[0], layer(x)[0]
+    np.testing.assert_array_equal(y1, y2)
+    p = layer.params
+    want, *_ = reference.gru_forward(x, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"],
+                                     p["bias_hh_l0"], training=False, zoneout=0.3)  # fmt: skip
+    assert_close(y1, want, **tol(np.float64), name="y")
+
+
+def test_layer_options_are_checked():
+    with pytest.raises(ValueError, match="zoneout must be in"):
+        rnnfast.LSTM(3, 4, zoneout=1.0)
+    with pytest.raises(NotImplementedError, match="variational"):
+        rnnfast.RNN(3, 4, recurrent_dropout=0.2)  # the RNN's default mode
+    with pytest.raises(ValueError, match="zoneout is not supported with a projection"):
+        rnnfast.LSTM(3, 4, proj_size=2, zoneout=0.1)
+    layer = rnnfast.RNN(3, 4, zoneout=0.2)
+    assert layer.recurrent_dropout_mode == "variational" and layer.zoneout == 0.2

@@ -121,16 +121,21 @@ def unigram_perplexity(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: i
 
 
 class CharLM(Module):
-    """Embedding(V, embed) -> LSTM(embed, hidden, layers, dropout) -> Linear(hidden, V)."""
+    """Embedding(V, embed) -> LSTM(embed, hidden, layers, dropout, recurrent_dropout, zoneout)
+    -> Linear(hidden, V)."""
 
     def __init__(self, vocab_size: int, embed: int = 64, hidden: int = 256, layers: int = 1,
-                 dropout: float = 0.0, *, seed=None, dtype=np.float32):  # fmt: skip
+                 dropout: float = 0.0, recurrent_dropout: float = 0.0, zoneout: float = 0.0, *,
+                 seed=None, dtype=np.float32):  # fmt: skip
         super().__init__()
         rng = as_generator(seed)
         self.config = {"vocab_size": int(vocab_size), "embed": int(embed), "hidden": int(hidden),
-                       "layers": int(layers), "dropout": float(dropout)}  # fmt: skip
+                       "layers": int(layers), "dropout": float(dropout),
+                       "recurrent_dropout": float(recurrent_dropout),
+                       "zoneout": float(zoneout)}  # fmt: skip
         self.add_module("embed", Embedding(vocab_size, embed, dtype=dtype, seed=rng))
         self.add_module("rnn", LSTM(embed, hidden, num_layers=layers, dropout=dropout,
+                                    recurrent_dropout=recurrent_dropout, zoneout=zoneout,
                                     dtype=dtype, seed=rng, init="orthogonal"))  # fmt: skip
         self.add_module("head", Linear(hidden, vocab_size, dtype=dtype, seed=rng))
 
@@ -193,6 +198,8 @@ class TrainConfig:
     embed: int = 64
     layers: int = 1
     dropout: float = 0.0
+    recurrent_dropout: float = 0.0
+    zoneout: float = 0.0
     seq_len: int = 64
     batch: int = 32
     steps: int = 2000
@@ -254,14 +261,17 @@ def _model_from_meta(meta: dict, state: dict, path: str) -> tuple[CharLM, Vocab]
     if not isinstance(vocab, str) or not vocab:
         raise bad("its metadata has no vocabulary string")
     keys = {"vocab_size", "embed", "hidden", "layers", "dropout"}
-    if not isinstance(config, dict) or set(config) != keys:
-        raise bad(f"its model_config is not a dict with keys {sorted(keys)}")
+    optional = {"recurrent_dropout", "zoneout"}  # absent in checkpoints from before them
+    if not isinstance(config, dict) or not keys <= set(config) <= keys | optional:
+        raise bad(f"its model_config is not a dict with keys {sorted(keys)} (and optionally "
+                  f"{sorted(optional)})")  # fmt: skip
     for k in ("vocab_size", "embed", "hidden", "layers"):
         if isinstance(config[k], bool) or not isinstance(config[k], int) or config[k] < 1:
             raise bad(f"model_config {k} = {config[k]!r} is not a positive integer")
-    dropout = config["dropout"]
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise bad(f"model_config dropout = {dropout!r} is not in [0, 1)")
+    for k in ("dropout", *optional):
+        p = config.get(k, 0.0)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise bad(f"model_config {k} = {p!r} is not in [0, 1)")
     vocab = Vocab(vocab)
     V, E, H, L = (config[k] for k in ("vocab_size", "embed", "hidden", "layers"))
     expected = {"embed.weight": (V, E), f"rnn.weight_hh_l{L - 1}": (4 * H, H),
@@ -335,7 +345,8 @@ def train(cfg: TrainConfig) -> dict:
         progress.print(f"resumed {cfg.resume} at step {start_step}")
     else:
         vocab = Vocab(train_text + val_text)
-        model = CharLM(len(vocab), cfg.embed, cfg.hidden, cfg.layers, cfg.dropout, seed=cfg.seed)
+        model = CharLM(len(vocab), cfg.embed, cfg.hidden, cfg.layers, cfg.dropout,
+                       cfg.recurrent_dropout, cfg.zoneout, seed=cfg.seed)  # fmt: skip
         opt = OPTIMIZERS[cfg.optimizer](model.params, lr=cfg.lr)
         base_lr = cfg.lr
     train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
