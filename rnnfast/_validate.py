@@ -187,6 +187,8 @@ class Noise(NamedTuple):
     candidate_threshold: int
     zoneout: float
     zoneout_threshold: int
+    variational: float = 0.0  # recurrent dropout on h_{t-1} into the products (Gal and Ghahramani)
+    variational_threshold: int = 0
 
 
 DROPOUT_MODES = ("semeniuta", "variational")
@@ -226,12 +228,8 @@ def check_noise(cell, recurrent_dropout=0.0, recurrent_dropout_mode="semeniuta",
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         if not 0 <= seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    if p_drop > 0:
-        if recurrent_dropout_mode == "variational":
-            raise NotImplementedError(
-                'recurrent_dropout_mode="variational" is not implemented yet; use "semeniuta" '
-                "(the LSTM's and GRU's candidate)"
-            )
+    variational = recurrent_dropout_mode == "variational"
+    if p_drop > 0 and not variational:
         if spec.gates == 1:
             raise ValueError(
                 f'recurrent_dropout_mode="semeniuta" drops the candidate, which the {spec.name} '
@@ -239,9 +237,12 @@ def check_noise(cell, recurrent_dropout=0.0, recurrent_dropout_mode="semeniuta",
             )
     if p_zone > 0 and projection:
         raise ValueError("zoneout is not supported with a projection (w_hr)")
+    if p_drop > 0 and variational and projection:
+        raise ValueError('recurrent_dropout_mode="variational" is not supported with a projection')
     if p_drop == 0 and p_zone == 0:
         return None
     if seed is None:
         seed = int(np.random.default_rng().integers(2**63))
-    return Noise(int(seed), int(noise_stream), p_drop, threshold(p_drop), p_zone,
-                 threshold(p_zone))  # fmt: skip
+    p_cand, p_var = (0.0, p_drop) if variational else (p_drop, 0.0)
+    return Noise(int(seed), int(noise_stream), p_cand, threshold(p_cand), p_zone, threshold(p_zone),
+                 p_var, threshold(p_var))  # fmt: skip

@@ -102,9 +102,11 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     that take one (the LSTMs, as torch.nn.LSTM(proj_size=P)): h, h0, h_n and each step of y are
     then (N, P) and w_hh is (G*H, P), while c stays (N, H).
 
-    ``recurrent_dropout=p`` (training only; ``recurrent_dropout_mode="semeniuta"``, Semeniuta et
-    al. 2016) drops units of the candidate (the LSTM's g, the GRU's n) with a fresh mask each step
-    and scales the kept ones by 1/(1-p). ``zoneout=p`` (Krueger et al. 2016) keeps each unit of h
+    ``recurrent_dropout=p`` (training only) with ``recurrent_dropout_mode="semeniuta"``
+    (Semeniuta et al. 2016) drops units of the candidate (the LSTM's g, the GRU's n) with a fresh
+    mask each step, with ``"variational"`` (Gal and Ghahramani 2016; Keras's recurrent_dropout)
+    units of h_{t-1} where it enters the recurrent products, one mask per row for the whole
+    sequence; kept units are scaled by 1/(1-p). ``zoneout=p`` (Krueger et al. 2016) keeps each unit of h
     at its previous value with probability p each step; with ``training=False`` h is
     p h_{t-1} + (1-p) h_new instead. The masks come from Philox-4x32-10 keyed by ``seed`` (None:
     a fresh one, kept in the context) and counted by (unit, row, step, ``noise_stream``): the same
@@ -167,7 +169,7 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
     return {k: grads[k] for k in spec.grads_of(a.w_peephole is not None, a.w_hr is not None)}
 
 
-_PURPOSES = {"candidate": 1, "zoneout": 3}
+_PURPOSES = {"candidate": 1, "variational": 2, "zoneout": 3}
 
 
 def recurrent_masks(kind: str, p: float, seed: int, T: int, N: int, H: int, *,
@@ -175,7 +177,9 @@ def recurrent_masks(kind: str, p: float, seed: int, T: int, N: int, H: int, *,
     """The masks a training forward with these arguments draws: bool (T, N, H), True where a
     unit is kept. ``kind`` "candidate": the candidate units recurrent dropout keeps (scaled by
     1/(1-p)) at step t, row n; "zoneout": the units of h that take their new value (False: h keeps
-    its previous value). Steps count in the order the call runs them."""
+    its previous value); "variational": the units of h_{t-1} that enter the recurrent products,
+    one mask per row for the whole sequence (every step's is the same; T = 1 gives it). Steps
+    count in the order the call runs them."""
     if kind not in _PURPOSES:
         raise ValueError(f"kind must be one of {sorted(_PURPOSES)}, got {kind!r}")
     if seed is None:
@@ -183,8 +187,10 @@ def recurrent_masks(kind: str, p: float, seed: int, T: int, N: int, H: int, *,
     noise = check_noise("lstm", p, "semeniuta", 0.0, seed, noise_stream)
     if noise is None:
         return np.ones((T, N, H), bool)
-    return _C.recurrent_masks(_PURPOSES[kind], noise.seed, noise.stream, threshold(noise.candidate),
-                              T, N, H)  # fmt: skip
+    steps = min(T, 1) if kind == "variational" else T  # its counter's step is always 0
+    masks = _C.recurrent_masks(_PURPOSES[kind], noise.seed, noise.stream,
+                               threshold(noise.candidate), steps, N, H)  # fmt: skip
+    return np.repeat(masks, T, axis=0) if kind == "variational" else masks
 
 
 _DOCS = {

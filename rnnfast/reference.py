@@ -82,7 +82,7 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1) -> np.ndarray:
     return c0.astype(np.uint32)
 
 
-_PURPOSES = {"candidate": 1, "zoneout": 3}
+_PURPOSES = {"candidate": 1, "variational": 2, "zoneout": 3}
 
 
 def _keeps(noise: Noise, purpose: str, p_threshold: int, t: int, N: int, H: int) -> np.ndarray:
@@ -103,7 +103,9 @@ def recurrent_masks(kind: str, p: float, seed: int, T: int, N: int, H: int, *,
     noise = check_noise("lstm", p, "semeniuta", 0.0, seed, noise_stream)
     if noise is None:
         return np.ones((T, N, H), bool)
-    return np.stack([_keeps(noise, kind, noise.candidate_threshold, t, N, H) for t in range(T)])
+    step = (lambda t: 0) if kind == "variational" else (lambda t: t)  # one mask a sequence
+    masks = [_keeps(noise, kind, noise.candidate_threshold, step(t), N, H) for t in range(T)]
+    return np.stack(masks) if masks else np.ones((0, N, H), bool)
 
 
 # ---- the cells --------------------------------------------------------------------------------
@@ -124,16 +126,25 @@ class _StepWeights(NamedTuple):
     w_hr_rounded: np.ndarray | None  # and for the forward's product
     rounded: Callable  # what the forward's products do to their left operand
     drop: np.ndarray | None = None  # (N, H) this step's candidate scale: 0 or 1/(1-p)
+    vscale: np.ndarray | None = None  # (N, R) variational dropout's scale of the products' input
+
+    def inp(self, h):
+        """What the recurrent products multiply where they are given h: h * vscale."""
+        return h if self.vscale is None else h * self.vscale
 
     def recur(self, h, rows=slice(None)):
-        """h W_hh^T + b_hh for the gate rows ``rows`` of W_hh."""
-        a = self.rounded(h) @ self.w_hh_rounded[rows].T
+        """inp(h) W_hh^T + b_hh for the gate rows ``rows`` of W_hh."""
+        a = self.rounded(self.inp(h)) @ self.w_hh_rounded[rows].T
         return a if self.b_hh is None else a + self.b_hh[rows]
+
+    def back(self, da, rows=slice(None)):
+        """The gradient reaching h through recur(h, rows) from that of its output, da."""
+        return self.inp(da @ self.w_hh[rows])
 
 
 def _recurrent_grads(da_h, h_in, w: _StepWeights, **more) -> dict:
-    """This step's dw_hh (da_h^T h_in) and db_hh, plus ``more``."""
-    return {"dw_hh": da_h.T @ h_in, "db_hh": da_h.sum(axis=0), **more}
+    """This step's dw_hh (da_h^T inp(h_in)) and db_hh, plus ``more``."""
+    return {"dw_hh": da_h.T @ w.inp(h_in), "db_hh": da_h.sum(axis=0), **more}
 
 
 def _lstm_cell(coupled: bool):
@@ -191,7 +202,7 @@ def _lstm_cell(coupled: bool):
                                             (da_o * c).sum(0)])  # fmt: skip
         blocks = [da_i, da_g, da_o] if coupled else [da_i, da_f, da_g, da_o]
         da = np.concatenate(blocks, axis=1)
-        return da, da @ w.w_hh, dc_prev, _recurrent_grads(da, h, w, **more)
+        return da, w.back(da), dc_prev, _recurrent_grads(da, h, w, **more)
 
     return step, step_backward
 
@@ -216,7 +227,7 @@ def _gru_step_backward(saved, h, dh, dc, w):
     # r multiplies the recurrent part of n only: a_h's n slot gets da_n * r, a_x's gets da_n
     da_x = np.concatenate([da_r, da_z, da_n], axis=1)
     da_h = np.concatenate([da_r, da_z, da_n * r], axis=1)
-    return da_x, dh * z + da_h @ w.w_hh, None, _recurrent_grads(da_h, h, w)
+    return da_x, dh * z + w.back(da_h), None, _recurrent_grads(da_h, h, w)
 
 
 def _gru_reset_before_step(a_x, h, c, w):
@@ -235,16 +246,16 @@ def _gru_reset_before_step(a_x, h, c, w):
 def _gru_reset_before_step_backward(saved, h, dh, dc, w):
     r, z, n, rh = saved
     H = h.shape[1]
-    w_rz, w_n = w.w_hh[: 2 * H], w.w_hh[2 * H :]
     drop = 1 if w.drop is None else w.drop
     da_n = dh * drop * (1 - z) * (1 - n * n)
     da_z = dh * (h - n * drop) * z * (1 - z)
-    drh = da_n @ w_n
-    da_r = drh * h * r * (1 - r)
+    drh = da_n @ w.w_hh[2 * H :]  # the gradient of the n product's input, r * inp(h)
+    da_r = drh * w.inp(h) * r * (1 - r)
     da_rz = np.concatenate([da_r, da_z], axis=1)
-    dh_prev = dh * z + drh * r + da_rz @ w_rz
+    dh_prev = dh * z + w.inp(drh * r) + w.back(da_rz, slice(0, 2 * H))
     da = np.concatenate([da_r, da_z, da_n], axis=1)
-    grads = {"dw_hh": np.concatenate([da_rz.T @ h, da_n.T @ rh]), "db_hh": da.sum(axis=0)}
+    grads = {"dw_hh": np.concatenate([da_rz.T @ w.inp(h), da_n.T @ w.inp(rh)]),
+             "db_hh": da.sum(axis=0)}  # fmt: skip
     return da, dh_prev, None, grads
 
 
@@ -255,7 +266,7 @@ def _rnn_tanh_step(a_x, h, c, w):
 
 def _rnn_tanh_step_backward(h_new, h, dh, dc, w):
     da = dh * (1 - h_new * h_new)
-    return da, da @ w.w_hh, None, _recurrent_grads(da, h, w)
+    return da, w.back(da), None, _recurrent_grads(da, h, w)
 
 
 def _rnn_relu_step(a_x, h, c, w):
@@ -266,7 +277,7 @@ def _rnn_relu_step(a_x, h, c, w):
 def _rnn_relu_step_backward(h_new, h, dh, dc, w):
     # relu'(0) = 0 as in torch; a NaN output passes its gradient on, as the kernels (cell.h) do
     da = np.where((h_new > 0) | np.isnan(h_new), dh, 0)
-    return da, da @ w.w_hh, None, _recurrent_grads(da, h, w)
+    return da, w.back(da), None, _recurrent_grads(da, h, w)
 
 
 class _Cell(NamedTuple):
@@ -328,6 +339,15 @@ def _step_weights(a: Checked, rounded=lambda m: m) -> _StepWeights:
                         None if w_hr is None else rounded(w_hr), rounded)  # fmt: skip
 
 
+def _variational(w: _StepWeights, noise: Noise | None, N: int, R: int, dtype) -> _StepWeights:
+    """w with variational dropout's scale of h_{t-1} where the products take it (one mask a row
+    for the whole sequence: Philox step 0)."""
+    if noise is None or noise.variational == 0:
+        return w
+    kept = _keeps(noise, "variational", noise.variational_threshold, 0, N, R)
+    return w._replace(vscale=np.where(kept, 1 / (1 - noise.variational), 0).astype(dtype))
+
+
 def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
             training=True, matmul_precision="float32", w_peephole=None, w_hr=None,
             recurrent_dropout=0.0, recurrent_dropout_mode="semeniuta", zoneout=0.0, seed=None,
@@ -337,7 +357,8 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
 
     Recurrent dropout (Semeniuta): the candidate enters the state as g * d (LSTM, c = f c + i g d)
     or n * d (GRU, h = (1 - z) n d + z h), d = keep / (1 - p) from the step's candidate mask;
-    training only. Zoneout: h_t = h_new where the step's zoneout mask takes it, else h_{t-1};
+    training only. Variational: every recurrent product multiplies h * v (the reset-before GRU's
+    r * h * v), v = keep / (1 - p) from one mask per row for the whole sequence. Zoneout: h_t = h_new where the step's zoneout mask takes it, else h_{t-1};
     with training=False, h_t = p h_{t-1} + (1 - p) h_new. Masks: ``recurrent_masks``."""
     spec = cell_spec(cell)
     cell = spec.name
@@ -352,7 +373,7 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     dtype = a.x.dtype
     step = _CELLS[cell].step
     active = _active(a)
-    w = _step_weights(a, rounded)
+    w = _variational(_step_weights(a, rounded), noise if training else None, N, R, dtype)
 
     h = np.zeros((N, R), dtype) if a.h0 is None else a.h0.copy()
     c = None
@@ -408,7 +429,7 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
     step_backward = _CELLS[cell].step_backward
     active = _active(a)
     hs, steps = ctx.saved
-    w = _step_weights(a)
+    w = _variational(_step_weights(a), ctx.noise, N, R, dtype)
 
     dh = np.zeros((N, R), dtype) if dh_n is None else dh_n.copy()
     dc = None

@@ -1,4 +1,5 @@
-"""Recurrent dropout on the candidate (Semeniuta et al.) and zoneout (Krueger et al.): the masks,
+"""Recurrent dropout on the candidate (Semeniuta et al.) and on h_{t-1} into the products
+(variational, Gal and Ghahramani), and zoneout (Krueger et al.): the masks,
 the reference against finite differences and against the formulas written out step by step, the
 kernels against the reference, determinism, the eval-mode semantics and every misuse."""
 
@@ -31,16 +32,20 @@ def _rng(*keys) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(repr(keys).encode()))
 
 
+VARIATIONAL = {"recurrent_dropout": 0.3, "recurrent_dropout_mode": "variational"}
+
+
 def _options(cell):
-    """The noise options each cell takes: zoneout alone, dropout alone, both."""
-    out = [{"zoneout": 0.3}]
+    """The noise options each cell takes: zoneout alone, each dropout alone, with zoneout."""
+    out = [{"zoneout": 0.3}, VARIATIONAL, {**VARIATIONAL, "zoneout": 0.2}]
     if GATES[cell] > 1:
         out += [{"recurrent_dropout": 0.4}, {"recurrent_dropout": 0.25, "zoneout": 0.2}]
     return out
 
 
 def _ids(options):
-    return "-".join(f"{k}{v}" for k, v in options.items())
+    names = {"recurrent_dropout": "drop", "recurrent_dropout_mode": "", "zoneout": "zone"}
+    return "-".join(f"{names[k]}{v}" for k, v in options.items())
 
 
 ALL_CASES = [(c, o) for c in CELLS for o in _options(c)]
@@ -58,7 +63,7 @@ def test_philox_known_answers():
     assert reference.philox4x32_10(*pi) == 0xD16CFE09
 
 
-@pytest.mark.parametrize("kind", ["candidate", "zoneout"])
+@pytest.mark.parametrize("kind", ["candidate", "zoneout", "variational"])
 def test_kernel_masks_are_the_reference_masks(kind):
     for seed, stream in ((0, 0), (2**64 - 1, 5), (SEED, 2**28 - 1)):
         got = ops.recurrent_masks(kind, 0.37, seed, 6, 5, 41, noise_stream=stream)
@@ -83,6 +88,9 @@ def test_masks_differ_by_step_row_stream_seed_and_purpose():
                                                      noise_stream=1))  # fmt: skip
     assert not np.array_equal(a, ops.recurrent_masks("zoneout", 0.5, SEED, 4, 4, 64))
     assert ops.recurrent_masks("zoneout", 0.0, SEED, 2, 3, 4).all()
+    v = ops.recurrent_masks("variational", 0.5, SEED, 3, 4, 64)
+    assert (v == v[0]).all(), "variational dropout keeps one mask for the whole sequence"
+    assert not np.array_equal(v[0], a[0])
 
 
 # ---- the reference ------------------------------------------------------------------------------
@@ -119,17 +127,19 @@ def _sigmoid(a):
     return 1 / (1 + np.exp(-a))
 
 
-def _written_out(cell, inputs, p_drop, p_zone, training):
+def _written_out(cell, inputs, p_drop, mode, p_zone, training):
     """The LSTM and GRU with both options, a step at a time from the formulas (no lengths)."""
     x, w_ih, w_hh, b_ih, b_hh = (inputs[k] for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh"))
     T, N, _ = x.shape
     H = w_hh.shape[1]
     keep = ops.recurrent_masks("candidate", p_drop, SEED, T, N, H)
+    v = ops.recurrent_masks("variational", p_drop, SEED, 1, N, H)[0] / (1 - p_drop)
     take = ops.recurrent_masks("zoneout", p_zone, SEED, T, N, H)
     h, c, ys = inputs["h0"].copy(), None if inputs["c0"] is None else inputs["c0"].copy(), []
     for t in range(T):
-        d = keep[t] / (1 - p_drop) if training else 1.0
-        ax, ah = x[t] @ w_ih.T + b_ih, h @ w_hh.T + b_hh
+        d = keep[t] / (1 - p_drop) if training and mode == "semeniuta" else 1.0
+        h_in = h * v if training and mode == "variational" else h  # what W_hh multiplies
+        ax, ah = x[t] @ w_ih.T + b_ih, h_in @ w_hh.T + b_hh
         if cell == "lstm":
             a = ax + ah
             i, f, g, o = (a[:, k * H : (k + 1) * H] for k in range(4))
@@ -145,12 +155,13 @@ def _written_out(cell, inputs, p_drop, p_zone, training):
     return np.stack(ys), h, c
 
 
+@pytest.mark.parametrize("mode", ["semeniuta", "variational"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_reference_is_the_formulas(cell, training):
+def test_reference_is_the_formulas(cell, training, mode):
     inputs, _ = _case(cell, 6, 3, 4, 5, _rng("formulas", cell), lengths_kind=None)
-    options = {"recurrent_dropout": 0.3, "zoneout": 0.4}
-    want_y, want_h, want_c = _written_out(cell, inputs, 0.3, 0.4, training)
+    options = {"recurrent_dropout": 0.3, "recurrent_dropout_mode": mode, "zoneout": 0.4}
+    want_y, want_h, want_c = _written_out(cell, inputs, 0.3, mode, 0.4, training)
     for api in (reference, ops):
         y, h, c, _ = run_forward(api, cell, **inputs, seed=SEED, training=training, **options)
         assert_close(y, want_y, **tol(np.float64), name="y")
@@ -288,8 +299,6 @@ def test_misuse_raises_clearly(api):
         ({"zoneout": True}, TypeError, "zoneout must be a number"),
         ({"recurrent_dropout": 0.1, "recurrent_dropout_mode": "gal"}, ValueError,
          "recurrent_dropout_mode must be one of"),
-        ({"recurrent_dropout": 0.1, "recurrent_dropout_mode": "variational"},
-         NotImplementedError, "variational"),
         ({"zoneout": 0.1, "seed": -1}, ValueError, "seed must be in"),
         ({"zoneout": 0.1, "seed": 1.5}, TypeError, "seed must be an int"),
         ({"zoneout": 0.1, "noise_stream": 2**28}, ValueError, "noise_stream must be in"),
@@ -303,6 +312,8 @@ def test_misuse_raises_clearly(api):
     proj = dict(lstm, w_hh=rng.standard_normal((16, 2)), h0=None)
     with pytest.raises(ValueError, match="zoneout is not supported with a projection"):
         run_forward(api, "lstm", **proj, w_hr=w_hr, zoneout=0.1)
+    with pytest.raises(ValueError, match="variational.*not supported with a projection"):
+        run_forward(api, "lstm", **proj, w_hr=w_hr, **VARIATIONAL)
 
 
 def test_extension_checks_the_noise_itself():
@@ -311,11 +322,11 @@ def test_extension_checks_the_noise_itself():
     w_ih, w_hh = rng.standard_normal((4, 3)), rng.standard_normal((4, 4))
     with pytest.raises(ValueError, match="candidate needs a cell with one"):
         rnnfast._C.rnn_tanh_forward(x, w_ih, w_hh, None, None, None, None, None, True,
-                                    noise=(1, 0, 0.5, 2**31, 0.0, 0))  # fmt: skip
+                                    noise=(1, 0, 0.5, 2**31, 0.0, 0, 0.0, 0))  # fmt: skip
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):
         rnnfast._C.rnn_tanh_forward(x, w_ih, w_hh, None, None, None, None, None, True,
-                                    noise=(1, 0, 0.0, 0, 1.5, 0))  # fmt: skip
-    with pytest.raises(ValueError, match="6-tuple"):
+                                    noise=(1, 0, 0.0, 0, 1.5, 0, 0.0, 0))  # fmt: skip
+    with pytest.raises(ValueError, match="8-tuple"):
         rnnfast._C.rnn_tanh_forward(x, w_ih, w_hh, None, None, None, None, None, True,
                                     noise=(1, 0))  # fmt: skip
 
@@ -328,11 +339,13 @@ def _layer(kind, **kwargs):
     return cls(3, 6, num_layers=2, bidirectional=True, dtype=np.float64, seed=11, **kwargs)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_layer_gradients_with_dropout_and_zoneout(kind):
+@pytest.mark.parametrize("kind, mode", [("lstm", "semeniuta"), ("lstm", "variational"),
+                                        ("gru", "semeniuta"), ("gru", "variational"),
+                                        ("rnn", "variational")])  # fmt: skip
+def test_layer_gradients_with_dropout_and_zoneout(kind, mode):
     """The stacked bidirectional layer's backward against central differences, the layer's
     generator reset before each forward so that every call draws the same masks."""
-    layer = _layer(kind, recurrent_dropout=0.3, zoneout=0.2)
+    layer = _layer(kind, recurrent_dropout=0.3, recurrent_dropout_mode=mode, zoneout=0.2)
     rng = _rng("layer", kind)
     x = rng.standard_normal((5, 2, 3))
     lengths = np.array([5, 3])
@@ -378,9 +391,10 @@ def test_layer_eval_mode_is_deterministic_and_the_expectation():
 def test_layer_options_are_checked():
     with pytest.raises(ValueError, match="zoneout must be in"):
         rnnfast.LSTM(3, 4, zoneout=1.0)
-    with pytest.raises(NotImplementedError, match="variational"):
-        rnnfast.RNN(3, 4, recurrent_dropout=0.2)  # the RNN's default mode
+    with pytest.raises(ValueError, match="the rnn_tanh cell does not have"):
+        rnnfast.RNN(3, 4, recurrent_dropout=0.2, recurrent_dropout_mode="semeniuta")
     with pytest.raises(ValueError, match="zoneout is not supported with a projection"):
         rnnfast.LSTM(3, 4, proj_size=2, zoneout=0.1)
-    layer = rnnfast.RNN(3, 4, zoneout=0.2)
+    layer = rnnfast.RNN(3, 4, zoneout=0.2, recurrent_dropout=0.1)  # variational: the RNN's default
     assert layer.recurrent_dropout_mode == "variational" and layer.zoneout == 0.2
+    assert rnnfast.LSTM(3, 4).recurrent_dropout_mode == "semeniuta"

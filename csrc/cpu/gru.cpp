@@ -124,13 +124,13 @@ struct GruResetBefore : DefaultStep {
   template <class Cell, typename T>
   static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
     const int64_t nu = th.units.size();
-    (*th.product[0])(s.N, s.h_prev, s.H, th.gh, th.width, Accumulate::no);
+    (*th.product[0])(s.N, s.h_product, s.H, th.gh, th.width, Accumulate::no);
     s.gh = th.gh;
     run_pass<&Cell::template gates_forward<T>>(th.avx512, s);
     team_barrier(th.team);  // r * h_{t-1} is complete
     (*th.product[1])(s.N, s.rh, s.H, th.gh + 2 * nu, th.width, Accumulate::no);
     run_pass<&Cell::template candidate_forward<T>>(th.avx512, s);
-    apply_zoneout(s);
+    after_pass(s);
     team_barrier(th.team);  // h_t is complete
   }
 
@@ -143,7 +143,7 @@ struct GruResetBefore : DefaultStep {
     run_pass<&Cell::template gates_backward<T>>(th.avx512, s);
     sum_bias_rows(th, s);
     team_barrier(th.team);  // every unit's da_r and da_z
-    (*th.product[0])(s.N, s.dgx, GH, s.dh + th.units.begin, s.H, Accumulate::yes);
+    (*th.product[0])(s.N, s.dgx, GH, s.dh_product + th.units.begin, s.H, Accumulate::yes);
   }
 
   // W_hr and W_hz multiply h_{t-1}, W_hn multiplies r * h_{t-1}
@@ -173,13 +173,13 @@ struct GruResetBefore : DefaultStep {
       const T* gx = s.gx + n * 3 * nu;
       const T* gh = s.gh + n * 3 * nu;
       const T* b = s.bx;
-      const T* h_prev = s.h_prev + n * H;
+      const T* h_in = s.h_product + n * H;  // h_{t-1}, or its variational-dropout copy
 #pragma omp simd
       for (int64_t u = 0; u < nu; ++u) {
         const int64_t j = j0 + u;
         const T r = Math<T>::sigmoid(gx[u] + b[j] + gh[u]);
         const T z = Math<T>::sigmoid(gx[nu + u] + b[H + j] + gh[nu + u]);
-        rh[j] = r * h_prev[j];
+        rh[j] = r * h_in[j];
         h[j] = z;
         if (gates) {
           gates[j] = r;
@@ -255,13 +255,13 @@ struct GruResetBefore : DefaultStep {
       if (!s.valid(n)) continue;
       T* dg = s.dgx + n * GH;
       const T* r = s.gates + n * GH;
-      const T* h_prev = s.h_prev + n * H;
+      const T* h_in = s.h_product + n * H;  // what r multiplied, and where its gradient goes
       const T* drh = s.drh + n * nu;
-      T* dh = s.dh + n * H;
+      T* dh = s.dh_product + n * H;
 #pragma omp simd
       for (int64_t u = 0; u < nu; ++u) {
         const int64_t j = j0 + u;
-        const GruResetGateGrad<T> g = gru_reset_gate_backward(r[j], h_prev[j], drh[u]);
+        const GruResetGateGrad<T> g = gru_reset_gate_backward(r[j], h_in[j], drh[u]);
         dg[j] = g.da_r;
         dh[j] += g.dh_prev;
       }

@@ -41,7 +41,7 @@ struct Lstm : DefaultStep {
   template <class Cell, typename T>
   static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
     if (!th.product[1]) return DefaultStep::forward_step<Cell, T>(th, s);
-    (*th.product[0])(s.N, s.h_prev, s.R, th.gh, th.width, Accumulate::no);
+    (*th.product[0])(s.N, s.h_product, s.R, th.gh, th.width, Accumulate::no);
     ForwardStep<T> pass = s;
     pass.gh = th.gh;
     pass.h = s.m;  // zero past a row's length, so that its h is too
@@ -75,7 +75,7 @@ struct Lstm : DefaultStep {
     run_pass<&Cell::template backward<T>>(th.avx512, pass);
     sum_bias_rows(th, pass);
     team_barrier(th.team);  // every unit's gate gradients
-    (*th.product[0])(s.N, s.dgh, G* s.H, s.dh + th.state_cols.begin, R, Accumulate::yes);
+    (*th.product[0])(s.N, s.dgh, G* s.H, s.dh_product + th.state_cols.begin, R, Accumulate::yes);
   }
 
   // and dw_hr = sum over steps of h_t's gradient times m_t

@@ -41,7 +41,11 @@ struct ForwardStep {
   T* rh;                   // [N, H] out, reset_before: r * h_{t-1}, read by the whole team
   T* m;                    // [N, H] out, with a projection: o * tanh(c), which W_hr projects to h
   const T* drop;           // [N, units] candidate dropout's scale (0 or 1/(1-p)), or null
-  const Noise* zoneout;    // zoneout on h (apply_zoneout), or null
+  const Noise* zoneout;    // zoneout on h (after_pass), or null
+  // what the recurrent products multiply: h_{t-1}, or with variational dropout h_{t-1} * vscale
+  const T* h_product;  // [N, R]
+  const T* vscale;     // [N, R] variational dropout's scale (0 or 1/(1-p)), or null
+  T* h_product_next;   // [N, R] with vscale: out, this thread's columns of h_t * vscale
   bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
 };
 
@@ -70,6 +74,10 @@ struct BackwardStep {
   T* dgx;  // [N, G*H] out: gradient of the x-side pre-activations
   T* dgh;  // [N, G*H] out: of the h-side products; the same buffer as dgx but for GRU
   const T* drop;  // [N, units] candidate dropout's scale, as in the forward, or null
+  // what the forward's products multiplied (h_prev, or h_prev * vscale: this thread's columns
+  // are current), and where the gradient reaching it goes: dh, or apart to be scaled by vscale
+  const T* h_product;  // [N, R]
+  T* dh_product;       // [N, R]
   bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
 };
 
@@ -171,12 +179,47 @@ void candidate_scales(const Noise& z, int64_t t, int64_t N, Range units, T* out)
   }
 }
 
-// Zoneout on the thread's units of h_t, after the cell's pass wrote the new value there: where the
-// unit is zoned out h_t = h_{t-1}, else the new value; in inference p h_{t-1} + (1-p) h_new.
-// Rows past their length are left as the pass wrote them.
+// The scales of variational dropout, [N, R]: one mask per row for the whole sequence.
 template <typename T>
-void apply_zoneout(const ForwardStep<T>& s) {
-  if (!s.zoneout) return;
+void variational_scales(const Noise& z, int64_t N, int64_t R, T* out) {
+  const T kept = T(1) / (T(1) - T(z.variational));
+  for (int64_t n = 0; n < N; ++n) {
+#pragma omp simd
+    for (int64_t j = 0; j < R; ++j)
+      out[n * R + j] =
+          noise_keeps(z.seed, z.stream, NoisePurpose::variational, z.variational_threshold, 0, n, j)
+              ? kept
+              : T(0);
+  }
+}
+
+// h * vscale for the columns `cols` of every row, where the next products read it
+template <typename T>
+void scale_columns(int64_t N, int64_t R, Range cols, const T* h, const T* vscale, T* out) {
+  for (int64_t n = 0; n < N; ++n) {
+#pragma omp simd
+    for (int64_t j = cols.begin; j < cols.end; ++j)
+      out[n * R + j] = h[n * R + j] * vscale[n * R + j];
+  }
+}
+
+template <typename T>
+void zoneout_units(const ForwardStep<T>& s);
+
+// What every step runs on the thread's units after the cell's pass wrote h_t there, before the
+// step's last barrier: zoneout, then, with variational dropout, the masked copy of h_t that the
+// next step's products read.
+template <typename T>
+void after_pass(const ForwardStep<T>& s) {
+  if (s.zoneout) zoneout_units(s);
+  if (s.vscale) scale_columns(s.N, s.R, s.units, s.h, s.vscale, s.h_product_next);
+}
+
+// Zoneout on the thread's units of h_t: where the unit is zoned out h_t = h_{t-1}, else the new
+// value; in inference p h_{t-1} + (1-p) h_new. Rows past their length are left as the pass
+// wrote them.
+template <typename T>
+void zoneout_units(const ForwardStep<T>& s) {
   const Noise& z = *s.zoneout;
   const T p = T(z.zoneout);
   for (int64_t n = 0; n < s.N; ++n) {
@@ -313,6 +356,12 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
                                             std::clamp<int64_t>(d.T, 1, kProjectionSteps));
   const bool dropping = io.noise.candidate > 0 && !io.noise.expectation;
   const Noise* zoneout = io.noise.zoneout > 0 ? &io.noise : nullptr;
+  // variational dropout: the products read h_{t-1} * vscale from two alternating slots (a thread
+  // writes step t's while the others may still read step t-1's)
+  const bool variational = io.noise.variational > 0 && !io.noise.expectation;
+  auto vscale = scratch<T>(variational ? NR : 0);
+  auto h_masked = scratch<T>(variational ? 2 * NR : 0);
+  if (variational) variational_scales(io.noise, N, R, vscale.get());
   TeamSetup setup;
 #pragma omp parallel num_threads(recurrent_threads(d))
   {
@@ -328,8 +377,9 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     const bool ok = setup.run([&] {
       gh = scratch<T>(N * th.width);
       if (dropping) drop = scratch<T>(N * th.units.size());
-      gx = scratch<T>(chunk * N * th.width);
+      if (variational) scale_columns(N, R, th.units, hs, vscale.get(), h_masked.get());
       Cell::template forward_products<T>(d, io, th, products);
+      gx = scratch<T>(chunk * N * th.width);
       // this thread's outputs: the rows of all G gates of its units, G blocks of w_ih; T*N rows
       projection.emplace(io.w_ih + th.units.begin * d.C, d.C, th.width, d.C, WeightsBy::row,
                          OutputBlocks{th.units.size(), H}, d.T * N, io.bf16);
@@ -361,6 +411,12 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
         if (dropping) candidate_scales(io.noise, t, N, th.units, drop.get());
         s.drop = drop.get();
         s.zoneout = zoneout;
+        s.h_product = s.h_prev;
+        if (variational) {
+          s.vscale = vscale.get();
+          s.h_product = h_masked.get() + (t & 1) * NR;
+          s.h_product_next = h_masked.get() + ((t + 1) & 1) * NR;
+        }
         Cell::template forward_step<Cell, T>(th, s);
       }
     }
@@ -429,10 +485,10 @@ struct DefaultStep {
 
   template <class Cell, typename T>
   static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
-    (*th.product[0])(s.N, s.h_prev, s.R, th.gh, th.width, Accumulate::no);
+    (*th.product[0])(s.N, s.h_product, s.R, th.gh, th.width, Accumulate::no);
     s.gh = th.gh;
     run_pass<&Cell::template forward<T>>(th.avx512, s);
-    apply_zoneout(s);
+    after_pass(s);
     team_barrier(th.team);  // h_t is complete when every thread has written its units
   }
 
@@ -442,7 +498,7 @@ struct DefaultStep {
     sum_bias_rows(th, s);
 #pragma omp barrier
     const int64_t ld_dgh = th.gates * s.H;  // dgh's rows are all G gates of all H units
-    (*th.product[0])(s.N, s.dgh, ld_dgh, s.dh + th.units.begin, s.R, Accumulate::yes);
+    (*th.product[0])(s.N, s.dgh, ld_dgh, s.dh_product + th.units.begin, s.R, Accumulate::yes);
   }
 
   // dh_seq: [T, N, R] every step's total gradient of h, where the cell projects (else null)
@@ -525,6 +581,13 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
 
   // dy where the caller gave none, and with a projection the pass's (its dy is in dm already)
   const bool dropping = io.noise.candidate > 0, zoneout = io.noise.zoneout > 0;
+  // variational dropout: the products' input h_{t-1} * vscale (each thread its columns, as its
+  // pass needs them), and their gradient apart from dh, added to it scaled by vscale
+  const bool variational = io.noise.variational > 0;
+  auto vscale = scratch<T>(variational ? NR : 0);
+  auto h_masked = scratch<T>(variational ? NR : 0);
+  auto dh_masked = scratch<T>(variational ? NR : 0);
+  if (variational) variational_scales(io.noise, N, R, vscale.get());
   const int64_t zero_count = io.dy && !d.P && !zoneout ? 0 : N * std::max(R, H);
   auto zeros = scratch<T>(zero_count);
   std::fill(zeros.get(), zeros.get() + zero_count, T(0));
@@ -584,13 +647,33 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
         split_zoneout_gradient(io.noise, s, s.dy, carry.get());
         s.dy = zeros.get();
       }
+      s.h_product = s.h_prev;
+      s.dh_product = s.dh;
+      if (variational) {
+        scale_columns(N, R, th.units, s.h_prev, vscale.get(), h_masked.get());
+        for (int64_t n = 0; n < N; ++n)
+          std::fill(dh_masked.get() + n * R + th.units.begin,
+                    dh_masked.get() + n * R + th.units.end, T(0));
+        s.h_product = h_masked.get();
+        s.dh_product = dh_masked.get();
+      }
       Cell::template backward_step<Cell, T>(th, s);
       if (zoneout) add_zoneout_carry(s, carry.get());
+      if (variational)  // dh_{t-1} += vscale * (the gradient reaching the products' input)
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t j = th.units.begin; j < th.units.end; ++j)
+            io.dh0[n * R + j] += vscale[n * R + j] * dh_masked[n * R + j];
     }
   }
   setup.rethrow();
 
-  Cell::template weight_gradients<T>(d, io, dgx.get(), dgh, hs, dh_seq.get());
+  // with variational dropout, W_hh multiplied h_{t-1} * vscale
+  auto hs_masked = scratch<T>(variational ? TN * R : 0);
+  if (variational)
+    for (int64_t t = 0; t < d.T; ++t)
+      for (int64_t k = 0; k < NR; ++k) hs_masked[t * NR + k] = hs[t * NR + k] * vscale[k];
+  Cell::template weight_gradients<T>(d, io, dgx.get(), dgh, variational ? hs_masked.get() : hs,
+                                     dh_seq.get());
   if (io.db_ih) std::memcpy(io.db_ih, db_sum.get(), sizeof(T) * GH);
   if (io.db_hh) std::memcpy(io.db_hh, db_sum.get() + (sum_db_h ? GH : 0), sizeof(T) * GH);
 }

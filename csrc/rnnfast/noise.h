@@ -44,10 +44,9 @@ enum class NoisePurpose : uint32_t {
 struct Noise {
   uint64_t seed = 0;
   uint32_t stream = 0;  // the layer and direction: 2 * layer + direction
-  double candidate = 0, zoneout = 0;
-  uint32_t candidate_threshold = 0, zoneout_threshold = 0;
+  double candidate = 0, zoneout = 0, variational = 0;
+  uint32_t candidate_threshold = 0, zoneout_threshold = 0, variational_threshold = 0;
   bool expectation = false;  // inference: no dropout, zoneout's expectation p h_{t-1} + (1-p) h
-  bool any() const { return candidate > 0 || zoneout > 0; }
 };
 
 // Whether element (step, row, unit) of `purpose` is kept: its draw against the threshold.
