@@ -106,8 +106,8 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     (Semeniuta et al. 2016) drops units of the candidate (the LSTM's g, the GRU's n) with a fresh
     mask each step, with ``"variational"`` (Gal and Ghahramani 2016; Keras's recurrent_dropout)
     units of h_{t-1} where it enters the recurrent products, one mask per row for the whole
-    sequence; kept units are scaled by 1/(1-p). ``zoneout=p`` (Krueger et al. 2016) keeps each unit of h
-    at its previous value with probability p each step; with ``training=False`` h is
+    sequence; kept units are scaled by 1/(1-p). ``zoneout=p`` (Krueger et al. 2016) keeps each
+    unit of h at its previous value with probability p each step; with ``training=False`` h is
     p h_{t-1} + (1-p) h_new instead. The masks come from Philox-4x32-10 keyed by ``seed`` (None:
     a fresh one, kept in the context) and counted by (unit, row, step, ``noise_stream``): the same
     seed gives the same masks and bits for any thread count; ``recurrent_masks`` returns them.

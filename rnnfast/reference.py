@@ -358,7 +358,8 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     Recurrent dropout (Semeniuta): the candidate enters the state as g * d (LSTM, c = f c + i g d)
     or n * d (GRU, h = (1 - z) n d + z h), d = keep / (1 - p) from the step's candidate mask;
     training only. Variational: every recurrent product multiplies h * v (the reset-before GRU's
-    r * h * v), v = keep / (1 - p) from one mask per row for the whole sequence. Zoneout: h_t = h_new where the step's zoneout mask takes it, else h_{t-1};
+    r * h * v), v = keep / (1 - p) from one mask per row for the whole sequence.
+    Zoneout: h_t = h_new where the step's zoneout mask takes it, else h_{t-1};
     with training=False, h_t = p h_{t-1} + (1 - p) h_new. Masks: ``recurrent_masks``."""
     spec = cell_spec(cell)
     cell = spec.name
