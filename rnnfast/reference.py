@@ -63,8 +63,8 @@ def _sigmoid(a):
 # ---- recurrent dropout and zoneout: the masks -------------------------------------------------
 
 
-def philox4x32_10(c0, c1, c2, c3, k0, k1) -> np.ndarray:
-    """The first 32-bit word of Philox-4x32-10 (Salmon et al. 2011) of counters (c0, c1, c2, c3)
+def philox4x32_10(c0, c1, c2, c3, k0, k1) -> tuple[np.ndarray, ...]:
+    """The four 32-bit words of Philox-4x32-10 (Salmon et al. 2011) of counters (c0, c1, c2, c3)
     under key (k0, k1), elementwise over broadcast uint32 arrays."""
     u32 = np.uint64(0xFFFFFFFF)
     c0, c1, c2, c3 = (np.asarray(c, np.uint64) for c in np.broadcast_arrays(c0, c1, c2, c3))
@@ -79,18 +79,19 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1) -> np.ndarray:
             (p0 >> np.uint64(32)) ^ c3 ^ k1,
             p0 & u32,
         )
-    return c0.astype(np.uint32)
+    return tuple(c.astype(np.uint32) for c in (c0, c1, c2, c3))
 
 
 _PURPOSES = {"candidate": 1, "variational": 2, "zoneout": 3}
 
 
 def _keeps(noise: Noise, purpose: str, p_threshold: int, t: int, N: int, H: int) -> np.ndarray:
-    """(N, H) bool: which elements of step t are kept (rnnfast/_validate.Noise, noise.h)."""
+    """(N, H) bool: which elements of step t are kept (rnnfast/_validate.Noise, noise.h): word
+    t % 4 of Philox(unit, row, t // 4, stream and purpose) against the threshold."""
     word = (noise.stream << 4) | _PURPOSES[purpose]
     units, rows = np.arange(H, dtype=np.uint64)[None, :], np.arange(N, dtype=np.uint64)[:, None]
-    draws = philox4x32_10(units, rows, t, word, noise.seed & 0xFFFFFFFF, noise.seed >> 32)
-    return draws >= p_threshold
+    draws = philox4x32_10(units, rows, t // 4, word, noise.seed & 0xFFFFFFFF, noise.seed >> 32)
+    return draws[t % 4] >= p_threshold
 
 
 def recurrent_masks(kind: str, p: float, seed: int, T: int, N: int, H: int, *,

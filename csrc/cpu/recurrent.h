@@ -42,6 +42,7 @@ struct ForwardStep {
   T* m;                    // [N, H] out, with a projection: o * tanh(c), which W_hr projects to h
   const T* drop;           // [N, units] candidate dropout's scale (0 or 1/(1-p)), or null
   const Noise* zoneout;    // zoneout on h (after_pass), or null
+  const uint8_t* taken;    // [N, units] zoneout in training: 1 where h takes its new value
   // what the recurrent products multiply: h_{t-1}, or with variational dropout h_{t-1} * vscale
   const T* h_product;  // [N, R]
   const T* vscale;     // [N, R] variational dropout's scale (0 or 1/(1-p)), or null
@@ -164,19 +165,51 @@ inline void team_barrier(int team) {
 
 // ---- recurrent dropout and zoneout (rnnfast/noise.h) ----------------------------------------
 
-// The thread's candidate-dropout scales of step t: 0 where dropped, 1/(1-p) where kept.
-template <typename T>
-void candidate_scales(const Noise& z, int64_t t, int64_t N, Range units, T* out) {
-  const T kept = T(1) / (T(1) - T(z.candidate));
-  const int64_t nu = units.size();
-  for (int64_t n = 0; n < N; ++n) {
-#pragma omp simd
-    for (int64_t u = 0; u < nu; ++u)
-      out[n * nu + u] = noise_keeps(z.seed, z.stream, NoisePurpose::candidate,
-                                    z.candidate_threshold, t, n, units.begin + u)
-                            ? kept
-                            : T(0);
+// One purpose's keep masks for a thread's units, [N, units] a step, drawn four steps at a time
+// (one Philox evaluation per row and unit gives steps 4b .. 4b + 3, rnnfast/noise.h) as the
+// steps reach a new block, forward or backward.
+class StepMasks {
+ public:
+  StepMasks(const Noise& z, NoisePurpose purpose, uint32_t threshold, int64_t N, Range units)
+      : z_(z),
+        purpose_(purpose),
+        threshold_(threshold),
+        N_(N),
+        units_(units),
+        data_(scratch<uint8_t>(4 * N * units.size())) {}
+  const uint8_t* at(int64_t t) {
+    if (t / 4 != block_) draw(t / 4);
+    return data_.get() + (t % 4) * N_ * units_.size();
   }
+
+ private:
+  void draw(int64_t block) {
+    block_ = block;
+    const int64_t nu = units_.size(), NU = N_ * nu;
+    uint8_t* out = data_.get();
+    for (int64_t n = 0; n < N_; ++n) {
+#pragma omp simd
+      for (int64_t u = 0; u < nu; ++u) {
+        const Philox4 r = noise_draws(z_.seed, z_.stream, purpose_, block, n, units_.begin + u);
+        for (int k = 0; k < 4; ++k) out[k * NU + n * nu + u] = r.w[k] >= threshold_;
+      }
+    }
+  }
+  const Noise& z_;
+  NoisePurpose purpose_;
+  uint32_t threshold_;
+  int64_t N_;
+  Range units_;
+  Scratch<uint8_t> data_;
+  int64_t block_ = -1;
+};
+
+// A step's candidate-dropout scales from its mask: 0 where dropped, 1/(1-p) where kept.
+template <typename T>
+void candidate_scales(const Noise& z, const uint8_t* kept, int64_t count, T* out) {
+  const T scale = T(1) / (T(1) - T(z.candidate));
+#pragma omp simd
+  for (int64_t k = 0; k < count; ++k) out[k] = kept[k] ? scale : T(0);
 }
 
 // The scales of variational dropout, [N, R]: one mask per row for the whole sequence.
@@ -232,10 +265,12 @@ void zoneout_units(const ForwardStep<T>& s) {
         h[j] = p * h_prev[j] + (T(1) - p) * h[j];
       continue;
     }
+    const uint8_t* taken = s.taken + n * s.units.size();
 #pragma omp simd
-    for (int64_t j = s.units.begin; j < s.units.end; ++j)
-      if (!noise_keeps(z.seed, z.stream, NoisePurpose::zoneout, z.zoneout_threshold, s.t, n, j))
-        h[j] = h_prev[j];
+    for (int64_t u = 0; u < s.units.size(); ++u) {
+      const int64_t j = s.units.begin + u;
+      h[j] = taken[u] ? h[j] : h_prev[j];
+    }
   }
 }
 
@@ -243,7 +278,8 @@ void zoneout_units(const ForwardStep<T>& s) {
 // where it was taken, else straight to h_{t-1} (`carry`, [N, units], added after the step). The
 // pass then reads dh alone (its dy is zeros).
 template <typename T>
-void split_zoneout_gradient(const Noise& z, const BackwardStep<T>& s, const T* dy, T* carry) {
+void split_zoneout_gradient(const uint8_t* taken_all, const BackwardStep<T>& s, const T* dy,
+                            T* carry) {
   const int64_t nu = s.units.size();
   for (int64_t n = 0; n < s.N; ++n) {
     T* dh = s.dh + n * s.R;
@@ -253,12 +289,12 @@ void split_zoneout_gradient(const Noise& z, const BackwardStep<T>& s, const T* d
       continue;
     }
     const T* dy_row = dy + n * s.R;
+    const uint8_t* taken_row = taken_all + n * nu;
 #pragma omp simd
     for (int64_t u = 0; u < nu; ++u) {
       const int64_t j = s.units.begin + u;
       const T total = dh[j] + dy_row[j];
-      const bool taken =
-          noise_keeps(z.seed, z.stream, NoisePurpose::zoneout, z.zoneout_threshold, s.t, n, j);
+      const bool taken = taken_row[u];
       dh[j] = taken ? total : T(0);
       out[u] = taken ? T(0) : total;
     }
@@ -374,9 +410,15 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
         drop(nullptr, release_scratch);
     StepProducts<T> products;
     std::optional<StepProduct<T>> projection;
+    std::optional<StepMasks> kept, taken;  // candidate dropout's, zoneout's (training)
     const bool ok = setup.run([&] {
       gh = scratch<T>(N * th.width);
-      if (dropping) drop = scratch<T>(N * th.units.size());
+      if (dropping) {
+        drop = scratch<T>(N * th.units.size());
+        kept.emplace(io.noise, NoisePurpose::candidate, io.noise.candidate_threshold, N, th.units);
+      }
+      if (zoneout && !io.noise.expectation)
+        taken.emplace(io.noise, NoisePurpose::zoneout, io.noise.zoneout_threshold, N, th.units);
       if (variational) scale_columns(N, R, th.units, hs, vscale.get(), h_masked.get());
       Cell::template forward_products<T>(d, io, th, products);
       gx = scratch<T>(chunk * N * th.width);
@@ -408,9 +450,10 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
         }
         if (cell.reset_before) s.rh = training ? io.reserve + layout.rh + t * NH : rh_step.get();
         if (d.P) s.m = training ? io.reserve + layout.m + (t + 1) * NH : m_step.get();
-        if (dropping) candidate_scales(io.noise, t, N, th.units, drop.get());
+        if (dropping) candidate_scales(io.noise, kept->at(t), N * th.units.size(), drop.get());
         s.drop = drop.get();
         s.zoneout = zoneout;
+        s.taken = taken ? taken->at(t) : nullptr;
         s.h_product = s.h_prev;
         if (variational) {
           s.vscale = vscale.get();
@@ -611,13 +654,20 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
     th.db_x = sum_db_x ? db_sum.get() : nullptr;
     th.db_h = sum_db_h ? db_sum.get() + GH : nullptr;
     StepProducts<T> products;
+    std::optional<StepMasks> kept, taken;  // candidate dropout's, zoneout's
     Scratch<T> drh(nullptr, release_scratch), drop(nullptr, release_scratch),
         carry(nullptr, release_scratch);
     const bool ok = setup.run([&] {
       Cell::template backward_products<T>(d, io, th, products);
       drh = scratch<T>(cell.reset_before ? N * th.units.size() : 0);
-      if (dropping) drop = scratch<T>(N * th.units.size());
-      if (zoneout) carry = scratch<T>(N * th.units.size());
+      if (dropping) {
+        drop = scratch<T>(N * th.units.size());
+        kept.emplace(io.noise, NoisePurpose::candidate, io.noise.candidate_threshold, N, th.units);
+      }
+      if (zoneout) {
+        carry = scratch<T>(N * th.units.size());
+        taken.emplace(io.noise, NoisePurpose::zoneout, io.noise.zoneout_threshold, N, th.units);
+      }
     });
     for (int k = 0; k < 2; ++k) th.product[k] = products[k] ? &*products[k] : nullptr;
     for (int64_t t = d.T - 1; ok && t >= 0; --t) {
@@ -641,10 +691,10 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
       s.dc = io.dc0;
       s.dgx = dgx.get() + t * N * GH;
       s.dgh = dgh + t * N * GH;
-      if (dropping) candidate_scales(io.noise, t, N, th.units, drop.get());
+      if (dropping) candidate_scales(io.noise, kept->at(t), N * th.units.size(), drop.get());
       s.drop = drop.get();
       if (zoneout) {
-        split_zoneout_gradient(io.noise, s, s.dy, carry.get());
+        split_zoneout_gradient(taken->at(t), s, s.dy, carry.get());
         s.dy = zeros.get();
       }
       s.h_product = s.h_prev;

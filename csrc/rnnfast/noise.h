@@ -1,6 +1,7 @@
 // Recurrent dropout and zoneout: which units a training step keeps, from a counter-based generator
 // (Philox-4x32-10, Salmon et al. 2011) keyed by the call's seed and counted by the element's
-// (unit, row, step, stream and purpose). A mask is a pure function of those, so the CPU and the
+// (unit, row, step / 4, stream and purpose), its four words serving steps 4b .. 4b + 3 (one
+// evaluation draws four steps' masks). A mask is a pure function of those, so the CPU and the
 // GPU, any thread count and the backward (which recomputes the masks instead of storing them) all
 // see the same bits. Shared by the CPU and CUDA kernels and the bindings
 // (rnnfast.ops.recurrent_masks).
@@ -12,9 +13,13 @@
 
 namespace rnnfast {
 
-// The first 32-bit word of Philox-4x32-10 of counter (c0, c1, c2, c3) under key (k0, k1).
-RNNFAST_HD uint32_t philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
-                                  uint32_t k1) {
+struct Philox4 {
+  uint32_t w[4];
+};
+
+// Philox-4x32-10 of counter (c0, c1, c2, c3) under key (k0, k1): four 32-bit words.
+RNNFAST_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                 uint32_t k1) {
   for (int round = 0; round < 10; ++round) {
     if (round) {  // the key schedule: Weyl increments between rounds
       k0 += 0x9E3779B9u;
@@ -28,7 +33,7 @@ RNNFAST_HD uint32_t philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_
     c2 = hi0 ^ c3 ^ k1;
     c3 = lo0;
   }
-  return c0;
+  return {{c0, c1, c2, c3}};
 }
 
 // What a mask is for: part of the counter, so that the masks of one call are independent.
@@ -49,12 +54,17 @@ struct Noise {
   bool expectation = false;  // inference: no dropout, zoneout's expectation p h_{t-1} + (1-p) h
 };
 
+// The four draws of (unit, row) of `purpose` for steps 4 * block .. 4 * block + 3.
+RNNFAST_HD Philox4 noise_draws(uint64_t seed, uint32_t stream, NoisePurpose purpose, int64_t block,
+                               int64_t row, int64_t unit) {
+  return philox4x32_10(uint32_t(unit), uint32_t(row), uint32_t(block),
+                       (stream << 4) | uint32_t(purpose), uint32_t(seed), uint32_t(seed >> 32));
+}
+
 // Whether element (step, row, unit) of `purpose` is kept: its draw against the threshold.
 RNNFAST_HD bool noise_keeps(uint64_t seed, uint32_t stream, NoisePurpose purpose,
                             uint32_t threshold, int64_t step, int64_t row, int64_t unit) {
-  const uint32_t word = (stream << 4) | uint32_t(purpose);
-  return philox4x32_10(uint32_t(unit), uint32_t(row), uint32_t(step), word, uint32_t(seed),
-                       uint32_t(seed >> 32)) >= threshold;
+  return noise_draws(seed, stream, purpose, step / 4, row, unit).w[step % 4] >= threshold;
 }
 
 }  // namespace rnnfast
