@@ -6,11 +6,13 @@ Imported both by the driver (bench/cpu.py) and by its per-backend worker process
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
 import zlib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -168,3 +170,24 @@ def summarize(times: list[float]) -> dict:
         "median": float(np.median(a)),
         "max": float(a.max()),
     }
+
+
+def parse_shape(s: str) -> tuple[int, int, int]:
+    """A benchmark shape as the command line gives it: "N,T,H" (or NxTxH; C = H)."""
+    parts = s.replace("x", ",").split(",")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"a shape is N,T,H (C = H), got {s!r}")
+    return tuple(int(p) for p in parts)
+
+
+def write_marked_block(path: Path, begin: str, end: str, title: str, lines: list[str]) -> None:
+    """Puts ``lines`` under ``title`` between the markers begin and end in the Markdown file at
+    path (replacing what was there, or appended at its end the first time)."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = "\n".join([begin, "", title, "", *lines, "", end])
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)

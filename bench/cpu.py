@@ -40,6 +40,7 @@ from _common import (  # noqa: E402
     SHAPES,
     Case,
     machine_info,
+    parse_shape,
     summarize,
     thread_env,
 )
@@ -858,13 +859,6 @@ def write_results(res: dict, path: Path, json_name: str) -> None:
 
 
 # ---- command line -----------------------------------------------------------------------------
-
-
-def parse_shape(s: str) -> tuple[int, int, int]:
-    parts = s.replace("x", ",").split(",")
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"a shape is N,T,H (C = H), got {s!r}")
-    return tuple(int(p) for p in parts)
 
 
 def main(argv=None) -> None:

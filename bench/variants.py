@@ -34,7 +34,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import machine_info, thread_env  # noqa: E402
+from _common import machine_info, parse_shape, thread_env, write_marked_block  # noqa: E402
 
 OUT_DIR = HERE / "out"
 RESULTS_MD = HERE / "RESULTS.md"
@@ -467,20 +467,9 @@ def tables(res: dict) -> list[str]:
 
 
 def write_results(res: dict) -> None:
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
-    block = "\n".join([BEGIN, "", "### bench/variants.py: the cell variants", "", *tables(res),
-                       "", END])  # fmt: skip
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS_MD.write_text(text)
-
-
-def parse_shape(s: str) -> tuple[int, int, int]:
-    n, t, h = (int(p) for p in s.split(","))
-    return n, t, h
+    write_marked_block(
+        RESULTS_MD, BEGIN, END, "### bench/variants.py: the cell variants", tables(res)
+    )
 
 
 def main(argv=None) -> None:

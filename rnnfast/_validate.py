@@ -246,3 +246,15 @@ def check_noise(cell, recurrent_dropout=0.0, recurrent_dropout_mode="semeniuta",
     p_cand, p_var = (0.0, p_drop) if variational else (p_drop, 0.0)
     return Noise(int(seed), int(noise_stream), p_cand, threshold(p_cand), p_zone, threshold(p_zone),
                  p_var, threshold(p_var))  # fmt: skip
+
+
+MASK_KINDS = {"candidate": 1, "variational": 2, "zoneout": 3}  # NoisePurpose (noise.h)
+
+
+def check_mask_request(kind, p, seed, noise_stream) -> Noise | None:
+    """The Noise a ``recurrent_masks(kind, p, seed, ...)`` call reproduces (None for p = 0)."""
+    if kind not in MASK_KINDS:
+        raise ValueError(f"kind must be one of {sorted(MASK_KINDS)}, got {kind!r}")
+    if seed is None:
+        raise TypeError("recurrent_masks needs the seed of the forward it reproduces")
+    return check_noise("lstm", p, "semeniuta", 0.0, seed, noise_stream)

@@ -40,10 +40,12 @@ import numpy as np
 from . import _C
 from . import cuda as _gpu
 from ._validate import (
+    MASK_KINDS,
     Checked,
     check_backward_inputs,
     check_context,
     check_forward_inputs,
+    check_mask_request,
     check_matmul_precision,
     check_noise,
     threshold,
@@ -169,9 +171,6 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
     return {k: grads[k] for k in spec.grads_of(a.w_peephole is not None, a.w_hr is not None)}
 
 
-_PURPOSES = {"candidate": 1, "variational": 2, "zoneout": 3}
-
-
 def recurrent_masks(kind: str, p: float, seed: int, T: int, N: int, H: int, *,
                     noise_stream: int = 0) -> np.ndarray:  # fmt: skip
     """The masks a training forward with these arguments draws: bool (T, N, H), True where a
@@ -180,15 +179,11 @@ def recurrent_masks(kind: str, p: float, seed: int, T: int, N: int, H: int, *,
     its previous value); "variational": the units of h_{t-1} that enter the recurrent products,
     one mask per row for the whole sequence (every step's is the same; T = 1 gives it). Steps
     count in the order the call runs them."""
-    if kind not in _PURPOSES:
-        raise ValueError(f"kind must be one of {sorted(_PURPOSES)}, got {kind!r}")
-    if seed is None:
-        raise TypeError("recurrent_masks needs the seed of the forward it reproduces")
-    noise = check_noise("lstm", p, "semeniuta", 0.0, seed, noise_stream)
+    noise = check_mask_request(kind, p, seed, noise_stream)
     if noise is None:
         return np.ones((T, N, H), bool)
     steps = min(T, 1) if kind == "variational" else T  # its counter's step is always 0
-    masks = _C.recurrent_masks(_PURPOSES[kind], noise.seed, noise.stream,
+    masks = _C.recurrent_masks(MASK_KINDS[kind], noise.seed, noise.stream,
                                threshold(noise.candidate), steps, N, H)  # fmt: skip
     return np.repeat(masks, T, axis=0) if kind == "variational" else masks
 

@@ -32,11 +32,13 @@ from typing import NamedTuple
 import numpy as np
 
 from ._validate import (
+    MASK_KINDS,
     Checked,
     Noise,
     check_backward_inputs,
     check_context,
     check_forward_inputs,
+    check_mask_request,
     check_matmul_precision,
     check_noise,
 )
@@ -82,13 +84,10 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1) -> tuple[np.ndarray, ...]:
     return tuple(c.astype(np.uint32) for c in (c0, c1, c2, c3))
 
 
-_PURPOSES = {"candidate": 1, "variational": 2, "zoneout": 3}
-
-
 def _keeps(noise: Noise, purpose: str, p_threshold: int, t: int, N: int, H: int) -> np.ndarray:
     """(N, H) bool: which elements of step t are kept (rnnfast/_validate.Noise, noise.h): word
     t % 4 of Philox(unit, row, t // 4, stream and purpose) against the threshold."""
-    word = (noise.stream << 4) | _PURPOSES[purpose]
+    word = (noise.stream << 4) | MASK_KINDS[purpose]
     units, rows = np.arange(H, dtype=np.uint64)[None, :], np.arange(N, dtype=np.uint64)[:, None]
     draws = philox4x32_10(units, rows, t // 4, word, noise.seed & 0xFFFFFFFF, noise.seed >> 32)
     return draws[t % 4] >= p_threshold
@@ -97,11 +96,7 @@ def _keeps(noise: Noise, purpose: str, p_threshold: int, t: int, N: int, H: int)
 def recurrent_masks(kind: str, p: float, seed: int, T: int, N: int, H: int, *,
                     noise_stream: int = 0) -> np.ndarray:  # fmt: skip
     """As rnnfast.ops.recurrent_masks, computed here in NumPy."""
-    if kind not in _PURPOSES:
-        raise ValueError(f"kind must be one of {sorted(_PURPOSES)}, got {kind!r}")
-    if seed is None:
-        raise TypeError("recurrent_masks needs the seed of the forward it reproduces")
-    noise = check_noise("lstm", p, "semeniuta", 0.0, seed, noise_stream)
+    noise = check_mask_request(kind, p, seed, noise_stream)
     if noise is None:
         return np.ones((T, N, H), bool)
     step = (lambda t: 0) if kind == "variational" else (lambda t: t)  # one mask a sequence
