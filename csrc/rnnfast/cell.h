@@ -13,7 +13,9 @@
 #if defined(__CUDACC__)
 #define RNNFAST_HD __host__ __device__ __forceinline__
 #else
-#define RNNFAST_HD inline
+// always inlined: the passes' simd loops vectorise only with the point math inside them, and GCC's
+// own heuristics stopped inlining it once the passes had enough compile-time variants
+#define RNNFAST_HD __attribute__((always_inline)) inline
 #endif
 
 namespace rnnfast {
