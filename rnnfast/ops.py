@@ -48,7 +48,6 @@ from ._validate import (
     check_mask_request,
     check_matmul_precision,
     check_noise,
-    threshold,
 )
 from .cells import CELLS, cell_spec, public_functions
 
@@ -184,7 +183,7 @@ def recurrent_masks(kind: str, p: float, seed: int, T: int, N: int, H: int, *,
         return np.ones((T, N, H), bool)
     steps = min(T, 1) if kind == "variational" else T  # its counter's step is always 0
     masks = _C.recurrent_masks(MASK_KINDS[kind], noise.seed, noise.stream,
-                               threshold(noise.candidate), steps, N, H)  # fmt: skip
+                               noise.candidate_threshold, steps, N, H)  # fmt: skip
     return np.repeat(masks, T, axis=0) if kind == "variational" else masks
 
 

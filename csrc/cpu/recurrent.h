@@ -236,18 +236,6 @@ void scale_columns(int64_t N, int64_t R, Range cols, const T* h, const T* vscale
   }
 }
 
-template <typename T>
-void zoneout_units(const ForwardStep<T>& s);
-
-// What every step runs on the thread's units after the cell's pass wrote h_t there, before the
-// step's last barrier: zoneout, then, with variational dropout, the masked copy of h_t that the
-// next step's products read.
-template <typename T>
-void after_pass(const ForwardStep<T>& s) {
-  if (s.zoneout) zoneout_units(s);
-  if (s.vscale) scale_columns(s.N, s.R, s.units, s.h, s.vscale, s.h_product_next);
-}
-
 // Zoneout on the thread's units of h_t: where the unit is zoned out h_t = h_{t-1}, else the new
 // value; in inference p h_{t-1} + (1-p) h_new. Rows past their length are left as the pass
 // wrote them.
@@ -272,6 +260,15 @@ void zoneout_units(const ForwardStep<T>& s) {
       h[j] = taken[u] ? h[j] : h_prev[j];
     }
   }
+}
+
+// What every step runs on the thread's units after the cell's pass wrote h_t there, before the
+// step's last barrier: zoneout, then, with variational dropout, the masked copy of h_t that the
+// next step's products read.
+template <typename T>
+void after_pass(const ForwardStep<T>& s) {
+  if (s.zoneout) zoneout_units(s);
+  if (s.vscale) scale_columns(s.N, s.R, s.units, s.h, s.vscale, s.h_product_next);
 }
 
 // Backward of zoneout, before the cell's pass: h_t's gradient (dh + dy) goes to the new value
