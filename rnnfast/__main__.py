@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
         default=d.zoneout,
         help="probability that a unit of h keeps its value each step",
     )
+    c.add_argument("--layer-norm", action="store_true",
+                   help="normalise the LSTM's products and c inside the fused kernels "
+                   "(Ba et al. 2016)")  # fmt: skip
     c.add_argument("--seq-len", type=_positive(int), default=d.seq_len, help="TBPTT chunk length")
     c.add_argument("--batch", type=_positive(int), default=d.batch, help="parallel streams")
     c.add_argument("--steps", type=_positive(int), default=d.steps, help="optimizer steps in all")

@@ -30,6 +30,9 @@ class Checked:
     lengths: np.ndarray | None
     w_peephole: np.ndarray | None = None  # (3, H), cells that take peepholes only
     w_hr: np.ndarray | None = None  # (P, H), cells with a projection only
+    # (gamma_ih, gamma_hh, gamma_c, beta_c): cells with layer_norm only, the last two None
+    # without c
+    layer_norm: tuple | None = None
 
     @property
     def dims(self) -> tuple[int, int, int, int]:
@@ -89,8 +92,38 @@ def check_lengths(lengths, T: int, N: int) -> np.ndarray | None:
     return np.ascontiguousarray(lengths, dtype=np.int32)
 
 
+LAYER_NORM_NAMES = ("ln_gamma_ih", "ln_gamma_hh", "ln_gamma_c", "ln_beta_c")
+
+
+def check_layer_norm(spec, H: int, dtype, params: dict | None, projection: bool,
+                     array=_array) -> tuple | None:  # fmt: skip
+    """Layer norm's parameters ({name: array or None} over LAYER_NORM_NAMES) as the kernels take
+    them: None where all are None, else (gamma_ih, gamma_hh, gamma_c, beta_c), checked."""
+    params = {k: v for k, v in (params or {}).items() if v is not None}
+    if not params:
+        return None
+    if not spec.layer_norm:
+        cells = "lstm, lstm_cifg and gru (reset_after=True)"
+        raise ValueError(f"layer norm ({', '.join(params)}) is only for the {cells} cells, "
+                         f"not {spec.name}")  # fmt: skip
+    if projection:
+        raise ValueError("layer norm is not supported with a projection (w_hr)")
+    wanted = spec.layer_norm_names
+    extra = [k for k in params if k not in wanted]
+    if extra:
+        raise ValueError(f"{', '.join(extra)} is only for cells with a cell state, not {spec.name}")
+    missing = [k for k in wanted if k not in params]
+    if missing:
+        raise ValueError(f"layer norm on {spec.name} needs all of {', '.join(wanted)}; "
+                         f"missing {', '.join(missing)}")  # fmt: skip
+    GH = spec.gates * H
+    shapes = {"ln_gamma_ih": (GH,), "ln_gamma_hh": (GH,), "ln_gamma_c": (H,), "ln_beta_c": (H,)}
+    return tuple(_shaped(k, params[k], shapes[k], dtype, array) if k in params else None
+                 for k in LAYER_NORM_NAMES)  # fmt: skip
+
+
 def check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, array=_array,
-                         w_peephole=None, w_hr=None) -> Checked:  # fmt: skip
+                         w_peephole=None, w_hr=None, layer_norm=None) -> Checked:  # fmt: skip
     """The forward arguments checked and made contiguous by ``array(name, a, dtype=None)`` (NumPy
     here; rnnfast.cuda passes its CuPy conversion). lengths must be on the host."""
     spec = cell_spec(cell)
@@ -133,8 +166,9 @@ def check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, array
         if not spec.peephole:
             raise ValueError(f"w_peephole is only for LSTM cells, not {cell}")
         w_peephole = _shaped("w_peephole", w_peephole, (3, H), x.dtype, array)
+    ln = check_layer_norm(spec, H, x.dtype, layer_norm, w_hr is not None, array)
     return Checked(x, w_ih, w_hh, b_ih, b_hh, h0, c0, check_lengths(lengths, T, N), w_peephole,
-                   w_hr)  # fmt: skip
+                   w_hr, ln)  # fmt: skip
 
 
 def check_backward_inputs(cell, a: Checked, dy, dh_n, dc_n, array=_array):

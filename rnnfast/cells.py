@@ -27,6 +27,8 @@ class CellSpec:
     options: tuple[tuple[str, object], ...] = ()
     peephole: bool = False  # takes the optional w_peephole (3, H), rows i, f, o
     projection: bool = False  # takes the optional w_hr (P, H): h = (o * tanh(c)) W_hr^T
+    # takes layer normalisation's gains (and, with c, c's gain and bias): ln_gamma_ih ...
+    layer_norm: bool = False
     gpu: bool = True  # the CUDA backend has kernels for it
     gpu_persistent: bool = True  # and its persistent recurrence runs it (one product a step)
     torch: bool = True  # torch.nn has the same cell (an oracle for the tests)
@@ -37,10 +39,19 @@ class CellSpec:
         c = ("dc0",) if self.has_c else ()
         return ("dx", "dh0", *c, "dw_ih", "dw_hh", "db_ih", "db_hh")
 
-    def grads_of(self, peephole: bool = False, projection: bool = False) -> tuple[str, ...]:
-        """grad_names, plus dw_peephole and dw_hr where the forward had them."""
+    @property
+    def layer_norm_names(self) -> tuple[str, ...]:
+        """Layer norm's parameters, as the functions and layers name them."""
+        c = ("ln_gamma_c", "ln_beta_c") if self.has_c else ()
+        return ("ln_gamma_ih", "ln_gamma_hh", *c) if self.layer_norm else ()
+
+    def grads_of(self, peephole: bool = False, projection: bool = False,
+                 layer_norm: bool = False) -> tuple[str, ...]:  # fmt: skip
+        """grad_names, plus dw_peephole, dw_hr and layer norm's (d + its names) where the
+        forward had them."""
+        ln = tuple("d" + k for k in self.layer_norm_names) if layer_norm else ()
         return (self.grad_names + (("dw_peephole",) if peephole else ())
-                + (("dw_hr",) if projection else ()))  # fmt: skip
+                + (("dw_hr",) if projection else ()) + ln)  # fmt: skip
 
 
 # fmt: off
@@ -48,14 +59,16 @@ CELLS: dict[str, CellSpec] = {
     s.name: s
     for s in (
         CellSpec("lstm", 4, has_c=True, family="lstm",
-                 options=(("coupled_input_forget", False),), peephole=True, projection=True),
-        CellSpec("gru", 3, has_c=False, family="gru", options=(("reset_after", True),)),
+                 options=(("coupled_input_forget", False),), peephole=True, projection=True,
+                 layer_norm=True),
+        CellSpec("gru", 3, has_c=False, family="gru", options=(("reset_after", True),),
+                 layer_norm=True),
         CellSpec("rnn_tanh", 1, has_c=False, family="rnn", options=(("nonlinearity", "tanh"),)),
         CellSpec("rnn_relu", 1, has_c=False, family="rnn", options=(("nonlinearity", "relu"),)),
         # f = 1 - i (Greff et al. 2017): three gate blocks i, g, o
         CellSpec("lstm_cifg", 3, has_c=True, family="lstm",
                  options=(("coupled_input_forget", True),), peephole=True, projection=True,
-                 torch=False),
+                 layer_norm=True, torch=False),
         # n = tanh(x W_in^T + b_in + (r * h) W_hn^T + b_hn): Cho et al. 2014, Keras's
         # reset_after=False, ONNX's linear_before_reset=0
         CellSpec("gru_reset_before", 3, has_c=False, family="gru",
@@ -99,10 +112,11 @@ def public_functions(forward: Callable, backward: Callable, api: str, docs: dict
     uniform pair, for rnnfast.ops and rnnfast.reference alike.
 
     forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, *, lengths, training, matmul_precision,
-    w_peephole, w_hr, recurrent_dropout, recurrent_dropout_mode, zoneout, seed, noise_stream)
-    returns (y, h_n, c_n or None, ctx); backward(ctx, dy, dh_n, dc_n, *, cell)
-    returns the gradient dict and checks that ctx comes from a forward of ``cell``. ``api`` is the
-    module's name (for __module__); ``docs`` holds each function's docstring.
+    w_peephole, w_hr, recurrent_dropout, recurrent_dropout_mode, zoneout, seed, noise_stream,
+    ln_gamma_ih, ln_gamma_hh, ln_gamma_c, ln_beta_c) returns (y, h_n, c_n or None, ctx);
+    backward(ctx, dy, dh_n, dc_n, *, cell) returns the gradient dict and checks that ctx comes
+    from a forward of ``cell``. ``api`` is the module's name (for __module__); ``docs`` holds each
+    function's docstring.
     """
 
     def family_backward(family, ctx, dy, dh_n, dc_n):
@@ -117,13 +131,16 @@ def public_functions(forward: Callable, backward: Callable, api: str, docs: dict
                      training=True, matmul_precision="float32", w_peephole=None, w_hr=None,
                      coupled_input_forget=False, recurrent_dropout=0.0,
                      recurrent_dropout_mode="semeniuta", zoneout=0.0, seed=None,
-                     noise_stream=0):  # fmt: skip
+                     noise_stream=0, ln_gamma_ih=None, ln_gamma_hh=None, ln_gamma_c=None,
+                     ln_beta_c=None):  # fmt: skip
         cell = family_cell("lstm", coupled_input_forget=coupled_input_forget)
         return forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths, training=training,
                        matmul_precision=matmul_precision, w_peephole=w_peephole, w_hr=w_hr,
                        recurrent_dropout=recurrent_dropout,
                        recurrent_dropout_mode=recurrent_dropout_mode, zoneout=zoneout, seed=seed,
-                       noise_stream=noise_stream)  # fmt: skip
+                       noise_stream=noise_stream, ln_gamma_ih=ln_gamma_ih,
+                       ln_gamma_hh=ln_gamma_hh, ln_gamma_c=ln_gamma_c,
+                       ln_beta_c=ln_beta_c)  # fmt: skip
 
     def lstm_backward(ctx, dy, dh_n=None, dc_n=None):
         return family_backward("lstm", ctx, dy, dh_n, dc_n)
@@ -131,13 +148,14 @@ def public_functions(forward: Callable, backward: Callable, api: str, docs: dict
     def gru_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, lengths=None, training=True,
                     matmul_precision="float32", reset_after=True, recurrent_dropout=0.0,
                     recurrent_dropout_mode="semeniuta", zoneout=0.0, seed=None,
-                    noise_stream=0):  # fmt: skip
+                    noise_stream=0, ln_gamma_ih=None, ln_gamma_hh=None):  # fmt: skip
         cell = family_cell("gru", reset_after=reset_after)
         y, h_n, _, ctx = forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, None, lengths=lengths,
                                  training=training, matmul_precision=matmul_precision,
                                  recurrent_dropout=recurrent_dropout,
                                  recurrent_dropout_mode=recurrent_dropout_mode, zoneout=zoneout,
-                                 seed=seed, noise_stream=noise_stream)  # fmt: skip
+                                 seed=seed, noise_stream=noise_stream, ln_gamma_ih=ln_gamma_ih,
+                                 ln_gamma_hh=ln_gamma_hh)  # fmt: skip
         return y, h_n, ctx
 
     def gru_backward(ctx, dy, dh_n=None):

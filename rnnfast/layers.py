@@ -175,7 +175,8 @@ class _Recurrent(Module):
                  init: str | Callable = "uniform", learn_initial_state: bool = False,
                  matmul_precision: str = "float32", peephole: bool = False,
                  proj_size: int = 0, recurrent_dropout: float = 0.0,
-                 recurrent_dropout_mode: str | None = None, zoneout: float = 0.0):  # fmt: skip
+                 recurrent_dropout_mode: str | None = None, zoneout: float = 0.0,
+                 layer_norm: bool = False):  # fmt: skip
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("num_layers", num_layers)):  # fmt: skip
@@ -198,6 +199,14 @@ class _Recurrent(Module):
             raise ValueError(f"proj_size must be in [0, hidden_size = {hidden_size}), got "
                              f"{proj_size}")  # fmt: skip
         self.proj_size = int(proj_size)
+        if not isinstance(layer_norm, bool):
+            raise TypeError(f"layer_norm must be True or False, got {layer_norm!r}")
+        if layer_norm and not self.spec.layer_norm:
+            raise ValueError(f"layer_norm=True is for LSTM layers and GRU layers with "
+                             f"reset_after=True, not {self.spec.name}")  # fmt: skip
+        if layer_norm and proj_size:
+            raise ValueError("layer_norm=True is not supported with proj_size")
+        self.layer_norm = layer_norm
         if recurrent_dropout_mode is None:  # the candidate where the cell has one (as Keras)
             recurrent_dropout_mode = "semeniuta" if self.spec.gates > 1 else "variational"
         # checked here, with a placeholder seed; each training forward draws its own
@@ -239,12 +248,22 @@ class _Recurrent(Module):
                     w = np.zeros(shape, dtype=self.dtype)
                     init(kind + suffix, w, self.rng, H, G)
                     self._add_param(kind + suffix, w)
+                # layer norm's gains start at 1 and c's bias at 0 (as Haste and torch's LayerNorm)
+                for kind in self.spec.layer_norm_names if self.layer_norm else ():
+                    size = H if kind in ("ln_gamma_c", "ln_beta_c") else G * H
+                    start = 0 if kind == "ln_beta_c" else 1
+                    self._add_param(kind + suffix, np.full(size, start, dtype=self.dtype))
         if self.learn_initial_state:
             LD = self.num_layers * self.num_directions
             self._add_param("h0", np.zeros((LD, 1, R), dtype=self.dtype))
             if self.spec.has_c:
                 self._add_param("c0", np.zeros((LD, 1, H), dtype=self.dtype))
         self._cache = None
+
+    @property
+    def _layer_norm_names(self) -> tuple[str, ...]:
+        """Layer norm's parameters per layer and direction (none without it)."""
+        return self.spec.layer_norm_names if self.layer_norm else ()
 
     @property
     def state_size(self) -> int:
@@ -270,6 +289,7 @@ class _Recurrent(Module):
                 ("proj_size", 0),
                 ("recurrent_dropout", 0.0),
                 ("zoneout", 0.0),
+                ("layer_norm", False),
                 *((k, v) for k, v in self._default_options),
             )  # fmt: skip
             if getattr(self, k) != default
@@ -374,6 +394,7 @@ class _Recurrent(Module):
                     lengths=lengths, training=training, matmul_precision=precision,
                     w_peephole=p.get("weight_peephole" + suffix), w_hr=p.get("weight_hr" + suffix),
                     noise_stream=k, **noise,
+                    **{kind: p[kind + suffix] for kind in self._layer_norm_names},
                 )  # fmt: skip
                 if d == 1:
                     y = y[::-1] if rev is None else y[rev]
@@ -477,6 +498,8 @@ class _Recurrent(Module):
                     self.grads["weight_peephole" + suffix] += g["dw_peephole"]
                 if self.proj_size:
                     self.grads["weight_hr" + suffix] += g["dw_hr"]
+                for kind in self._layer_norm_names:
+                    self.grads[kind + suffix] += g["d" + kind]
                 dh0[k] = g["dh0"]
                 if dc0 is not None:
                     dc0[k] = g["dc0"]
@@ -514,6 +537,12 @@ class RNN(_Recurrent):
     forward draws one seed from the layer's generator (so training is reproducible from ``seed``),
     each layer and direction its own masks; eval mode applies no dropout and zoneout's
     expectation, h = p h_{t-1} + (1-p) h_new (rnnfast.ops.forward has the details).
+
+    ``layer_norm=True`` (LSTM, and GRU with reset_after=True; not with proj_size) normalises both
+    products of every step inside the fused kernels, and the LSTM's c before its tanh (Ba et al.
+    2016, as Haste's LayerNormLSTM and LayerNormGRU): parameters ``ln_gamma_ih_l{k}`` and
+    ``ln_gamma_hh_l{k}`` (G*H,) starting at 1, and for the LSTM ``ln_gamma_c_l{k}`` (H,) at 1 and
+    ``ln_beta_c_l{k}`` (H,) at 0, per layer and direction (rnnfast.ops.forward has the equations).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,

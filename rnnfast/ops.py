@@ -40,6 +40,7 @@ import numpy as np
 from . import _C
 from . import cuda as _gpu
 from ._validate import (
+    LAYER_NORM_NAMES,
     MASK_KINDS,
     Checked,
     check_backward_inputs,
@@ -94,7 +95,8 @@ class RecurrentContext:
 def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
             training=True, matmul_precision="float32", w_peephole=None, w_hr=None,
             recurrent_dropout=0.0, recurrent_dropout_mode="semeniuta", zoneout=0.0, seed=None,
-            noise_stream=0):  # fmt: skip
+            noise_stream=0, ln_gamma_ih=None, ln_gamma_hh=None, ln_gamma_c=None,
+            ln_beta_c=None):  # fmt: skip
     """Any cell over a whole sequence, by its name in ``rnnfast.cells.CELLS``.
 
     Returns ``(y, h_n, c_n, ctx)`` for every cell, c_n None for a cell without a cell state (c0
@@ -113,7 +115,16 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     a fresh one, kept in the context) and counted by (unit, row, step, ``noise_stream``): the same
     seed gives the same masks and bits for any thread count; ``recurrent_masks`` returns them.
     Stacked and bidirectional layers pass noise_stream = 2 * layer + direction.
+
+    Layer normalisation (Ba et al. 2016, as Haste's LayerNormLSTM and LayerNormGRU) for the cells
+    that take it (the LSTMs without a projection, the GRU with reset_after=True): ``ln_gamma_ih``
+    and ``ln_gamma_hh`` (G*H,) scale each normalised product, and the LSTM's h is
+    o * tanh(LN(c) * ``ln_gamma_c`` + ``ln_beta_c``), both (H,); all or none of them. Each row is
+    normalised over its features with the biased variance and eps 1e-5 (torch's layer_norm); the
+    equations are in rnnfast.reference.lstm_forward and gru_forward.
     """
+    layer_norm = {"ln_gamma_ih": ln_gamma_ih, "ln_gamma_hh": ln_gamma_hh,
+                  "ln_gamma_c": ln_gamma_c, "ln_beta_c": ln_beta_c}  # fmt: skip
     spec = cell_spec(cell)
     bf16 = check_matmul_precision(matmul_precision, training)
     noise = check_noise(spec.name, recurrent_dropout, recurrent_dropout_mode, zoneout, seed,
@@ -121,6 +132,8 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     if _gpu.is_gpu_array(x):
         if noise is not None:
             raise NotImplementedError("recurrent dropout and zoneout run on the CPU kernels only")
+        if any(v is not None for v in layer_norm.values()):
+            raise NotImplementedError("layer norm runs on the CPU kernels only")
         if bf16:
             raise NotImplementedError('matmul_precision="bfloat16" runs on the CPU kernels only')
         if not spec.gpu:
@@ -128,13 +141,13 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
         return _gpu.forward(spec.name, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training,
                             w_peephole, w_hr)  # fmt: skip
     a = check_forward_inputs(spec.name, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
-                             w_peephole=w_peephole, w_hr=w_hr)  # fmt: skip
+                             w_peephole=w_peephole, w_hr=w_hr, layer_norm=layer_norm)  # fmt: skip
     if bf16 and a.x.dtype != np.float32:
         raise TypeError(f'matmul_precision="bfloat16" takes float32 inputs, got {a.x.dtype}')
     kernel, _ = _KERNELS[spec.name]
     y, h_n, c_n, reserve = kernel(
         a.x, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.h0, a.c0, a.lengths, bool(training), bf16,
-        a.w_peephole, a.w_hr, noise,
+        a.w_peephole, a.w_hr, noise, a.layer_norm,
     )  # fmt: skip
     if reserve is not None:
         y.flags.writeable = False
@@ -161,13 +174,16 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
     a = ctx.inputs
     dy, dh_n, dc_n = check_backward_inputs(spec.name, a, dy, dh_n, dc_n)
     _, kernel = _KERNELS[spec.name]
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peephole, dw_hr = kernel(
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peephole, dw_hr, dln = kernel(
         a.x, a.w_ih, a.w_hh, a.b_ih is not None, a.b_hh is not None, a.lengths, ctx.reserve,
-        dy, dh_n, dc_n, a.w_peephole, a.w_hr, ctx.noise,
+        dy, dh_n, dc_n, a.w_peephole, a.w_hr, ctx.noise, a.layer_norm,
     )  # fmt: skip
     grads = {"dx": dx, "dh0": dh0, "dc0": dc0, "dw_ih": dw_ih, "dw_hh": dw_hh, "db_ih": db_ih,
              "db_hh": db_hh, "dw_peephole": dw_peephole, "dw_hr": dw_hr}  # fmt: skip
-    return {k: grads[k] for k in spec.grads_of(a.w_peephole is not None, a.w_hr is not None)}
+    if dln is not None:
+        grads.update(zip(("d" + k for k in LAYER_NORM_NAMES), dln, strict=True))
+    names = spec.grads_of(a.w_peephole is not None, a.w_hr is not None, a.layer_norm is not None)
+    return {k: grads[k] for k in names}
 
 
 def recurrent_masks(kind: str, p: float, seed: int, T: int, N: int, H: int, *,

@@ -57,6 +57,24 @@ __all__ = [
 ]
 
 
+LAYER_NORM_EPS = 1e-5
+
+
+def _layer_norm(v):
+    """(v_hat, rstd): each row of v normalised over its last axis (mean and biased variance, eps
+    1e-5, as torch.nn.functional.layer_norm), and 1/sqrt(var + eps) as (rows, 1)."""
+    mean = v.mean(axis=-1, keepdims=True)
+    rstd = 1 / np.sqrt(((v - mean) ** 2).mean(axis=-1, keepdims=True) + LAYER_NORM_EPS)
+    return (v - mean) * rstd, rstd
+
+
+def _layer_norm_backward(du, saved):
+    """The gradient reaching v from du, that of v_hat (saved: _layer_norm's (v_hat, rstd))."""
+    v_hat, rstd = saved
+    mean_du = du.mean(axis=-1, keepdims=True)
+    return rstd * (du - mean_du - v_hat * (du * v_hat).mean(axis=-1, keepdims=True))
+
+
 def _sigmoid(a):
     with np.errstate(over="ignore"):  # exp(-a) = inf for very negative a gives the right 0
         return 1 / (1 + np.exp(-a))
@@ -123,6 +141,7 @@ class _StepWeights(NamedTuple):
     rounded: Callable  # what the forward's products do to their left operand
     drop: np.ndarray | None = None  # (N, H) this step's candidate scale: 0 or 1/(1-p)
     vscale: np.ndarray | None = None  # (N, R) variational dropout's scale of the products' input
+    layer_norm: tuple | None = None  # (gamma_ih, gamma_hh, gamma_c, beta_c), or None
 
     def inp(self, h):
         """What the recurrent products multiply where they are given h: h * vscale."""
@@ -130,17 +149,36 @@ class _StepWeights(NamedTuple):
 
     def recur(self, h, rows=slice(None)):
         """inp(h) W_hh^T + b_hh for the gate rows ``rows`` of W_hh."""
+        return self.recur_saving(h, rows)[0]
+
+    def recur_saving(self, h, rows=slice(None)):
+        """(recur(h, rows), what back needs of it): with layer norm the product is
+        LN(inp(h) W_hh^T) * gamma_hh + b_hh, and the second item is _layer_norm's (v_hat, rstd);
+        else None."""
         a = self.rounded(self.inp(h)) @ self.w_hh_rounded[rows].T
-        return a if self.b_hh is None else a + self.b_hh[rows]
+        saved = None
+        if self.layer_norm is not None:
+            v_hat, rstd = saved = _layer_norm(a)
+            a = v_hat * self.layer_norm[1][rows]
+        return (a if self.b_hh is None else a + self.b_hh[rows]), saved
 
-    def back(self, da, rows=slice(None)):
-        """The gradient reaching h through recur(h, rows) from that of its output, da."""
-        return self.inp(da @ self.w_hh[rows])
+    def raw(self, da, ln=None):
+        """The gradient of the raw product inp(h) W_hh^T from da, that of recur's output."""
+        return da if ln is None else _layer_norm_backward(da * self.layer_norm[1], ln)
+
+    def back(self, da, rows=slice(None), ln=None):
+        """The gradient reaching h through recur(h, rows) from that of its output, da (ln: what
+        recur_saving kept)."""
+        return self.inp(self.raw(da, ln) @ self.w_hh[rows])
 
 
-def _recurrent_grads(da_h, h_in, w: _StepWeights, **more) -> dict:
-    """This step's dw_hh (da_h^T inp(h_in)) and db_hh, plus ``more``."""
-    return {"dw_hh": da_h.T @ w.inp(h_in), "db_hh": da_h.sum(axis=0), **more}
+def _recurrent_grads(da_h, h_in, w: _StepWeights, ln=None, **more) -> dict:
+    """This step's dw_hh (raw(da_h)^T inp(h_in)), db_hh and with layer norm dln_gamma_hh, plus
+    ``more``."""
+    grads = {"dw_hh": w.raw(da_h, ln).T @ w.inp(h_in), "db_hh": da_h.sum(axis=0), **more}
+    if ln is not None:
+        grads["dln_gamma_hh"] = (da_h * ln[0]).sum(axis=0)
+    return grads
 
 
 def _lstm_cell(coupled: bool):
@@ -149,7 +187,8 @@ def _lstm_cell(coupled: bool):
     h_new = (o * tanh(c_new)) W_hr^T."""
 
     def step(a_x, h, c, w):
-        a = a_x + w.recur(h)
+        a_h, ln_h = w.recur_saving(h)
+        a = a_x + a_h
         if coupled:
             a_i, a_g, a_o = np.split(a, 3, axis=1)
         else:
@@ -166,21 +205,35 @@ def _lstm_cell(coupled: bool):
         if p is not None:
             a_o = a_o + p[2] * c_new
         o = _sigmoid(a_o)
-        h_new = m = o * np.tanh(c_new)
+        ln_c = None
+        if w.layer_norm is None:
+            h_new = m = o * np.tanh(c_new)
+        else:  # h = o * tanh(LN(c) * gamma_c + beta_c)
+            c_hat, _ = ln_c = _layer_norm(c_new)
+            h_new = m = o * np.tanh(c_hat * w.layer_norm[2] + w.layer_norm[3])
         if w.w_hr is not None:
             h_new = w.rounded(m) @ w.w_hr_rounded.T
-        return h_new, c_new, (i, f, g, o, c, c_new, m)
+        return h_new, c_new, (i, f, g, o, c, c_new, m, ln_h, ln_c)
 
     def step_backward(saved, h, dh, dc, w):
-        i, f, g, o, c_prev, c, m = saved
+        i, f, g, o, c_prev, c, m, ln_h, ln_c = saved
         more = {}
         if w.w_hr is not None:  # back through the projection: dh becomes that of m
             more["dw_hr"] = dh.T @ m
             dh = dh @ w.w_hr
         p = w.w_peephole
-        tc = np.tanh(c)
-        da_o = dh * tc * o * (1 - o)
-        dc = dc + dh * o * (1 - tc * tc)
+        if ln_c is None:
+            tc = np.tanh(c)
+            da_o = dh * tc * o * (1 - o)
+            dc = dc + dh * o * (1 - tc * tc)
+        else:
+            gamma_c, beta_c = w.layer_norm[2:]
+            tc = np.tanh(ln_c[0] * gamma_c + beta_c)
+            da_o = dh * tc * o * (1 - o)
+            d_out = dh * o * (1 - tc * tc)  # reaching LN(c) * gamma_c + beta_c
+            dc = dc + _layer_norm_backward(d_out * gamma_c, ln_c)
+            more["dln_gamma_c"] = (d_out * ln_c[0]).sum(axis=0)
+            more["dln_beta_c"] = d_out.sum(axis=0)
         if p is not None:
             dc = dc + da_o * p[2]
         drop = 1 if w.drop is None else w.drop
@@ -198,24 +251,25 @@ def _lstm_cell(coupled: bool):
                                             (da_o * c).sum(0)])  # fmt: skip
         blocks = [da_i, da_g, da_o] if coupled else [da_i, da_f, da_g, da_o]
         da = np.concatenate(blocks, axis=1)
-        return da, w.back(da), dc_prev, _recurrent_grads(da, h, w, **more)
+        return da, w.back(da, ln=ln_h), dc_prev, _recurrent_grads(da, h, w, ln_h, **more)
 
     return step, step_backward
 
 
 def _gru_step(a_x, h, c, w):
     x_r, x_z, x_n = np.split(a_x, 3, axis=1)
-    hh_r, hh_z, hh_n = np.split(w.recur(h), 3, axis=1)
+    a_h, ln_h = w.recur_saving(h)
+    hh_r, hh_z, hh_n = np.split(a_h, 3, axis=1)
     r = _sigmoid(x_r + hh_r)
     z = _sigmoid(x_z + hh_z)
     n = np.tanh(x_n + r * hh_n)
     drop = 1 if w.drop is None else w.drop
     h_new = (1 - z) * (n * drop) + z * h
-    return h_new, None, (r, z, n, hh_n)
+    return h_new, None, (r, z, n, hh_n, ln_h)
 
 
 def _gru_step_backward(saved, h, dh, dc, w):
-    r, z, n, hh_n = saved
+    r, z, n, hh_n, ln_h = saved
     drop = 1 if w.drop is None else w.drop
     da_n = dh * drop * (1 - z) * (1 - n * n)
     da_z = dh * (h - n * drop) * z * (1 - z)
@@ -223,7 +277,7 @@ def _gru_step_backward(saved, h, dh, dc, w):
     # r multiplies the recurrent part of n only: a_h's n slot gets da_n * r, a_x's gets da_n
     da_x = np.concatenate([da_r, da_z, da_n], axis=1)
     da_h = np.concatenate([da_r, da_z, da_n * r], axis=1)
-    return da_x, dh * z + w.back(da_h), None, _recurrent_grads(da_h, h, w)
+    return da_x, dh * z + w.back(da_h, ln=ln_h), None, _recurrent_grads(da_h, h, w, ln_h)
 
 
 def _gru_reset_before_step(a_x, h, c, w):
@@ -297,6 +351,7 @@ _CELLS = {
 class _Saved(NamedTuple):
     hs: np.ndarray  # (T, N, H): the state h before each step
     steps: list  # per step, what the cell's step returned for its backward
+    ln_x: tuple | None = None  # with layer norm: _layer_norm's (v_hat, rstd) of x W_ih^T
 
 
 @dataclass(frozen=True)
@@ -332,7 +387,8 @@ def _active(a: Checked) -> np.ndarray:
 def _step_weights(a: Checked, rounded=lambda m: m) -> _StepWeights:
     w_hr = a.w_hr
     return _StepWeights(a.w_hh, rounded(a.w_hh), a.b_hh, a.w_peephole, w_hr,
-                        None if w_hr is None else rounded(w_hr), rounded)  # fmt: skip
+                        None if w_hr is None else rounded(w_hr), rounded,
+                        layer_norm=a.layer_norm)  # fmt: skip
 
 
 def _variational(w: _StepWeights, noise: Noise | None, N: int, R: int, dtype) -> _StepWeights:
@@ -347,9 +403,14 @@ def _variational(w: _StepWeights, noise: Noise | None, N: int, R: int, dtype) ->
 def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
             training=True, matmul_precision="float32", w_peephole=None, w_hr=None,
             recurrent_dropout=0.0, recurrent_dropout_mode="semeniuta", zoneout=0.0, seed=None,
-            noise_stream=0):  # fmt: skip
+            noise_stream=0, ln_gamma_ih=None, ln_gamma_hh=None, ln_gamma_c=None,
+            ln_beta_c=None):  # fmt: skip
     """Any cell over a whole sequence, by name; returns ``(y, h_n, c_n, ctx)`` as
     rnnfast.ops.forward (c_n None for a cell without a cell state).
+
+    Layer norm: a_x = LN(x_t W_ih^T) * gamma_ih + b_ih and a_h = LN(h W_hh^T) * gamma_hh + b_hh
+    in place of the two projections, and the LSTM's h' = o * tanh(LN(c') * gamma_c + beta_c),
+    LN normalising each row over its features (all G*H gate columns; H for c).
 
     Recurrent dropout (Semeniuta): the candidate enters the state as g * d (LSTM, c = f c + i g d)
     or n * d (GRU, h = (1 - z) n d + z h), d = keep / (1 - p) from the step's candidate mask;
@@ -363,8 +424,10 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     noise = check_noise(cell, recurrent_dropout, recurrent_dropout_mode, zoneout, seed,
                         noise_stream, projection=w_hr is not None)  # fmt: skip
     rounded = _round_to_bfloat16 if bf16 else (lambda m: m)  # what the products multiply
+    layer_norm = {"ln_gamma_ih": ln_gamma_ih, "ln_gamma_hh": ln_gamma_hh,
+                  "ln_gamma_c": ln_gamma_c, "ln_beta_c": ln_beta_c}  # fmt: skip
     a = check_forward_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
-                             w_peephole=w_peephole, w_hr=w_hr)  # fmt: skip
+                             w_peephole=w_peephole, w_hr=w_hr, layer_norm=layer_norm)  # fmt: skip
     T, N, _, R = a.dims  # R: the size of h (P with a projection), H that of c
     H = a.cell_size
     dtype = a.x.dtype
@@ -378,6 +441,10 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
         c = np.zeros((N, H), dtype) if a.c0 is None else a.c0.copy()
     # (T, N, G*H): every step's input projection at once; the padding is never read
     a_x = rounded(np.where(active, a.x, 0)) @ rounded(a.w_ih).T
+    ln_x = None
+    if a.layer_norm is not None:
+        x_hat, _ = ln_x = _layer_norm(a_x)
+        a_x = x_hat * a.layer_norm[0]
     if a.b_ih is not None:
         a_x = a_x + a.b_ih
 
@@ -404,7 +471,7 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
         h = np.where(m, h_new, h)  # finished sequences keep their final state
         if c is not None:
             c = np.where(m, c_new, c)
-    ctx = ReferenceContext(cell, a, _Saved(hs, steps) if training else None, noise)
+    ctx = ReferenceContext(cell, a, _Saved(hs, steps, ln_x) if training else None, noise)
     return y, h, c, ctx
 
 
@@ -425,7 +492,7 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
     dtype = a.x.dtype
     step_backward = _CELLS[cell].step_backward
     active = _active(a)
-    hs, steps = ctx.saved
+    hs, steps, ln_x = ctx.saved
     w = _variational(_step_weights(a), ctx.noise, N, R, dtype)
 
     dh = np.zeros((N, R), dtype) if dh_n is None else dh_n.copy()
@@ -466,11 +533,13 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
     def summed(name, like):  # a recurrent parameter's gradient (zero for T = 0)
         return sums[name] if name in sums else np.zeros_like(like)
 
+    # back through the x side's layer norm: da_x is that of LN(x W_ih^T) * gamma_ih + b_ih
+    dx_raw = da_x if ln_x is None else _layer_norm_backward(da_x * a.layer_norm[0], ln_x)
     grads = {
-        "dx": da_x @ a.w_ih,
+        "dx": dx_raw @ a.w_ih,
         "dh0": dh,
         # padded rows of x are the caller's and never read: 0 * NaN there must not reach dw_ih
-        "dw_ih": da_x.reshape(-1, GH).T @ np.where(active, a.x, 0).reshape(-1, C),
+        "dw_ih": dx_raw.reshape(-1, GH).T @ np.where(active, a.x, 0).reshape(-1, C),
         "dw_hh": summed("dw_hh", a.w_hh),
         "db_ih": None if a.b_ih is None else da_x.sum(axis=(0, 1)),
         "db_hh": None if a.b_hh is None else summed("db_hh", a.b_hh),
@@ -478,7 +547,15 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
         "dw_peephole": None if a.w_peephole is None else summed("dw_peephole", a.w_peephole),
         "dw_hr": None if a.w_hr is None else summed("dw_hr", a.w_hr),
     }
-    return {k: grads[k] for k in spec.grads_of(a.w_peephole is not None, a.w_hr is not None)}
+    if a.layer_norm is not None:
+        gamma_ih, gamma_hh, gamma_c, beta_c = a.layer_norm
+        grads["dln_gamma_ih"] = (da_x * ln_x[0]).sum(axis=(0, 1))
+        grads["dln_gamma_hh"] = summed("dln_gamma_hh", gamma_hh)
+        if gamma_c is not None:
+            grads["dln_gamma_c"] = summed("dln_gamma_c", gamma_c)
+            grads["dln_beta_c"] = summed("dln_beta_c", beta_c)
+    names = spec.grads_of(a.w_peephole is not None, a.w_hr is not None, a.layer_norm is not None)
+    return {k: grads[k] for k in names}
 
 
 # ---- the public API (signatures as rnnfast.ops) ----------------------------------------------

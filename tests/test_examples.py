@@ -70,8 +70,23 @@ def test_charlm_with_recurrent_dropout_and_zoneout(tmp_path):
     checkpoint.save_checkpoint(tmp_path / "old.npz", model, opt, **{**meta, "model_config": old})
     model, _, _ = charlm.load_model(str(tmp_path / "old.npz"))
     assert model.rnn.zoneout == 0.0
+    assert not model.rnn.layer_norm
     out = _run_cli(tmp_path, "charlm", "--zoneout", "1.5", "--steps", "2")
     assert out.returncode == 2 and "must be a probability in [0, 1)" in out.stderr
+
+
+def test_charlm_with_layer_norm(tmp_path):
+    ck, js = tmp_path / "lm.npz", tmp_path / "run.json"
+    rc = main(["charlm", *TINY, "--steps", "30", "--eval-every", "30", "--sample-every", "0",
+               "--layer-norm", "--checkpoint", str(ck), "--json", str(js)])  # fmt: skip
+    assert rc == 0
+    summary = json.loads(js.read_text())
+    assert summary["val_perplexity"] < summary["unigram_perplexity"]
+    model, _, meta = charlm.load_model(str(ck))
+    assert meta["model_config"]["layer_norm"] is True and model.rnn.layer_norm
+    assert "rnn.ln_gamma_c_l0" in model.state_dict()
+    # the trained gains moved away from 1 and are what the checkpoint holds
+    assert not np.allclose(model.rnn.params["ln_gamma_hh_l0"], 1.0)
 
 
 def test_charlm_time_limit_ends_the_run(tmp_path):

@@ -171,17 +171,42 @@ rnnfast::Noise noise_input(CellKind cell, const py::object& obj, const Dims& d, 
   return z;
 }
 
+// Layer norm's parameters: None, or (gamma_ih, gamma_hh, gamma_c, beta_c), the last two None for
+// a cell without c. Sets d.layer_norm.
+template <typename T>
+rnnfast::cpu::LayerNormWeights<T> layer_norm_input(CellKind cell, const py::object& obj, Dims& d) {
+  rnnfast::cpu::LayerNormWeights<T> ln;
+  if (obj.is_none()) return ln;
+  const rnnfast::CellInfo& info = rnnfast::cell_info(cell);
+  if (!info.layer_norm)
+    throw py::value_error(std::string("layer norm is only for the LSTM cells and the GRU with ") +
+                          "reset_after=True, not " + info.name);
+  if (d.P) throw py::value_error("layer norm is not supported with a projection (w_hr)");
+  const auto t = obj.cast<py::tuple>();
+  if (t.size() != 4)
+    throw py::value_error("ln must be a 4-tuple (gamma_ih, gamma_hh, gamma_c, beta_c)");
+  ln.gamma_ih = input<T>(t[0], "ln_gamma_ih", {d.GH()});
+  ln.gamma_hh = input<T>(t[1], "ln_gamma_hh", {d.GH()});
+  ln.gamma_c = input<T>(t[2], "ln_gamma_c", {d.H}, !info.has_c);
+  ln.beta_c = input<T>(t[3], "ln_beta_c", {d.H}, !info.has_c);
+  if (!info.has_c && (ln.gamma_c || ln.beta_c))
+    throw py::value_error(std::string("ln_gamma_c and ln_beta_c are only for cells with c, not ") +
+                          info.name);
+  d.layer_norm = true;
+  return ln;
+}
+
 template <typename T>
 py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih,
                         const py::array& w_hh, const py::object& b_ih, const py::object& b_hh,
                         const py::object& h0, const py::object& c0, const py::object& lengths,
                         bool training, bool bf16, const py::object& w_peephole,
-                        const py::object& w_hr, const py::object& noise) {
+                        const py::object& w_hr, const py::object& noise, const py::object& ln) {
   if (bf16 && training)
     throw py::value_error("bfloat16 products are for inference: pass training=False");
   if (bf16 && !rnnfast::cpu::cpu_has_avx512_bf16())
     throw std::runtime_error("bfloat16 products need a CPU with AVX512_BF16, which this one lacks");
-  const Dims d = dims_of(cell, x, w_hh, w_hr);
+  Dims d = dims_of(cell, x, w_hh, w_hr);
   const int64_t GH = d.GH(), R = d.R(), NR = d.N * R;
   const bool has_c = rnnfast::cell_info(cell).has_c;
   rnnfast::cpu::ForwardIO<T> io{};
@@ -198,6 +223,7 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
   io.lengths = lengths_input(lengths, d.N, d.T);
   io.bf16 = bf16;
   io.noise = noise_input(cell, noise, d, !training);
+  io.ln = layer_norm_input<T>(cell, ln, d);
 
   // y is a view of the h sequence, which in training is the start of the reserve
   const int64_t hs_size = (d.T + 1) * NR;
@@ -224,14 +250,15 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
 py::tuple forward(CellKind cell, const py::array& x, const py::array& w_ih, const py::array& w_hh,
                   const py::object& b_ih, const py::object& b_hh, const py::object& h0,
                   const py::object& c0, const py::object& lengths, bool training, bool bf16,
-                  const py::object& w_peephole, const py::object& w_hr, const py::object& noise) {
+                  const py::object& w_peephole, const py::object& w_hr, const py::object& noise,
+                  const py::object& ln) {
   if (x.dtype().is(py::dtype::of<float>()))
     return forward_typed<float>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, bf16,
-                                w_peephole, w_hr, noise);
+                                w_peephole, w_hr, noise, ln);
   if (bf16) throw py::type_error("bfloat16 products take float32 inputs, got float64");
   if (x.dtype().is(py::dtype::of<double>()))
     return forward_typed<double>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, false,
-                                 w_peephole, w_hr, noise);
+                                 w_peephole, w_hr, noise, ln);
   throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
@@ -241,8 +268,8 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
                          const py::object& lengths, const py::object& reserve, const py::object& dy,
                          const py::object& dh_n, const py::object& dc_n,
                          const py::object& w_peephole, const py::object& w_hr,
-                         const py::object& noise) {
-  const Dims d = dims_of(cell, x, w_hh, w_hr);
+                         const py::object& noise, const py::object& ln) {
+  Dims d = dims_of(cell, x, w_hh, w_hr);
   const int64_t GH = d.GH(), R = d.R();
   const bool has_c = rnnfast::cell_info(cell).has_c;
   rnnfast::cpu::BackwardIO<T> io{};
@@ -251,6 +278,7 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
   io.w_hh = input<T>(w_hh, "w_hh", {GH, R});
   io.w_hr = input<T>(w_hr, "w_hr", {d.P, d.H}, true);
   io.lengths = lengths_input(lengths, d.N, d.T);
+  io.ln = layer_norm_input<T>(cell, ln, d);
   io.reserve = input<T>(reserve, "reserve", {rnnfast::reserve_layout(d).total});
   io.dy = input<T>(dy, "dy", {d.T, d.N, R}, true);
   io.dh_n = input<T>(dh_n, "dh_n", {d.N, R}, true);
@@ -292,24 +320,39 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
     io.dw_hr = data(a);
     dw_hr = a;
   }
+  py::object dln = py::none();
+  if (d.layer_norm) {
+    auto g_ih = new_array<T>({GH}), g_hh = new_array<T>({GH});
+    io.dln.gamma_ih = data(g_ih);
+    io.dln.gamma_hh = data(g_hh);
+    py::object g_c = py::none(), b_c = py::none();
+    if (has_c) {
+      auto a = new_array<T>({d.H}), b = new_array<T>({d.H});
+      io.dln.gamma_c = data(a);
+      io.dln.beta_c = data(b);
+      g_c = a;
+      b_c = b;
+    }
+    dln = py::make_tuple(g_ih, g_hh, g_c, b_c);
+  }
   {
     py::gil_scoped_release release;
     kernels_for<T>(cell).backward(d, io);
   }
-  return py::make_tuple(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peephole, dw_hr);
+  return py::make_tuple(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peephole, dw_hr, dln);
 }
 
 py::tuple backward(CellKind cell, const py::array& x, const py::array& w_ih, const py::array& w_hh,
                    bool has_b_ih, bool has_b_hh, const py::object& lengths,
                    const py::object& reserve, const py::object& dy, const py::object& dh_n,
                    const py::object& dc_n, const py::object& w_peephole, const py::object& w_hr,
-                   const py::object& noise) {
+                   const py::object& noise, const py::object& ln) {
   if (x.dtype().is(py::dtype::of<float>()))
     return backward_typed<float>(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
-                                 dh_n, dc_n, w_peephole, w_hr, noise);
+                                 dh_n, dc_n, w_peephole, w_hr, noise, ln);
   if (x.dtype().is(py::dtype::of<double>()))
     return backward_typed<double>(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
-                                  dh_n, dc_n, w_peephole, w_hr, noise);
+                                  dh_n, dc_n, w_peephole, w_hr, noise, ln);
   throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
@@ -321,29 +364,32 @@ void bind_cell(py::module_& m, const rnnfast::CellInfo& info) {
         [cell](const py::array& x, const py::array& w_ih, const py::array& w_hh,
                const py::object& b_ih, const py::object& b_hh, const py::object& h0,
                const py::object& c0, const py::object& lengths, bool training, bool bf16,
-               const py::object& w_peephole, const py::object& w_hr, const py::object& noise) {
+               const py::object& w_peephole, const py::object& w_hr, const py::object& noise,
+               const py::object& ln) {
           return forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, bf16,
-                         w_peephole, w_hr, noise);
+                         w_peephole, w_hr, noise, ln);
         },
         "x"_a, "w_ih"_a, "w_hh"_a, "b_ih"_a.none(true), "b_hh"_a.none(true), "h0"_a.none(true),
         "c0"_a.none(true), "lengths"_a.none(true), "training"_a, "bf16"_a = false,
         "w_peephole"_a.none(true) = py::none(), "w_hr"_a.none(true) = py::none(),
-        "noise"_a.none(true) = py::none(),
+        "noise"_a.none(true) = py::none(), "ln"_a.none(true) = py::none(),
         "(y, h_n, c_n or None, reserve or None); see rnnfast.ops");
   m.def((std::string(info.name) + "_backward").c_str(),
         [cell](const py::array& x, const py::array& w_ih, const py::array& w_hh, bool has_b_ih,
                bool has_b_hh, const py::object& lengths, const py::object& reserve,
                const py::object& dy, const py::object& dh_n, const py::object& dc_n,
-               const py::object& w_peephole, const py::object& w_hr, const py::object& noise) {
+               const py::object& w_peephole, const py::object& w_hr, const py::object& noise,
+               const py::object& ln) {
           return backward(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy, dh_n, dc_n,
-                          w_peephole, w_hr, noise);
+                          w_peephole, w_hr, noise, ln);
         },
         "x"_a, "w_ih"_a, "w_hh"_a, "has_b_ih"_a, "has_b_hh"_a, "lengths"_a.none(true), "reserve"_a,
         "dy"_a.none(true), "dh_n"_a.none(true), "dc_n"_a.none(true),
         "w_peephole"_a.none(true) = py::none(), "w_hr"_a.none(true) = py::none(),
-        "noise"_a.none(true) = py::none(),
+        "noise"_a.none(true) = py::none(), "ln"_a.none(true) = py::none(),
         "(dx, dh0, dc0 or None, dw_ih, dw_hh, db_ih or None, db_hh or None, dw_peephole or None, "
-        "dw_hr or None); see rnnfast.ops");
+        "dw_hr or None, (dln_gamma_ih, dln_gamma_hh, dln_gamma_c, dln_beta_c) or None); see "
+        "rnnfast.ops");
 }
 
 py::dict build_info() {
@@ -406,6 +452,7 @@ PYBIND11_MODULE(_C, m) {
           row["reset_after"] = c.reset_after;
           row["reset_before"] = c.reset_before;
           row["peephole"] = c.peephole;
+          row["layer_norm"] = c.layer_norm;
           row["projection"] = c.projection;
           row["gpu"] = c.gpu;
           rows.append(row);

@@ -12,6 +12,37 @@ namespace {
 struct Gru : DefaultStep {
   static constexpr CellKind kind = CellKind::gru;
 
+  // With layer norm (csrc/cpu/layer_norm.h) each product is normalised before the pass, a barrier
+  // for the row statistics: forward, the product, its block sums, a barrier, the normalised
+  // products, the pass, a barrier; backward, the pass, the block sums of its gradients, a barrier,
+  // the products' gradients, a barrier, the product into dh_{t-1}.
+  template <class Cell, typename T>
+  static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
+    if (!s.ln) return DefaultStep::forward_step<Cell, T>(th, s);
+    (*th.product[0])(s.N, s.h_product, s.R, th.gh, th.width, Accumulate::no);
+    s.gh = th.gh;
+    ln_product_sums(3, s);
+    team_barrier(th.team);  // every block's sums
+    ln_normalise_products(3, s, th.gh);
+    ForwardStep<T> pass = s;
+    pass.gx = s.ln->gx;
+    run_pass<&Cell::template forward<T>>(th.avx512, pass);
+    after_pass(s);
+    team_barrier(th.team);  // h_t is complete
+  }
+
+  template <class Cell, typename T>
+  static void backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
+    if (!s.ln) return DefaultStep::backward_step<Cell, T>(th, s);
+    run_pass<&Cell::template backward<T>>(th.avx512, s);
+    sum_bias_rows(th, s);
+    ln_gradient_sums(3, s);
+    team_barrier(th.team);  // every block's sums
+    ln_product_gradients(3, s);
+    team_barrier(th.team);  // every unit's gate gradients
+    (*th.product[0])(s.N, s.dgh, 3 * s.H, s.dh_product + th.units.begin, s.R, Accumulate::yes);
+  }
+
   template <typename T>
   RNNFAST_PASS static void forward(const ForwardStep<T>& s) {
     const int64_t H = s.H, GH = 3 * H, j0 = s.units.begin, nu = s.units.size();

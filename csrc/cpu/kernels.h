@@ -9,6 +9,25 @@
 
 namespace rnnfast::cpu {
 
+// Layer normalisation's parameters where Dims::layer_norm (cells with layer_norm): the gains of
+// the two products [G*H] and, for a cell with c, c's gain and bias [H].
+template <typename T>
+struct LayerNormWeights {
+  const T* gamma_ih = nullptr;
+  const T* gamma_hh = nullptr;
+  const T* gamma_c = nullptr;
+  const T* beta_c = nullptr;
+};
+
+// and their gradients (out, the same shapes)
+template <typename T>
+struct LayerNormGrads {
+  T* gamma_ih = nullptr;
+  T* gamma_hh = nullptr;
+  T* gamma_c = nullptr;
+  T* beta_c = nullptr;
+};
+
 // All arrays are C-contiguous, of one dtype T (float or double), and must not alias each other.
 // Optional inputs may be null: biases (no bias), h0/c0 (zero), lengths (every sequence runs T
 // steps). R is the size of h: H, or P with a projection (Dims::R()).
@@ -30,6 +49,7 @@ struct ForwardIO {
   T* reserve;         // [reserve_layout(dims).total] out, or null for inference; hs points into it
   bool bf16 = false;  // the products in bfloat16, sums in float32: float32 inference only
   Noise noise;        // recurrent dropout and zoneout (rnnfast/noise.h); none by default
+  LayerNormWeights<T> ln;  // where Dims::layer_norm
 };
 
 template <typename T>
@@ -54,6 +74,8 @@ struct BackwardIO {
   T* dw_peephole;          // [3, H] out where w_peephole is given (row f zero when coupled)
   T* dw_hr;                // [P, H] out where w_hr is given
   Noise noise;             // as in the forward: backward draws the same masks again
+  LayerNormWeights<T> ln;  // as in the forward, where Dims::layer_norm
+  LayerNormGrads<T> dln;   // out where Dims::layer_norm
 };
 
 // A cell's forward and backward through time, for T = float and double: specialised in the

@@ -38,8 +38,164 @@ struct Lstm : DefaultStep {
                    OutputBlocks{}, d.T * d.N);
   }
 
+  // With layer norm (csrc/cpu/layer_norm.h; not with a projection): forward, the product, the
+  // block sums of both products, a barrier, the pass over the normalised products (the gates and
+  // c), c's block sums, a barrier, h = o * tanh(LN(c) * gamma_c + beta_c), a barrier. Backward:
+  // the way back from h to LN(c) and its block sums, a barrier, the rest of the pass and the
+  // products' block sums, a barrier, the products' gradients, a barrier, the product.
+  template <class Cell, typename T>
+  static void layer_norm_forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
+    const LayerNormStep<T>& ln = *s.ln;
+    (*th.product[0])(s.N, s.h_product, s.R, th.gh, th.width, Accumulate::no);
+    s.gh = th.gh;
+    ln_product_sums(G, s);
+    team_barrier(th.team);  // every block's sums of the products
+    ln_normalise_products(G, s, th.gh);
+    ForwardStep<T> pass = s;
+    pass.gx = ln.gx;
+    if (!pass.gates) pass.gates = ln.gates;
+    run_pass<&Cell::template forward<T>>(th.avx512, pass);  // its h is replaced below
+    for (int64_t n = 0; n < s.N; ++n)
+      if (s.valid(n))
+        ln_block_sums(1, s.H, s.units, s.c + n * s.H + s.units.begin, 0, ln.partials.at(n, kLnC),
+                      ln.partials.at(n, kLnC + 1));
+    team_barrier(th.team);  // every block's sums of c
+    run_pass<&Cell::template layer_norm_output<T>>(th.avx512, pass);
+    after_pass(s);
+    team_barrier(th.team);  // h_t is complete
+  }
+
+  // h = o * tanh(LN(c) * gamma_c + beta_c) for the valid rows (the pass wrote the padded ones)
+  template <typename T>
+  RNNFAST_PASS static void layer_norm_output(const ForwardStep<T>& s) {
+    const LayerNormStep<T>& ln = *s.ln;
+    const int64_t H = s.H, blocks = ln_blocks(H);
+    for (int64_t n = 0; n < s.N; ++n) {
+      if (!s.valid(n)) continue;
+      const LnMoments m =
+          ln_moments(ln.partials.at(n, kLnC), ln.partials.at(n, kLnC + 1), blocks, H);
+      const T mean = T(m.mean), rstd = T(m.rstd);
+      const T* c = s.c + n * H;
+      const T* o = s.gates + n * G * H + kO * H;
+      T* h = s.h + n * H;
+      T* c_hat = ln.c_hat ? ln.c_hat + n * H : nullptr;
+      auto row = [&](auto save) RNNFAST_INLINE {
+#pragma omp simd
+        for (int64_t j = s.units.begin; j < s.units.end; ++j) {
+          const T hat = (c[j] - mean) * rstd;
+          if constexpr (decltype(save)::value) c_hat[j] = hat;
+          h[j] = o[j] * Math<T>::tanh(hat * ln.gamma_c[j] + ln.beta_c[j]);
+        }
+      };
+      c_hat ? row(std::true_type{}) : row(std::false_type{});
+      if (ln.rstd && s.units.begin == 0) ln.rstd[n * 3 + 2] = rstd;
+    }
+  }
+
+  template <class Cell, typename T>
+  static void layer_norm_backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
+    run_pass<&Cell::template layer_norm_output_backward<T>>(th.avx512, s);
+    team_barrier(th.team);  // every block's sums of the gradient of LN(c)
+    run_pass<&Cell::template layer_norm_state_backward<T>>(th.avx512, s);
+    sum_bias_rows(th, s);
+    ln_gradient_sums(G, s);
+    team_barrier(th.team);  // every block's sums of the products' gradients
+    ln_product_gradients(G, s);
+    team_barrier(th.team);  // every unit's gate gradients
+    (*th.product[0])(s.N, s.dgh, G* s.H, s.dh_product + th.units.begin, s.R, Accumulate::yes);
+  }
+
+  // From h_t's gradient: da_o (into dgx), the gradient reaching LN(c) * gamma_c + beta_c (the
+  // gain's and bias's gradients from it), and its block sums for the way back to c.
+  template <typename T>
+  RNNFAST_PASS static void layer_norm_output_backward(const BackwardStep<T>& s) {
+    const LayerNormStep<T>& ln = *s.ln;
+    const int64_t H = s.H, GH = G * H;
+    for (int64_t n = 0; n < s.N; ++n) {
+      T* dg = s.dgx + n * GH;
+      if (!s.valid(n)) {
+        zero_gate_rows<T>(G, H, s.units, dg);
+        zero_gate_rows<T>(G, H, s.units, s.dgh + n * GH);
+        continue;
+      }
+      const T* o = s.gates + n * GH + kO * H;
+      const T* c_hat = ln.c_hat + n * H;
+      const T* dy = s.dy + n * H;
+      T* dh = s.dh + n * H;
+      T* dc_hat = ln.dc_hat + n * H;
+#pragma omp simd
+      for (int64_t j = s.units.begin; j < s.units.end; ++j) {
+        const T tc = Math<T>::tanh(c_hat[j] * ln.gamma_c[j] + ln.beta_c[j]);
+        const T dht = dh[j] + dy[j];
+        const T d_out = dht * o[j] * (T(1) - tc * tc);  // reaching LN(c) * gamma_c + beta_c
+        dg[kO * H + j] = dht * tc * o[j] * (T(1) - o[j]);
+        dc_hat[j] = d_out;
+        ln.dgamma_c[j] += d_out * c_hat[j];
+        ln.dbeta_c[j] += d_out;
+        dh[j] = T(0);  // h_{t-1} reaches h_t only through w_hh
+      }
+      ln_backward_sums(1, H, s.units, ln.gamma_c, c_hat, dc_hat, ln.partials.at(n, kLnC),
+                       ln.partials.at(n, kLnC + 1));
+    }
+  }
+
+  // After the barrier: c's total gradient (from c_{t+1}, through LN(c), and with peepholes
+  // through o), the other gates' gradients, dc_{t-1}; dgh takes the same gate gradients as dgx.
+  template <typename T>
+  RNNFAST_PASS static void layer_norm_state_backward(const BackwardStep<T>& s) {
+    const LayerNormStep<T>& ln = *s.ln;
+    const int64_t H = s.H, GH = G * H, blocks = ln_blocks(H);
+    const T* peep = s.peephole;
+    T* dpeep = s.dpeephole;
+    for (int64_t n = 0; n < s.N; ++n) {
+      if (!s.valid(n)) continue;
+      const LnPartials& p = ln.partials;
+      T* dc_ln = ln.dc_hat + n * H;
+      ln_backward_row(1, H, s.units, ln_row_sum(p.at(n, kLnC), blocks),
+                      ln_row_sum(p.at(n, kLnC + 1), blocks), double(ln.rstd[n * 3 + 2]), ln.gamma_c,
+                      ln.c_hat + n * H, dc_ln);
+      const T* gates = s.gates + n * GH;
+      const T* c_prev = s.c_prev + n * H;
+      const T* c = s.c + n * H;
+      T* dc = s.dc + n * H;
+      T* dg = s.dgx + n * GH;
+      T* dgh = s.dgh + n * GH;
+      const T* drop = s.drop ? s.drop + n * s.units.size() : nullptr;
+      auto row = [&](auto peephole, auto dropout) RNNFAST_INLINE {
+        constexpr bool P = decltype(peephole)::value, D = decltype(dropout)::value;
+#pragma omp simd
+        for (int64_t j = s.units.begin; j < s.units.end; ++j) {
+          const T i = gates[j], f = Coupled ? T(1) - i : gates[H + j];
+          const T da_o = dg[kO * H + j];
+          T dct = dc[j] + dc_ln[j];
+          if constexpr (P) dct += da_o * peep[2 * H + j];
+          const LstmPointGrad<T> g = lstm_state_backward<T, Coupled, P, D>(
+              i, f, gates[kG * H + j], c_prev[j], dct, P ? peep[j] : T(0), P ? peep[H + j] : T(0),
+              D ? drop[j - s.units.begin] : T(1));
+          dg[j] = dgh[j] = g.da_i;
+          if constexpr (!Coupled) dg[H + j] = dgh[H + j] = g.da_f;
+          dg[kG * H + j] = dgh[kG * H + j] = g.da_g;
+          dgh[kO * H + j] = da_o;
+          dc[j] = g.dc_prev;
+          if constexpr (P) {
+            dpeep[j] += g.da_i * c_prev[j];
+            if constexpr (!Coupled) dpeep[H + j] += g.da_f * c_prev[j];
+            dpeep[2 * H + j] += da_o * c[j];
+          }
+        }
+      };
+      using yes = std::true_type;
+      using no = std::false_type;
+      if (peep)
+        drop ? row(yes{}, yes{}) : row(yes{}, no{});
+      else
+        drop ? row(no{}, yes{}) : row(no{}, no{});
+    }
+  }
+
   template <class Cell, typename T>
   static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
+    if (s.ln) return layer_norm_forward_step<Cell, T>(th, s);
     if (!th.product[1]) return DefaultStep::forward_step<Cell, T>(th, s);
     (*th.product[0])(s.N, s.h_product, s.R, th.gh, th.width, Accumulate::no);
     ForwardStep<T> pass = s;
@@ -53,6 +209,7 @@ struct Lstm : DefaultStep {
 
   template <class Cell, typename T>
   static void backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
+    if (s.ln) return layer_norm_backward_step<Cell, T>(th, s);
     if (!th.product[1]) return DefaultStep::backward_step<Cell, T>(th, s);
     const int64_t R = s.R;
     // h_t's total gradient for a row in its length (kept for dw_hr; dh then restarts at zero

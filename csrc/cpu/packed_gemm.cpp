@@ -89,11 +89,13 @@ RNNFAST_TILE_TARGET __attribute__((always_inline)) inline void multiply_add_k(
 template <typename E>
 constexpr int kChains = std::is_same_v<E, float> ? 8 : 12;
 
-// S independent sums over interleaved k per output: with few rows (R * P < kChains) one chain per
-// output would leave the FMA units waiting on their latency. K counts panel steps (pairs in
-// bfloat16).
+// S independent sums over interleaved k per output: with few rows (2R < kChains) one chain per
+// output would leave the FMA units waiting on their latency. S depends on the rows alone, not on
+// P: a thread's last panel runs alone (P = 1) or paired by where the team's split puts it, and
+// with S following P the same output summed in another order (other bits for another thread
+// count). K counts panel steps (pairs in bfloat16).
 template <typename E, int R, int P,
-          int S = (R * P >= kChains<E> ? 1 : (2 * R * P >= kChains<E> ? 2 : 4))>
+          int S = (2 * R >= kChains<E> ? 1 : (4 * R >= kChains<E> ? 2 : 4))>
 RNNFAST_TILE_TARGET void tile(int64_t K, const E* A, int64_t lda, const E* panel,
                               int64_t panel_stride, float* C, int64_t ldc, __mmask16 last_mask,
                               bool accumulate) {

@@ -87,12 +87,20 @@ class StepProduct {
     const bool accumulate = add == Accumulate::yes;
     if constexpr (std::is_same_v<T, float>)
       if (packed_) return packed_->multiply(N, A, lda, C, ldc, accumulate);
+    // float64 goes through the BLAS in calls of kDoubleColumns outputs: OpenBLAS picks its
+    // kernels, and with them the order of its sums, by a call's shape, and a thread's share of
+    // the outputs (so the shape) depends on the team; outputs start on multiples of 16 in every
+    // team (a thread's units do), so each output sees the same call shapes and bits in any team.
+    // float32 keeps whole blocks (this path is its few-rows case, where calls cost the most).
+    constexpr int64_t kDoubleColumns = 16;
     const int64_t size = std::min(M_, blocks_.size);
-    for (int64_t j = 0; j < M_; j += size) {
-      const T* w = W_ + (outputs_are_rows_ ? blocks_(j) * ldw_ : blocks_(j));
-      gemm<T>(false, outputs_are_rows_, N, std::min(size, M_ - j), K_, T(1), A, lda, w, ldw_,
-              accumulate ? T(1) : T(0), C + j, ldc);
-    }
+    const int64_t chunk = std::is_same_v<T, double> ? std::min(size, kDoubleColumns) : size;
+    for (int64_t b = 0; b < M_; b += size)
+      for (int64_t j = b; j < std::min(M_, b + size); j += chunk) {
+        const T* w = W_ + (outputs_are_rows_ ? blocks_(j) * ldw_ : blocks_(j));
+        gemm<T>(false, outputs_are_rows_, N, std::min({chunk, M_ - j, b + size - j}), K_, T(1), A,
+                lda, w, ldw_, accumulate ? T(1) : T(0), C + j, ldc);
+      }
   }
 
  private:

@@ -15,11 +15,34 @@
 
 #include "cpu/blas.h"
 #include "cpu/kernels.h"
+#include "cpu/layer_norm.h"
 #include "cpu/packed_gemm.h"
 #include "cpu/parallel.h"
 #include "cpu/scratch.h"
 
 namespace rnnfast::cpu {
+
+// Layer norm's part of one step of one thread (csrc/cpu/layer_norm.h); steps without it have none.
+// The hat arrays are the reserve's slots of the step (null in an inference forward).
+template <typename T>
+struct LayerNormStep {
+  const T* gamma_ih;  // [G*H] the x product's gains
+  const T* gamma_hh;  // [G*H] the h product's
+  const T* gamma_c;   // [H] c's gain and bias, cells with c
+  const T* beta_c;
+  LnPartials partials;  // the team's block sums
+  T* x_hat;             // [N, G*H] the normalised products: out in training, in for backward
+  T* h_hat;             // [N, G*H]
+  T* c_hat;             // [N, H] cells with c
+  T* rstd;              // [N, 3] 1/sqrt(var + eps) of the x product, the h product and c
+  T* gates;             // forward in inference: [N, G*H] the gates the pass after c's reads
+  T* gx;                // forward: [N, G*units] this thread's normalised x product
+  T* dgamma_ih;         // backward: the gradients, summed by the threads that own the units
+  T* dgamma_hh;
+  T* dgamma_c;
+  T* dbeta_c;
+  T* dc_hat;  // backward: [N, H] the gradient reaching c's normalised value, then c
+};
 
 // One thread's slice of one forward step.
 template <typename T>
@@ -44,9 +67,10 @@ struct ForwardStep {
   const Noise* zoneout;    // zoneout on h (after_pass), or null
   const uint8_t* taken;    // [N, units] zoneout in training: 1 where h takes its new value
   // what the recurrent products multiply: h_{t-1}, or with variational dropout h_{t-1} * vscale
-  const T* h_product;  // [N, R]
-  const T* vscale;     // [N, R] variational dropout's scale (0 or 1/(1-p)), or null
-  T* h_product_next;   // [N, R] with vscale: out, this thread's columns of h_t * vscale
+  const T* h_product;          // [N, R]
+  const T* vscale;             // [N, R] variational dropout's scale (0 or 1/(1-p)), or null
+  T* h_product_next;           // [N, R] with vscale: out, this thread's columns of h_t * vscale
+  const LayerNormStep<T>* ln;  // or null
   bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
 };
 
@@ -77,8 +101,9 @@ struct BackwardStep {
   const T* drop;  // [N, units] candidate dropout's scale, as in the forward, or null
   // what the forward's products multiplied (h_prev, or h_prev * vscale: this thread's columns
   // are current), and where the gradient reaching it goes: dh, or apart to be scaled by vscale
-  const T* h_product;  // [N, R]
-  T* dh_product;       // [N, R]
+  const T* h_product;          // [N, R]
+  T* dh_product;               // [N, R]
+  const LayerNormStep<T>* ln;  // or null
   bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
 };
 
@@ -308,6 +333,88 @@ void add_zoneout_carry(const BackwardStep<T>& s, const T* carry) {
   }
 }
 
+// ---- layer normalisation of the products (csrc/cpu/layer_norm.h) -------------------------------
+// The steps of a cell with layer_norm use these around its passes: forward, the block sums of
+// both products (a barrier) and their normalised, gained values, which the cell's pass then reads
+// in place of the raw products; backward, after the pass has written the gradients of those
+// values to dgx and dgh, the block sums (a barrier) and the gradients of the raw products.
+
+// Forward: each valid row's block sums of this thread's columns of both products.
+template <typename T>
+void ln_product_sums(int64_t G, const ForwardStep<T>& s) {
+  const LnPartials& p = s.ln->partials;
+  const int64_t width = G * s.units.size();
+  for (int64_t n = 0; n < s.N; ++n) {
+    if (!s.valid(n)) continue;
+    ln_block_sums(G, s.H, s.units, s.gx + n * width, s.units.size(), p.at(n, kLnX),
+                  p.at(n, kLnX + 1));
+    ln_block_sums(G, s.H, s.units, s.gh + n * width, s.units.size(), p.at(n, kLnH),
+                  p.at(n, kLnH + 1));
+  }
+}
+
+// Forward, after the barrier: ln->gx = LN(gx) * gamma_ih, gh = LN(gh) * gamma_hh in place (gh is
+// the thread's own product), keeping the normalised values and rstd in training.
+template <typename T>
+void ln_normalise_products(int64_t G, const ForwardStep<T>& s, T* gh) {
+  const LayerNormStep<T>& ln = *s.ln;
+  const int64_t nu = s.units.size(), width = G * nu, GH = G * s.H, count = G * ln_blocks(s.H);
+  for (int64_t n = 0; n < s.N; ++n) {
+    if (!s.valid(n)) continue;
+    const LnMoments mx =
+        ln_moments(ln.partials.at(n, kLnX), ln.partials.at(n, kLnX + 1), count, GH);
+    const LnMoments mh =
+        ln_moments(ln.partials.at(n, kLnH), ln.partials.at(n, kLnH + 1), count, GH);
+    const bool saving = ln.x_hat != nullptr;
+    ln_normalise(G, s.H, s.units, mx, ln.gamma_ih, s.gx + n * width, nu, ln.gx + n * width,
+                 saving ? ln.x_hat + n * GH : nullptr);
+    ln_normalise(G, s.H, s.units, mh, ln.gamma_hh, gh + n * width, nu, gh + n * width,
+                 saving ? ln.h_hat + n * GH : nullptr);
+    if (saving && s.units.begin == 0) {  // one writer per row
+      ln.rstd[n * 3] = T(mx.rstd);
+      ln.rstd[n * 3 + 1] = T(mh.rstd);
+    }
+  }
+}
+
+// Backward, once dgx and dgh hold the gradients of the gained values: the gains' gradients and
+// each valid row's block sums for the way back through the normalisation.
+template <typename T>
+void ln_gradient_sums(int64_t G, const BackwardStep<T>& s) {
+  const LayerNormStep<T>& ln = *s.ln;
+  const int64_t GH = G * s.H;
+  for (int64_t n = 0; n < s.N; ++n) {
+    if (!s.valid(n)) continue;
+    const T* dx = s.dgx + n * GH;
+    const T* dh = s.dgh + n * GH;
+    const T* x_hat = ln.x_hat + n * GH;
+    const T* h_hat = ln.h_hat + n * GH;
+    ln_add_gain_gradient(G, s.H, s.units, dx, x_hat, ln.dgamma_ih);
+    ln_add_gain_gradient(G, s.H, s.units, dh, h_hat, ln.dgamma_hh);
+    ln_backward_sums(G, s.H, s.units, ln.gamma_ih, x_hat, dx, ln.partials.at(n, kLnX),
+                     ln.partials.at(n, kLnX + 1));
+    ln_backward_sums(G, s.H, s.units, ln.gamma_hh, h_hat, dh, ln.partials.at(n, kLnH),
+                     ln.partials.at(n, kLnH + 1));
+  }
+}
+
+// Backward, after the barrier: dgx and dgh become the gradients of the raw products.
+template <typename T>
+void ln_product_gradients(int64_t G, const BackwardStep<T>& s) {
+  const LayerNormStep<T>& ln = *s.ln;
+  const int64_t GH = G * s.H, count = G * ln_blocks(s.H);
+  const LnPartials& p = ln.partials;
+  for (int64_t n = 0; n < s.N; ++n) {
+    if (!s.valid(n)) continue;
+    ln_backward_row(G, s.H, s.units, ln_row_sum(p.at(n, kLnX), count),
+                    ln_row_sum(p.at(n, kLnX + 1), count), double(ln.rstd[n * 3]), ln.gamma_ih,
+                    ln.x_hat + n * GH, s.dgx + n * GH);
+    ln_backward_row(G, s.H, s.units, ln_row_sum(p.at(n, kLnH), count),
+                    ln_row_sum(p.at(n, kLnH + 1), count), double(ln.rstd[n * 3 + 1]), ln.gamma_hh,
+                    ln.h_hat + n * GH, s.dgh + n * GH);
+  }
+}
+
 constexpr int64_t kUnitAlign = 16;  // a thread's units start on a 64-byte boundary (float)
 // rows of x per projection chunk: the thread's packed w_ih streams from L3 once per chunk (larger
 // chunks measured faster, bench/RESULTS.md); and at most kProjectionSteps steps, so that the
@@ -395,6 +502,10 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   auto vscale = scratch<T>(variational ? NR : 0);
   auto h_masked = scratch<T>(variational ? 2 * NR : 0);
   if (variational) variational_scales(io.noise, N, R, vscale.get());
+  // layer norm: the team's block sums, and in inference the gates that the pass after c's reads
+  const bool ln = d.layer_norm;
+  auto ln_partials = scratch<double>(ln ? N * kLnQuantities * G * ln_blocks(H) : 0);
+  auto ln_gates = scratch<T>(ln && cell.has_c && !training ? N * GH : 0);
   TeamSetup setup;
 #pragma omp parallel num_threads(recurrent_threads(d))
   {
@@ -404,7 +515,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     th.width = G * th.units.size();
     th.avx512 = cpu_has_avx512();
     Scratch<T> gh(nullptr, release_scratch), gx(nullptr, release_scratch),
-        drop(nullptr, release_scratch);
+        drop(nullptr, release_scratch), ln_gx(nullptr, release_scratch);
     StepProducts<T> products;
     std::optional<StepProduct<T>> projection;
     std::optional<StepMasks> kept, taken;  // candidate dropout's, zoneout's (training)
@@ -419,12 +530,20 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
       if (variational) scale_columns(N, R, th.units, hs, vscale.get(), h_masked.get());
       Cell::template forward_products<T>(d, io, th, products);
       gx = scratch<T>(chunk * N * th.width);
+      ln_gx = scratch<T>(ln ? N * th.width : 0);
       // this thread's outputs: the rows of all G gates of its units, G blocks of w_ih; T*N rows
       projection.emplace(io.w_ih + th.units.begin * d.C, d.C, th.width, d.C, WeightsBy::row,
                          OutputBlocks{th.units.size(), H}, d.T * N, io.bf16);
     });
     th.gh = gh.get();
     for (int k = 0; k < 2; ++k) th.product[k] = products[k] ? &*products[k] : nullptr;
+    LayerNormStep<T> ln_step{io.ln.gamma_ih,
+                             io.ln.gamma_hh,
+                             io.ln.gamma_c,
+                             io.ln.beta_c,
+                             {ln_partials.get(), G * ln_blocks(H)}};
+    ln_step.gates = ln_gates.get();
+    ln_step.gx = ln_gx.get();
     for (int64_t t0 = 0; ok && t0 < d.T; t0 += chunk) {
       const int64_t steps = std::min(chunk, d.T - t0), rows = steps * N;
       // the biases are added in the pointwise pass, which saves a pass over gx to preset them
@@ -456,6 +575,15 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
           s.vscale = vscale.get();
           s.h_product = h_masked.get() + (t & 1) * NR;
           s.h_product_next = h_masked.get() + ((t + 1) & 1) * NR;
+        }
+        if (ln) {
+          if (training) {
+            ln_step.x_hat = io.reserve + layout.ln_x + t * N * GH;
+            ln_step.h_hat = io.reserve + layout.ln_h + t * N * GH;
+            ln_step.c_hat = cell.has_c ? io.reserve + layout.ln_c + t * NH : nullptr;
+            ln_step.rstd = io.reserve + layout.ln_rstd + t * N * 3;
+          }
+          s.ln = &ln_step;
         }
         Cell::template forward_step<Cell, T>(th, s);
       }
@@ -614,8 +742,11 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   const T* hs = io.reserve + layout.hs;
 
   auto dgx = scratch<T>(TN * GH);
-  auto dgh_own = scratch<T>(cell.reset_after ? TN * GH : 0);
-  T* dgh = cell.reset_after ? dgh_own.get() : dgx.get();
+  // the h side's gate gradients differ from the x side's where r multiplies the candidate's
+  // product or layer norm normalises each product apart
+  const bool ln = d.layer_norm, own_dgh = cell.reset_after || ln;
+  auto dgh_own = scratch<T>(own_dgh ? TN * GH : 0);
+  T* dgh = own_dgh ? dgh_own.get() : dgx.get();
   // the running gradients dh and dc (dh0 and dc0 at the end) start as dh_n and dc_n, or zeros
   initial_states(NR, NH, io.dh_n, io.dc_n, io.dh0, cell.has_c ? io.dc0 : nullptr);
 
@@ -639,6 +770,13 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   auto db_sum = scratch<T>(sum_db_x ? (sum_db_h ? 2 : 1) * GH : 0);
   if (sum_db_x) std::fill(db_sum.get(), db_sum.get() + (sum_db_h ? 2 : 1) * GH, T(0));
   if (io.dw_peephole) std::fill(io.dw_peephole, io.dw_peephole + 3 * H, T(0));
+  auto ln_partials = scratch<double>(ln ? N * kLnQuantities * cell.gates * ln_blocks(H) : 0);
+  auto ln_dc_hat = scratch<T>(ln && cell.has_c ? NH : 0);
+  if (ln)
+    for (T* g : {io.dln.gamma_ih, io.dln.gamma_hh, io.dln.gamma_c, io.dln.beta_c})
+      if (g) std::fill(g, g + (g == io.dln.gamma_ih || g == io.dln.gamma_hh ? GH : H), T(0));
+  // the normalised values and rstd of the forward, read (never written) by backward's steps
+  T* ln_reserve = const_cast<T*>(io.reserve);
 
   TeamSetup setup;
 #pragma omp parallel num_threads(recurrent_threads(d))
@@ -667,6 +805,16 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
       }
     });
     for (int k = 0; k < 2; ++k) th.product[k] = products[k] ? &*products[k] : nullptr;
+    LayerNormStep<T> ln_step{io.ln.gamma_ih,
+                             io.ln.gamma_hh,
+                             io.ln.gamma_c,
+                             io.ln.beta_c,
+                             {ln_partials.get(), cell.gates * ln_blocks(H)}};
+    ln_step.dgamma_ih = io.dln.gamma_ih;
+    ln_step.dgamma_hh = io.dln.gamma_hh;
+    ln_step.dgamma_c = io.dln.gamma_c;
+    ln_step.dbeta_c = io.dln.beta_c;
+    ln_step.dc_hat = ln_dc_hat.get();
     for (int64_t t = d.T - 1; ok && t >= 0; --t) {
       BackwardStep<T> s{N, H, R, t, th.units, io.lengths};
       s.dy = io.dy ? io.dy + t * NR : zeros.get();
@@ -703,6 +851,13 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
                     dh_masked.get() + n * R + th.units.end, T(0));
         s.h_product = h_masked.get();
         s.dh_product = dh_masked.get();
+      }
+      if (ln) {
+        ln_step.x_hat = ln_reserve + layout.ln_x + t * N * GH;
+        ln_step.h_hat = ln_reserve + layout.ln_h + t * N * GH;
+        ln_step.c_hat = cell.has_c ? ln_reserve + layout.ln_c + t * NH : nullptr;
+        ln_step.rstd = ln_reserve + layout.ln_rstd + t * N * 3;
+        s.ln = &ln_step;
       }
       Cell::template backward_step<Cell, T>(th, s);
       if (zoneout) add_zoneout_carry(s, carry.get());

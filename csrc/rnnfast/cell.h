@@ -52,20 +52,24 @@ struct CellInfo {
   bool peephole;  // takes the optional w_peephole [3, H] (rows i, f, o: the gates see c)
   // takes the optional w_hr [P, H]: h is the projection (o * tanh(c)) W_hr^T of P < H values
   bool projection;
+  // takes the optional layer normalisation (Ba et al. 2016, as Haste's LayerNormLSTM and
+  // LayerNormGRU): gains on both products, and with a cell state a gain and bias on c
+  bool layer_norm;
   bool gpu;  // the CUDA backend has kernels for it (the others raise there)
   // a candidate that recurrent dropout (Semeniuta et al.) drops: the LSTM's g, the GRU's n
   constexpr bool has_candidate() const { return gates > 1; }
 };
 
 inline constexpr CellInfo kCellTable[] = {
-    // kind, name, gates, has_c, saves_gates, reset_after, reset_before, peephole, projection, gpu
-    {CellKind::rnn_tanh, "rnn_tanh", 1, false, false, false, false, false, false, true},
-    {CellKind::rnn_relu, "rnn_relu", 1, false, false, false, false, false, false, true},
-    {CellKind::lstm, "lstm", 4, true, true, false, false, true, true, true},
-    {CellKind::gru, "gru", 3, false, true, true, false, false, false, true},
-    {CellKind::lstm_cifg, "lstm_cifg", 3, true, true, false, false, true, true, true},
+    // kind, name, gates, has_c, saves_gates, reset_after, reset_before, peephole, projection,
+    // layer_norm, gpu
+    {CellKind::rnn_tanh, "rnn_tanh", 1, false, false, false, false, false, false, false, true},
+    {CellKind::rnn_relu, "rnn_relu", 1, false, false, false, false, false, false, false, true},
+    {CellKind::lstm, "lstm", 4, true, true, false, false, true, true, true, true},
+    {CellKind::gru, "gru", 3, false, true, true, false, false, false, true, true},
+    {CellKind::lstm_cifg, "lstm_cifg", 3, true, true, false, false, true, true, true, true},
     {CellKind::gru_reset_before, "gru_reset_before", 3, false, true, false, true, false, false,
-     true},
+     false, true},
 };
 
 // The row of `kind`. An unknown kind throws: at compile time where the kind is a constant, else
@@ -125,7 +129,8 @@ void dispatch_gpu_cell(CellKind kind, F&& f) {
 struct Dims {
   int64_t T, N, C, H;
   CellKind cell;
-  int64_t P = 0;  // the projection's size (0 < P < H), or 0 without one
+  int64_t P = 0;            // the projection's size (0 < P < H), or 0 without one
+  bool layer_norm = false;  // the call normalises the products (and c): cells with layer_norm
   int64_t G() const { return gate_count(cell); }
   int64_t GH() const { return G() * H; }
   // R: the size of h, the recurrent state and the output (P with a projection, else H); w_hh is
@@ -142,8 +147,11 @@ struct Dims {
 // - rh [T, N, H], where reset_before: r * h_{t-1}, what W_hn multiplies
 // - m [T+1, N, H], with a projection: slot t+1 is step t's o * tanh(c), what W_hr projects (slot
 //   0 unused, so that the slots line up with hs)
+// - with layer norm (csrc/cpu/layer_norm.h): ln_x and ln_h [T, N, G*H] the normalised products
+//   (before their gains), ln_c [T, N, H] where has_c the normalised c, and ln_rstd [T, N, 3] each
+//   row's 1/sqrt(var + eps) of the x product, the h product and c
 struct ReserveLayout {
-  int64_t hs, cs, gates, ghn, rh, m, total;  // offsets of each part, and the total size
+  int64_t hs, cs, gates, ghn, rh, m, ln_x, ln_h, ln_c, ln_rstd, total;  // offsets, total size
 };
 
 inline ReserveLayout reserve_layout(const Dims& d) {
@@ -156,7 +164,12 @@ inline ReserveLayout reserve_layout(const Dims& d) {
   r.ghn = r.gates + (cell.saves_gates ? d.T * d.N * d.GH() : 0);
   r.rh = r.ghn + (cell.reset_after ? d.T * d.N * d.H : 0);
   r.m = r.rh + (cell.reset_before ? d.T * d.N * d.H : 0);
-  r.total = r.m + (d.P ? (d.T + 1) * d.N * d.H : 0);
+  r.ln_x = r.m + (d.P ? (d.T + 1) * d.N * d.H : 0);
+  const int64_t ln_gates = d.layer_norm ? d.T * d.N * d.GH() : 0;
+  r.ln_h = r.ln_x + ln_gates;
+  r.ln_c = r.ln_h + ln_gates;
+  r.ln_rstd = r.ln_c + (d.layer_norm && cell.has_c ? d.T * d.N * d.H : 0);
+  r.total = r.ln_rstd + (d.layer_norm ? d.T * d.N * 3 : 0);
   return r;
 }
 
@@ -221,17 +234,12 @@ struct LstmPointGrad {
   T da_i, da_f, da_g, da_o, dc_prev;
 };
 
-// dh and dc are the total gradients reaching h_t and c_t; f is 1 - i when coupled (da_f is then
-// 0). The peephole weights' gradients are da_i * c_prev, da_f * c_prev and da_o * c.
-template <typename T, class M, bool Coupled, bool Peephole, bool Dropout = false>
-RNNFAST_HD LstmPointGrad<T> lstm_variant_point_backward(T i, T f, T g, T o, T c_prev, T c, T dh,
-                                                        T dc, T p_i, T p_f, T p_o,
-                                                        T g_scale = T(1)) {
-  const T tc = M::tanh(c);
+// The gate gradients from dc, the total gradient reaching c_t (from c_{t+1} and through h_t):
+// da_i, da_f, da_g and dc_{t-1}; da_o is the caller's. f is 1 - i when coupled (da_f is then 0).
+template <typename T, bool Coupled, bool Peephole, bool Dropout = false>
+RNNFAST_HD LstmPointGrad<T> lstm_state_backward(T i, T f, T g, T c_prev, T dc, T p_i, T p_f,
+                                                T g_scale = T(1)) {
   LstmPointGrad<T> d;
-  d.da_o = dh * tc * o * (T(1) - o);
-  dc += dh * o * (T(1) - tc * tc);
-  if constexpr (Peephole) dc += d.da_o * p_o;
   const T gs = Dropout ? g * g_scale : g;  // what entered c
   if constexpr (Coupled) {
     d.da_i = dc * (gs - c_prev) * i * (T(1) - i);
@@ -249,6 +257,22 @@ RNNFAST_HD LstmPointGrad<T> lstm_variant_point_backward(T i, T f, T g, T o, T c_
     d.dc_prev += d.da_i * p_i;
     if constexpr (!Coupled) d.dc_prev += d.da_f * p_f;
   }
+  return d;
+}
+
+// dh and dc are the total gradients reaching h_t and c_t. The peephole weights' gradients are
+// da_i * c_prev, da_f * c_prev and da_o * c.
+template <typename T, class M, bool Coupled, bool Peephole, bool Dropout = false>
+RNNFAST_HD LstmPointGrad<T> lstm_variant_point_backward(T i, T f, T g, T o, T c_prev, T c, T dh,
+                                                        T dc, T p_i, T p_f, T p_o,
+                                                        T g_scale = T(1)) {
+  const T tc = M::tanh(c);
+  const T da_o = dh * tc * o * (T(1) - o);
+  dc += dh * o * (T(1) - tc * tc);
+  if constexpr (Peephole) dc += da_o * p_o;
+  LstmPointGrad<T> d =
+      lstm_state_backward<T, Coupled, Peephole, Dropout>(i, f, g, c_prev, dc, p_i, p_f, g_scale);
+  d.da_o = da_o;
   return d;
 }
 

@@ -121,22 +121,23 @@ def unigram_perplexity(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: i
 
 
 class CharLM(Module):
-    """Embedding(V, embed) -> LSTM(embed, hidden, layers, dropout, recurrent_dropout, zoneout)
-    -> Linear(hidden, V)."""
+    """Embedding(V, embed) -> LSTM(embed, hidden, layers, dropout, recurrent_dropout, zoneout,
+    layer_norm) -> Linear(hidden, V)."""
 
     def __init__(self, vocab_size: int, embed: int = 64, hidden: int = 256, layers: int = 1,
-                 dropout: float = 0.0, recurrent_dropout: float = 0.0, zoneout: float = 0.0, *,
-                 seed=None, dtype=np.float32):  # fmt: skip
+                 dropout: float = 0.0, recurrent_dropout: float = 0.0, zoneout: float = 0.0,
+                 layer_norm: bool = False, *, seed=None, dtype=np.float32):  # fmt: skip
         super().__init__()
         rng = as_generator(seed)
         self.config = {"vocab_size": int(vocab_size), "embed": int(embed), "hidden": int(hidden),
                        "layers": int(layers), "dropout": float(dropout),
                        "recurrent_dropout": float(recurrent_dropout),
-                       "zoneout": float(zoneout)}  # fmt: skip
+                       "zoneout": float(zoneout), "layer_norm": bool(layer_norm)}  # fmt: skip
         self.add_module("embed", Embedding(vocab_size, embed, dtype=dtype, seed=rng))
         self.add_module("rnn", LSTM(embed, hidden, num_layers=layers, dropout=dropout,
                                     recurrent_dropout=recurrent_dropout, zoneout=zoneout,
-                                    dtype=dtype, seed=rng, init="orthogonal"))  # fmt: skip
+                                    layer_norm=bool(layer_norm), dtype=dtype, seed=rng,
+                                    init="orthogonal"))  # fmt: skip
         self.add_module("head", Linear(hidden, vocab_size, dtype=dtype, seed=rng))
 
     def forward(self, ids, state=None):
@@ -200,6 +201,7 @@ class TrainConfig:
     dropout: float = 0.0
     recurrent_dropout: float = 0.0
     zoneout: float = 0.0
+    layer_norm: bool = False
     seq_len: int = 64
     batch: int = 32
     steps: int = 2000
@@ -261,14 +263,17 @@ def _model_from_meta(meta: dict, state: dict, path: str) -> tuple[CharLM, Vocab]
     if not isinstance(vocab, str) or not vocab:
         raise bad("its metadata has no vocabulary string")
     keys = {"vocab_size", "embed", "hidden", "layers", "dropout"}
-    optional = {"recurrent_dropout", "zoneout"}  # absent in checkpoints from before them
+    # absent in checkpoints from before them
+    optional = {"recurrent_dropout", "zoneout", "layer_norm"}
     if not isinstance(config, dict) or not keys <= set(config) <= keys | optional:
         raise bad(f"its model_config is not a dict with keys {sorted(keys)} (and optionally "
                   f"{sorted(optional)})")  # fmt: skip
     for k in ("vocab_size", "embed", "hidden", "layers"):
         if isinstance(config[k], bool) or not isinstance(config[k], int) or config[k] < 1:
             raise bad(f"model_config {k} = {config[k]!r} is not a positive integer")
-    for k in ("dropout", *optional):
+    if not isinstance(config.get("layer_norm", False), bool):
+        raise bad(f"model_config layer_norm = {config['layer_norm']!r} is not true or false")
+    for k in ("dropout", "recurrent_dropout", "zoneout"):
         p = config.get(k, 0.0)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
             raise bad(f"model_config {k} = {p!r} is not in [0, 1)")
@@ -346,7 +351,8 @@ def train(cfg: TrainConfig) -> dict:
     else:
         vocab = Vocab(train_text + val_text)
         model = CharLM(len(vocab), cfg.embed, cfg.hidden, cfg.layers, cfg.dropout,
-                       cfg.recurrent_dropout, cfg.zoneout, seed=cfg.seed)  # fmt: skip
+                       cfg.recurrent_dropout, cfg.zoneout, cfg.layer_norm,
+                       seed=cfg.seed)  # fmt: skip
         opt = OPTIMIZERS[cfg.optimizer](model.params, lr=cfg.lr)
         base_lr = cfg.lr
     train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)

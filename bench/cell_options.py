@@ -1,18 +1,20 @@
-"""Recurrent dropout and zoneout: what they cost against the plain cell, and against torch.
+"""Layer norm, recurrent dropout and zoneout inside the fused step: what each costs against the
+plain cell, and against torch.
 
-Cases: the LSTM, the GRU and the tanh RNN, each plain, with zoneout 0.1, with recurrent dropout
-0.25 on the candidate (Semeniuta; LSTM and GRU), and with variational recurrent dropout 0.25
-(Gal and Ghahramani), at every shape, training step (forward + every gradient) and inference.
-The anchor is the same computation written with torch the way its users must (torch.nn has
-neither): matmuls and the gate math in a Python loop over time, masks drawn per step, autograd
-for the backward, 2 threads; timed for training at batch <= 16.
+Cases: the LSTM, the GRU and the tanh RNN, each plain, with layer norm (LSTM and GRU: both
+products and the LSTM's c), with zoneout 0.1, with recurrent dropout 0.25 on the candidate
+(Semeniuta; LSTM and GRU), and with variational recurrent dropout 0.25 (Gal and Ghahramani), at
+every shape, training step (forward + every gradient) and inference. The anchor is the same
+computation written with torch the way its users must (torch.nn has none of them in its fused
+cells): matmuls, torch.nn.functional.layer_norm and the gate math in a Python loop over time,
+masks drawn per step, autograd for the backward, 2 threads; timed for training at batch <= 16.
 
 Each backend runs in its own worker process; every round visits the cases in a fresh order and
 each case's backends in a rotating order; the tables report minimum times.
 
-    python bench/noise.py                      # the grid, 3 rounds (a few minutes)
-    python bench/noise.py --shapes 16,50,512 --rounds 2
-    python bench/noise.py --write-results      # ... and update bench/RESULTS.md
+    python bench/cell_options.py                  # the grid, 3 rounds (several minutes)
+    python bench/cell_options.py --shapes 16,50,512 --rounds 2 --options plain layer_norm
+    python bench/cell_options.py --write-results  # ... and update bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from _common import machine_info, parse_shape, thread_env, write_marked_block  #
 
 OUT_DIR = HERE / "out"
 RESULTS_MD = HERE / "RESULTS.md"
-BEGIN, END = "<!-- bench/noise.py: begin -->", "<!-- bench/noise.py: end -->"
+BEGIN, END = "<!-- bench/cell_options.py: begin -->", "<!-- bench/cell_options.py: end -->"
 SHAPES = ((1, 100, 256), (4, 200, 256), (16, 50, 512), (64, 50, 512), (64, 25, 128))
 CELLS = {"lstm": 4, "gru": 3, "rnn_tanh": 1}
 OPTIONS = {
     "plain": {},
+    "layer_norm": {"layer_norm": True},
     "zoneout": {"zoneout": 0.1},
     "semeniuta": {"recurrent_dropout": 0.25, "recurrent_dropout_mode": "semeniuta"},
     "variational": {"recurrent_dropout": 0.25, "recurrent_dropout_mode": "variational"},
@@ -73,9 +76,24 @@ def make_inputs(case: Case) -> dict:
     def u(*shape):
         return rng.uniform(-k, k, shape).astype(np.float32)
 
+    def near(center, *shape):  # layer norm's gains and bias, near where training starts them
+        return (center + rng.uniform(-0.1, 0.1, shape)).astype(np.float32)
+
     return {"x": rng.standard_normal((T, N, H)).astype(np.float32), "w_ih": u(G * H, H),
             "w_hh": u(G * H, H), "b_ih": u(G * H), "b_hh": u(G * H),
-            "dy": rng.standard_normal((T, N, H)).astype(np.float32)}  # fmt: skip
+            "dy": rng.standard_normal((T, N, H)).astype(np.float32),
+            "ln_gamma_ih": near(1, G * H), "ln_gamma_hh": near(1, G * H),
+            "ln_gamma_c": near(1, H), "ln_beta_c": near(0, H)}  # fmt: skip
+
+
+def kernel_options(case: Case, d: dict) -> dict:
+    """What ops.forward takes for the case's option."""
+    opt = dict(OPTIONS[case.option])
+    if opt.pop("layer_norm", False):
+        names = ("ln_gamma_ih", "ln_gamma_hh") + (("ln_gamma_c", "ln_beta_c")
+                                                   if case.cell == "lstm" else ())  # fmt: skip
+        return {k: d[k] for k in names}
+    return dict(opt, seed=1) if opt else {}
 
 
 # ---- the workers ------------------------------------------------------------------------------
@@ -92,7 +110,7 @@ class Ours:
 
     def prepare(self, case: Case):
         d, ops, training = make_inputs(case), self.ops, case.mode == "train"
-        options = dict(OPTIONS[case.option], seed=1) if OPTIONS[case.option] else {}
+        options = kernel_options(case, d)
 
         def run():
             *_, ctx = ops.forward(case.cell, d["x"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"],
@@ -118,11 +136,14 @@ class TorchLoop:
             raise NotImplementedError("the torch loop is timed for training at batch <= 16")
         torch, d = self.torch, make_inputs(case)
         w = {k: torch.from_numpy(d[k]).requires_grad_(True) for k in
-             ("w_ih", "w_hh", "b_ih", "b_hh")}  # fmt: skip
+             ("w_ih", "w_hh", "b_ih", "b_hh", "ln_gamma_ih", "ln_gamma_hh", "ln_gamma_c",
+              "ln_beta_c")}  # fmt: skip
         x, dy = torch.from_numpy(d["x"]).requires_grad_(True), torch.from_numpy(d["dy"])
         opt = OPTIONS[case.option]
         p_drop, p_zone = opt.get("recurrent_dropout", 0.0), opt.get("zoneout", 0.0)
         mode = opt.get("recurrent_dropout_mode")
+        ln = opt.get("layer_norm", False)
+        F = torch.nn.functional
         T, N, H, cell = case.T, case.N, case.H, case.cell
         gen = torch.Generator().manual_seed(0)
 
@@ -133,15 +154,24 @@ class TorchLoop:
             h = torch.zeros(N, H)
             c = torch.zeros(N, H)
             v = keep(p_drop) if mode == "variational" else None
-            gx = x @ w["w_ih"].T + w["b_ih"]  # every step's input projection at once
+            gx = x @ w["w_ih"].T  # every step's input projection at once
+            if ln:
+                gx = F.layer_norm(gx, gx.shape[-1:], w["ln_gamma_ih"], eps=1e-5)
+            gx = gx + w["b_ih"]
             ys = []
             for t in range(T):
-                gh = (h if v is None else h * v) @ w["w_hh"].T + w["b_hh"]
+                gh = (h if v is None else h * v) @ w["w_hh"].T
+                if ln:
+                    gh = F.layer_norm(gh, gh.shape[-1:], w["ln_gamma_hh"], eps=1e-5)
+                gh = gh + w["b_hh"]
                 d_c = keep(p_drop) if mode == "semeniuta" else 1.0
                 if cell == "lstm":
                     i, f, g, o = (gx[t] + gh).chunk(4, 1)
                     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g) * d_c
-                    new = torch.sigmoid(o) * torch.tanh(c)
+                    c_out = c
+                    if ln:
+                        c_out = F.layer_norm(c, (H,), w["ln_gamma_c"], w["ln_beta_c"], eps=1e-5)
+                    new = torch.sigmoid(o) * torch.tanh(c_out)
                 elif cell == "gru":
                     xr, xz, xn = gx[t].chunk(3, 1)
                     hr, hz, hn = gh.chunk(3, 1)
@@ -199,7 +229,8 @@ def run(args) -> dict:
     cases = [Case(cell, option, N, T, H, mode)
              for cell in args.cells for option in OPTIONS for (N, T, H) in args.shapes
              for mode in args.modes
-             if not (cell == "rnn_tanh" and option == "semeniuta")]  # fmt: skip
+             if (option in args.options or option == "plain")  # the ratios' denominator
+             and not (cell == "rnn_tanh" and option in ("semeniuta", "layer_norm"))]  # fmt: skip
     ctx = mp.get_context("spawn")
     workers, info = {}, {}
     saved = dict(os.environ)
@@ -249,8 +280,9 @@ def tables(res: dict) -> list[str]:
         f'{res["when"]}, `lscpu` model name "{m.get("cpu_model", "?")}" '
         f"({m.get('cpu_family_model', '?')}), {res['threads']} threads, {res['rounds']} "
         "rounds, minimum times. Option / plain: the option's time over the plain cell's in "
-        "the same run (target <= 1.10x); torch loop / ours: the same computation in a torch "
-        "Python loop with autograd, over ours (target >= 5x at batch <= 16, training)."
+        "the same run (targets: layer norm <= 1.35x, the others <= 1.10x); torch loop / ours: "
+        "the same computation in a torch Python loop with autograd, over ours (target >= 5x at "
+        "batch <= 16, training)."
     )
     lines = [head, "",
              "| cell | option | (N, T, H) | mode | ours ms | plain ms | option / plain | "
@@ -274,7 +306,11 @@ def tables(res: dict) -> list[str]:
 
 def write_results(res: dict) -> None:
     write_marked_block(
-        RESULTS_MD, BEGIN, END, "### bench/noise.py: recurrent dropout and zoneout", tables(res)
+        RESULTS_MD,
+        BEGIN,
+        END,
+        "### bench/cell_options.py: layer norm, recurrent dropout and zoneout",
+        tables(res),
     )
 
 
@@ -284,6 +320,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS))
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=list(SHAPES))
+    p.add_argument("--options", nargs="+", choices=OPTIONS, default=list(OPTIONS))
     p.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["train", "infer"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--target", type=float, default=0.25, help="seconds of calls per case/round")
@@ -295,7 +332,7 @@ def main(argv=None) -> None:
     else:
         res = run(args)
         OUT_DIR.mkdir(exist_ok=True)
-        (OUT_DIR / "noise-latest.json").write_text(json.dumps(res, indent=1))
+        (OUT_DIR / "cell_options-latest.json").write_text(json.dumps(res, indent=1))
     print("\n".join(tables(res)))
     if args.write_results:
         write_results(res)
