@@ -772,9 +772,14 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   if (io.dw_peephole) std::fill(io.dw_peephole, io.dw_peephole + 3 * H, T(0));
   auto ln_partials = scratch<double>(ln ? N * kLnQuantities * cell.gates * ln_blocks(H) : 0);
   auto ln_dc_hat = scratch<T>(ln && cell.has_c ? NH : 0);
-  if (ln)
-    for (T* g : {io.dln.gamma_ih, io.dln.gamma_hh, io.dln.gamma_c, io.dln.beta_c})
-      if (g) std::fill(g, g + (g == io.dln.gamma_ih || g == io.dln.gamma_hh ? GH : H), T(0));
+  // layer norm's gradients are summed step by step, like the peepholes'
+  auto zero = [](T* g, int64_t n) {
+    if (g) std::fill(g, g + n, T(0));
+  };
+  zero(io.dln.gamma_ih, GH);
+  zero(io.dln.gamma_hh, GH);
+  zero(io.dln.gamma_c, H);
+  zero(io.dln.beta_c, H);
   // the normalised values and rstd of the forward, read (never written) by backward's steps
   T* ln_reserve = const_cast<T*>(io.reserve);
 
