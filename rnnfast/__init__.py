@@ -137,14 +137,32 @@ __all__ = [
 ]
 
 # the training layer (layers, sequences, optimizers, clipping, init, losses, checkpoints)
-from . import checkpoint, clip, init, layers, losses, optim, sequences  # noqa: E402
+from . import checkpoint, clip, init, layers, losses, lr_scheduler, optim, sequences  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from .layers import GRU, LSTM, RNN, Embedding, Linear  # noqa: E402
+from .layers import (  # noqa: E402
+    GRU,
+    LSTM,
+    RNN,
+    Embedding,
+    GRUCell,
+    Linear,
+    LSTMCell,
+    Module,
+    Parameter,
+    RNNCell,
+    Sequential,
+)
 
 __all__ += [
     "GRU",
+    "GRUCell",
     "LSTM",
+    "LSTMCell",
+    "Module",
+    "Parameter",
     "RNN",
+    "RNNCell",
+    "Sequential",
     "Embedding",
     "Linear",
     "checkpoint",
@@ -153,6 +171,7 @@ __all__ += [
     "layers",
     "load_checkpoint",
     "losses",
+    "lr_scheduler",
     "optim",
     "save_checkpoint",
     "sequences",

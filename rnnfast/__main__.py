@@ -61,23 +61,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--corpus", default=None, help="a UTF-8 text file (default: Python stdlib source)"
     )
-    c.add_argument("--hidden", type=_positive(int), default=d.hidden, help="LSTM hidden size")
-    c.add_argument("--embed", type=_positive(int), default=d.embed, help="embedding size")
-    c.add_argument("--layers", type=_positive(int), default=d.layers, help="LSTM layers")
-    c.add_argument("--dropout", type=_probability, default=d.dropout, help="between layers")
+    c.add_argument("--hidden", type=_positive(int), default=None, help="LSTM hidden size")
+    c.add_argument("--embed", type=_positive(int), default=None, help="embedding size")
+    c.add_argument("--layers", type=_positive(int), default=None, help="LSTM layers")
+    c.add_argument("--dropout", type=_probability, default=None, help="between layers")
     c.add_argument(
         "--recurrent-dropout",
         type=_probability,
-        default=d.recurrent_dropout,
+        default=None,
         help="on the LSTM's candidate, a fresh mask each step (Semeniuta et al.)",
     )
     c.add_argument(
         "--zoneout",
         type=_probability,
-        default=d.zoneout,
+        default=None,
         help="probability that a unit of h keeps its value each step",
     )
-    c.add_argument("--layer-norm", action="store_true",
+    c.add_argument("--layer-norm", action="store_true", default=None,
                    help="normalise the LSTM's products and c inside the fused kernels "
                    "(Ba et al. 2016)")  # fmt: skip
     c.add_argument("--seq-len", type=_positive(int), default=d.seq_len, help="TBPTT chunk length")

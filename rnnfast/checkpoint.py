@@ -37,14 +37,58 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated, corrupt or does not fit the model/optimizer."""
 
 
-def _to_jsonable(v):
+def _jsonable(v, where: str):
+    """v as JSON's types (NumPy scalars and arrays, tuples as lists); TypeError naming the entry
+    for anything JSON cannot hold, rather than json's own "Circular reference detected"."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
     if isinstance(v, np.generic):
         return v.item()
     if isinstance(v, np.ndarray):
         return v.tolist()
-    if isinstance(v, tuple):
-        return list(v)
-    return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x, f"{where}[{i}]") for i, x in enumerate(v)]
+    if isinstance(v, dict):
+        bad = [k for k in v if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"checkpoint metadata {where} has a key {bad[0]!r} that is not a str")
+        return {k: _jsonable(x, f"{where}[{k!r}]") for k, x in v.items()}
+    hint = " (a sorted list?)" if isinstance(v, (set, frozenset)) else ""
+    raise TypeError(
+        f"checkpoint metadata {where} has type {type(v).__name__}, which JSON cannot hold; convert "
+        f"it to a str, number, list or dict{hint}"
+    )
+
+
+def _generator_states(model) -> dict:
+    """The bit-generator state of every random generator in the model, by dotted name."""
+    if model is None or not hasattr(model, "generators"):
+        return {}
+    return {k: g.bit_generator.state for k, g in model.generators().items()}
+
+
+def _check_generators(model, saved, path: str) -> dict:
+    """The saved generator states that apply to ``model``, checked; CheckpointError for a state
+    that cannot be restored (another kind of generator, or a malformed entry)."""
+    if saved is None or model is None or not hasattr(model, "generators"):
+        return {}
+    _expect(isinstance(saved, dict), path, "its generators entry is not a JSON object")
+    current = model.generators()
+    if set(saved) != set(current):
+        raise CheckpointError(
+            f"checkpoint {path!r} does not fit the model: it saved random generators "
+            f"{sorted(saved)}, the model has {sorted(current)}"
+        )
+    for name, state in saved.items():
+        kind = type(current[name].bit_generator).__name__
+        ok = isinstance(state, dict) and state.get("bit_generator") == kind
+        _expect(ok, path, f"generator {name!r} is not a saved {kind} state")
+        try:  # a probe, so that a bad state is found before anything changes
+            probe = getattr(np.random, kind)()
+            probe.state = state
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path!r}: generator {name!r}: {e}") from e
+    return saved
 
 
 def _check_finite(arrays: dict[str, np.ndarray], path: str, verb: str) -> None:
@@ -97,7 +141,10 @@ def _fsync_directory(directory: str) -> None:
 
 def save_checkpoint(path: str | os.PathLike, model=None, optimizer=None, *,
                     allow_nonfinite: bool = False, **meta: Any) -> None:  # fmt: skip
-    """Writes ``model.state_dict()``, ``optimizer.state_dict()`` and JSON-able ``meta`` to path."""
+    """Writes ``model.state_dict()``, the states of ``model.generators()``,
+    ``optimizer.state_dict()`` and ``meta`` (str, numbers, None, lists, dicts with str keys, NumPy
+    scalars and arrays; TypeError naming the entry otherwise) to path, as a new file would be
+    created (the umask applies; a replaced file keeps its mode)."""
     path = os.fspath(path)
     arrays: dict[str, np.ndarray] = {}
     header: dict[str, Any] = {"format": FORMAT, "version": VERSION, "optimizer": None}
@@ -109,7 +156,7 @@ def save_checkpoint(path: str | os.PathLike, model=None, optimizer=None, *,
         sd = optimizer.state_dict()
         header["optimizer"] = {
             "class": type(optimizer).__name__,
-            "hparams": {k: _to_jsonable(v) for k, v in sd["hparams"].items()},
+            "hparams": {k: _jsonable(v, f"hparams[{k!r}]") for k, v in sd["hparams"].items()},
         }
         for name, state in sd["state"].items():
             for buf, v in state.items():
@@ -118,10 +165,8 @@ def save_checkpoint(path: str | os.PathLike, model=None, optimizer=None, *,
                 arrays[f"optimizer/{name}/{buf}"] = np.asarray(v)
     if not allow_nonfinite:
         _check_finite(arrays, path, "refusing to write")
-    try:
-        header["meta"] = json.loads(json.dumps(meta, default=_to_jsonable))
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"checkpoint metadata must be JSON-serialisable: {e}") from e
+    header["meta"] = {k: _jsonable(v, repr(k)) for k, v in meta.items()}
+    header["generators"] = _generator_states(model)
     arrays["__meta__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
 
     target = os.path.realpath(path)  # through a symlink: the link stays, its target is replaced
@@ -130,6 +175,15 @@ def save_checkpoint(path: str | os.PathLike, model=None, optimizer=None, *,
     fd, tmp = tempfile.mkstemp(prefix=f"{_temporary_prefix(target)}{os.getpid()}-", suffix=".npz",
                                dir=directory)  # fmt: skip
     try:
+        # mkstemp makes the file 0600; a checkpoint gets what any new file would (or keeps the
+        # mode of the one it replaces)
+        try:
+            mode = os.stat(target).st_mode & 0o7777
+        except FileNotFoundError:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -183,6 +237,11 @@ def read_checkpoint(path: str | os.PathLike, *,
     Returns ``(model_state, optimizer_state, meta)``: the model state_dict, the optimizer
     state_dict plus its ``"class"`` (None if none was saved) and the caller's metadata.
     """
+    return _read(path, allow_nonfinite)[:3]
+
+
+def _read(path, allow_nonfinite: bool):
+    """read_checkpoint's three parts and the saved generator states (None in older files)."""
     path = os.fspath(path)
     data = _read_members(path)
     if "__meta__" not in data:
@@ -235,7 +294,10 @@ def read_checkpoint(path: str | os.PathLike, *,
     optim = None
     if opt_header is not None:
         optim = {"class": opt_header["class"], "hparams": opt_header["hparams"], "state": state}
-    return model, optim, meta
+    generators = header.get("generators")
+    _expect(generators is None or isinstance(generators, dict), path,
+            "its generators entry is not a JSON object")  # fmt: skip
+    return model, optim, meta, generators
 
 
 def _check_model_state(model, state: dict, path: str) -> None:
@@ -263,13 +325,17 @@ def load_checkpoint(path: str | os.PathLike, model=None, optimizer=None, *,
                     allow_nonfinite: bool = False) -> dict:  # fmt: skip
     """Restores ``model`` and ``optimizer`` (either may be None) from path; returns the metadata.
 
+    The model's random generators (``model.generators()``: dropout masks, noise seeds) continue
+    from where they were saved, so a resumed run draws what the uninterrupted one would have.
+
     Everything is checked before anything changes: on any error the model and the optimizer are
     as they were.
     """
     path = os.fspath(path)
-    model_state, optim_state, meta = read_checkpoint(path, allow_nonfinite=allow_nonfinite)
+    model_state, optim_state, meta, generators = _read(path, allow_nonfinite)
     if model is not None:
         _check_model_state(model, model_state, path)
+    generators = _check_generators(model, generators, path)
     if optimizer is not None:
         if optim_state is None:
             raise CheckpointError(f"checkpoint {path!r} holds no optimizer state")
@@ -297,4 +363,6 @@ def load_checkpoint(path: str | os.PathLike, model=None, optimizer=None, *,
         if optimizer is not None:
             optimizer.load_state_dict(optim_before)
         raise CheckpointError(f"checkpoint {path!r} does not fit: {e}") from e
+    for name, g in model.generators().items() if generators else ():
+        g.bit_generator.state = generators[name]
     return meta

@@ -11,7 +11,7 @@ arrays, such as a model's merged ``params``, stays valid.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -19,10 +19,23 @@ import numpy as np
 from . import init as _init
 from . import ops
 from ._validate import check_lengths, check_matmul_precision, check_noise
-from .cells import cell_spec, family_cell
+from .cells import cell_spec, family_cell, rnn_cell
 from .sequences import reverse_index
 
-__all__ = ["Module", "RNN", "LSTM", "GRU", "Embedding", "Linear", "IncompatibleKeys"]
+__all__ = [
+    "Module",
+    "Parameter",
+    "Sequential",
+    "RNN",
+    "LSTM",
+    "GRU",
+    "RNNCell",
+    "LSTMCell",
+    "GRUCell",
+    "Embedding",
+    "Linear",
+    "IncompatibleKeys",
+]
 
 
 class IncompatibleKeys(NamedTuple):
@@ -30,36 +43,192 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
-class Module:
-    """Base of every layer: params, grads, train/eval, zero_grad, state_dict, children.
+class Parameter:
+    """Marks an array as a parameter of the Module it is assigned to: ``self.w = Parameter(a)``.
 
-    A model made of layers registers them with ``add_module(name, layer)``; its ``params`` and
-    ``grads`` then hold the children's arrays (the same objects) under ``name.param`` keys, as a
-    torch.nn.Module's state_dict does.
+    The assignment registers ``a`` (a float32 or float64 ndarray, kept as it is) under the
+    attribute's name, with a zero gradient in ``grads``; the attribute then holds the plain array.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data) -> None:
+        if not isinstance(data, np.ndarray) or data.dtype not in (np.float32, np.float64):
+            raise TypeError(
+                "Parameter takes a float32 or float64 ndarray, got "
+                f"{getattr(data, 'dtype', type(data).__name__)}"
+            )
+        self.data = data
+
+
+class _Tree(Mapping):
+    """A live, read-only view of a module's arrays and its descendants' under dotted names.
+
+    ``model.params["rnn.weight_ih_l0"]`` is the child's own array; a module added later (at any
+    depth) shows up at once, as in torch's state_dict.
+    """
+
+    __slots__ = ("_module", "_kind")
+
+    def __init__(self, module: Module, kind: str) -> None:
+        self._module, self._kind = module, kind
+
+    def _own(self, module: Module) -> dict[str, np.ndarray]:
+        return module.__dict__[self._kind]
+
+    def _walk(self, module: Module, prefix: str):
+        yield from ((prefix + k, v) for k, v in self._own(module).items())
+        for name, child in module.__dict__["_children"].items():
+            yield from self._walk(child, f"{prefix}{name}.")
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        module, rest = self._module, key
+        while True:
+            own = self._own(module)
+            if rest in own:
+                return own[rest]
+            head, dot, rest = rest.partition(".")
+            module = module.__dict__["_children"].get(head) if dot else None
+            if module is None:
+                raise KeyError(key)
+
+    def __setitem__(self, key: str, value) -> None:
+        # `grads[k] += g` adds in place and then stores the same array back: allow only that
+        if self[key] is not value:
+            raise TypeError(
+                f"{key!r}: a module's params and grads are views of its arrays; update the array "
+                "in place (params[k][...] = v) or register a new one with register_parameter"
+            )
+
+    def __iter__(self):
+        return (k for k, _ in self._walk(self._module, ""))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._walk(self._module, ""))
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k!r}: {v.dtype}{list(v.shape)}" for k, v in self.items())
+        return f"{{{shapes}}}"
+
+
+class Module:
+    """Base of every layer and model: params, grads, children, train/eval, state_dict.
+
+    As in torch.nn.Module, assigning a Module to an attribute (``self.rnn = LSTM(...)``) registers
+    it as a child, and assigning a ``Parameter`` registers an array; ``add_module`` and
+    ``register_parameter`` do the same by name. ``params`` and ``grads`` are live read-only views
+    of the module's arrays and all its descendants' (the same objects) under ``child.param`` keys,
+    as a torch.nn.Module's state_dict names them. Subclasses call ``super().__init__()`` before
+    assigning children or parameters, and define ``forward`` (and ``backward``).
     """
 
     def __init__(self) -> None:
-        self.params: dict[str, np.ndarray] = {}
-        self.grads: dict[str, np.ndarray] = {}
+        object.__setattr__(self, "_params", {})
+        object.__setattr__(self, "_grads", {})
+        object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_views", (_Tree(self, "_params"), _Tree(self, "_grads")))
         self.training = True
-        self._children: dict[str, Module] = {}
 
-    def add_module(self, name: str, module: Module) -> Module:
-        if not isinstance(module, Module):
+    @property
+    def params(self) -> Mapping[str, np.ndarray]:
+        """Every parameter of this module and its descendants, by dotted name (a live view)."""
+        return self._views[0]
+
+    @property
+    def grads(self) -> Mapping[str, np.ndarray]:
+        """The gradient arrays, named as ``params`` (a live view)."""
+        return self._views[1]
+
+    def _check_initialised(self, what: str) -> None:
+        if "_children" not in self.__dict__:
+            raise AttributeError(
+                f"cannot register {what} before Module.__init__(): call super().__init__() first "
+                f"in {type(self).__name__}.__init__"
+            )
+
+    @staticmethod
+    def _check_name(name, what: str) -> None:
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"{what} name must be a non-empty str without '.', got {name!r}")
+
+    def add_module(self, name: str, module: Module | None) -> Module | None:
+        """Registers ``module`` as the child ``name`` (also the attribute); None removes it."""
+        self._check_initialised("a module")
+        self._check_name(name, "module")
+        if module is not None and not isinstance(module, Module):
             raise TypeError(f"add_module needs a Module, got {type(module).__name__}")
-        if "." in name or not name:
-            raise ValueError(f"module name must be non-empty without '.', got {name!r}")
-        self._children[name] = module
-        for k, v in module.params.items():
-            self.params[f"{name}.{k}"] = v
-        for k, v in module.grads.items():
-            self.grads[f"{name}.{k}"] = v
-        setattr(self, name, module)
+        if name in self._params:
+            raise KeyError(f"{name!r} is already a parameter of {type(self).__name__}")
+        if module is None:
+            self._children.pop(name, None)
+        else:
+            self._children[name] = module
+        self.__dict__.pop(name, None)
         return module
 
-    def _add_param(self, name: str, value: np.ndarray) -> None:
-        self.params[name] = value
-        self.grads[name] = np.zeros_like(value)
+    def register_parameter(self, name: str, value: np.ndarray) -> None:
+        """Registers ``value`` (kept as it is) as the parameter ``name``, with a zero gradient."""
+        self._check_initialised("a parameter")
+        self._check_name(name, "parameter")
+        if name in self._children:
+            raise KeyError(f"{name!r} is already a child module of {type(self).__name__}")
+        value = Parameter(value).data
+        self._params[name] = value
+        self._grads[name] = np.zeros_like(value)
+        self.__dict__.pop(name, None)
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, Module):
+            self.add_module(name, value)
+        elif isinstance(value, Parameter):
+            self.register_parameter(name, value.data)
+        elif name in self.__dict__.get("_params", ()):
+            raise TypeError(
+                f"{type(self).__name__}.{name} is a parameter: update it in place "
+                f"(self.{name}[...] = value) or assign a Parameter to replace it"
+            )
+        else:
+            if name in self.__dict__.get("_children", ()):
+                del self._children[name]  # as torch: a plain value replaces the child
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str):
+        # called only when normal lookup fails: children and parameters by name, as torch
+        d = self.__dict__
+        if name in d.get("_children", ()):
+            return d["_children"][name]
+        if name in d.get("_params", ()):
+            return d["_params"][name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        if name in self._children:
+            del self._children[name]
+        elif name in self._params:
+            del self._params[name], self._grads[name]
+        else:
+            object.__delattr__(self, name)
+
+    def children(self) -> Iterator[Module]:
+        return iter(list(self._children.values()))
+
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        return iter(list(self._children.items()))
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        """This module (named ``prefix``) and every descendant, depth first, by dotted name."""
+        yield prefix, self
+        for name, child in self._children.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self) -> Iterator[Module]:
+        return (m for _, m in self.named_modules())
+
+    def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
+        return iter(self.params.items())
+
+    def parameters(self) -> Iterator[np.ndarray]:
+        return iter(self.params.values())
 
     def train(self, mode: bool = True) -> Module:
         """Training mode (dropout on, forward keeps what backward needs); returns self."""
@@ -79,6 +248,16 @@ class Module:
 
     def num_parameters(self) -> int:
         return sum(p.size for p in self.params.values())
+
+    def generators(self) -> dict[str, np.random.Generator]:
+        """The random generators of this module and its descendants (dropout masks, noise seeds),
+        by dotted attribute name: what a checkpoint saves so that a resumed run draws the same."""
+        return {
+            f"{prefix}.{k}" if prefix else k: v
+            for prefix, m in self.named_modules()
+            for k, v in vars(m).items()
+            if isinstance(v, np.random.Generator)
+        }
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """A copy of every parameter, keyed as in ``params`` (and as torch's state_dict)."""
@@ -120,7 +299,10 @@ class Module:
         return self.forward(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} has no forward(); a model subclasses Module and defines "
+            "forward (and backward), or chains its layers in a Sequential"
+        )
 
 
 def _float_dtype(dtype) -> np.dtype:
@@ -131,6 +313,20 @@ def _float_dtype(dtype) -> np.dtype:
 
 
 def _check_input(name: str, x, dtype: np.dtype) -> np.ndarray:
+    if hasattr(x, "batch_sizes") and hasattr(x, "data"):  # torch's PackedSequence
+        raise TypeError(
+            f"{name} is a torch PackedSequence; rnnfast takes padded arrays and lengths: "
+            "x, lengths = torch.nn.utils.rnn.pad_packed_sequence(packed), then "
+            "layer(x.numpy(), lengths=lengths.numpy())"
+        )
+    if isinstance(x, (list, tuple)) and any(np.ndim(s) > 0 for s in x):
+        shapes = {np.shape(s) for s in x}
+        if len(shapes) > 1:
+            raise TypeError(
+                f"{name} is a list of sequences of different shapes {sorted(shapes)[:3]}...; pad "
+                "them first: x, lengths = rnnfast.sequences.pad_sequences(seqs), then "
+                "layer(x, lengths=lengths)"
+            )
     x = np.asarray(x)
     if x.dtype != dtype:
         raise TypeError(
@@ -247,17 +443,17 @@ class _Recurrent(Module):
                 for kind, shape in shapes.items():
                     w = np.zeros(shape, dtype=self.dtype)
                     init(kind + suffix, w, self.rng, H, G)
-                    self._add_param(kind + suffix, w)
+                    self.register_parameter(kind + suffix, w)
                 # layer norm's gains start at 1 and c's bias at 0 (as Haste and torch's LayerNorm)
                 for kind in self.spec.layer_norm_names if self.layer_norm else ():
                     size = H if kind in ("ln_gamma_c", "ln_beta_c") else G * H
                     start = 0 if kind == "ln_beta_c" else 1
-                    self._add_param(kind + suffix, np.full(size, start, dtype=self.dtype))
+                    self.register_parameter(kind + suffix, np.full(size, start, dtype=self.dtype))
         if self.learn_initial_state:
             LD = self.num_layers * self.num_directions
-            self._add_param("h0", np.zeros((LD, 1, R), dtype=self.dtype))
+            self.register_parameter("h0", np.zeros((LD, 1, R), dtype=self.dtype))
             if self.spec.has_c:
-                self._add_param("c0", np.zeros((LD, 1, H), dtype=self.dtype))
+                self.register_parameter("c0", np.zeros((LD, 1, H), dtype=self.dtype))
         self._cache = None
 
     @property
@@ -624,7 +820,7 @@ class Embedding(Module):
         w = _init.normal_(np.empty((num_embeddings, embedding_dim), dtype=self.dtype), rng=seed)
         if padding_idx is not None:
             w[padding_idx] = 0
-        self._add_param("weight", w)
+        self.register_parameter("weight", w)
         self._ids = None
 
     def __repr__(self) -> str:
@@ -673,10 +869,11 @@ class Linear(Module):
         self.dtype = _float_dtype(dtype)
         rng = _init.as_generator(seed)
         k = 1.0 / np.sqrt(in_features)
-        self._add_param("weight", _init.uniform_(np.empty((out_features, in_features), self.dtype),
-                                                 -k, k, rng))  # fmt: skip
+        weight = np.empty((out_features, in_features), self.dtype)
+        self.register_parameter("weight", _init.uniform_(weight, -k, k, rng))
         if bias:
-            self._add_param("bias", _init.uniform_(np.empty(out_features, self.dtype), -k, k, rng))
+            bias_ = np.empty(out_features, self.dtype)
+            self.register_parameter("bias", _init.uniform_(bias_, -k, k, rng))
         self._x = None
 
     def __repr__(self) -> str:
@@ -707,3 +904,200 @@ class Linear(Module):
         if "bias" in self.params:
             self.grads["bias"] += dy2.sum(axis=0)
         return dy @ self.params["weight"]
+
+
+# ---- single steps and chains -------------------------------------------------------------------
+
+
+class _Cell(Module):
+    """One step of a fused cell, as torch.nn.LSTMCell, GRUCell and RNNCell.
+
+    ``h = cell(x, h)`` (``h, c = cell(x, (h, c))`` for LSTMCell): x (N, C) or (C,) unbatched, the
+    state (N, H) or (H,), None for zeros. Parameters ``weight_ih`` (G*H, C), ``weight_hh`` (G*H,
+    H), ``bias_ih``, ``bias_hh`` (G*H,), torch's names and init U(-1/sqrt(H), 1/sqrt(H)).
+
+    Each training-mode call keeps its step's reserve on a stack; ``backward(dstate)`` pops the
+    latest step, adds into ``grads`` and returns ``(dx, dstate_prev)``, so a loop of T calls is
+    differentiated by T backward calls in reverse order, each given the gradient of that step's
+    output state (its loss's gradient plus the dstate_prev of the step after it). Eval mode keeps
+    nothing; ``clear()`` drops the stack without backpropagating.
+    """
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, bias: bool = True, *,
+                 dtype=np.float32, seed=None):  # fmt: skip
+        super().__init__()
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.spec = cell_spec(cell)
+        self.input_size, self.hidden_size, self.bias = int(input_size), int(hidden_size), bias
+        self.dtype = _float_dtype(dtype)
+        rng = _init.as_generator(seed)
+        G, H = self.spec.gates, self.hidden_size
+        shapes = {"weight_ih": (G * H, self.input_size), "weight_hh": (G * H, H)}
+        if bias:
+            shapes.update(bias_ih=(G * H,), bias_hh=(G * H,))
+        for name, shape in shapes.items():
+            w = np.zeros(shape, dtype=self.dtype)
+            _init_torch(name, w, rng, H, G)
+            self.register_parameter(name, w)
+        self._steps: list = []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.input_size}, {self.hidden_size}, bias={self.bias})"
+
+    def clear(self) -> None:
+        """Drops the reserves of the training steps not yet backpropagated."""
+        self._steps.clear()
+
+    def _state(self, name: str, s, N: int, unbatched: bool):
+        if s is None:
+            return None
+        s = _check_input(name, s, self.dtype)
+        want = (self.hidden_size,) if unbatched else (N, self.hidden_size)
+        if s.shape != want:
+            raise ValueError(f"{name} must have shape {want}, got {s.shape}")
+        return s[None] if unbatched else s
+
+    def _split(self, what: str, state, N: int, unbatched: bool):
+        """(h, c) checked from a state argument (c None for a cell without one)."""
+        if self.spec.has_c:
+            if state is None:
+                return None, None
+            if not isinstance(state, tuple) or len(state) != 2:
+                raise TypeError(f"{type(self).__name__}'s {what} must be a tuple (h, c)")
+            return (self._state(f"{what}[0]", state[0], N, unbatched),
+                    self._state(f"{what}[1]", state[1], N, unbatched))  # fmt: skip
+        if isinstance(state, tuple):
+            raise TypeError(f"{type(self).__name__}'s {what} is one array h, not a tuple")
+        return self._state(what, state, N, unbatched), None
+
+    def _join(self, h, c, unbatched: bool):
+        if unbatched:
+            h, c = h[0], None if c is None else c[0]
+        return (h, c) if self.spec.has_c else h
+
+    def forward(self, x, state=None):
+        x = _check_input("x", x, self.dtype)
+        if x.ndim not in (1, 2) or x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"x must be (N, {self.input_size}) or ({self.input_size},) unbatched, got shape "
+                f"{x.shape}"
+            )
+        unbatched = x.ndim == 1
+        x = x[None] if unbatched else x
+        h0, c0 = self._split("state", state, x.shape[0], unbatched)
+        p = self.params
+        _, h, c, ctx = ops.forward(
+            self.spec.name, x[None], p["weight_ih"], p["weight_hh"], p.get("bias_ih"),
+            p.get("bias_hh"), h0, c0, training=self.training,
+        )  # fmt: skip
+        if self.training:
+            self._steps.append((ctx, unbatched, x.shape[0]))
+        return self._join(h, c, unbatched)
+
+    def backward(self, dstate):
+        """Backpropagates the latest training step not yet differentiated: dstate is the
+        gradient of its output state (h, or (dh, dc) for LSTMCell; any part None for zero).
+        Returns ``(dx, dstate_prev)``, the gradients of its x and its input state."""
+        if not self._steps:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward needs a training-mode forward not yet "
+                "backpropagated (eval() keeps nothing; each step is differentiated once)"
+            )
+        ctx, unbatched, N = self._steps[-1]
+        dh, dc = (None, None) if dstate is None else self._split("dstate", dstate, N, unbatched)
+        self._steps.pop()
+        g = ops.backward(ctx, None, dh, dc)
+        self.grads["weight_ih"] += g["dw_ih"]
+        self.grads["weight_hh"] += g["dw_hh"]
+        if self.bias:
+            self.grads["bias_ih"] += g["db_ih"]
+            self.grads["bias_hh"] += g["db_hh"]
+        dx = g["dx"][0]
+        return (dx[0] if unbatched else dx), self._join(g["dh0"], g.get("dc0"), unbatched)
+
+
+class RNNCell(_Cell):
+    """One Elman step, h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh), as torch.nn.RNNCell."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 nonlinearity: str = "tanh", **kwargs):  # fmt: skip
+        self.nonlinearity = nonlinearity
+        super().__init__(rnn_cell(nonlinearity), input_size, hidden_size, bias, **kwargs)
+
+
+class LSTMCell(_Cell):
+    """One LSTM step (gates i, f, g, o), as torch.nn.LSTMCell: ``h, c = cell(x, (h, c))``."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, **kwargs):
+        super().__init__("lstm", input_size, hidden_size, bias, **kwargs)
+
+
+class GRUCell(_Cell):
+    """One GRU step (gates r, z, n), as torch.nn.GRUCell; ``reset_after=False`` applies r before
+    the candidate's product (Cho et al. 2014), as the GRU layer's option."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *,
+                 reset_after: bool = True, **kwargs):  # fmt: skip
+        self.reset_after = reset_after
+        super().__init__(family_cell("gru", reset_after=reset_after), input_size, hidden_size,
+                         bias, **kwargs)  # fmt: skip
+
+
+class Sequential(Module):
+    """Modules applied in order, as torch.nn.Sequential: ``Sequential(a, b, c)(x)`` is c(b(a(x)))
+    and ``backward(dy)`` runs their backward passes in reverse, returning the first one's dx.
+
+    Children are named "0", "1", ... (state_dict keys "0.weight" ...). A recurrent layer inside
+    passes on its output y (its final state is dropped) and takes ``lengths`` when forward gets
+    them; an Embedding may only come first (its backward returns no dx).
+    """
+
+    def __init__(self, *modules: Module) -> None:
+        super().__init__()
+        for m in modules:
+            self.append(m)
+
+    def append(self, module: Module) -> Sequential:
+        self.add_module(str(len(self._children)), module)
+        return self
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def __getitem__(self, index: int) -> Module:
+        return list(self._children.values())[index]
+
+    def __iter__(self) -> Iterator[Module]:
+        return self.children()
+
+    def __repr__(self) -> str:
+        inner = "".join(f"\n  ({k}): {m!r}" for k, m in self._children.items())
+        return f"Sequential({inner}\n)" if inner else "Sequential()"
+
+    def forward(self, x, lengths=None):
+        if not self._children:
+            raise RuntimeError("Sequential() has no modules to run")
+        recurrent = [m for m in self._children.values() if isinstance(m, _Recurrent)]
+        if lengths is not None and not recurrent:
+            raise ValueError("Sequential got lengths but has no recurrent layer to give them to")
+        for m in self._children.values():
+            if isinstance(m, _Recurrent):
+                x, _ = m(x, lengths=lengths)
+            else:
+                x = m(x)
+        return x
+
+    def backward(self, dy):
+        modules = list(self._children.items())
+        for name, m in reversed(modules):
+            if dy is None:
+                raise TypeError(
+                    f"Sequential's module {name} ({type(m).__name__}) got no gradient: the module "
+                    "after it returns no dx (an Embedding can only come first)"
+                )
+            dy = m.backward(dy)
+            if isinstance(m, _Recurrent):
+                dy = dy[0]
+        return dy

@@ -1,7 +1,11 @@
-"""Softmax cross-entropy over logits (..., V) with a mask or ignore_index, and perplexity.
+"""Losses that return their own gradient: softmax cross-entropy over logits (..., V) with a mask
+or ignore_index, mean squared error, binary cross-entropy (on probabilities or on logits), and
+perplexity.
 
-The loss returns its own gradient with respect to the logits, so a training step is
-``loss, dlogits = softmax_cross_entropy(logits, targets)`` then ``head.backward(dlogits)``.
+Each loss returns ``(loss, dinput)``, the gradient with respect to its first argument, so a
+training step is ``loss, dlogits = softmax_cross_entropy(logits, targets)`` then
+``head.backward(dlogits)``. ``reduction`` is torch's: "mean", "sum" or "none" (per element, with
+the gradient of their sum).
 """
 
 from __future__ import annotations
@@ -10,7 +14,15 @@ import math
 
 import numpy as np
 
-__all__ = ["log_softmax", "softmax", "softmax_cross_entropy", "perplexity"]
+__all__ = [
+    "log_softmax",
+    "softmax",
+    "softmax_cross_entropy",
+    "mse_loss",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "perplexity",
+]
 
 
 def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -99,6 +111,98 @@ def softmax_cross_entropy(
                       np.take_along_axis(grad, safe[..., None], axis=-1) - 1, axis=-1)  # fmt: skip
     grad = np.where(kept[..., None], grad * scale[..., None], 0.0)
     return loss, grad.astype(logits.dtype, copy=False)
+
+
+def _elementwise(name: str, inp, target, weight, reduction: str):
+    """inp and target as float arrays of one shape, weight broadcast to it (or None)."""
+    inp = np.asarray(inp)
+    if inp.dtype.kind != "f":
+        raise TypeError(f"{name}'s input must be floating point, got {inp.dtype}")
+    target = np.asarray(target)
+    if target.dtype.kind not in "fiub":
+        raise TypeError(f"{name}'s target must be numeric, got {target.dtype}")
+    if target.shape != inp.shape:
+        raise ValueError(
+            f"{name}'s target has shape {target.shape}, the input {inp.shape}; they must match"
+        )
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    target = target.astype(inp.dtype, copy=False)
+    if weight is not None:
+        weight = np.asarray(weight, dtype=inp.dtype)
+        try:
+            weight = np.broadcast_to(weight, inp.shape)
+        except ValueError:
+            raise ValueError(
+                f"{name}'s weight of shape {weight.shape} does not broadcast to {inp.shape}"
+            ) from None
+    return inp, target, weight
+
+
+def _reduce(losses: np.ndarray, grad: np.ndarray, reduction: str, dtype):
+    """The loss as ``reduction`` asks and the gradient scaled to match (mean over every element,
+    as torch's, NaN for an empty input)."""
+    if reduction == "none":
+        return losses.astype(dtype, copy=False), grad.astype(dtype, copy=False)
+    if reduction == "sum":
+        return float(losses.sum()), grad.astype(dtype, copy=False)
+    if losses.size == 0:
+        return math.nan, grad.astype(dtype, copy=False)
+    return float(losses.sum()) / losses.size, (grad / losses.size).astype(dtype, copy=False)
+
+
+def mse_loss(inp, target, reduction: str = "mean") -> tuple[float | np.ndarray, np.ndarray]:
+    """(inp - target)^2, as torch.nn.functional.mse_loss; returns (loss, dinp)."""
+    inp, target, _ = _elementwise("mse_loss", inp, target, None, reduction)
+    diff = inp.astype(np.float64) - target
+    return _reduce(diff * diff, 2 * diff, reduction, inp.dtype)
+
+
+# torch's binary_cross_entropy backward divides by max(p (1 - p), 1e-12), its constant a float
+_BCE_EPS = float(np.float32(1e-12))
+
+
+def binary_cross_entropy(probs, target, weight=None, reduction: str = "mean"):
+    """-w (y log p + (1 - y) log(1 - p)) for probabilities p in [0, 1], as
+    torch.nn.functional.binary_cross_entropy (each log clamped at -100); returns (loss, dprobs).
+    Prefer binary_cross_entropy_with_logits, which is stable where p saturates."""
+    p, y, w = _elementwise("binary_cross_entropy", probs, target, weight, reduction)
+    p64 = p.astype(np.float64)
+    if not ((p64 >= 0) & (p64 <= 1)).all():
+        bad = p64[~((p64 >= 0) & (p64 <= 1))].flat[0]
+        raise ValueError(f"binary_cross_entropy's input must be probabilities in [0, 1], got {bad}")
+    with np.errstate(divide="ignore"):
+        logp, log1mp = np.maximum(np.log(p64), -100), np.maximum(np.log1p(-p64), -100)
+    losses = -(y * logp + (1 - y) * log1mp)
+    grad = (p64 - y) / np.maximum(p64 * (1 - p64), _BCE_EPS)
+    if w is not None:
+        losses, grad = losses * w, grad * w
+    return _reduce(losses, grad, reduction, p.dtype)
+
+
+def binary_cross_entropy_with_logits(logits, target, weight=None, pos_weight=None,
+                                     reduction: str = "mean"):  # fmt: skip
+    """-w (pos_weight y log s(x) + (1 - y) log(1 - s(x))), s the sigmoid, computed stably from
+    the logits x, as torch.nn.functional.binary_cross_entropy_with_logits; ``pos_weight`` weighs
+    the positive class (broadcast over the last axis, one per class); returns (loss, dlogits)."""
+    x, y, w = _elementwise("binary_cross_entropy_with_logits", logits, target, weight, reduction)
+    x64 = x.astype(np.float64)
+    softplus_neg = np.logaddexp(0, -x64)  # -log s(x)
+    softplus_pos = np.logaddexp(0, x64)  # -log(1 - s(x))
+    pw = 1.0
+    if pos_weight is not None:
+        pw = np.asarray(pos_weight, dtype=np.float64)
+        if pw.ndim > 1 or (pw.ndim == 1 and x.ndim and pw.shape[0] not in (1, x.shape[-1])):
+            raise ValueError(
+                f"pos_weight must be a scalar or one value per class ({x.shape[-1:]}), got shape "
+                f"{pw.shape}"
+            )
+    losses = pw * y * softplus_neg + (1 - y) * softplus_pos
+    sig = np.exp(-softplus_neg)
+    grad = sig * (pw * y + 1 - y) - pw * y
+    if w is not None:
+        losses, grad = losses * w, grad * w
+    return _reduce(losses, grad, reduction, x.dtype)
 
 
 def perplexity(loss: float) -> float:

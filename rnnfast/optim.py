@@ -369,3 +369,6 @@ class AdamW(Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False):  # fmt: skip
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
+
+
+from . import lr_scheduler  # noqa: E402, F401  (rnnfast.optim.lr_scheduler, as torch's)

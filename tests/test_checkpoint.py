@@ -302,3 +302,77 @@ def test_malformed_files_are_checkpoint_errors_that_change_nothing(tmp_path):
         else:
             pytest.fail(f"{name}: loaded without an error")
         assert_same(snapshot(target, topt), before)
+
+
+class Dropped(rnnfast.layers.Module):
+    """A model that draws random numbers each training step (dropout, zoneout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = rnnfast.LSTM(3, 8, num_layers=2, dropout=0.3, zoneout=0.2, seed=4)
+        self.head = rnnfast.Linear(8, 5, seed=5)
+
+
+def _steps(model, opt, n):
+    rng = np.random.default_rng(9)
+    out = []
+    for _ in range(n):
+        x = rng.standard_normal((6, 4, 3)).astype(np.float32)
+        y, _ = model.rnn(x)
+        loss, d = rnnfast.losses.softmax_cross_entropy(model.head(y), rng.integers(0, 5, (6, 4)))
+        model.zero_grad()
+        model.rnn.backward(model.head.backward(d))
+        opt.step(model.grads)
+        out.append(loss)
+    return out
+
+
+def test_resume_with_dropout_is_exact(tmp_path):
+    model = Dropped()
+    opt = optim.Adam(model.params, lr=0.01)
+    _steps(model, opt, 2)
+    checkpoint.save_checkpoint(tmp_path / "ck.npz", model, opt)
+    straight = _steps(model, opt, 3)  # the uninterrupted run
+    fresh = Dropped()
+    fresh.rnn.rng = np.random.default_rng(123)  # whatever the generator was, it is restored
+    fopt = optim.Adam(fresh.params, lr=0.01)
+    checkpoint.load_checkpoint(tmp_path / "ck.npz", fresh, fopt)
+    assert _steps(fresh, fopt, 3) == straight  # bit for bit
+
+
+def test_generators_that_do_not_fit_are_refused_before_anything_changes(tmp_path):
+    model = Dropped()
+    checkpoint.save_checkpoint(tmp_path / "ck.npz", model)
+    other = Dropped()
+    other.noise = np.random.default_rng(0)
+    before = other.state_dict()
+    with pytest.raises(CheckpointError, match=r"random generators \['rnn.rng'\]"):
+        checkpoint.load_checkpoint(tmp_path / "ck.npz", other)
+    for k, v in other.state_dict().items():
+        assert np.array_equal(v, before[k])
+
+
+def test_new_files_follow_the_umask_and_replaced_files_keep_their_mode(tmp_path):
+    model, opt = trained()
+    old = os.umask(0o022)
+    try:
+        checkpoint.save_checkpoint(tmp_path / "a.npz", model)
+        assert os.stat(tmp_path / "a.npz").st_mode & 0o777 == 0o644
+        os.chmod(tmp_path / "a.npz", 0o600)
+        checkpoint.save_checkpoint(tmp_path / "a.npz", model)
+        assert os.stat(tmp_path / "a.npz").st_mode & 0o777 == 0o600
+        os.umask(0o077)
+        checkpoint.save_checkpoint(tmp_path / "b.npz", model)
+        assert os.stat(tmp_path / "b.npz").st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_metadata_json_cannot_hold_is_named():
+    model, _ = trained()
+    with pytest.raises(TypeError, match=r"metadata 'tags' has type set.*sorted list"):
+        checkpoint.save_checkpoint("/nonexistent/x.npz", model, tags={"a", "b"})
+    with pytest.raises(TypeError, match=r"metadata 'cfg'\['when'\] has type object"):
+        checkpoint.save_checkpoint("/nonexistent/x.npz", model, cfg={"when": object()})
+    with pytest.raises(TypeError, match="key 3 that is not a str"):
+        checkpoint.save_checkpoint("/nonexistent/x.npz", model, cfg={3: "x"})

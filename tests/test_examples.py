@@ -219,3 +219,22 @@ def test_charlm_resume_of_malformed_checkpoints_is_a_one_line_error(tmp_path):
             assert out.returncode != 0, (name, command[0])
             assert "Traceback" not in out.stderr and "error:" in out.stderr, (name, out.stderr)
             assert str(path) in out.stderr, (name, out.stderr)  # the file, named
+
+
+def test_charlm_resume_refuses_a_conflicting_model_option(tmp_path):
+    ck = tmp_path / "lm.npz"
+    main(["charlm", *TINY, "--steps", "3", "--eval-every", "3", "--sample-every", "0",
+          "--checkpoint", str(ck)])  # fmt: skip
+    with pytest.raises(SystemExit, match=r"drop --hidden 128 \(the checkpoint has 48\)"):
+        main(["charlm", "--resume", str(ck), "--hidden", "128", "--steps", "5", "--quiet",
+              "--checkpoint", str(ck)])  # fmt: skip
+    with pytest.raises(SystemExit, match=r"--layer-norm True \(the checkpoint has False\)"):
+        main(["charlm", "--resume", str(ck), "--layer-norm", "--steps", "5", "--quiet",
+              "--checkpoint", str(ck)])  # fmt: skip
+
+
+def test_charlm_short_run_still_shows_a_sample(tmp_path, capsys):
+    tiny = [a for a in TINY if a != "--quiet"]
+    main(["charlm", *tiny, "--steps", "4", "--eval-every", "4", "--checkpoint",
+          str(tmp_path / "lm.npz")])  # fmt: skip
+    assert "--- sample at step 4" in capsys.readouterr().err

@@ -192,16 +192,25 @@ def sample(model: CharLM, vocab: Vocab, prime: str = "\n", length: int = 500,
         model.train(was_training)
 
 
+# the model's shape and regularisation: a new run's defaults; a resumed run takes the checkpoint's
+MODEL_DEFAULTS = {"hidden": 256, "embed": 64, "layers": 1, "dropout": 0.0,
+                  "recurrent_dropout": 0.0, "zoneout": 0.0, "layer_norm": False}  # fmt: skip
+
+
 @dataclass
 class TrainConfig:
+    """charlm's settings. The model options (MODEL_DEFAULTS' keys) left None take those defaults
+    for a new model and the checkpoint's values with ``resume``; one given that differs from the
+    checkpoint's is an error rather than silently ignored."""
+
     corpus: str | None = None
-    hidden: int = 256
-    embed: int = 64
-    layers: int = 1
-    dropout: float = 0.0
-    recurrent_dropout: float = 0.0
-    zoneout: float = 0.0
-    layer_norm: bool = False
+    hidden: int | None = None
+    embed: int | None = None
+    layers: int | None = None
+    dropout: float | None = None
+    recurrent_dropout: float | None = None
+    zoneout: float | None = None
+    layer_norm: bool | None = None
     seq_len: int = 64
     batch: int = 32
     steps: int = 2000
@@ -324,7 +333,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.optimizer not in OPTIMIZERS:
         raise SystemExit(f"--optimizer must be one of {sorted(OPTIMIZERS)}, got {cfg.optimizer!r}")
     for name in ("hidden", "embed", "layers", "seq_len", "batch", "steps"):
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     out_dir = os.path.dirname(os.path.abspath(cfg.checkpoint))
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
@@ -339,6 +348,13 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         state, _, meta = ckpt.read_checkpoint(cfg.resume)
         model, vocab = _model_from_meta(meta, state, cfg.resume)
+        saved = {**MODEL_DEFAULTS, **{k: v for k, v in model.config.items() if k in MODEL_DEFAULTS}}
+        clashes = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (the checkpoint has {saved[k]})"
+                   for k in MODEL_DEFAULTS
+                   if getattr(cfg, k) is not None and getattr(cfg, k) != saved[k]]  # fmt: skip
+        if clashes:
+            raise SystemExit(f"--resume {cfg.resume} continues the checkpoint's model; drop "
+                             f"{', '.join(clashes)} or start a new run")  # fmt: skip
         opt_name, start_step, base_lr = _resume_settings(meta, cfg.resume, cfg.optimizer)
         missing = set(train_text + val_text) - set(vocab.chars)
         if missing:
@@ -350,9 +366,9 @@ def train(cfg: TrainConfig) -> dict:
         progress.print(f"resumed {cfg.resume} at step {start_step}")
     else:
         vocab = Vocab(train_text + val_text)
-        model = CharLM(len(vocab), cfg.embed, cfg.hidden, cfg.layers, cfg.dropout,
-                       cfg.recurrent_dropout, cfg.zoneout, cfg.layer_norm,
-                       seed=cfg.seed)  # fmt: skip
+        options = {k: d if getattr(cfg, k) is None else getattr(cfg, k)
+                   for k, d in MODEL_DEFAULTS.items()}  # fmt: skip
+        model = CharLM(len(vocab), **options, seed=cfg.seed)
         opt = OPTIMIZERS[cfg.optimizer](model.params, lr=cfg.lr)
         base_lr = cfg.lr
     train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
@@ -368,6 +384,11 @@ def train(cfg: TrainConfig) -> dict:
         f"{model.num_parameters():,} parameters"
     )
     rng = np.random.default_rng(cfg.seed + start_step)
+    if cfg.resume and "rng_state" in meta:  # the chunk offsets and samples continue as they were
+        try:
+            rng.bit_generator.state = meta["rng_state"]
+        except (TypeError, ValueError, KeyError) as e:
+            raise ckpt.CheckpointError(f"{cfg.resume!r}: its rng_state is not usable: {e}") from e
     bptt = TruncatedBPTT(train_ids, cfg.batch, cfg.seq_len, random_offset=True, rng=rng)
     step, chars, t_train, history = start_step, 0, time.perf_counter(), []
     loss_avg = None
@@ -379,8 +400,18 @@ def train(cfg: TrainConfig) -> dict:
         ckpt.save_checkpoint(
             cfg.checkpoint, model, opt, step=step, model_config=model.config, vocab=vocab.chars,
             optimizer_name=type(opt).__name__.lower(), base_lr=base_lr, val_loss=val_loss,
-            unigram_perplexity=unigram,
+            unigram_perplexity=unigram, rng_state=rng.bit_generator.state,
         )  # fmt: skip
+
+    sampled_at = None
+
+    def show_sample():
+        nonlocal sampled_at
+        if cfg.sample_length > 0:
+            text = sample(model, vocab, "\n", cfg.sample_length, cfg.temperature, rng)
+            progress.print(f"--- sample at step {step}, temperature {cfg.temperature} ---\n"
+                           f"{text}\n---")  # fmt: skip
+            sampled_at = step
 
     # seconds kept for the final evaluation; re-estimated at each evaluation
     reserve = min(30.0, 0.1 * cfg.time_limit) if cfg.time_limit else 0.0
@@ -432,10 +463,8 @@ def train(cfg: TrainConfig) -> dict:
                 progress.print(f"step {step}: train loss {loss_avg:.3f}, validation perplexity "
                                f"{perplexity(val_loss):.2f} (unigram {unigram:.2f})")  # fmt: skip
                 save()
-            if cfg.sample_every and step % cfg.sample_every == 0 and cfg.sample_length > 0:
-                text = sample(model, vocab, "\n", cfg.sample_length, cfg.temperature, rng)
-                progress.print(f"--- sample at step {step}, temperature {cfg.temperature} ---\n"
-                               f"{text}\n---")  # fmt: skip
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                show_sample()
     if stopped_early:
         progress.print(f"time limit of {cfg.time_limit:.0f} s reached after {step} of "
                        f"{cfg.steps} steps")  # fmt: skip
@@ -443,6 +472,8 @@ def train(cfg: TrainConfig) -> dict:
         val_loss = evaluate(model, val_ids)
         history.append((step, loss_avg, val_loss))
         save()
+    if cfg.sample_every and sampled_at != step:  # a short run still shows what it learned
+        show_sample()
     total = time.perf_counter() - t_start
     summary = {
         "steps": step,
