@@ -13,6 +13,14 @@ from ._blas import preload as _preload_blas
 if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
     _os.environ["GOMP_SPINCOUNT"] = "10000"
 
+# read once by the extension: a value it does not know would silently mean "no cap"
+_isa = _os.environ.get("RNNFAST_ISA")
+if _isa is not None and _isa not in ("baseline", "avx2", "avx512"):
+    raise ValueError(
+        f"RNNFAST_ISA must be 'baseline', 'avx2' or 'avx512' (the widest instruction set the "
+        f"kernels may use), got {_isa!r}"
+    )
+
 _preload_blas()
 
 # read by the extension when it first allocates; a value it cannot use is an error here, not a

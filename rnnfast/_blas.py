@@ -24,8 +24,12 @@ def preload() -> None:
     # its kernels for itself: its run-time dispatch misreads some AVX-512 machines, and an
     # OPENBLAS_CORETYPE set for NumPy's copy (Haswell on our CI machines) would halve its speed
     # (bench/RESULTS.md). RNNFAST_OPENBLAS_CORETYPE overrides: a core name, or "auto".
+    # Under RNNFAST_ISA (a cap on the kernels' instruction set) it takes the matching core, so
+    # that RNNFAST_ISA=baseline runs no AVX instruction anywhere in rnnfast.
     choice = os.environ.get("RNNFAST_OPENBLAS_CORETYPE", "auto")
-    coretype = ("SkylakeX" if _has_avx512() else None) if choice.lower() == "auto" else choice
+    capped = {"baseline": "Prescott", "avx2": "Haswell"}.get(os.environ.get("RNNFAST_ISA", ""))
+    auto = capped or ("SkylakeX" if _has_avx512() else None)
+    coretype = auto if choice.lower() == "auto" else choice
     # it runs single-threaded inside the kernels' OpenMP team: no idle worker pool of its own
     wanted = {"OPENBLAS_NUM_THREADS": "1"}
     if coretype is not None:
@@ -37,7 +41,8 @@ def preload() -> None:
             import scipy_openblas32  # loads the library, reading OPENBLAS_CORETYPE once
         except ImportError as e:  # a broken install: say which package is missing
             raise ImportError(
-                "rnnfast needs the scipy-openblas32 package (pip install scipy-openblas32)"
+                "rnnfast needs the scipy-openblas32 package, which installing rnnfast brings: "
+                "run `pip install .` in a source checkout (or pip install scipy-openblas32)"
             ) from e
         path = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(True))
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)

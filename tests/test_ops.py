@@ -320,17 +320,19 @@ def test_private_module_rejects_wrong_layout_instead_of_crashing():
 
 
 @pytest.mark.parametrize(
-    "setting, kernel",
-    [("RNNFAST_NO_AVX512", "avx2 packed (float32), BLAS (float64)"), ("RNNFAST_NO_PACKED", "BLAS")],
-    ids=["avx2", "blas"],
+    "isa, kernel",
+    [("avx2", "avx2 packed (float32), BLAS (float64)"), ("baseline", "BLAS")],
+    ids=["avx2", "baseline"],
 )
-def test_paths_without_avx512_match(tmp_path, setting, kernel):
-    # machines without AVX-512 run the recurrent products through the AVX2 tile (or, without
-    # AVX2 and FMA, the BLAS), and refuse bfloat16 with a clear error; force those paths here
+def test_paths_without_avx512_match(tmp_path, isa, kernel):
+    # machines without AVX-512 run the recurrent products through the AVX2 tile and the AVX2
+    # build of the pointwise passes (or, without AVX2 and FMA, and off x86, the BLAS and the
+    # baseline build), and refuse bfloat16 with a clear error; RNNFAST_ISA forces those paths
     script = tmp_path / "fallback.py"
     script.write_text(
         "import numpy as np, rnnfast\n"
         f"assert rnnfast.build_info()['recurrent_kernel'] == {kernel!r}, rnnfast.build_info()\n"
+        f"assert rnnfast.build_info()['isa'] == {isa!r}, rnnfast.build_info()\n"
         "rng = np.random.default_rng(0)\n"
         "x = rng.standard_normal((6, 5, 7)).astype(np.float32)\n"
         "w_ih = rng.standard_normal((4 * 70, 7)).astype(np.float32) * 0.1\n"
@@ -339,22 +341,21 @@ def test_paths_without_avx512_match(tmp_path, setting, kernel):
         "g = rnnfast.lstm_backward(ctx, np.ones_like(y))\n"
         "np.savez(r'%s', y=y, dx=g['dx'], dw_hh=g['dw_hh'])\n" % (tmp_path / "out.npz")
     )
-    if setting == "RNNFAST_NO_AVX512":  # bfloat16 needs AVX-512; RNNFAST_NO_PACKED leaves it
-        script.write_text(
-            script.read_text() + "assert not rnnfast.bfloat16_supported()\n"
-            "try:\n"
-            "    rnnfast.lstm_forward(x, w_ih, w_hh, training=False, matmul_precision='bfloat16')\n"
-            "except RuntimeError as e:\n"
-            "    assert 'AVX512_BF16' in str(e), e\n"
-            "else:\n"
-            "    raise AssertionError('bfloat16 ran without AVX-512')\n"
-        )
+    # bfloat16 needs AVX-512
+    script.write_text(
+        script.read_text() + "assert not rnnfast.bfloat16_supported()\n"
+        "try:\n"
+        "    rnnfast.lstm_forward(x, w_ih, w_hh, training=False, matmul_precision='bfloat16')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'AVX512_BF16' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('bfloat16 ran without AVX-512')\n"
+    )
     import os
     import subprocess
     import sys
 
-    paths = ("RNNFAST_NO_AVX512", "RNNFAST_NO_PACKED")
-    env = {**{k: v for k, v in os.environ.items() if k not in paths}, setting: "1"}
+    env = {**os.environ, "RNNFAST_ISA": isa}
     out = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr

@@ -412,17 +412,24 @@ py::dict build_info() {
   info["blas"] = RNNFAST_BLAS_NAME;
   info["blas_config"] = std::string(scipy_openblas_get_config());
   info["blas_core"] = std::string(scipy_openblas_get_corename());
-#if defined(__AVX512F__)
-  info["simd"] = "AVX-512";
-#elif defined(__AVX2__)
-  info["simd"] = "AVX2+FMA";
-#else
-  info["simd"] = "SSE2";
-#endif
+  namespace cpu = rnnfast::cpu;
+  // compiled for the architecture's baseline; the kernels pick their instruction set at run time
+#if defined(__x86_64__)
+  info["arch"] = "x86_64";
   __builtin_cpu_init();
   info["cpu_avx512f"] = bool(__builtin_cpu_supports("avx512f"));
-  info["cpu_avx512_bf16"] = rnnfast::cpu::cpu_has_avx512_bf16();
-  namespace cpu = rnnfast::cpu;
+#elif defined(__aarch64__)
+  info["arch"] = "aarch64";
+  info["cpu_avx512f"] = false;
+#else
+  info["arch"] = "other";
+  info["cpu_avx512f"] = false;
+#endif
+  info["isa"] = cpu::isa_name(cpu::cpu_isa());
+  info["simd"] = cpu::cpu_isa() == cpu::Isa::avx512 ? "AVX-512"
+                 : cpu::cpu_isa() == cpu::Isa::avx2 ? "AVX2+FMA"
+                                                    : "baseline";
+  info["cpu_avx512_bf16"] = cpu::cpu_has_avx512_bf16();
   info["recurrent_kernel"] = !cpu::cpu_has_packed_products() ? "BLAS"
                              : !cpu::cpu_has_avx512() ? "avx2 packed (float32), BLAS (float64)"
                              : cpu::cpu_has_avx512_bf16()

@@ -26,7 +26,7 @@ struct Gru : DefaultStep {
     ln_normalise_products(3, s, th.gh);
     ForwardStep<T> pass = s;
     pass.gx = s.ln->gx;
-    run_pass<&Cell::template forward<T>>(th.avx512, pass);
+    run_pass<&Cell::template forward<T>>(th.isa, pass);
     after_pass(s);
     team_barrier(th.team);  // h_t is complete
   }
@@ -34,7 +34,7 @@ struct Gru : DefaultStep {
   template <class Cell, typename T>
   static void backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
     if (!s.ln) return DefaultStep::backward_step<Cell, T>(th, s);
-    run_pass<&Cell::template backward<T>>(th.avx512, s);
+    run_pass<&Cell::template backward<T>>(th.isa, s);
     sum_bias_rows(th, s);
     ln_gradient_sums(3, s);
     team_barrier(th.team);  // every block's sums
@@ -157,10 +157,10 @@ struct GruResetBefore : DefaultStep {
     const int64_t nu = th.units.size();
     (*th.product[0])(s.N, s.h_product, s.H, th.gh, th.width, Accumulate::no);
     s.gh = th.gh;
-    run_pass<&Cell::template gates_forward<T>>(th.avx512, s);
+    run_pass<&Cell::template gates_forward<T>>(th.isa, s);
     team_barrier(th.team);  // r * h_{t-1} is complete
     (*th.product[1])(s.N, s.rh, s.H, th.gh + 2 * nu, th.width, Accumulate::no);
-    run_pass<&Cell::template candidate_forward<T>>(th.avx512, s);
+    run_pass<&Cell::template candidate_forward<T>>(th.isa, s);
     after_pass(s);
     team_barrier(th.team);  // h_t is complete
   }
@@ -168,10 +168,10 @@ struct GruResetBefore : DefaultStep {
   template <class Cell, typename T>
   static void backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
     const int64_t GH = 3 * s.H, nu = th.units.size();
-    run_pass<&Cell::template candidate_backward<T>>(th.avx512, s);
+    run_pass<&Cell::template candidate_backward<T>>(th.isa, s);
     team_barrier(th.team);  // every unit's da_n
     (*th.product[1])(s.N, s.dgx + 2 * s.H, GH, s.drh, nu, Accumulate::no);
-    run_pass<&Cell::template gates_backward<T>>(th.avx512, s);
+    run_pass<&Cell::template gates_backward<T>>(th.isa, s);
     sum_bias_rows(th, s);
     team_barrier(th.team);  // every unit's da_r and da_z
     (*th.product[0])(s.N, s.dgx, GH, s.dh_product + th.units.begin, s.H, Accumulate::yes);

@@ -54,13 +54,13 @@ struct Lstm : DefaultStep {
     ForwardStep<T> pass = s;
     pass.gx = ln.gx;
     if (!pass.gates) pass.gates = ln.gates;
-    run_pass<&Cell::template forward<T>>(th.avx512, pass);  // its h is replaced below
+    run_pass<&Cell::template forward<T>>(th.isa, pass);  // its h is replaced below
     for (int64_t n = 0; n < s.N; ++n)
       if (s.valid(n))
         ln_block_sums(1, s.H, s.units, s.c + n * s.H + s.units.begin, 0, ln.partials.at(n, kLnC),
                       ln.partials.at(n, kLnC + 1));
     team_barrier(th.team);  // every block's sums of c
-    run_pass<&Cell::template layer_norm_output<T>>(th.avx512, pass);
+    run_pass<&Cell::template layer_norm_output<T>>(th.isa, pass);
     after_pass(s);
     team_barrier(th.team);  // h_t is complete
   }
@@ -94,9 +94,9 @@ struct Lstm : DefaultStep {
 
   template <class Cell, typename T>
   static void layer_norm_backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
-    run_pass<&Cell::template layer_norm_output_backward<T>>(th.avx512, s);
+    run_pass<&Cell::template layer_norm_output_backward<T>>(th.isa, s);
     team_barrier(th.team);  // every block's sums of the gradient of LN(c)
-    run_pass<&Cell::template layer_norm_state_backward<T>>(th.avx512, s);
+    run_pass<&Cell::template layer_norm_state_backward<T>>(th.isa, s);
     sum_bias_rows(th, s);
     ln_gradient_sums(G, s);
     team_barrier(th.team);  // every block's sums of the products' gradients
@@ -201,7 +201,7 @@ struct Lstm : DefaultStep {
     ForwardStep<T> pass = s;
     pass.gh = th.gh;
     pass.h = s.m;  // zero past a row's length, so that its h is too
-    run_pass<&Cell::template forward<T>>(th.avx512, pass);
+    run_pass<&Cell::template forward<T>>(th.isa, pass);
     team_barrier(th.team);  // m is complete
     (*th.product[1])(s.N, s.m, s.H, s.h + th.state_cols.begin, s.R, Accumulate::no);
     team_barrier(th.team);  // h_t is complete
@@ -229,7 +229,7 @@ struct Lstm : DefaultStep {
     BackwardStep<T> pass = s;
     pass.dh = s.dm;
     pass.dy = s.zeros;
-    run_pass<&Cell::template backward<T>>(th.avx512, pass);
+    run_pass<&Cell::template backward<T>>(th.isa, pass);
     sum_bias_rows(th, pass);
     team_barrier(th.team);  // every unit's gate gradients
     (*th.product[0])(s.N, s.dgh, G* s.H, s.dh_product + th.state_cols.begin, R, Accumulate::yes);

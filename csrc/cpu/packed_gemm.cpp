@@ -5,7 +5,9 @@
 // panels hold pairs of k and each accumulator takes two products per lane (vdpbf16ps).
 #include "cpu/packed_gemm.h"
 
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -15,37 +17,50 @@
 
 namespace rnnfast::cpu {
 
-bool cpu_has_avx512() {
-  // RNNFAST_NO_AVX512=1 takes the BLAS path, to test it on machines that have AVX-512. BW, VL and
-  // DQ come with F on every AVX-512 CPU but Xeon Phi; the tiles below are compiled for F, BW and
-  // VL, the pointwise passes (recurrent.h) for DQ as well, so this one predicate asks for all
-  // four, as rnnfast/_blas.py does.
-  static const bool has = [] {
-    const char* off = std::getenv("RNNFAST_NO_AVX512");
-    if (off && *off && *off != '0') return false;
+Isa cpu_isa() {
+  // $RNNFAST_ISA caps the choice, to test the narrower paths on any machine. AVX-512 here means
+  // F, BW, VL and DQ: the tiles below are compiled for F, BW and VL, the pointwise passes
+  // (recurrent.h) for DQ as well; every AVX-512 CPU but Xeon Phi has all four.
+  static const Isa isa = [] {
+    Isa cap = Isa::avx512;
+    if (const char* v = std::getenv("RNNFAST_ISA")) {  // rnnfast/__init__.py checks the value
+      if (std::strcmp(v, "baseline") == 0) cap = Isa::baseline;
+      if (std::strcmp(v, "avx2") == 0) cap = Isa::avx2;
+    }
+    Isa has = Isa::baseline;
+#if defined(__x86_64__)
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) has = Isa::avx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      has = Isa::avx512;
+#endif
+    return std::min(has, cap);
   }();
-  return has;
+  return isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512:
+      return "avx512";
+    case Isa::avx2:
+      return "avx2";
+    default:
+      return "baseline";
+  }
 }
 
 bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__)
   static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
   return has;
+#else
+  return false;
+#endif
 }
 
-bool cpu_has_packed_products() {
-  // RNNFAST_NO_PACKED=1 takes the BLAS path for the step products, to test it anywhere
-  static const bool has = [] {
-    const char* off = std::getenv("RNNFAST_NO_PACKED");
-    if (off && *off && *off != '0') return false;
-    __builtin_cpu_init();
-    return cpu_has_avx512() || (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
-  }();
-  return has;
-}
-
+#if defined(__x86_64__)
 namespace {
 
 constexpr int64_t kPanel = 16;  // floats in a zmm
@@ -53,6 +68,7 @@ constexpr int kMaxRows = 6;     // 2 * 6 accumulators + 2 panel loads + 1 broadc
 
 // The tiles' target: the bfloat16 instantiations need AVX512_BF16; the float32 ones use only F,
 // BW and VL instructions, since nothing in them asks for a bfloat16 one.
+#define RNNFAST_AVX2_TARGET __attribute__((target("avx2,fma")))
 #define RNNFAST_TILE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 // Panel elements per k: a float32 panel holds one float per output and k; a bfloat16 one holds
@@ -153,7 +169,7 @@ RNNFAST_TILE_TARGET void panel_to_bf16(const float* panel, int64_t K, uint16_t* 
 }
 
 // out[k * ldo + r] = in[r * ld + k] for r, k < 8
-void transpose8x8(const float* in, int64_t ld, float* out, int64_t ldo) {
+RNNFAST_AVX2_TARGET void transpose8x8(const float* in, int64_t ld, float* out, int64_t ldo) {
   __m256 r[8], t[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * ld);
   for (int i = 0; i < 8; i += 2) {
@@ -241,8 +257,6 @@ void multiply_panels(int64_t N, int64_t M, int64_t K, const E* A, int64_t lda, c
 // ---- AVX2 + FMA: one 16-wide panel (two ymm) times up to 6 rows
 // ----------------------------------
 
-#define RNNFAST_AVX2_TARGET __attribute__((target("avx2,fma")))
-
 // one k of an R x 16 tile: 2 panel loads, R broadcasts, 2R FMAs
 template <int R>
 RNNFAST_AVX2_TARGET __attribute__((always_inline)) inline void multiply_add_k_avx2(
@@ -327,8 +341,10 @@ void multiply_panels_avx2(int64_t N, int64_t M, int64_t K, const float* A, int64
 
 }  // namespace
 
-PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bool outputs_are_rows,
-                           OutputBlocks blocks, bool bf16)
+// packing runs only where the products do (AVX2 and up): its transposes are AVX2 code
+RNNFAST_AVX2_TARGET PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K,
+                                               bool outputs_are_rows, OutputBlocks blocks,
+                                               bool bf16)
     : M_(M),
       K_(K),
       panels_((M + kPanel - 1) / kPanel),
@@ -397,5 +413,17 @@ void PackedPanels::multiply(int64_t N, const float* A, int64_t lda, float* C, in
   multiply_panels<uint16_t>(N, M_, pairs, a_bf16_.get(), 2 * pairs,
                             reinterpret_cast<const uint16_t*>(data_.get()), C, ldc, accumulate);
 }
+
+#else  // no packed products off x86-64: StepProduct takes the BLAS (cpu_has_packed_products())
+
+PackedPanels::PackedPanels(const float*, int64_t, int64_t, int64_t, bool, OutputBlocks, bool) {
+  throw std::logic_error("rnnfast: packed products exist on x86-64 only");
+}
+
+void PackedPanels::multiply(int64_t, const float*, int64_t, float*, int64_t, bool) const {
+  throw std::logic_error("rnnfast: packed products exist on x86-64 only");
+}
+
+#endif
 
 }  // namespace rnnfast::cpu

@@ -14,11 +14,17 @@
 
 namespace rnnfast::cpu {
 
-bool cpu_has_avx512();
+// The instruction sets the kernels pick at run time: the library is compiled for its
+// architecture's baseline (x86-64, aarch64), and the hot code has AVX2 + FMA and AVX-512 builds.
+enum class Isa { baseline = 0, avx2 = 1, avx512 = 2 };
+// the widest the CPU has, capped by $RNNFAST_ISA ("baseline", "avx2", "avx512"), read once
+Isa cpu_isa();
+const char* isa_name(Isa isa);
+inline bool cpu_has_avx512() { return cpu_isa() == Isa::avx512; }
 // AVX512_BF16 (vdpbf16ps), for the opt-in bfloat16 products
 bool cpu_has_avx512_bf16();
 // whether float32 step products run packed: AVX-512, or AVX2 with FMA
-bool cpu_has_packed_products();
+inline bool cpu_has_packed_products() { return cpu_isa() >= Isa::avx2; }
 
 // Whether output j's weights are row j of W ([M, ldw], so C = A W^T) or column j ([K, ldw], so
 // C = A W), and whether a product adds to C or overwrites it: named at every call site.
@@ -50,7 +56,8 @@ class PackedPanels {
  private:
   int64_t M_, K_, panels_;
   bool bf16_;
-  Scratch<float> data_;  // float32 panels [K][16], or bfloat16 ones [K/2][16][2]
+  Scratch<float> data_{nullptr,
+                       release_scratch};  // float32 panels [K][16], or bfloat16 ones [K/2][16][2]
   mutable Scratch<uint16_t> a_bf16_{nullptr, release_scratch};
   mutable int64_t a_capacity_ = 0;
 };

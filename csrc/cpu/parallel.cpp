@@ -34,6 +34,13 @@ int team_request(int threads) {
 
 void set_num_threads(int n) {
   if (n < 1) throw std::invalid_argument("set_num_threads needs n >= 1, got " + std::to_string(n));
+#if !defined(RNNFAST_WITH_OPENMP)
+  if (n > 1)
+    throw std::runtime_error(
+        "set_num_threads(" + std::to_string(n) +
+        "): this rnnfast was built without OpenMP and runs its kernels on one thread; rebuild "
+        "with a compiler that has OpenMP (gcc, or clang with libomp) for more");
+#endif
   if (n > 1 && g_forked_child.load())
     throw std::runtime_error(
         "this process was forked after rnnfast ran a multi-threaded kernel, and OpenMP's threads "

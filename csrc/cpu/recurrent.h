@@ -26,51 +26,51 @@ namespace rnnfast::cpu {
 // The hat arrays are the reserve's slots of the step (null in an inference forward).
 template <typename T>
 struct LayerNormStep {
-  const T* gamma_ih;  // [G*H] the x product's gains
-  const T* gamma_hh;  // [G*H] the h product's
-  const T* gamma_c;   // [H] c's gain and bias, cells with c
-  const T* beta_c;
-  LnPartials partials;  // the team's block sums
-  T* x_hat;             // [N, G*H] the normalised products: out in training, in for backward
-  T* h_hat;             // [N, G*H]
-  T* c_hat;             // [N, H] cells with c
-  T* rstd;              // [N, 3] 1/sqrt(var + eps) of the x product, the h product and c
-  T* gates;             // forward in inference: [N, G*H] the gates the pass after c's reads
-  T* gx;                // forward: [N, G*units] this thread's normalised x product
-  T* dgamma_ih;         // backward: the gradients, summed by the threads that own the units
-  T* dgamma_hh;
-  T* dgamma_c;
-  T* dbeta_c;
-  T* dc_hat;  // backward: [N, H] the gradient reaching c's normalised value, then c
+  const T* gamma_ih{};  // [G*H] the x product's gains
+  const T* gamma_hh{};  // [G*H] the h product's
+  const T* gamma_c{};   // [H] c's gain and bias, cells with c
+  const T* beta_c{};
+  LnPartials partials{};  // the team's block sums
+  T* x_hat{};             // [N, G*H] the normalised products: out in training, in for backward
+  T* h_hat{};             // [N, G*H]
+  T* c_hat{};             // [N, H] cells with c
+  T* rstd{};              // [N, 3] 1/sqrt(var + eps) of the x product, the h product and c
+  T* gates{};             // forward in inference: [N, G*H] the gates the pass after c's reads
+  T* gx{};                // forward: [N, G*units] this thread's normalised x product
+  T* dgamma_ih{};         // backward: the gradients, summed by the threads that own the units
+  T* dgamma_hh{};
+  T* dgamma_c{};
+  T* dbeta_c{};
+  T* dc_hat{};  // backward: [N, H] the gradient reaching c's normalised value, then c
 };
 
 // One thread's slice of one forward step.
 template <typename T>
 struct ForwardStep {
-  int64_t N, H, R, t;      // R: the size of h (Dims::R)
-  Range units;             // the hidden units this thread owns
-  const int32_t* lengths;  // [N] or null
-  const T* gx;             // [N, G*units] this thread's input projection, without biases
-  const T* bx;             // [G*H] b_ih plus the parts of b_hh that are plain sums: add to gx
-  const T* gh;             // [N, G*units] this thread's recurrent product, gate-major per row
-  const T* bhn;            // [H] GRU: b_hn, kept out of gx since r multiplies it; else null
-  const T* h_prev;         // [N, R] (R = H but with a projection, Dims::R)
-  const T* c_prev;         // [N, H] LSTM, else null
-  const T* peephole;       // [3, H] w_peephole (rows i, f, o), or null
-  T* h;                    // [N, R] out: zero where t >= length
-  T* c;                    // [N, H] out, LSTM: carried unchanged where t >= length
-  T* gates;                // [N, G*H] out, training only (else null)
-  T* ghn;                  // [N, H] out, GRU training only (else null)
-  T* rh;                   // [N, H] out, reset_before: r * h_{t-1}, read by the whole team
-  T* m;                    // [N, H] out, with a projection: o * tanh(c), which W_hr projects to h
-  const T* drop;           // [N, units] candidate dropout's scale (0 or 1/(1-p)), or null
-  const Noise* zoneout;    // zoneout on h (after_pass), or null
-  const uint8_t* taken;    // [N, units] zoneout in training: 1 where h takes its new value
+  int64_t N, H, R, t;        // R: the size of h (Dims::R)
+  Range units{};             // the hidden units this thread owns
+  const int32_t* lengths{};  // [N] or null
+  const T* gx{};             // [N, G*units] this thread's input projection, without biases
+  const T* bx{};             // [G*H] b_ih plus the parts of b_hh that are plain sums: add to gx
+  const T* gh{};             // [N, G*units] this thread's recurrent product, gate-major per row
+  const T* bhn{};            // [H] GRU: b_hn, kept out of gx since r multiplies it; else null
+  const T* h_prev{};         // [N, R] (R = H but with a projection, Dims::R)
+  const T* c_prev{};         // [N, H] LSTM, else null
+  const T* peephole{};       // [3, H] w_peephole (rows i, f, o), or null
+  T* h{};                    // [N, R] out: zero where t >= length
+  T* c{};                    // [N, H] out, LSTM: carried unchanged where t >= length
+  T* gates{};                // [N, G*H] out, training only (else null)
+  T* ghn{};                  // [N, H] out, GRU training only (else null)
+  T* rh{};                   // [N, H] out, reset_before: r * h_{t-1}, read by the whole team
+  T* m{};                    // [N, H] out, with a projection: o * tanh(c), which W_hr projects to h
+  const T* drop{};           // [N, units] candidate dropout's scale (0 or 1/(1-p)), or null
+  const Noise* zoneout{};    // zoneout on h (after_pass), or null
+  const uint8_t* taken{};    // [N, units] zoneout in training: 1 where h takes its new value
   // what the recurrent products multiply: h_{t-1}, or with variational dropout h_{t-1} * vscale
-  const T* h_product;          // [N, R]
-  const T* vscale;             // [N, R] variational dropout's scale (0 or 1/(1-p)), or null
-  T* h_product_next;           // [N, R] with vscale: out, this thread's columns of h_t * vscale
-  const LayerNormStep<T>* ln;  // or null
+  const T* h_product{};          // [N, R]
+  const T* vscale{};             // [N, R] variational dropout's scale (0 or 1/(1-p)), or null
+  T* h_product_next{};           // [N, R] with vscale: out, this thread's columns of h_t * vscale
+  const LayerNormStep<T>* ln{};  // or null
   bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
 };
 
@@ -78,57 +78,65 @@ struct ForwardStep {
 template <typename T>
 struct BackwardStep {
   int64_t N, H, R, t;  // R: the size of h (Dims::R)
-  Range units;
-  const int32_t* lengths;  // [N] or null
-  const T* dy;             // [N, R] (zeros where the caller gave none)
-  const T* h_prev;         // [N, R]
-  const T* h;              // [N, R]
-  const T* c_prev;         // [N, H] LSTM
-  const T* c;              // [N, H] LSTM
-  const T* gates;          // [N, G*H] post-activation gates (LSTM, GRU)
-  const T* ghn;            // [N, H] GRU
-  const T* peephole;       // [3, H] w_peephole, or null
-  T* dpeephole;    // [3, H] w_peephole's gradient, summed step by step (this thread's units)
-  T* drh;          // [N, units] reset_before: this thread's columns of d(r * h_{t-1})
-  T* dh_seq;       // [N, R] with a projection: h_t's total gradient, kept for dw_hr
-  T* dm;           // [N, H] with a projection: the gradient of o * tanh(c), read by the pass
-  const T* zeros;  // [N, max(R, H)] zeros
-  T* dh;   // [N, R] in: gradient reaching h_t from later steps; out: its path to h_{t-1} that
-           // bypasses w_hh (the GEMM adds the rest)
-  T* dc;   // [N, H] LSTM: in dc_t, out dc_{t-1}
-  T* dgx;  // [N, G*H] out: gradient of the x-side pre-activations
-  T* dgh;  // [N, G*H] out: of the h-side products; the same buffer as dgx but for GRU
-  const T* drop;  // [N, units] candidate dropout's scale, as in the forward, or null
+  Range units{};
+  const int32_t* lengths{};  // [N] or null
+  const T* dy{};             // [N, R] (zeros where the caller gave none)
+  const T* h_prev{};         // [N, R]
+  const T* h{};              // [N, R]
+  const T* c_prev{};         // [N, H] LSTM
+  const T* c{};              // [N, H] LSTM
+  const T* gates{};          // [N, G*H] post-activation gates (LSTM, GRU)
+  const T* ghn{};            // [N, H] GRU
+  const T* peephole{};       // [3, H] w_peephole, or null
+  T* dpeephole{};    // [3, H] w_peephole's gradient, summed step by step (this thread's units)
+  T* drh{};          // [N, units] reset_before: this thread's columns of d(r * h_{t-1})
+  T* dh_seq{};       // [N, R] with a projection: h_t's total gradient, kept for dw_hr
+  T* dm{};           // [N, H] with a projection: the gradient of o * tanh(c), read by the pass
+  const T* zeros{};  // [N, max(R, H)] zeros
+  T* dh{};   // [N, R] in: gradient reaching h_t from later steps; out: its path to h_{t-1} that
+             // bypasses w_hh (the GEMM adds the rest)
+  T* dc{};   // [N, H] LSTM: in dc_t, out dc_{t-1}
+  T* dgx{};  // [N, G*H] out: gradient of the x-side pre-activations
+  T* dgh{};  // [N, G*H] out: of the h-side products; the same buffer as dgx but for GRU
+  const T* drop{};  // [N, units] candidate dropout's scale, as in the forward, or null
   // what the forward's products multiplied (h_prev, or h_prev * vscale: this thread's columns
   // are current), and where the gradient reaching it goes: dh, or apart to be scaled by vscale
-  const T* h_product;          // [N, R]
-  T* dh_product;               // [N, R]
-  const LayerNormStep<T>* ln;  // or null
+  const T* h_product{};          // [N, R]
+  T* dh_product{};               // [N, R]
+  const LayerNormStep<T>* ln{};  // or null
   bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
 };
 
-// A cell's pointwise pass is inlined into two wrappers, one compiled for AVX-512: the passes'
-// polynomial math vectorises twice as wide there (a quarter to a third of an LSTM step at
-// H = 128, bench/RESULTS.md). Pass is a cell's static pass for one step type, e.g.
+// A cell's pointwise pass is inlined into three wrappers, for AVX-512, AVX2 + FMA and the
+// architecture's baseline (what the library is compiled for), picked by cpu_isa(): the passes'
+// polynomial math vectorises twice as wide on AVX-512 as on AVX2 (a quarter to a third of an
+// LSTM step at H = 128, bench/RESULTS.md). Pass is a cell's static pass for one step type, e.g.
 // &Cell::template forward<T>.
 #define RNNFAST_INLINE __attribute__((always_inline))
 #define RNNFAST_PASS RNNFAST_INLINE inline
-#define RNNFAST_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq")))
 
-template <auto Pass, class Step>
-RNNFAST_AVX512 void pass_avx512(const Step& s) {
-  Pass(s);
-}
 template <auto Pass, class Step>
 void pass_baseline(const Step& s) {
   Pass(s);
 }
+#if defined(__x86_64__)
 template <auto Pass, class Step>
-inline void run_pass(bool avx512, const Step& s) {
-  if (avx512)
-    pass_avx512<Pass>(s);
-  else
-    pass_baseline<Pass>(s);
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma"))) void pass_avx512(const Step& s) {
+  Pass(s);
+}
+template <auto Pass, class Step>
+__attribute__((target("avx2,fma"))) void pass_avx2(const Step& s) {
+  Pass(s);
+}
+#endif
+template <auto Pass, class Step>
+inline void run_pass(Isa isa, const Step& s) {
+#if defined(__x86_64__)
+  if (isa == Isa::avx512) return pass_avx512<Pass>(s);
+  if (isa == Isa::avx2) return pass_avx2<Pass>(s);
+#endif
+  (void)isa;
+  pass_baseline<Pass>(s);
 }
 
 // A step too small to share is not worth a barrier; otherwise each thread owns >= 16 units.
@@ -431,13 +439,13 @@ using StepProducts = std::optional<StepProduct<T>>[2];
 // What one thread of the forward team holds for the whole call.
 template <typename T>
 struct ForwardThread {
-  int team;                          // threads in the team (the barrier's width)
-  Range units;                       // the hidden units this thread owns
-  Range state_cols;                  // with a projection: the columns of h it computes (of R)
-  int64_t width;                     // G * units.size(): this thread's gate columns
-  bool avx512;                       // run the AVX-512 build of the pointwise pass
-  T* gh;                             // [N, width] the step's recurrent products
-  const StepProduct<T>* product[2];  // by default h_{t-1} [N, H] onto its gate columns of w_hh
+  int team;                            // threads in the team (the barrier's width)
+  Range units{};                       // the hidden units this thread owns
+  Range state_cols{};                  // with a projection: the columns of h it computes (of R)
+  int64_t width{};                     // G * units.size(): this thread's gate columns
+  Isa isa{};                           // which build of the pointwise passes runs
+  T* gh{};                             // [N, width] the step's recurrent products
+  const StepProduct<T>* product[2]{};  // by default h_{t-1} [N, H] onto its gate columns of w_hh
 };
 
 // h [N, R] and c [N, H] before step 0: h0 and c0, or zeros (backward starts its dh and dc the
@@ -513,7 +521,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     th.units = split(H, th.team, thread_index(), kUnitAlign);
     th.state_cols = split(R, th.team, thread_index(), kUnitAlign);
     th.width = G * th.units.size();
-    th.avx512 = cpu_has_avx512();
+    th.isa = cpu_isa();
     Scratch<T> gh(nullptr, release_scratch), gx(nullptr, release_scratch),
         drop(nullptr, release_scratch), ln_gx(nullptr, release_scratch);
     StepProducts<T> products;
@@ -605,13 +613,13 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
 template <typename T>
 struct BackwardThread {
   int team;
-  Range units;
-  Range state_cols;  // with a projection: the columns of dh_{t-1} it computes (of R)
-  bool avx512;
-  int64_t gates;                     // G
-  const StepProduct<T>* product[2];  // by default dgh_t [N, G*H] onto its columns of dh_{t-1}
-  T* db_x;                           // [G*H] column sums of dgx, or null where no bias takes them
-  T* db_h;                           // [G*H] of dgh, reset_after cells with b_hh only, else null
+  Range units{};
+  Range state_cols{};  // with a projection: the columns of dh_{t-1} it computes (of R)
+  Isa isa{};
+  int64_t gates{};                     // G
+  const StepProduct<T>* product[2]{};  // by default dgh_t [N, G*H] onto its columns of dh_{t-1}
+  T* db_x{};                           // [G*H] column sums of dgx, or null where no bias takes them
+  T* db_h{};                           // [G*H] of dgh, reset_after cells with b_hh only, else null
 };
 
 // The bias gradients are the column sums of dgx (and, apart, of dgh), added up step by step by
@@ -655,14 +663,14 @@ struct DefaultStep {
   static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
     (*th.product[0])(s.N, s.h_product, s.R, th.gh, th.width, Accumulate::no);
     s.gh = th.gh;
-    run_pass<&Cell::template forward<T>>(th.avx512, s);
+    run_pass<&Cell::template forward<T>>(th.isa, s);
     after_pass(s);
     team_barrier(th.team);  // h_t is complete when every thread has written its units
   }
 
   template <class Cell, typename T>
   static void backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
-    run_pass<&Cell::template backward<T>>(th.avx512, s);
+    run_pass<&Cell::template backward<T>>(th.isa, s);
     sum_bias_rows(th, s);
 #pragma omp barrier
     const int64_t ld_dgh = th.gates * s.H;  // dgh's rows are all G gates of all H units
@@ -789,7 +797,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
     BackwardThread<T> th{team_size()};
     th.units = split(H, th.team, thread_index(), kUnitAlign);
     th.state_cols = split(R, th.team, thread_index(), kUnitAlign);
-    th.avx512 = cpu_has_avx512();
+    th.isa = cpu_isa();
     th.gates = cell.gates;
     th.db_x = sum_db_x ? db_sum.get() : nullptr;
     th.db_h = sum_db_h ? db_sum.get() + GH : nullptr;
