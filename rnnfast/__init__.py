@@ -145,7 +145,17 @@ __all__ = [
 ]
 
 # the training layer (layers, sequences, optimizers, clipping, init, losses, checkpoints)
-from . import checkpoint, clip, init, layers, losses, lr_scheduler, optim, sequences  # noqa: E402
+from . import (  # noqa: E402
+    checkpoint,
+    clip,
+    init,
+    layers,
+    losses,
+    lr_scheduler,
+    optim,
+    sequences,
+    training,
+)
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .layers import (  # noqa: E402
     GRU,
@@ -183,4 +193,5 @@ __all__ += [
     "optim",
     "save_checkpoint",
     "sequences",
+    "training",
 ]

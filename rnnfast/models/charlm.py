@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import math
 import os
-import sys
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ from ..init import as_generator
 from ..layers import LSTM, Embedding, Linear, Module
 from ..losses import perplexity, softmax, softmax_cross_entropy
 from ..sequences import TruncatedBPTT
+from ..training import ProgressBar
 
 __all__ = [
     "CharLM",
@@ -232,35 +232,6 @@ class TrainConfig:
     quiet: bool = False
 
 
-class _Progress:
-    """A one-line progress bar on stderr (full lines when stderr is not a terminal)."""
-
-    def __init__(self, total: int, quiet: bool):
-        self.total, self.quiet = total, quiet
-        self.tty = sys.stderr.isatty()
-        self.last_line = 0.0
-
-    def update(self, step: int, text: str) -> None:
-        if self.quiet:
-            return
-        width = 24
-        done = int(width * step / max(self.total, 1))
-        line = f"[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {text}"
-        if self.tty:
-            sys.stderr.write("\r" + line[:150] + "\x1b[K")
-            sys.stderr.flush()
-        elif time.monotonic() - self.last_line > 10 or step == self.total:
-            self.last_line = time.monotonic()
-            print(line, file=sys.stderr, flush=True)
-
-    def print(self, text: str) -> None:
-        if self.quiet:
-            return
-        if self.tty:
-            sys.stderr.write("\r\x1b[K")
-        print(text, file=sys.stderr, flush=True)
-
-
 def _model_from_meta(meta: dict, state: dict, path: str) -> tuple[CharLM, Vocab]:
     """The CharLM and vocabulary a checkpoint's metadata describes, checked against its arrays
     (``state``) before anything is allocated: a malformed file is a CheckpointError."""
@@ -343,7 +314,7 @@ def train(cfg: TrainConfig) -> dict:
     train_text, val_text = load_corpus(cfg.corpus, cfg.max_chars)
     if cfg.val_chars:
         val_text = val_text[: cfg.val_chars]
-    progress = _Progress(cfg.steps, cfg.quiet)
+    progress = ProgressBar(cfg.steps, quiet=cfg.quiet)
     start_step = 0
     if cfg.resume:
         state, _, meta = ckpt.read_checkpoint(cfg.resume)
@@ -364,6 +335,7 @@ def train(cfg: TrainConfig) -> dict:
         ckpt.load_checkpoint(cfg.resume, model, opt)
         base_lr = opt.lr if base_lr is None else float(base_lr)
         progress.print(f"resumed {cfg.resume} at step {start_step}")
+        progress.set_count(start_step)
     else:
         vocab = Vocab(train_text + val_text)
         options = {k: d if getattr(cfg, k) is None else getattr(cfg, k)
@@ -453,7 +425,7 @@ def train(cfg: TrainConfig) -> dict:
             chars += y.size
             loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
             elapsed = time.perf_counter() - t_train
-            progress.update(step, f"loss {loss_avg:.3f} ppl {perplexity(loss_avg):.2f} "
+            progress.update(1, f"loss {loss_avg:.3f} ppl {perplexity(loss_avg):.2f} "
                                   f"{chars / elapsed:,.0f} chars/s")  # fmt: skip
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 t_eval = time.perf_counter()
@@ -488,6 +460,7 @@ def train(cfg: TrainConfig) -> dict:
         "checkpoint": cfg.checkpoint,
         "config": asdict(cfg),
     }
+    progress.close()
     progress.print(
         f"done: {step} steps in {total:.0f} s, validation perplexity "
         f"{summary['val_perplexity']:.2f} vs unigram {unigram:.2f}; checkpoint {cfg.checkpoint}"

@@ -7,16 +7,15 @@ optional ``examples`` extra (``pip install rnnfast[examples]``).
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
 
 from .. import optim
-from ..clip import NonFiniteGuard, clip_grad_norm_
 from ..init import as_generator
 from ..layers import GRU, LSTM, Linear, Module
 from ..losses import softmax_cross_entropy
+from ..training import fit
 
 __all__ = ["DigitsClassifier", "load_digits_sequences", "train_digits"]
 
@@ -84,24 +83,17 @@ def train_digits(cell: str = "gru", hidden: int = 64, epochs: int = 30, batch: i
     opt = optim.Adam(model.params, lr=lr)
     rng = np.random.default_rng(seed)
     n = x_tr.shape[1]
-    guard = NonFiniteGuard()
-    for epoch in range(epochs):
+
+    def epoch_batches():  # a fresh shuffle each epoch
         order = rng.permutation(n)
-        total = 0.0
-        for i in range(0, n, batch):
-            idx = order[i : i + batch]
-            loss, dlogits = softmax_cross_entropy(model(x_tr[:, idx]), y_tr[idx])
-            model.zero_grad()
-            model.backward(dlogits)
-            norm = clip_grad_norm_(model.grads, 5.0)
-            if not guard.step_ok(loss, norm):  # skipped: parameters and optimizer state unchanged
-                continue
-            opt.step(model.grads)
-            total += loss * len(idx)
-        if not quiet and (epoch + 1) % max(1, epochs // 10) == 0:
-            acc = float((model.predict(x_te) == y_te).mean())
-            print(f"epoch {epoch + 1}/{epochs}: train loss {total / n:.4f}, test accuracy "
-                  f"{acc:.4f}", file=sys.stderr, flush=True)  # fmt: skip
+        return [(x_tr[:, idx], y_tr[idx]) for idx in np.array_split(order, range(batch, n, batch))]
+
+    def accuracy(logits, y):
+        return float((logits.argmax(-1) == y).mean())
+
+    history = fit(model, epoch_batches, opt, softmax_cross_entropy, epochs=epochs,
+                  val_data=[(x_te, y_te)], clip_grad_norm=5.0, metrics={"accuracy": accuracy},
+                  progress=not quiet)  # fmt: skip
     result = {
         "cell": cell,
         "hidden": hidden,
@@ -111,5 +103,6 @@ def train_digits(cell: str = "gru", hidden: int = 64, epochs: int = 30, batch: i
         "n_train": int(n),
         "n_test": int(x_te.shape[1]),
         "seconds": time.perf_counter() - t0,
+        "history": history.records,
     }
     return result
