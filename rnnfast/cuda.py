@@ -79,6 +79,17 @@ def _cublas_candidates() -> list[str]:
     return paths
 
 
+def _driver_loads() -> bool:
+    """Whether the NVIDIA driver's library loads (a machine with no GPU has none)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
 def _load():
     """The _cuda module with cuBLAS loaded, or None (the reason in _state['error'])."""
     if "module" in _state:
@@ -88,6 +99,12 @@ def _load():
         from . import _cuda as mod
     except ImportError as e:
         error = f"rnnfast was built without its CUDA module ({e})"
+    if mod is not None and not _driver_loads():
+        error = (
+            "no NVIDIA driver here (libcuda.so.1 does not load), so no GPU to run on; the CUDA "
+            f"module itself is built (for {mod.architectures})"
+        )
+        mod = None
     if mod is not None:
         reasons = []
         for path in _cublas_candidates():
@@ -96,7 +113,8 @@ def _load():
                 break
             reasons.append(why)
         else:
-            error = "cuBLAS not found: " + "; ".join(reasons)
+            error = ("cuBLAS not found (pip install rnnfast[cuda] brings it, or set RNNFAST_CUBLAS "
+                     "to libcublas.so.13): " + "; ".join(reasons))  # fmt: skip
             mod = None
     _state["module"], _state["error"] = mod, error
     return mod

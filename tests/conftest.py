@@ -239,9 +239,16 @@ def cuda_available() -> bool:
 def pytest_configure(config):
     # also registered in pyproject.toml; repeated here so the marker is known wherever tests run
     config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU and the CUDA build")
+    config.addinivalue_line("markers", "openmp: needs a build with OpenMP")
 
 
 def pytest_runtest_setup(item):
     # tests marked @pytest.mark.cuda skip (never fail) where there is no GPU or no CUDA build
     if item.get_closest_marker("cuda") is not None and not cuda_available():
         pytest.skip("needs an NVIDIA GPU and rnnfast built with CUDA (rnnfast.cuda_available())")
+    # a build without OpenMP (RNNFAST_OPENMP=OFF, or a compiler without it) runs one thread
+    if item.get_closest_marker("openmp") is not None:
+        import rnnfast
+
+        if not rnnfast.build_info()["openmp"]:
+            pytest.skip("needs rnnfast built with OpenMP (this build runs one kernel thread)")

@@ -195,6 +195,7 @@ GRID = [(7, 5, 6, 40, "mixed"), (4, 16, 9, 150, "positive"), (3, 2, 3, 17, "zero
         (5, 3, 4, 1, None), (0, 3, 4, 20, None)]  # fmt: skip
 
 
+@pytest.mark.openmp
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("cell, options", CASES, ids=CASE_IDS)
@@ -226,6 +227,7 @@ def test_kernels_match_the_reference(cell, options, dtype, threads):
         rnnfast.set_num_threads(before)
 
 
+@pytest.mark.openmp
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("cell, options", CASES, ids=CASE_IDS)
 def test_same_bits_for_any_thread_count(cell, options, dtype):

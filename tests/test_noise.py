@@ -179,6 +179,7 @@ def test_reference_is_the_formulas(cell, training, mode):
 GRID = [(7, 5, 6, 40, "mixed"), (4, 16, 9, 150, "positive"), (3, 2, 3, 17, "zero")]
 
 
+@pytest.mark.openmp
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("cell, options", ALL_CASES, ids=[f"{c}-{_ids(o)}" for c, o in ALL_CASES])
@@ -208,6 +209,7 @@ def test_kernels_match_the_reference(cell, options, dtype, threads):
         rnnfast.set_num_threads(before)
 
 
+@pytest.mark.openmp
 @pytest.mark.parametrize("cell, options", ALL_CASES, ids=[f"{c}-{_ids(o)}" for c, o in ALL_CASES])
 def test_same_seed_same_bits_for_any_thread_count(cell, options):
     inputs, up = _case(cell, 6, 16, 8, 150, _rng("bits", cell), np.float32)

@@ -60,6 +60,7 @@ def problems(draw):
     return cell, inputs, rng, threads
 
 
+@pytest.mark.openmp
 @PROPERTY
 @given(problems())
 def test_kernels_match_the_reference(problem):

@@ -71,6 +71,7 @@ def _check_against_reference(cell: str, dtype=np.float64, seed: int = 0) -> None
 SHORT_TEAMS = ["OMP_THREAD_LIMIT=1", "OMP_DYNAMIC=true", "OMP_MAX_ACTIVE_LEVELS=0"]
 
 
+@pytest.mark.openmp
 @pytest.mark.parametrize("setting", SHORT_TEAMS)
 def test_short_team_matches_reference(setting):
     """Every cell, forward and backward, where OpenMP gives fewer threads than the kernels ask."""
@@ -106,6 +107,7 @@ def _libgomp():
         pytest.skip("libgomp is not loadable here (rnnfast built without GNU OpenMP)")
 
 
+@pytest.mark.openmp
 def test_call_from_inside_a_user_parallel_region():
     """A user's OpenMP team (GOMP_parallel through ctypes) whose every thread calls the kernels:
     the kernels get one-thread teams there and must still compute every unit."""
@@ -138,6 +140,7 @@ def test_call_from_inside_a_user_parallel_region():
 # ---- fork ------------------------------------------------------------------------------------
 
 
+@pytest.mark.openmp
 def _child_forward(queue):
     try:
         rng = np.random.default_rng(2)
@@ -154,6 +157,7 @@ def _child_forward(queue):
         queue.put(repr(e))
 
 
+@pytest.mark.openmp
 def test_fork_after_a_multithreaded_call():
     """A fork-started worker (multiprocessing's default on Linux before 3.14) runs the kernels on
     one thread instead of hanging in libgomp, and refuses a larger team with a clear error."""
@@ -178,6 +182,7 @@ def test_fork_after_a_multithreaded_call():
 # ---- thread counts ---------------------------------------------------------------------------
 
 
+@pytest.mark.openmp
 def test_set_num_threads_that_cannot_start_raises():
     """libgomp ends the process when it cannot start a team; set_num_threads finds out first.
     The address space is capped at 3 GiB, so 1000 threads' default stacks cannot be mapped."""
@@ -306,3 +311,15 @@ def test_scratch_cache_setting_is_read():
 def test_set_scratch_cache_limit_rejects(bad):
     with pytest.raises((TypeError, ValueError)):
         rnnfast.set_scratch_cache_limit(bad)
+
+
+def test_a_serial_build_says_it_cannot_start_threads():
+    """Without OpenMP the kernels run one thread, and set_num_threads(n > 1) says so instead of
+    reporting n (with OpenMP, the tests above check the real teams)."""
+    if rnnfast.build_info()["openmp"]:
+        assert rnnfast.get_num_threads() >= 1
+        return
+    assert rnnfast.get_num_threads() == 1
+    with pytest.raises(RuntimeError, match="built without OpenMP"):
+        rnnfast.set_num_threads(2)
+    rnnfast.set_num_threads(1)

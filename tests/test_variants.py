@@ -127,6 +127,7 @@ GRID = [(extras, shape) for extras in ("peephole", "proj", "peephole-proj") for 
 @pytest.mark.parametrize(
     ("extras", "shape"), GRID, ids=lambda v: v if isinstance(v, str) else "T{}N{}C{}H{}".format(*v)
 )
+@pytest.mark.openmp
 @pytest.mark.parametrize("cell", LSTMS)
 def test_extra_parameter_kernels_match_the_reference(cell, extras, shape, dtype, threads):
     T, N, C, H = shape
@@ -153,6 +154,7 @@ def test_extra_parameter_kernels_match_the_reference(cell, extras, shape, dtype,
     assert_grads_close(grads, expected, dtype, names=list(expected))
 
 
+@pytest.mark.openmp
 @pytest.mark.parametrize("cell", LSTMS + ["gru_reset_before"])
 def test_variants_are_bitwise_repeatable(cell):
     """The same call twice at each thread count gives the same bits (the peephole sums too: they
