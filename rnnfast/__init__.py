@@ -21,16 +21,6 @@ if _isa is not None and _isa not in ("baseline", "avx2", "avx512"):
         f"kernels may use), got {_isa!r}"
     )
 
-_preload_blas()
-
-# read by the extension when it first allocates; a value it cannot use is an error here, not a
-# silently unbounded (-1) or disabled (abc) cache
-_cache_mb = _os.environ.get("RNNFAST_SCRATCH_CACHE_MB", "").strip()
-if _cache_mb and not _cache_mb.isdigit():
-    raise ValueError(
-        f"RNNFAST_SCRATCH_CACHE_MB must be a whole number of MiB >= 0, got {_cache_mb!r}"
-    )
-
 
 def _installed_extension_dir() -> str | None:
     """The installed rnnfast's package folder, when this one (a source checkout) has no build."""
@@ -42,6 +32,36 @@ def _installed_extension_dir() -> str | None:
         return None
     here = _os.path.realpath(_os.path.dirname(__file__))
     return folder if folder != here and _os.path.isdir(folder) else None
+
+
+def _has_extension() -> bool:
+    """Whether a compiled _C exists here or in an installed rnnfast (checked before the BLAS,
+    whose absence in an uninstalled checkout would otherwise be the error a user sees)."""
+    import importlib.machinery
+
+    folders = [_os.path.dirname(__file__), _installed_extension_dir()]
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    return any(
+        f and any(n.startswith("_C.") and n.endswith(suffixes) for n in _os.listdir(f))
+        for f in folders
+    )
+
+
+if not _has_extension():
+    raise ImportError(
+        f"rnnfast's compiled extension _C is missing from {_os.path.dirname(__file__)} and no "
+        "installed build was found: run `pip install .` (or `pip install -e .`) first"
+    )
+
+_preload_blas()
+
+# read by the extension when it first allocates; a value it cannot use is an error here, not a
+# silently unbounded (-1) or disabled (abc) cache
+_cache_mb = _os.environ.get("RNNFAST_SCRATCH_CACHE_MB", "").strip()
+if _cache_mb and not _cache_mb.isdigit():
+    raise ValueError(
+        f"RNNFAST_SCRATCH_CACHE_MB must be a whole number of MiB >= 0, got {_cache_mb!r}"
+    )
 
 
 try:
