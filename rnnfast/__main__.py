@@ -1,9 +1,11 @@
-"""The command line: ``python -m rnnfast charlm|sample|digits ...`` (also installed as ``rnnfast``).
+"""The command line: ``python -m rnnfast charlm|sample|classify|digits ...`` (also installed as
+``rnnfast``).
 
 python -m rnnfast charlm [--corpus FILE] [--hidden 256] [--layers 1] [--seq-len 64]
                          [--batch 32] [--steps N] [--lr 3e-3] [--optimizer adam] [--clip 5]
                          [--resume CK] [--seed 0] [--checkpoint charlm.npz]
 python -m rnnfast sample --checkpoint charlm.npz --prime "def " --temperature 0.8 --length 500
+python -m rnnfast classify --data train.tsv [--valid dev.tsv] [--cell lstm] [--pool max]
 python -m rnnfast digits [--cell gru] [--hidden 64] [--epochs 30]
 """
 
@@ -112,6 +114,43 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--length", type=_positive(int), default=500)
     s.add_argument("--seed", type=int, default=None)
 
+    k = sub.add_parser("classify", help="train a text classifier (sentiment, topics...)",
+                       description="Train a many-to-one text classifier: word tokens, an "
+                       "embedding, a bidirectional LSTM or GRU over the exact lengths, pooling, a "
+                       "linear head. --data is a TSV/CSV file with a header (GLUE SST-2's "
+                       "sentence<TAB>label as it is) or an IMDB-style folder (train/<label>/*.txt, "
+                       "test/<label>/*.txt).")  # fmt: skip
+    from .models.classify import ClassifyConfig
+
+    e = ClassifyConfig(data="")
+    k.add_argument("--data", required=True, help="TSV or CSV file with a header, or a folder")
+    k.add_argument("--valid", default=None, help="a separate held-out file (same columns)")
+    k.add_argument("--text-column", default=None, help="default: sentence, text, review...")
+    k.add_argument("--label-column", default=None, help="default: label, sentiment, class...")
+    k.add_argument("--cell", choices=["lstm", "gru"], default=e.cell)
+    k.add_argument("--embed", type=_positive(int), default=e.embed, help="embedding size")
+    k.add_argument("--hidden", type=_positive(int), default=e.hidden)
+    k.add_argument("--layers", type=_positive(int), default=e.layers)
+    k.add_argument("--unidirectional", action="store_true", help="one direction only")
+    k.add_argument("--pool", choices=["last", "mean", "max"], default=e.pool,
+                   help="over the valid steps")  # fmt: skip
+    k.add_argument("--dropout", type=_probability, default=e.dropout)
+    k.add_argument("--epochs", type=_positive(int), default=e.epochs)
+    k.add_argument("--batch", type=_positive(int), default=e.batch)
+    k.add_argument("--lr", type=_positive(float), default=e.lr)
+    k.add_argument("--clip", type=_nonneg_float, default=e.clip, help="0: no clipping")
+    k.add_argument("--min-freq", type=_positive(int), default=e.min_freq)
+    k.add_argument("--max-vocab", type=int, default=e.max_vocab, help="0: no cut")
+    k.add_argument("--max-len", type=int, default=e.max_len, help="cut texts to this many "
+                   "tokens (0: no cut)")  # fmt: skip
+    k.add_argument("--embeddings", default=None, help="GloVe-format word vectors (text)")
+    k.add_argument("--val-fraction", type=_probability, default=e.val_fraction,
+                   help="held out of --data when there is no --valid or test folder")  # fmt: skip
+    k.add_argument("--seed", type=int, default=e.seed)
+    k.add_argument("--time-limit", type=_nonneg_float, default=e.time_limit, metavar="SECONDS")
+    k.add_argument("--json", default=None, metavar="FILE", help="write the run's summary here")
+    k.add_argument("--quiet", action="store_true")
+
     g = sub.add_parser("digits", help="classify scikit-learn's digits as 8 rows of 8 pixels")
     g.add_argument("--cell", choices=["gru", "lstm"], default="gru")
     g.add_argument("--hidden", type=_positive(int), default=64)
@@ -147,6 +186,22 @@ def main(argv=None) -> int:
             print(f"validation perplexity {summary['val_perplexity']:.3f} (unigram baseline "
                   f"{summary['unigram_perplexity']:.3f}) after {summary['steps']} steps in "
                   f"{summary['seconds']:.1f} s")  # fmt: skip
+        elif args.command == "classify":
+            from .models.classify import ClassifyConfig, DataError, train_classifier
+
+            fields = set(ClassifyConfig.__dataclass_fields__)
+            cfg = ClassifyConfig(**{k: v for k, v in vars(args).items() if k in fields})
+            cfg.bidirectional = not args.unidirectional
+            cfg.time_limit = args.time_limit or None
+            try:
+                result = train_classifier(cfg)
+            except DataError as e:
+                raise SystemExit(f"error: {e}") from e
+            _write_json(args.json, result)
+            print(result["report"])
+            print(f"held-out accuracy {result['accuracy']:.4f} on {result['n_heldout']} texts "
+                  f"(majority class {result['chance']:.4f}) after {result['epochs_run']} epochs "
+                  f"in {result['seconds']:.1f} s")  # fmt: skip
         elif args.command == "sample":
             from .models.charlm import load_model, sample
 

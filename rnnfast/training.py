@@ -236,7 +236,8 @@ def evaluate(model: Module, data, loss_fn: Callable,
 def fit(model: Module, train_data, optimizer: Optimizer, loss_fn: Callable, *, epochs: int = 1,
         val_data=None, scheduler=None, scheduler_interval: str = "epoch",
         clip_grad_norm: float | None = None, metrics: Mapping[str, Callable] | None = None,
-        progress: bool = True, history: History | None = None) -> History:  # fmt: skip
+        progress: bool = True, history: History | None = None,
+        time_limit: float | None = None) -> History:  # fmt: skip
     """Trains ``model`` for ``epochs`` passes over ``train_data``; returns the History.
 
     Each step: forward, ``loss_fn``, zero_grad, backward, clipping to ``clip_grad_norm`` (if
@@ -265,8 +266,11 @@ def fit(model: Module, train_data, optimizer: Optimizer, loss_fn: Callable, *, e
         )
     if clip_grad_norm is not None and not clip_grad_norm > 0:
         raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm!r}")
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be > 0 seconds or None, got {time_limit!r}")
     history = History() if history is None else history
     guard = NonFiniteGuard()
+    t_start, out_of_time = time.perf_counter(), False
     bucketed = isinstance(train_data, BucketIterator)
     first = len(history) + 1
     for epoch in range(first, first + epochs):
@@ -296,6 +300,9 @@ def fit(model: Module, train_data, optimizer: Optimizer, loss_fn: Callable, *, e
                 sums[name] = sums.get(name, 0.0) + float(fn(out, y)) * n
             count += n
             bar.update(1, f"loss {sums['loss'] / count:.4f}")
+            if time_limit is not None and time.perf_counter() - t_start > time_limit:
+                out_of_time = True
+                break
         bar.close()
         if not count:
             raise ValueError(f"epoch {epoch} trained on no batches (empty data, or every step "
@@ -306,14 +313,20 @@ def fit(model: Module, train_data, optimizer: Optimizer, loss_fn: Callable, *, e
             record.update({f"val_{k}": v for k, v in
                            evaluate(model, val_data, loss_fn, metrics).items()})  # fmt: skip
         record["seconds"] = time.perf_counter() - t0
+        if out_of_time:
+            record["stopped_by_time_limit"] = True
         history.records.append(record)
         if progress:
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items()
-                              if k not in ("epoch", "seconds"))  # fmt: skip
+            hidden = ("epoch", "seconds", "stopped_by_time_limit")
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in hidden)
             print(f"epoch {epoch}: {shown} ({record['seconds']:.1f} s)", file=sys.stderr,
                   flush=True)  # fmt: skip
         if isinstance(scheduler, ReduceLROnPlateau):
             scheduler.step(record.get("val_loss", record["train_loss"]))
         elif scheduler is not None and scheduler_interval == "epoch":
             scheduler.step()
+        if out_of_time:
+            if progress:
+                print(f"time limit of {time_limit:g} s reached in epoch {epoch}", file=sys.stderr)
+            break
     return history

@@ -141,3 +141,12 @@ def test_fit_misuse():
         training.fit(model, data, {"lr": 1}, losses.mse_loss)
     with pytest.raises(ValueError, match="no batches"):
         training.fit(model, [], opt, losses.mse_loss, progress=False)
+
+
+def test_time_limit_ends_training_early():
+    data = _regression() * 50  # 200 batches an epoch
+    model = _model()
+    h = training.fit(model, data, optim.SGD(model.params, lr=0.01), losses.mse_loss, epochs=100,
+                     val_data=data[:1], time_limit=0.05, progress=False)  # fmt: skip
+    assert len(h) < 100 and h.records[-1]["stopped_by_time_limit"]
+    assert "val_loss" in h.records[-1]
