@@ -347,18 +347,37 @@ class Adam(Optimizer):
             else:
                 g = g + self.weight_decay * p
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        m += (1 - beta1) * (g - m)
+        # torch's arithmetic, operation for operation, in two scratch arrays instead of a fresh
+        # temporary per operation (a 2M-parameter embedding took 7 ms a step, mostly in malloc)
+        a, b = self._scratch(p)
+        np.subtract(g, m, out=a)
+        a *= 1 - beta1
+        m += a
         v *= beta2
-        v += (1 - beta2) * g * g
+        np.multiply(g, 1 - beta2, out=a)
+        a *= g
+        v += a
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
         if self.amsgrad:
             vmax = state["max_exp_avg_sq"]
             np.maximum(vmax, v, out=vmax)
-            denom = np.sqrt(vmax) / bias_correction2_sqrt + self.eps
+            np.sqrt(vmax, out=a)
         else:
-            denom = np.sqrt(v) / bias_correction2_sqrt + self.eps
-        p -= (self.lr / bias_correction1) * m / denom
+            np.sqrt(v, out=a)
+        a /= bias_correction2_sqrt
+        a += self.eps
+        np.multiply(m, self.lr / bias_correction1, out=b)
+        b /= a
+        p -= b
+
+    def _scratch(self, p):
+        """Two arrays shaped and typed as p, kept between steps (not optimizer state)."""
+        cache = self.__dict__.setdefault("_buffers_for", {})
+        key = (p.shape, p.dtype.str)
+        if key not in cache:
+            cache[key] = (np.empty_like(p), np.empty_like(p))
+        return cache[key]
 
 
 class AdamW(Adam):
