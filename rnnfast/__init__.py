@@ -181,6 +181,7 @@ from .layers import (  # noqa: E402
     GRU,
     LSTM,
     RNN,
+    Attention,
     Embedding,
     GRUCell,
     Linear,
@@ -192,6 +193,7 @@ from .layers import (  # noqa: E402
 )
 
 __all__ += [
+    "Attention",
     "GRU",
     "GRUCell",
     "LSTM",

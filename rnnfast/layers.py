@@ -23,6 +23,7 @@ from .cells import cell_spec, family_cell, rnn_cell
 from .sequences import reverse_index
 
 __all__ = [
+    "Attention",
     "Module",
     "Parameter",
     "Sequential",
@@ -1101,3 +1102,148 @@ class Sequential(Module):
             if isinstance(m, _Recurrent):
                 dy = dy[0]
         return dy
+
+
+# ---- attention ---------------------------------------------------------------------------------
+
+
+class Attention(Module):
+    """Attention of decoder queries over encoder outputs, with the course's four scores:
+
+    - ``"additive"`` (Bahdanau et al. 2015): e = v^T tanh(W [q; k]), parameters ``weight``
+      (attn_size, query_size + key_size) and ``v`` (attn_size,);
+    - ``"bilinear"`` (Luong et al. 2015, "general"): e = q^T W k, ``weight`` (query_size, key_size);
+    - ``"dot"``: e = q^T k; ``"scaled_dot"``: e = q^T k / sqrt(key_size) (no parameters; the
+      query and key sizes must agree).
+
+    ``context, weights = attn(query, keys, lengths)``: keys (T, N, K) time-major encoder outputs;
+    query (N, Q) for one decoder step, or (S, N, Q) for S steps at once (teacher forcing);
+    lengths (N,) ints in [1, T] or None. The weights are a softmax over each row's valid positions
+    only: a padded position gets exactly zero weight and no gradient, and its keys are never read
+    (NaN there changes nothing). Returns context (N, K) or
+    (S, N, K) and weights (N, T) or (S, N, T). ``backward(dcontext, dweights=None)`` adds into
+    ``grads`` and returns ``(dquery, dkeys)``.
+    """
+
+    SCORES = ("additive", "bilinear", "dot", "scaled_dot")
+
+    def __init__(self, query_size: int, key_size: int, score: str = "additive",
+                 attn_size: int | None = None, *, dtype=np.float32, seed=None) -> None:  # fmt: skip
+        super().__init__()
+        if score not in self.SCORES:
+            raise ValueError(f"score must be one of {list(self.SCORES)}, got {score!r}")
+        for name, v in (("query_size", query_size), ("key_size", key_size)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if score in ("dot", "scaled_dot") and query_size != key_size:
+            raise ValueError(f"the {score} score needs query_size == key_size, got {query_size} "
+                             f"and {key_size} (use 'bilinear' or 'additive')")  # fmt: skip
+        self.score, self.query_size, self.key_size = score, int(query_size), int(key_size)
+        self.dtype = _float_dtype(dtype)
+        rng = _init.as_generator(seed)
+        if score == "additive":
+            A = int(attn_size or key_size)
+            k = 1.0 / np.sqrt(query_size + key_size)
+            w = np.empty((A, query_size + key_size), self.dtype)
+            self.register_parameter("weight", _init.uniform_(w, -k, k, rng))
+            self.register_parameter("v", _init.uniform_(np.empty(A, self.dtype), -1 / np.sqrt(A),
+                                                        1 / np.sqrt(A), rng))  # fmt: skip
+        elif score == "bilinear":
+            k = 1.0 / np.sqrt(key_size)
+            w = np.empty((query_size, key_size), self.dtype)
+            self.register_parameter("weight", _init.uniform_(w, -k, k, rng))
+        self._saved = None
+
+    def __repr__(self) -> str:
+        return f"Attention({self.query_size}, {self.key_size}, score={self.score!r})"
+
+    def forward(self, query, keys, lengths=None):
+        q = _check_input("query", query, self.dtype)
+        k = _check_input("keys", keys, self.dtype)
+        if k.ndim != 3 or k.shape[2] != self.key_size:
+            raise ValueError(f"keys must be (T, N, {self.key_size}), got shape {k.shape}")
+        T, N, K = k.shape
+        single = q.ndim == 2
+        if q.shape[-2:] != (N, self.query_size) or q.ndim not in (2, 3):
+            raise ValueError(f"query must be (N, Q) = ({N}, {self.query_size}) or (S, {N}, "
+                             f"{self.query_size}), got shape {q.shape}")  # fmt: skip
+        if T == 0:
+            raise ValueError("keys have no positions (T = 0) to attend to")
+        qb = (q[None] if single else q).transpose(1, 0, 2)  # (N, S, Q)
+        kb = k.transpose(1, 0, 2)  # (N, T, K)
+        valid = None
+        if lengths is not None:
+            lengths = check_lengths(lengths, T, N)
+            if lengths.min() < 1:
+                raise ValueError("each row needs at least one position to attend to (lengths >= 1)")
+            valid = np.arange(T)[None, :] < lengths[:, None]  # (N, T)
+            kb = np.where(valid[:, :, None], kb, 0)  # padding is never read: NaN there is harmless
+        cache = {}
+        if self.score in ("dot", "scaled_dot"):
+            e = qb @ kb.transpose(0, 2, 1)
+            if self.score == "scaled_dot":
+                e = e / self.dtype.type(np.sqrt(K))
+        elif self.score == "bilinear":
+            qw = qb @ self.params["weight"]  # (N, S, K)
+            e = qw @ kb.transpose(0, 2, 1)
+            cache["qw"] = qw
+        else:
+            W = self.params["weight"]
+            hq = qb @ W[:, : self.query_size].T  # (N, S, A)
+            hk = kb @ W[:, self.query_size :].T  # (N, T, A)
+            z = np.tanh(hq[:, :, None, :] + hk[:, None, :, :])  # (N, S, T, A)
+            e = z @ self.params["v"]
+            cache["z"] = z
+        if valid is not None:
+            e = np.where(valid[:, None, :], e, -np.inf)
+        e = e - e.max(axis=-1, keepdims=True)
+        a = np.exp(e)
+        a /= a.sum(axis=-1, keepdims=True)  # padded positions: exp(-inf) = 0 exactly
+        context = a @ kb  # (N, S, K)
+        self._saved = (qb, kb, a, cache, single) if self.training else None
+        context, a_out = context.transpose(1, 0, 2), a.transpose(1, 0, 2)
+        return (context[0], a_out[0]) if single else (context, a_out)
+
+    def backward(self, dcontext, dweights=None):
+        if self._saved is None:
+            raise RuntimeError("Attention.backward needs a forward in training mode first")
+        qb, kb, a, cache, single = self._saved
+        self._saved = None
+        S, N = qb.shape[1], qb.shape[0]
+        want = (N, self.key_size) if single else (S, N, self.key_size)
+        dc = _check_input("dcontext", dcontext, self.dtype)
+        if dc.shape != want:
+            raise ValueError(f"dcontext must have shape {want}, got {dc.shape}")
+        dcb = (dc[None] if single else dc).transpose(1, 0, 2)  # (N, S, K)
+        da = dcb @ kb.transpose(0, 2, 1)  # (N, S, T)
+        if dweights is not None:
+            dw = _check_input("dweights", dweights, self.dtype)
+            if dw.shape != (want[:-1] + (kb.shape[1],)):
+                raise ValueError(f"dweights must have shape {want[:-1] + (kb.shape[1],)}, got "
+                                 f"{dw.shape}")  # fmt: skip
+            da = da + (dw[None] if single else dw).transpose(1, 0, 2)
+        dkb = a.transpose(0, 2, 1) @ dcb  # (N, T, K)
+        de = a * (da - (a * da).sum(axis=-1, keepdims=True))  # zero where a is zero
+        if self.score in ("dot", "scaled_dot"):
+            if self.score == "scaled_dot":
+                de = de / self.dtype.type(np.sqrt(self.key_size))
+            dqb = de @ kb
+            dkb += de.transpose(0, 2, 1) @ qb
+        elif self.score == "bilinear":
+            W, qw = self.params["weight"], cache["qw"]
+            dqw = de @ kb  # (N, S, K)
+            dqb = dqw @ W.T
+            self.grads["weight"] += np.einsum("nsq,nsk->qk", qb, dqw)
+            dkb += de.transpose(0, 2, 1) @ qw
+        else:
+            W, v, z = self.params["weight"], self.params["v"], cache["z"]
+            Q = self.query_size
+            self.grads["v"] += np.einsum("nst,nsta->a", de, z)
+            dpre = de[..., None] * v * (1 - z * z)  # (N, S, T, A)
+            dhq, dhk = dpre.sum(axis=2), dpre.sum(axis=1)  # (N, S, A), (N, T, A)
+            dqb = dhq @ W[:, :Q]
+            dkb += dhk @ W[:, Q:]
+            self.grads["weight"][:, :Q] += np.einsum("nsa,nsq->aq", dhq, qb)
+            self.grads["weight"][:, Q:] += np.einsum("nta,ntk->ak", dhk, kb)
+        dq = dqb.transpose(1, 0, 2)
+        return (dq[0] if single else dq), dkb.transpose(1, 0, 2)
