@@ -107,3 +107,30 @@ def test_unbatched_eval_no_grad_and_misuse():
     torch.testing.assert_close(y, y3)
     with pytest.raises(TypeError, match="dtype"):
         m(torch.randn(6, 2, 3, dtype=torch.float64))
+
+
+def test_dataloader_workers_forked_after_the_kernels_ran():
+    """A DataLoader's fork-started workers calling the module after the parent ran multi-threaded
+    kernels: no hang (the child runs the kernels on one thread), the same outputs."""
+    import rnnfast
+
+    if not rnnfast.build_info()["openmp"]:
+        pytest.skip("needs the OpenMP build")
+    rnnfast.set_num_threads(2)
+    m = rt.GRU(8, 64).eval()
+    x = torch.randn(20, 16, 8)
+    with torch.no_grad():
+        expected = m(x)[0]
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            with torch.no_grad():
+                return m(x)[0]
+
+    loader = torch.utils.data.DataLoader(Data(), batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork", timeout=60)  # fmt: skip
+    for y in loader:
+        torch.testing.assert_close(y, expected)
