@@ -1,0 +1,83 @@
+"""rnnfast.distributed on two CPU processes (gloo, loopback): after k data-parallel steps on
+half batches the parameters equal one process's on the whole batches (to float32 rounding)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+STEPS = 4
+SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, torch.distributed as dist
+    import rnnfast
+    from rnnfast import distributed as rd, losses, optim
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)
+    model = rnnfast.Sequential(rnnfast.Embedding(11, 6, seed=rank),  # unequal until broadcast
+                               rnnfast.GRU(6, 8, seed=rank + 10), rnnfast.Linear(8, 11, seed=3))
+    if world > 1:
+        rd.broadcast_parameters(model)
+    opt = optim.Adam(model.params, lr=1e-2)
+    rng = np.random.default_rng(0)
+    for step in range(STEPS):
+        ids = rng.integers(0, 11, size=(5, 8))
+        mine = rd.shard(ids.T, rank, world).T if world > 1 else ids  # columns: sequences
+        logits = model(mine)
+        loss, d = losses.softmax_cross_entropy(logits, (mine + 1) % 11)
+        model.zero_grad()
+        model.backward(d)
+        if world > 1:
+            rd.all_reduce_gradients(model, bucket_mb=0.001)  # several buckets
+        opt.step(model.grads)
+    if rd.is_main_process():
+        np.savez(out, **{k.replace(".", "_"): v for k, v in model.params.items()})
+    if world > 1:
+        dist.destroy_process_group()
+""").replace("STEPS", str(STEPS))
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_on_the_whole_batch(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one.npz"
+    subprocess.run([sys.executable, str(script), "0", "1", "0", str(one)], check=True, env=env,
+                   timeout=120, cwd=tmp_path)  # fmt: skip
+    port, two = str(_port()), tmp_path / "two.npz"
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(two)],
+                              env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    a, b = np.load(one), np.load(two)
+    assert a.files == b.files
+    for k in a.files:
+        np.testing.assert_allclose(b[k], a[k], rtol=2e-5, atol=2e-6, err_msg=k)
+
+
+def test_shard_and_errors():
+    from rnnfast import distributed as rd
+
+    assert rd.shard(list(range(7)), 1, 3) == [1, 4]
+    with pytest.raises(ValueError, match="outside"):
+        rd.shard([1], 2, 2)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        rd.all_reduce_gradients({"a": np.zeros(2)})
+    assert rd.is_main_process() and rd.world_size() == 1
