@@ -81,3 +81,62 @@ def test_shard_and_errors():
     with pytest.raises(RuntimeError, match="init_process_group"):
         rd.all_reduce_gradients({"a": np.zeros(2)})
     assert rd.is_main_process() and rd.world_size() == 1
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, torch, torch.distributed as dist
+    import rnnfast.torch as rt
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict({"rnn": rt.LSTM(4, 6, num_layers=2, bidirectional=True),
+                               "head": torch.nn.Linear(12, 3)})
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+        def forward(self, x):
+            h, _ = self.inner["rnn"](x)
+            return self.inner["head"](h)
+
+    runner = Wrapped(net)
+    if world > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(runner)
+    for _ in range(3):
+        x = torch.randn(5, 8, 4, generator=gen)
+        y = torch.randint(0, 3, (5, 8), generator=gen)
+        if world > 1:
+            x, y = x[:, rank::world], y[:, rank::world]
+        loss = torch.nn.functional.cross_entropy(runner(x).reshape(-1, 3), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if rank == 0:
+        torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, out)
+    if world > 1:
+        dist.destroy_process_group()
+""")
+
+
+def test_rnnfast_torch_under_distributed_data_parallel(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one.pt"
+    subprocess.run([sys.executable, str(script), "0", "1", "0", str(one)], check=True, env=env,
+                   timeout=120, cwd=tmp_path)  # fmt: skip
+    port, two = str(_port()), tmp_path / "two.pt"
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(two)],
+                              env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    a, b = torch.load(one), torch.load(two)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=2e-5, atol=2e-6, msg=k)
