@@ -61,6 +61,11 @@ def _array(name, a, dtype=None):
             f"{name} has dtype {a.dtype} but x has dtype {dtype}; mixing dtypes is not allowed "
             "(cast explicitly)"
         )
+    # an explicitly little-endian dtype ('<f4', as pickle and np.frombuffer give) equals float32
+    # but is not NumPy's own dtype object, which the bindings compare by identity
+    canonical = np.dtype(a.dtype.name)
+    if a.dtype is not canonical:
+        a = a.view(canonical)
     # aligned as well as contiguous: the kernels load whole elements (a view at an odd byte offset
     # of a buffer is contiguous but not aligned); the flags first, as np.require costs 0.6 us
     if a.flags.c_contiguous and a.flags.aligned:

@@ -231,3 +231,22 @@ def test_cells_unbatched_eval_and_misuse():
         cell(np.ones((2, 2), np.float32))
     gru = rnnfast.GRUCell(2, 3, reset_after=False)
     assert "reset_after" in vars(gru) and gru(np.ones(2, np.float32)).shape == (3,)
+
+
+def test_pickled_models_and_explicit_little_endian_arrays_run():
+    """A pickle round trip gives arrays of dtype '<f4': equal to float32 but another dtype object,
+    which the kernels must accept as float32 (they once raised "float32 ... got float32")."""
+    import copy
+    import pickle
+
+    m = rnnfast.Sequential(rnnfast.Embedding(5, 3, seed=0), rnnfast.LSTM(3, 4, seed=1),
+                           rnnfast.Linear(4, 2, seed=2))  # fmt: skip
+    ids = np.array([[1, 2], [3, 4]])
+    for clone in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+        assert set(clone.params) == set(m.params)
+        assert clone.params["1.weight_hh_l0"] is not m.params["1.weight_hh_l0"]
+        assert_close(clone(ids), m(ids), 0, 0, "logits")
+    x = np.frombuffer(np.ones((2, 1, 3), np.float32).tobytes(), dtype="<f4").reshape(2, 1, 3)
+    w = np.full((16, 3), 0.1, dtype="<f4")
+    y, *_ = rnnfast.lstm_forward(x, w, np.zeros((16, 4), "<f4"), training=False)
+    assert y.dtype == np.float32 and np.isfinite(y).all()
