@@ -29,6 +29,7 @@ from conftest import (
 
 import rnnfast
 from rnnfast import cells, ops, reference
+from rnnfast.onnx import ONNX_GATE_BLOCKS
 from rnnfast.sequences import reverse_index
 
 LSTMS = [name for name, spec in cells.CELLS.items() if spec.peephole]
@@ -257,9 +258,8 @@ def test_bad_projection_arguments_raise(api):
 
 # ---- against onnxruntime's LSTM and GRU nodes ----------------------------------------------
 
-# ONNX gate order: LSTM i, o, f, c (ours i, f, g, o; coupled i, g, o), GRU z, r, h (ours r, z, n)
-_ONNX_BLOCKS = {"lstm": [0, 3, 1, 2], "lstm_cifg": [0, 2, None, 1], "gru": [1, 0, 2],
-                "gru_reset_before": [1, 0, 2]}  # fmt: skip
+# ONNX's gate order, from the exporter's table (rnnfast.onnx)
+_ONNX_BLOCKS = ONNX_GATE_BLOCKS
 
 
 def _onnx_blocks(a, cell, H, filler):
