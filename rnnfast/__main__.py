@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=_positive(int), default=None, help="kernel threads")
     c.add_argument("--json", default=None, metavar="FILE", help="write the run's summary here")
     c.add_argument("--quiet", action="store_true", help="no progress output")
+    c.add_argument("--distributed", action="store_true",
+                   help="data parallel under torchrun (torch.distributed, gloo): each "
+                   "process trains on its own streams, gradients averaged each step, rank 0 "
+                   "writes")  # fmt: skip
 
     s = sub.add_parser("sample", help="generate text from a charlm checkpoint")
     s.add_argument("--checkpoint", required=True)
@@ -182,6 +186,8 @@ def main(argv=None) -> int:
             cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
             cfg.lr_decay = not args.no_lr_decay
             summary = train(cfg)
+            if "rank" in summary:  # a --distributed worker: rank 0 reports
+                return 0
             _write_json(args.json, summary)
             print(f"validation perplexity {summary['val_perplexity']:.3f} (unigram baseline "
                   f"{summary['unigram_perplexity']:.3f}) after {summary['steps']} steps in "

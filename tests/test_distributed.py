@@ -140,3 +140,40 @@ def test_rnnfast_torch_under_distributed_data_parallel(tmp_path):
     a, b = torch.load(one), torch.load(two)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=2e-5, atol=2e-6, msg=k)
+
+
+def test_charlm_distributed_under_torchrun(tmp_path):
+    """torchrun --nproc_per_node 2 -m rnnfast charlm --distributed: two processes train one
+    model; rank 0 alone writes the checkpoint and the summary."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    ck, js = tmp_path / "lm.npz", tmp_path / "run.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(_port()), "-m", "rnnfast", "charlm", "--distributed",
+         "--hidden", "48", "--embed", "16", "--seq-len", "32", "--batch", "8", "--steps", "30",
+         "--eval-every", "30", "--max-chars", "30000", "--sample-every", "0", "--threads", "1",
+         "--lr", "1e-2", "--checkpoint", str(ck), "--json", str(js), "--quiet"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    summary = json.loads(js.read_text())
+    assert summary["steps"] == 30 and summary["val_perplexity"] < summary["unigram_perplexity"]
+    assert r.stdout.count("validation perplexity") == 1  # rank 0 reports, once
+    from rnnfast.models import charlm
+
+    model, _, meta = charlm.load_model(str(ck))
+    assert meta["step"] == 30
+
+
+def test_charlm_distributed_outside_torchrun_says_how():
+    from rnnfast.__main__ import main
+
+    env_rank = os.environ.pop("RANK", None)
+    try:
+        with pytest.raises(SystemExit, match="torchrun --nproc_per_node 2"):
+            main(["charlm", "--distributed", "--steps", "1", "--quiet"])
+    finally:
+        if env_rank is not None:
+            os.environ["RANK"] = env_rank

@@ -230,6 +230,7 @@ class TrainConfig:
     time_limit: float | None = 540.0
     threads: int | None = None
     quiet: bool = False
+    distributed: bool = False
 
 
 def _model_from_meta(meta: dict, state: dict, path: str) -> tuple[CharLM, Vocab]:
@@ -295,6 +296,59 @@ def load_model(path: str) -> tuple[CharLM, Vocab, dict]:
     return model, vocab, meta
 
 
+class _Team:
+    """The processes of a --distributed run (one process otherwise): rank, gradient averaging and
+    the collective decisions every process must take alike."""
+
+    def __init__(self, distributed: bool) -> None:
+        self.rank, self.world = 0, 1
+        if not distributed:
+            return
+        from .. import distributed as rd
+
+        try:
+            import torch.distributed as dist
+        except ImportError as e:
+            raise SystemExit("--distributed needs PyTorch (pip install torch)") from e
+        if not dist.is_initialized():
+            if "RANK" not in os.environ:
+                raise SystemExit("--distributed runs under torchrun: torchrun --nproc_per_node 2 "
+                                 "-m rnnfast charlm --distributed")  # fmt: skip
+            dist.init_process_group("gloo")
+        self.rd, self.dist = rd, dist
+        self.rank, self.world = rd.rank(), rd.world_size()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, model) -> None:
+        if self.world > 1:
+            self.rd.broadcast_parameters(model)
+
+    def average_gradients(self, model, loss: float) -> float:
+        """Averages the gradients in place; returns the loss averaged alike."""
+        if self.world == 1:
+            return loss
+        box = np.array([loss], dtype=np.float64)
+        self.rd.all_reduce_gradients([*model.grads.values(), box])
+        return float(box[0])
+
+    def largest(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        import torch
+
+        t = torch.tensor([value], dtype=torch.float64)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return float(t[0])
+
+    def close(self) -> None:
+        if self.world > 1:
+            self.dist.barrier()
+            self.dist.destroy_process_group()
+
+
 def train(cfg: TrainConfig) -> dict:
     """Trains (or resumes) a CharLM; returns a summary dict (losses, perplexities, timings)."""
     if cfg.threads:
@@ -314,7 +368,11 @@ def train(cfg: TrainConfig) -> dict:
     train_text, val_text = load_corpus(cfg.corpus, cfg.max_chars)
     if cfg.val_chars:
         val_text = val_text[: cfg.val_chars]
-    progress = ProgressBar(cfg.steps, quiet=cfg.quiet)
+    # data parallel over torch.distributed (torchrun): every process trains the whole model on
+    # its own streams of the text and the gradients are averaged each step; rank 0 evaluates,
+    # samples, prints and writes the checkpoint
+    team = _Team(cfg.distributed)
+    progress = ProgressBar(cfg.steps, quiet=cfg.quiet or not team.main)
     start_step = 0
     if cfg.resume:
         state, _, meta = ckpt.read_checkpoint(cfg.resume)
@@ -355,8 +413,11 @@ def train(cfg: TrainConfig) -> dict:
         f"{len(vocab)}, unigram validation perplexity {unigram:.2f}; model "
         f"{model.num_parameters():,} parameters"
     )
-    rng = np.random.default_rng(cfg.seed + start_step)
-    if cfg.resume and "rng_state" in meta:  # the chunk offsets and samples continue as they were
+    team.broadcast(model)
+    rng = np.random.default_rng(cfg.seed + start_step + 1000 * team.rank)
+    if (
+        cfg.resume and "rng_state" in meta and team.world == 1
+    ):  # the chunk offsets and samples continue as they were
         try:
             rng.bit_generator.state = meta["rng_state"]
         except (TypeError, ValueError, KeyError) as e:
@@ -400,7 +461,7 @@ def train(cfg: TrainConfig) -> dict:
 
     while step < cfg.steps and not stopped_early:
         for x, y in bptt:
-            frac = progress_fraction()
+            frac = team.largest(progress_fraction())  # every process stops at the same step
             if step >= cfg.steps or frac >= 1:
                 stopped_early = step < cfg.steps
                 break
@@ -411,6 +472,7 @@ def train(cfg: TrainConfig) -> dict:
             loss, dlogits = softmax_cross_entropy(logits, y)
             model.zero_grad()
             model.backward(dlogits)
+            loss = team.average_gradients(model, loss)
             if cfg.clip > 0:
                 norm = clip_grad_norm_(model.grads, cfg.clip)
             else:
@@ -427,7 +489,7 @@ def train(cfg: TrainConfig) -> dict:
             elapsed = time.perf_counter() - t_train
             progress.update(1, f"loss {loss_avg:.3f} ppl {perplexity(loss_avg):.2f} "
                                   f"{chars / elapsed:,.0f} chars/s")  # fmt: skip
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if team.main and (step % cfg.eval_every == 0 or step == cfg.steps):
                 t_eval = time.perf_counter()
                 val_loss = evaluate(model, val_ids)
                 reserve = 1.5 * (time.perf_counter() - t_eval) + 5.0
@@ -435,8 +497,11 @@ def train(cfg: TrainConfig) -> dict:
                 progress.print(f"step {step}: train loss {loss_avg:.3f}, validation perplexity "
                                f"{perplexity(val_loss):.2f} (unigram {unigram:.2f})")  # fmt: skip
                 save()
-            if cfg.sample_every and step % cfg.sample_every == 0:
+            if team.main and cfg.sample_every and step % cfg.sample_every == 0:
                 show_sample()
+    if not team.main:
+        team.close()
+        return {"steps": step, "rank": team.rank}
     if stopped_early:
         progress.print(f"time limit of {cfg.time_limit:.0f} s reached after {step} of "
                        f"{cfg.steps} steps")  # fmt: skip
@@ -446,6 +511,7 @@ def train(cfg: TrainConfig) -> dict:
         save()
     if cfg.sample_every and sampled_at != step:  # a short run still shows what it learned
         show_sample()
+    team.close()
     total = time.perf_counter() - t_start
     summary = {
         "steps": step,
