@@ -1,4 +1,5 @@
-"""Export rnnfast's recurrent layers to ONNX: ``rnnfast.onnx.export(layer, "model.onnx")``.
+"""Export rnnfast's recurrent layers to ONNX, ``rnnfast.onnx.export(layer, "model.onnx")``, and
+load ONNX LSTM/GRU/RNN nodes' weights back, ``rnnfast.onnx.load_weights(layer, "model.onnx")``.
 
 Each layer of the stack becomes one ONNX LSTM, GRU or RNN node (both directions in one node),
 with the gates reordered to ONNX's (LSTM i, o, f, c; GRU z, r, h), the GRU's reset placement as
@@ -19,7 +20,7 @@ import numpy as np
 
 from . import layers as _layers
 
-__all__ = ["export", "ONNX_GATE_BLOCKS"]
+__all__ = ["export", "load_weights", "ONNX_GATE_BLOCKS"]
 
 # ONNX's gate blocks as blocks of ours: LSTM i, o, f, c (ours i, f, g, o; coupled i, g, o, with
 # ONNX's unused f), GRU z, r, h (ours r, z, n); a None block is unused by ONNX
@@ -114,3 +115,76 @@ def export(layer: _layers._Recurrent, path: str | os.PathLike, *, opset: int = 1
                               producer_name="rnnfast")  # fmt: skip
     onnx.checker.check_model(model)
     onnx.save(model, os.fspath(path))
+
+
+def _from_onnx_blocks(a: np.ndarray, cell: str, H: int) -> np.ndarray:
+    """The inverse of onnx_blocks: ONNX's gate blocks back in rnnfast's order."""
+    order = ONNX_GATE_BLOCKS[cell]
+    ours = [None] * sum(b is not None for b in order)
+    for position, b in enumerate(order):
+        if b is not None:
+            ours[b] = a[position * H : (position + 1) * H]
+    return np.concatenate(ours)
+
+
+def load_weights(layer: _layers._Recurrent, path: str | os.PathLike) -> None:
+    """Copies the weights of an ONNX model's LSTM, GRU or RNN nodes into ``layer``, in place: the
+    k-th such node (in graph order) into layer k of the stack (both directions), with the gate
+    blocks reordered back; the node's hidden size, direction, GRU reset placement and coupled
+    gates must match the layer's (ValueError naming what differs)."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as e:
+        raise ImportError("rnnfast.onnx needs the onnx package: pip install onnx") from e
+    model = onnx.load(os.fspath(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    op = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[layer.spec.family]
+    nodes = [n for n in model.graph.node if n.op_type == op]
+    if len(nodes) != layer.num_layers:
+        raise ValueError(f"{os.fspath(path)!r} has {len(nodes)} {op} nodes; the layer has "
+                         f"{layer.num_layers} layers")  # fmt: skip
+    cell, H, D = layer.spec.name, layer.hidden_size, layer.num_directions
+    for k, node in enumerate(nodes):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        direction = attrs.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        checks = [("hidden_size", attrs.get("hidden_size"), H),
+                  ("direction", direction, "bidirectional" if D == 2 else "forward")]  # fmt: skip
+        if op == "GRU":
+            checks.append(("linear_before_reset", attrs.get("linear_before_reset", 0),
+                           int(cell == "gru")))  # fmt: skip
+        if op == "LSTM":
+            checks.append(("input_forget", attrs.get("input_forget", 0), int(cell == "lstm_cifg")))
+        for name, got, want in checks:
+            if got != want:
+                raise ValueError(f"node {node.name or k}: {name} is {got!r}, the layer needs "
+                                 f"{want!r}")  # fmt: skip
+        names = list(node.input) + [""] * 8
+        try:
+            W, R = inits[names[1]], inits[names[2]]
+        except KeyError as e:
+            raise ValueError(f"node {node.name or k}: its weights are not initializers") from e
+        B = inits.get(names[3])
+        P = inits.get(names[7]) if op == "LSTM" else None
+        if P is not None and not layer.peephole:
+            raise ValueError(f"node {node.name or k} has peepholes; build the layer with "
+                             "peephole=True")  # fmt: skip
+        for d, s in enumerate(layer._suffixes(k)):
+            updates = {"weight_ih": _from_onnx_blocks(W[d], cell, H),
+                       "weight_hh": _from_onnx_blocks(R[d], cell, H)}  # fmt: skip
+            if layer.bias:
+                half = B.shape[1] // 2 if B is not None else 0
+                zero = np.zeros(layer.params["bias_ih" + s].shape)
+                updates["bias_ih"] = zero if B is None else _from_onnx_blocks(B[d, :half], cell, H)
+                updates["bias_hh"] = zero if B is None else _from_onnx_blocks(B[d, half:], cell, H)
+            if layer.peephole:
+                # ONNX's P is i, o, f; ours rows i, f, o
+                updates["weight_peephole"] = (np.zeros((3, H)) if P is None
+                                              else P[d].reshape(3, H)[[0, 2, 1]])  # fmt: skip
+            for name, value in updates.items():
+                target = layer.params[name + s]
+                if value.shape != target.shape:
+                    raise ValueError(f"node {node.name or k}: {name} has shape {value.shape}, "
+                                     f"the layer's is {target.shape}")  # fmt: skip
+                target[...] = value

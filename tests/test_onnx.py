@@ -50,3 +50,26 @@ def test_what_onnx_cannot_express_is_refused(tmp_path):
         rnnfast.onnx.export(rnnfast.LSTM(4, 6, layer_norm=True, zoneout=0.1), tmp_path / "m.onnx")
     with pytest.raises(TypeError, match="LSTM, GRU or RNN"):
         rnnfast.onnx.export(rnnfast.Linear(2, 2), tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_weights_come_back_from_onnx(name, tmp_path):
+    layer = LAYERS[name]()
+    rnnfast.onnx.export(layer, tmp_path / "m.onnx")
+    fresh = LAYERS[name]()
+    for p in fresh.params.values():
+        p[...] = 0
+    rnnfast.onnx.load_weights(fresh, tmp_path / "m.onnx")
+    for k, v in layer.params.items():  # exact to float32 (ONNX's storage)
+        assert_close(fresh.params[k], v, 1e-7, 0, k)
+
+
+def test_loading_into_a_layer_that_does_not_fit(tmp_path):
+    rnnfast.onnx.export(rnnfast.GRU(5, 6, num_layers=2), tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="linear_before_reset is 1, the layer needs 0"):
+        rnnfast.onnx.load_weights(rnnfast.GRU(5, 6, num_layers=2, reset_after=False),
+                                  tmp_path / "m.onnx")  # fmt: skip
+    with pytest.raises(ValueError, match="2 GRU nodes; the layer has 1"):
+        rnnfast.onnx.load_weights(rnnfast.GRU(5, 6), tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="hidden_size is 6, the layer needs 7"):
+        rnnfast.onnx.load_weights(rnnfast.GRU(5, 7, num_layers=2), tmp_path / "m.onnx")
