@@ -155,6 +155,35 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--json", default=None, metavar="FILE", help="write the run's summary here")
     k.add_argument("--quiet", action="store_true")
 
+    q = sub.add_parser("seq2seq", help="train an encoder-decoder with attention",
+                       description="Train a sequence-to-sequence model with attention. --data is "
+                       "a source<TAB>target file (Tatoeba/Anki's layout); without it, the task is "
+                       "dates as people write them to ISO 8601, made here.")  # fmt: skip
+    from .models.seq2seq import Seq2SeqConfig
+
+    z = Seq2SeqConfig()
+    q.add_argument("--data", default=None, help="source<TAB>target per line")
+    q.add_argument("--tokens", choices=["char", "word"], default=z.tokens)
+    q.add_argument("--cell", choices=["lstm", "gru"], default=z.cell)
+    q.add_argument(
+        "--score",
+        choices=["additive", "bilinear"],
+        default=z.score,
+        help="the attention's score (the dot scores need equal query and key sizes)",
+    )
+    q.add_argument("--embed", type=_positive(int), default=z.embed)
+    q.add_argument("--hidden", type=_positive(int), default=z.hidden)
+    q.add_argument("--layers", type=_positive(int), default=z.layers, help="encoder layers")
+    q.add_argument("--epochs", type=_positive(int), default=z.epochs)
+    q.add_argument("--batch", type=_positive(int), default=z.batch)
+    q.add_argument("--lr", type=_positive(float), default=z.lr)
+    q.add_argument("--clip", type=_nonneg_float, default=z.clip)
+    q.add_argument("--pairs", type=_positive(int), default=z.pairs, help="dates task: pairs made")
+    q.add_argument("--seed", type=int, default=z.seed)
+    q.add_argument("--time-limit", type=_nonneg_float, default=z.time_limit, metavar="SECONDS")
+    q.add_argument("--json", default=None, metavar="FILE")
+    q.add_argument("--quiet", action="store_true")
+
     g = sub.add_parser("digits", help="classify scikit-learn's digits as 8 rows of 8 pixels")
     g.add_argument("--cell", choices=["gru", "lstm"], default="gru")
     g.add_argument("--hidden", type=_positive(int), default=64)
@@ -208,6 +237,23 @@ def main(argv=None) -> int:
             print(f"held-out accuracy {result['accuracy']:.4f} on {result['n_heldout']} texts "
                   f"(majority class {result['chance']:.4f}) after {result['epochs_run']} epochs "
                   f"in {result['seconds']:.1f} s")  # fmt: skip
+        elif args.command == "seq2seq":
+            from .models.seq2seq import DataError as PairsError
+            from .models.seq2seq import Seq2SeqConfig, train_seq2seq
+
+            fields = set(Seq2SeqConfig.__dataclass_fields__)
+            cfg = Seq2SeqConfig(**{k: v for k, v in vars(args).items() if k in fields})
+            cfg.time_limit = args.time_limit or None
+            try:
+                result = train_seq2seq(cfg)
+            except PairsError as e:
+                raise SystemExit(f"error: {e}") from e
+            _write_json(args.json, result)
+            for src, hyp, ref in result["examples"]:
+                print(f"{src!r} -> {hyp!r} (reference {ref!r})")
+            print(f"test exact match {result['exact_match']:.4f}, token accuracy "
+                  f"{result['token_accuracy']:.4f} on {result['n_test']} pairs after "
+                  f"{result['epochs_run']} epochs in {result['seconds']:.1f} s")  # fmt: skip
         elif args.command == "sample":
             from .models.charlm import load_model, sample
 
