@@ -191,3 +191,17 @@ def write_marked_block(path: Path, begin: str, end: str, title: str, lines: list
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def min_step_ms(step, calls: int, warmup: int = 3) -> float:
+    """The fastest of ``calls`` runs of ``step()`` after ``warmup`` untimed ones, in ms."""
+    import time
+
+    for _ in range(warmup):
+        step()
+    best = float("inf")
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - t0)
+    return 1e3 * best

@@ -22,7 +22,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import machine_info, write_marked_block  # noqa: E402
+from _common import machine_info, min_step_ms, write_marked_block  # noqa: E402
 
 RESULTS_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- bench/classify.py: begin -->", "<!-- bench/classify.py: end -->"
@@ -97,14 +97,7 @@ def torch_step(cell, N, T):
 
 def worker(backend, cell, N, T, calls):
     step = (ours_step if backend == "ours" else torch_step)(cell, N, T)
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    print(json.dumps({"min_ms": 1e3 * min(times)}))
+    print(json.dumps({"min_ms": min_step_ms(step, calls)}))
 
 
 def main(argv=None):

@@ -23,7 +23,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import machine_info, write_marked_block  # noqa: E402
+from _common import machine_info, min_step_ms, write_marked_block  # noqa: E402
 
 RESULTS_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- bench/torch_adapter.py: begin -->", "<!-- bench/torch_adapter.py: end -->"
@@ -60,14 +60,7 @@ def worker(backend, cell, N, T, H, calls):
         loss.backward()
         opt.step()
 
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    print(json.dumps({"min_ms": 1e3 * min(times)}))
+    print(json.dumps({"min_ms": min_step_ms(step, calls)}))
 
 
 def main(argv=None):

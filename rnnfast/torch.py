@@ -201,7 +201,6 @@ def _from_torch(m: _nn.RNNBase) -> _Recurrent:
 
 
 def _to_torch(m: _Recurrent) -> _nn.RNNBase:
-    ref = m._torch_class.__new__(m._torch_class)
     kwargs = {"num_layers": m.num_layers, "bias": m.bias, "batch_first": m.batch_first,
               "dropout": m.dropout, "bidirectional": m.bidirectional,
               "dtype": getattr(m, m._names[0]).dtype}  # fmt: skip
@@ -209,7 +208,7 @@ def _to_torch(m: _Recurrent) -> _nn.RNNBase:
         kwargs["proj_size"] = m.proj_size
     if m.mode.startswith("RNN"):
         kwargs["nonlinearity"] = m.nonlinearity
-    ref.__init__(m.input_size, m.hidden_size, **kwargs)
+    ref = m._torch_class(m.input_size, m.hidden_size, **kwargs)
     for n in m._names:
         setattr(ref, n, getattr(m, n))  # the same Parameter objects
     ref._flat_weights = [getattr(ref, n) for n in ref._flat_weights_names]

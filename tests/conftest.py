@@ -183,6 +183,21 @@ def central_differences(loss, a: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return numeric
 
 
+def assert_grad_matches_differences(loss, a: np.ndarray, grad: np.ndarray, name: str,
+                                    samples: int = 12, eps: float = 1e-6) -> None:  # fmt: skip
+    """The analytic ``grad`` of ``loss()`` in ``a`` against central differences at about
+    ``samples`` evenly spread elements (``a`` perturbed in place and restored), for parameters
+    too large to difference whole."""
+    for i in list(np.ndindex(a.shape))[:: max(1, a.size // samples)]:
+        saved = a[i]
+        a[i] = saved + eps
+        plus = loss()
+        a[i] = saved - eps
+        minus = loss()
+        a[i] = saved
+        assert grad[i] == pytest.approx((plus - minus) / (2 * eps), rel=1e-5, abs=1e-8), (name, i)
+
+
 def cast(arrays: dict, dtype) -> dict:
     """A copy of a dict of arrays with every floating array cast to ``dtype`` (None, ints kept)."""
     return {

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_grad_matches_differences
 
 from rnnfast.__main__ import main
 from rnnfast.losses import softmax_cross_entropy
@@ -55,15 +56,7 @@ def test_classifier_backward_matches_finite_differences(pool, cell):
     model.zero_grad()
     model.backward(d)
     for name in ("rnn.weight_hh_l0_reverse", "rnn.weight_ih_l0", "embed.weight", "head.weight"):
-        p, g = model.params[name], model.grads[name]
-        for idx in list(np.ndindex(p.shape))[:: max(1, p.size // 12)]:
-            old = p[idx]
-            p[idx] = old + 1e-6
-            up = loss()
-            p[idx] = old - 1e-6
-            down = loss()
-            p[idx] = old
-            assert g[idx] == pytest.approx((up - down) / 2e-6, rel=1e-5, abs=1e-8), (name, idx)
+        assert_grad_matches_differences(loss, model.params[name], model.grads[name], name)
 
 
 def test_readers_tsv_csv_and_folder(tmp_path):

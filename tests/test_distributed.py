@@ -52,20 +52,27 @@ def _port():
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_on_the_whole_batch(tmp_path):
+def _one_and_two_processes(tmp_path, text: str, ext: str):
+    """Runs the script ``text`` (argv: rank, world, port, output) as one process and as two
+    gloo processes; returns the paths rank 0 wrote in each."""
     script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
+    script.write_text(text)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    one = tmp_path / "one.npz"
+    one, two = tmp_path / f"one.{ext}", tmp_path / f"two.{ext}"
     subprocess.run([sys.executable, str(script), "0", "1", "0", str(one)], check=True, env=env,
                    timeout=120, cwd=tmp_path)  # fmt: skip
-    port, two = str(_port()), tmp_path / "two.npz"
+    port = str(_port())
     procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(two)],
                               env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
              for r in range(2)]  # fmt: skip
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
+    return one, two
+
+
+def test_two_processes_equal_one_on_the_whole_batch(tmp_path):
+    one, two = _one_and_two_processes(tmp_path, SCRIPT, "npz")
     a, b = np.load(one), np.load(two)
     assert a.files == b.files
     for k in a.files:
@@ -124,19 +131,7 @@ DDP_SCRIPT = textwrap.dedent("""
 
 
 def test_rnnfast_torch_under_distributed_data_parallel(tmp_path):
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    one = tmp_path / "one.pt"
-    subprocess.run([sys.executable, str(script), "0", "1", "0", str(one)], check=True, env=env,
-                   timeout=120, cwd=tmp_path)  # fmt: skip
-    port, two = str(_port()), tmp_path / "two.pt"
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(two)],
-                              env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]  # fmt: skip
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-2000:]
+    one, two = _one_and_two_processes(tmp_path, DDP_SCRIPT, "pt")
     a, b = torch.load(one), torch.load(two)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=2e-5, atol=2e-6, msg=k)

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_grad_matches_differences
 
 from rnnfast.__main__ import main
 from rnnfast.models import seq2seq as s2s
@@ -33,15 +34,8 @@ def test_backward_matches_finite_differences(cell, score):
     for name in ("encoder.weight_hh_l0_reverse", "encoder.weight_ih_l1", "bridge.weight",
                  "decoder.weight_hh_l0", "attention.weight", "combine.bias", "src_embed.weight",
                  "tgt_embed.weight"):  # fmt: skip
-        p, g = model.params[name], model.grads[name]
-        for idx in list(np.ndindex(p.shape))[:: max(1, p.size // 10)]:
-            old = p[idx]
-            p[idx] = old + 1e-6
-            up = loss()
-            p[idx] = old - 1e-6
-            down = loss()
-            p[idx] = old
-            assert g[idx] == pytest.approx((up - down) / 2e-6, rel=1e-5, abs=1e-8), (name, idx)
+        assert_grad_matches_differences(loss, model.params[name], model.grads[name], name,
+                                        samples=10)  # fmt: skip
 
 
 def test_a_score_without_weights_is_refused():
