@@ -205,3 +205,24 @@ def min_step_ms(step, calls: int, warmup: int = 3) -> float:
         step()
         best = min(best, time.perf_counter() - t0)
     return 1e3 * best
+
+
+def best_of_interleaved(script, cases, backends, rounds: int, calls: int, env: dict) -> dict:
+    """{(case, backend): the fastest min_ms} over ``rounds`` rounds in which each case runs each
+    backend in a process of its own (``script --calls C --worker BACKEND *case``, which prints
+    {"min_ms": ...} last), the backends' order alternating from case to case and round to round,
+    so that the machine's drift falls on both."""
+    import json
+    import sys
+
+    best = {}
+    for r in range(rounds):
+        for i, case in enumerate(cases):
+            order = backends if (r + i) % 2 == 0 else backends[::-1]
+            for backend in order:
+                cmd = [sys.executable, str(script), "--calls", str(calls), "--worker", backend,
+                       *map(str, case)]  # fmt: skip
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+                ms = json.loads(out.stdout.strip().splitlines()[-1])["min_ms"]
+                best[(case, backend)] = min(best.get((case, backend), float("inf")), ms)
+    return best

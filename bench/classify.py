@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,12 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import machine_info, min_step_ms, write_marked_block  # noqa: E402
+from _common import (  # noqa: E402
+    best_of_interleaved,
+    machine_info,
+    min_step_ms,
+    write_marked_block,
+)
 
 RESULTS_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- bench/classify.py: begin -->", "<!-- bench/classify.py: end -->"
@@ -114,18 +118,8 @@ def main(argv=None):
         backend, cell, N, T = args.worker
         return worker(backend, cell, int(N), int(T), args.calls)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "2"}
-    best = {}
     t_start = time.time()
-    for r in range(args.rounds):
-        for i, (cell, N, T) in enumerate(CASES):
-            order = ("ours", "torch") if (r + i) % 2 == 0 else ("torch", "ours")
-            for backend in order:
-                cmd = [sys.executable, __file__, "--calls", str(args.calls), "--worker", backend,
-                       cell, str(N), str(T)]  # fmt: skip
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-                ms = json.loads(out.stdout.strip().splitlines()[-1])["min_ms"]
-                key = (cell, N, T, backend)
-                best[key] = min(best.get(key, float("inf")), ms)
+    best = best_of_interleaved(__file__, CASES, ("ours", "torch"), args.rounds, args.calls, env)
     info = machine_info()
     title = (
         f"### bench/classify.py: the classifier's training step against PyTorch "
@@ -144,7 +138,7 @@ def main(argv=None):
         "|---|---:|---:|---:|---:|---:|",
     ]
     for cell, N, T in CASES:
-        o, t = best[(cell, N, T, "ours")], best[(cell, N, T, "torch")]
+        o, t = best[((cell, N, T), "ours")], best[((cell, N, T), "torch")]
         lines.append(f"| {cell} | {N} | {T} | {o:.2f} | {t:.2f} | {t / o:.2f}x |")
     print("\n".join([title, "", *lines]))
     if args.write_results:

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,12 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import machine_info, min_step_ms, write_marked_block  # noqa: E402
+from _common import (  # noqa: E402
+    best_of_interleaved,
+    machine_info,
+    min_step_ms,
+    write_marked_block,
+)
 
 RESULTS_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- bench/torch_adapter.py: begin -->", "<!-- bench/torch_adapter.py: end -->"
@@ -76,16 +80,8 @@ def main(argv=None):
         return worker(backend, cell, int(N), int(T), int(H), args.calls)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     cases = [(cell, *shape) for cell in ("lstm", "gru") for shape in SHAPES]
-    best, t_start = {}, time.time()
-    for r in range(args.rounds):
-        for i, case in enumerate(cases):
-            order = ("torch", "rnnfast") if (r + i) % 2 else ("rnnfast", "torch")
-            for backend in order:
-                cmd = [sys.executable, __file__, "--calls", str(args.calls), "--worker", backend,
-                       *map(str, case)]  # fmt: skip
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-                ms = json.loads(out.stdout.strip().splitlines()[-1])["min_ms"]
-                best[(case, backend)] = min(best.get((case, backend), math.inf), ms)
+    t_start = time.time()
+    best = best_of_interleaved(__file__, cases, ("rnnfast", "torch"), args.rounds, args.calls, env)
     info = machine_info()
     title = (
         f"### bench/torch_adapter.py: torch.nn against rnnfast.torch in a PyTorch model "

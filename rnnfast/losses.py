@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from . import _C
+
 __all__ = [
     "log_softmax",
     "softmax",
@@ -90,27 +92,28 @@ def softmax_cross_entropy(
             f"(valid: 0..{V - 1}"
             f"{'' if ignore_index is None else f' or ignore_index={ignore_index}'})"
         )
-    safe = np.where(kept, targets, 0)
-    logp = log_softmax(logits)
-    picked = np.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-    # dropped positions (padding) are never read: a NaN in their logits must not reach the sum
-    losses = np.where(kept, -picked * weight, 0.0)
     if reduction == "none":
         scale = weight
-        loss = losses.astype(logits.dtype)
     else:
         total = float(weight.sum())
-        if reduction == "sum":
-            loss, scale = float(losses.sum()), weight
-        elif total == 0:
-            loss, scale = math.nan, weight * 0
-        else:
-            loss, scale = float(losses.sum()) / total, weight / total
-    grad = np.exp(logp)
-    np.put_along_axis(grad, safe[..., None],
-                      np.take_along_axis(grad, safe[..., None], axis=-1) - 1, axis=-1)  # fmt: skip
-    grad = np.where(kept[..., None], grad * scale[..., None], 0.0)
-    return loss, grad.astype(logits.dtype, copy=False)
+        scale = weight / total if reduction == "mean" and total != 0 else weight
+        if reduction == "mean" and total == 0:
+            scale = weight * 0
+    dtype = np.dtype(logits.dtype.name) if logits.dtype.itemsize in (4, 8) else np.float64
+    rows = np.ascontiguousarray(logits, dtype=dtype).reshape(-1, V)
+    grad, row_losses = _C.softmax_cross_entropy(
+        rows, np.ascontiguousarray(targets, dtype=np.int64).reshape(-1),
+        np.ascontiguousarray(kept).reshape(-1).view(np.uint8),
+        np.ascontiguousarray(scale, dtype=np.float64).reshape(-1),
+    )  # fmt: skip
+    losses = np.where(kept, row_losses.reshape(targets.shape) * weight, 0.0)
+    if reduction == "none":
+        loss = losses.astype(logits.dtype)
+    elif reduction == "sum":
+        loss = float(losses.sum())
+    else:
+        loss = float(losses.sum()) / total if total != 0 else math.nan
+    return loss, grad.reshape(logits.shape).astype(logits.dtype, copy=False)
 
 
 def _elementwise(name: str, inp, target, weight, reduction: str):

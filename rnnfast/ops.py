@@ -64,6 +64,7 @@ __all__ = [
     "rnn_backward",
     "bfloat16_supported",
     "recurrent_masks",
+    "gemm",
 ]
 
 
@@ -201,6 +202,37 @@ def recurrent_masks(kind: str, p: float, seed: int, T: int, N: int, H: int, *,
     masks = _C.recurrent_masks(MASK_KINDS[kind], noise.seed, noise.stream,
                                noise.candidate_threshold, steps, N, H)  # fmt: skip
     return np.repeat(masks, T, axis=0) if kind == "variational" else masks
+
+
+def _matrix(name: str, a) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
+        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
+    # NumPy's own dtype object (a '<f4' from a buffer is not it) in C order
+    return np.ascontiguousarray(a, dtype=np.dtype(a.dtype.name))
+
+
+def gemm(a, b, *, trans_a: bool = False, trans_b: bool = False, out=None,
+         accumulate: bool = False) -> np.ndarray:  # fmt: skip
+    """op(a) @ op(b) for 2-D float32 or float64 arrays (op transposes where asked), on the
+    kernels' threads (``set_num_threads``) and rnnfast's BLAS: the products of the layers around
+    the recurrent kernels (Linear, the output head), which NumPy's serial BLAS would run on one
+    core. The bits do not depend on the thread count. ``out``: a C-contiguous (M, N) array of the
+    dtype to write (with ``accumulate=True``, to add to) in place; it must not overlap a or b."""
+    a, b = _matrix("a", a), _matrix("b", b)
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must have one dtype, got {a.dtype} and {b.dtype}")
+    M, N = a.shape[1 if trans_a else 0], b.shape[0 if trans_b else 1]
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True adds to out, so it needs out")
+        out = np.empty((M, N), a.dtype)
+    elif not isinstance(out, np.ndarray) or out.dtype != a.dtype:
+        raise TypeError(f"out must be a {a.dtype} ndarray")
+    _C.gemm(a, b, out, trans_a, trans_b, accumulate)
+    return out
 
 
 _DOCS = {

@@ -14,7 +14,28 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from . import _C
+
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW"]
+
+
+def _fused(p, g, *state):
+    """Whether Adam's fused kernel takes this parameter: plain aligned C-contiguous float arrays
+    of one dtype and shape (anything else, a NumPy subclass or a strided view, takes NumPy)."""
+    arrays = (p, g) + tuple(a for a in state if a is not None)
+    return (
+        all(
+            type(a) is np.ndarray
+            and a.dtype == p.dtype
+            and a.shape == p.shape
+            and a.flags.c_contiguous
+            and a.flags.aligned
+            for a in arrays
+        )
+        and p.dtype in (np.float32, np.float64)
+        and p.flags.writeable
+        and not any(np.shares_memory(a, b) for i, a in enumerate(arrays) for b in arrays[:i])
+    )
 
 
 def _check_nonneg(name, value):
@@ -338,15 +359,30 @@ class Adam(Optimizer):
             if self.amsgrad:
                 state["max_exp_avg_sq"] = np.zeros_like(p)
         beta1, beta2 = self.betas
-        g = -g if self.maximize else g
         state["step"] += 1
         step = float(state["step"])
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        vmax = state.get("max_exp_avg_sq") if self.amsgrad else None
+        if _fused(p, g, m, v, vmax):
+            # one pass on the kernels' threads, the same bits as the NumPy form below
+            decoupled = self.weight_decay != 0 and self._decoupled
+            _C.adam_step(
+                p, g, m, v, vmax,
+                keep=1 - self.lr * self.weight_decay if decoupled else 1.0,
+                weight_decay=0.0 if self._decoupled else self.weight_decay,
+                one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
+                bias2_sqrt=bias_correction2_sqrt, step_size=self.lr / bias_correction1,
+                eps=self.eps, maximize=self.maximize,
+            )  # fmt: skip
+            return
+        g = -g if self.maximize else g
         if self.weight_decay != 0:
             if self._decoupled:
                 p *= 1 - self.lr * self.weight_decay
             else:
                 g = g + self.weight_decay * p
-        m, v = state["exp_avg"], state["exp_avg_sq"]
         # torch's arithmetic, operation for operation, in two scratch arrays instead of a fresh
         # temporary per operation (a 2M-parameter embedding took 7 ms a step, mostly in malloc)
         a, b = self._scratch(p)
@@ -357,10 +393,7 @@ class Adam(Optimizer):
         np.multiply(g, 1 - beta2, out=a)
         a *= g
         v += a
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-        if self.amsgrad:
-            vmax = state["max_exp_avg_sq"]
+        if vmax is not None:
             np.maximum(vmax, v, out=vmax)
             np.sqrt(vmax, out=a)
         else:

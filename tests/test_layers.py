@@ -417,3 +417,31 @@ def test_stacked_bidirectional_layer_never_reads_padding(cls):
     for k in g0:
         assert np.isfinite(g1[k]).all(), k
         np.testing.assert_array_equal(g1[k], g0[k], err_msg=k)
+
+
+def test_cross_entropy_large_vocabulary_float32_and_threads():
+    """The fused kernel's float32 path (vectorised exp) against the float64 formula, at an output
+    head's size, with the same bits on one thread as on two; NaN in a kept row reaches the loss."""
+    rng = np.random.default_rng(7)
+    logits = (rng.standard_normal((64, 5, 3000)) * 4).astype(np.float32)
+    targets = rng.integers(0, 3000, (64, 5))
+    loss, grad = losses.softmax_cross_entropy(logits, targets)
+    x = logits.astype(np.float64).reshape(-1, 3000)
+    logp = x - x.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    expected = np.exp(logp)
+    expected[np.arange(len(x)), targets.reshape(-1)] -= 1
+    expected /= len(x)
+    assert grad.dtype == np.float32
+    assert loss == pytest.approx(-logp[np.arange(len(x)), targets.reshape(-1)].mean(), rel=1e-6)
+    assert_close(grad.reshape(-1, 3000), expected, rtol=1e-5, atol=1e-10, name="dlogits")
+    before = rnnfast.get_num_threads()
+    try:
+        rnnfast.set_num_threads(1)
+        loss1, grad1 = losses.softmax_cross_entropy(logits, targets)
+    finally:
+        rnnfast.set_num_threads(before)
+    assert loss1 == loss
+    np.testing.assert_array_equal(grad1, grad)
+    logits[3, 2, 17] = np.nan
+    assert np.isnan(losses.softmax_cross_entropy(logits, targets)[0])

@@ -433,3 +433,48 @@ def test_bfloat16_on_gpu_arrays_says_cpu_only(lstm_args):
     with pytest.raises(NotImplementedError, match="CPU kernels only"):
         ops.lstm_forward(FakeGpuArray(), lstm_args["w_ih"], lstm_args["w_hh"], training=False,
                          matmul_precision="bfloat16")  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_a,trans_b", list(itertools.product([False, True], repeat=2)))
+def test_gemm_against_numpy(dtype, trans_a, trans_b):
+    rng = np.random.default_rng(3)
+    M, N, K = 70, 300, 45
+    a = rng.standard_normal((K, M) if trans_a else (M, K)).astype(dtype)
+    b = rng.standard_normal((N, K) if trans_b else (K, N)).astype(dtype)
+    expected = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b)
+    got = ops.gemm(a, b, trans_a=trans_a, trans_b=trans_b)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * 10)
+    out = np.ones((M, N), dtype)
+    assert ops.gemm(a, b, trans_a=trans_a, trans_b=trans_b, out=out, accumulate=True) is out
+    np.testing.assert_allclose(out, expected + 1, rtol=rtol, atol=rtol * 10)
+    before = rnnfast.get_num_threads()
+    try:
+        rnnfast.set_num_threads(1)
+        one = ops.gemm(a, b, trans_a=trans_a, trans_b=trans_b)
+    finally:
+        rnnfast.set_num_threads(before)
+    np.testing.assert_array_equal(one, got)
+
+
+def test_gemm_errors():
+    a = np.ones((3, 4))
+    with pytest.raises(ValueError, match="op\\(a\\) is 3 x 4 but op\\(b\\) is 3 x 2"):
+        ops.gemm(a, np.ones((3, 2)))
+    with pytest.raises(TypeError, match="one dtype"):
+        ops.gemm(a, np.ones((4, 2), np.float32))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ops.gemm(a.astype(int), np.ones((4, 2)))
+    with pytest.raises(ValueError, match="2-D"):
+        ops.gemm(np.ones(4), np.ones((4, 2)))
+    with pytest.raises(ValueError, match="needs out"):
+        ops.gemm(a, np.ones((4, 2)), accumulate=True)
+    with pytest.raises(ValueError, match="shape \\(3, 2\\)"):
+        ops.gemm(a, np.ones((4, 2)), out=np.ones((2, 3)))
+    with pytest.raises(ValueError, match="overlaps"):
+        buf = np.ones((4, 4))
+        ops.gemm(buf, buf.copy(), out=buf)
+    assert ops.gemm(np.ones((0, 4)), np.ones((4, 2))).shape == (0, 2)
+    np.testing.assert_array_equal(ops.gemm(np.ones((3, 0)), np.ones((0, 2))), np.zeros((3, 2)))

@@ -331,3 +331,61 @@ def test_load_state_dict_takes_json_lists_and_amsgrad_buffers():
     target.load_state_dict(sd)
     assert target.betas == (0.9, 0.999) and target.lr == 0.1
     assert set(target.state["w"]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("Adam", {}),
+        ("Adam", {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}),
+        ("Adam", {"lr": 0.003, "betas": (0.8, 0.95), "maximize": True}),
+        ("AdamW", {"lr": 0.01, "weight_decay": 0.1}),
+        ("AdamW", {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True, "maximize": True}),
+    ],
+)
+def test_fused_adam_has_the_numpy_forms_bits(name, kwargs, dtype, monkeypatch):
+    # the fused kernel (contiguous float arrays; the large one on a team of threads) against the
+    # NumPy form that strided views take, bit for bit over several steps
+    rng = np.random.default_rng(1)
+    shapes = {"big": (300, 700), "small": (7, 3)}
+    start = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+    grads = [{k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()} for _ in range(4)]
+    fused, plain = {k: v.copy() for k, v in start.items()}, {k: v.copy() for k, v in start.items()}
+    opt_fused = getattr(optim, name)(fused, **kwargs)
+    opt_plain = getattr(optim, name)(plain, **kwargs)
+    calls = []
+    real = optim._C.adam_step
+    monkeypatch.setattr(optim._C, "adam_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for g in grads:
+        opt_fused.step(g)
+    assert len(calls) == 2 * len(grads)
+    monkeypatch.setattr(optim, "_fused", lambda *arrays: False)
+    for g in grads:
+        opt_plain.step(g)
+    for k in shapes:
+        assert fused[k].dtype == dtype
+        np.testing.assert_array_equal(fused[k], plain[k], err_msg=k)
+        for s in opt_fused.state[k]:
+            np.testing.assert_array_equal(opt_fused.state[k][s], opt_plain.state[k][s], err_msg=s)
+    assert not np.array_equal(fused["big"], start["big"])
+
+
+def test_adam_takes_strided_and_foreign_arrays_by_numpy():
+    base = np.zeros((6, 8))
+    p = {"w": base[:, ::2]}  # a strided view: updated in place through NumPy
+    opt = optim.Adam(p, lr=0.1)
+    opt.step({"w": np.ones((6, 4))})
+    assert np.all(base[:, ::2] < 0) and np.all(base[:, 1::2] == 0)
+    hyper = dict(keep=1.0, weight_decay=0.0, one_minus_beta1=0.1, beta2=0.999,
+                 one_minus_beta2=0.001, bias2_sqrt=1.0, step_size=0.1, eps=1e-8,
+                 maximize=False)  # fmt: skip
+    frozen = np.ones(3)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="param is read-only"):
+        optim._C.adam_step(frozen, np.ones(3), np.zeros(3), np.zeros(3), None, **hyper)
+    m = np.zeros(3)
+    with pytest.raises(ValueError, match="exp_avg_sq shares memory with exp_avg"):
+        optim._C.adam_step(np.ones(3), np.ones(3), m, m, None, **hyper)
+    with pytest.raises(TypeError, match="grad has dtype float32"):
+        optim._C.adam_step(np.ones(3), np.ones(3, np.float32), m, np.zeros(3), None, **hyper)

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu/blas.h"
+#include "cpu/dense.h"
 #include "cpu/kernels.h"
 #include "cpu/packed_gemm.h"
 #include "cpu/parallel.h"
@@ -439,6 +441,92 @@ py::dict build_info() {
   return info;
 }
 
+// A 2-D array of T for the dense helpers: C-contiguous and aligned, as input() demands.
+template <typename T>
+const T* matrix(const py::array& a, const char* name) {
+  if (a.ndim() != 2) throw py::value_error(std::string(name) + " must be 2-D, got " + shape_str(a));
+  return input<T>(a, name, {a.shape(0), a.shape(1)});
+}
+
+bool overlaps(const py::array& a, const py::array& b) {
+  const char* a0 = static_cast<const char*>(a.data());
+  const char* b0 = static_cast<const char*>(b.data());
+  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
+// out[M, N] = op(a) op(b), or += with accumulate, on the kernels' OpenMP team
+template <typename T>
+void gemm_into(const py::array& a, const py::array& b, py::array& out, bool trans_a, bool trans_b,
+               bool accumulate) {
+  const T* A = matrix<T>(a, "a");
+  const T* B = matrix<T>(b, "b");
+  const int64_t M = a.shape(trans_a ? 1 : 0), K = a.shape(trans_a ? 0 : 1);
+  const int64_t Kb = b.shape(trans_b ? 1 : 0), N = b.shape(trans_b ? 0 : 1);
+  if (K != Kb)
+    throw py::value_error("op(a) is " + std::to_string(M) + " x " + std::to_string(K) +
+                          " but op(b) is " + std::to_string(Kb) + " x " + std::to_string(N) +
+                          " (a " + shape_str(a) + ", b " + shape_str(b) + ")");
+  T* C = const_cast<T*>(input<T>(out, "out", {M, N}));
+  if (!out.writeable()) throw py::value_error("out is read-only");
+  if (overlaps(out, a) || overlaps(out, b)) throw py::value_error("out overlaps a or b");
+  for (int64_t v : {M, N, K})
+    if (v > std::numeric_limits<int32_t>::max())
+      throw py::value_error("a matrix dimension exceeds the BLAS's 32-bit range");
+  py::gil_scoped_release release;
+  rnnfast::cpu::parallel_gemm<T>(rnnfast::cpu::get_num_threads(), trans_a, trans_b, M, N, K, A,
+                                 a.shape(1), B, b.shape(1), accumulate ? T(1) : T(0), C, N);
+}
+
+template <typename T>
+py::tuple softmax_cross_entropy(const py::array& logits, const py::object& targets,
+                                const py::object& kept, const py::object& scale) {
+  const T* x = matrix<T>(logits, "logits");
+  const int64_t R = logits.shape(0), V = logits.shape(1);
+  const int64_t* t = input<int64_t>(targets, "targets", {R});
+  const uint8_t* k = input<uint8_t>(kept, "kept", {R});
+  const double* sc = input<double>(scale, "scale", {R});
+  for (int64_t r = 0; r < R; ++r)
+    if (k[r] && (t[r] < 0 || t[r] >= V))
+      throw py::value_error("targets[" + std::to_string(r) + "] = " + std::to_string(t[r]) +
+                            " is outside [0, " + std::to_string(V) + ")");
+  auto grad = new_array<T>({R, V});
+  py::array_t<double> losses(R);
+  T* g = grad.mutable_data();
+  double* l = losses.mutable_data();
+  {
+    py::gil_scoped_release release;
+    rnnfast::cpu::softmax_cross_entropy<T>(rnnfast::cpu::get_num_threads(), R, V, x, t, k, sc, g,
+                                           l);
+  }
+  return py::make_tuple(grad, losses);
+}
+
+// One parameter's Adam update in place (dense.h); every array C-contiguous, of p's dtype and
+// shape, and none sharing memory with another
+template <typename T>
+void adam_step(py::array& p, const py::array& g, py::array& m, py::array& v,
+               const py::object& max_v, const rnnfast::cpu::AdamStep<T>& h) {
+  std::vector<int64_t> shape(p.shape(), p.shape() + p.ndim());
+  T* P = const_cast<T*>(input<T>(p, "param", shape));
+  const T* G = input<T>(g, "grad", shape);
+  T* M = const_cast<T*>(input<T>(m, "exp_avg", shape));
+  T* V = const_cast<T*>(input<T>(v, "exp_avg_sq", shape));
+  T* X = const_cast<T*>(input<T>(max_v, "max_exp_avg_sq", shape, true));
+  std::vector<std::pair<const char*, py::array>> all = {
+      {"param", p}, {"grad", g}, {"exp_avg", m}, {"exp_avg_sq", v}};
+  if (X) all.emplace_back("max_exp_avg_sq", py::reinterpret_borrow<py::array>(max_v));
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (i != 1 && !all[i].second.writeable())
+      throw py::value_error(std::string(all[i].first) + " is read-only");
+    for (size_t j = 0; j < i; ++j)
+      if (overlaps(all[i].second, all[j].second))
+        throw py::value_error(std::string(all[i].first) + " shares memory with " + all[j].first);
+  }
+  py::gil_scoped_release release;
+  rnnfast::cpu::adam_update<T>(rnnfast::cpu::get_num_threads(), int64_t(p.size()), h, P, G, M, V,
+                               X);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -484,6 +572,63 @@ PYBIND11_MODULE(_C, m) {
       },
       "purpose"_a, "seed"_a, "stream"_a, "threshold"_a, "T"_a, "N"_a, "H"_a,
       "keep[T, N, H] of one mask purpose (csrc/rnnfast/noise.h); see rnnfast.ops.recurrent_masks");
+  m.def(
+      "gemm",
+      [](const py::array& a, const py::array& b, py::array& out, bool trans_a, bool trans_b,
+         bool accumulate) {
+        if (a.dtype().is(py::dtype::of<float>()))
+          gemm_into<float>(a, b, out, trans_a, trans_b, accumulate);
+        else if (a.dtype().is(py::dtype::of<double>()))
+          gemm_into<double>(a, b, out, trans_a, trans_b, accumulate);
+        else
+          throw py::type_error("a must be float32 or float64, got " +
+                               std::string(py::str(a.dtype())));
+      },
+      "a"_a, "b"_a, "out"_a, "trans_a"_a = false, "trans_b"_a = false, "accumulate"_a = false,
+      "out[M, N] = op(a) op(b) (+= with accumulate) on the kernels' threads; see rnnfast.ops.gemm");
+  m.def(
+      "softmax_cross_entropy",
+      [](const py::array& logits, const py::object& targets, const py::object& kept,
+         const py::object& scale) {
+        if (logits.dtype().is(py::dtype::of<float>()))
+          return softmax_cross_entropy<float>(logits, targets, kept, scale);
+        if (logits.dtype().is(py::dtype::of<double>()))
+          return softmax_cross_entropy<double>(logits, targets, kept, scale);
+        throw py::type_error("logits must be float32 or float64, got " +
+                             std::string(py::str(logits.dtype())));
+      },
+      "logits"_a, "targets"_a, "kept"_a, "scale"_a,
+      "(grad[R, V], losses[R]) of rows of logits against targets; see rnnfast.losses");
+  m.def(
+      "adam_step",
+      [](py::array& p, const py::array& g, py::array& m, py::array& v, const py::object& max_v,
+         double keep, double weight_decay, double one_minus_beta1, double beta2,
+         double one_minus_beta2, double bias2_sqrt, double step_size, double eps, bool maximize) {
+        auto run = [&](auto zero) {
+          using T = decltype(zero);
+          const rnnfast::cpu::AdamStep<T> h{T(keep),
+                                            T(weight_decay),
+                                            T(one_minus_beta1),
+                                            T(beta2),
+                                            T(one_minus_beta2),
+                                            T(bias2_sqrt),
+                                            T(step_size),
+                                            T(eps),
+                                            maximize};
+          adam_step<T>(p, g, m, v, max_v, h);
+        };
+        if (p.dtype().is(py::dtype::of<float>()))
+          run(0.0f);
+        else if (p.dtype().is(py::dtype::of<double>()))
+          run(0.0);
+        else
+          throw py::type_error("param must be float32 or float64, got " +
+                               std::string(py::str(p.dtype())));
+      },
+      "param"_a, "grad"_a, "exp_avg"_a, "exp_avg_sq"_a, "max_exp_avg_sq"_a, "keep"_a,
+      "weight_decay"_a, "one_minus_beta1"_a, "beta2"_a, "one_minus_beta2"_a, "bias2_sqrt"_a,
+      "step_size"_a, "eps"_a, "maximize"_a,
+      "Adam's update of one parameter in place; see rnnfast.optim.Adam");
   m.def("build_info", &build_info);
   m.def("set_num_threads", &rnnfast::cpu::set_num_threads);
   m.def("get_num_threads", &rnnfast::cpu::get_num_threads);
