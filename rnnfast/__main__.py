@@ -1,4 +1,5 @@
-"""The command line: ``python -m rnnfast charlm|sample|classify|digits ...`` (also installed as
+"""The command line: ``python -m rnnfast charlm|sample|classify|seq2seq|translate|digits ...`` (also
+installed as
 ``rnnfast``).
 
 python -m rnnfast charlm [--corpus FILE] [--hidden 256] [--layers 1] [--seq-len 64]
@@ -6,6 +7,9 @@ python -m rnnfast charlm [--corpus FILE] [--hidden 256] [--layers 1] [--seq-len 
                          [--resume CK] [--seed 0] [--checkpoint charlm.npz]
 python -m rnnfast sample --checkpoint charlm.npz --prime "def " --temperature 0.8 --length 500
 python -m rnnfast classify --data train.tsv [--valid dev.tsv] [--cell lstm] [--pool max]
+python -m rnnfast seq2seq [--data pairs.tsv] [--tokens char] [--input-feeding] [--beam 5]
+                          [--checkpoint seq2seq.npz] [--plot-attention attention.png]
+python -m rnnfast translate --checkpoint seq2seq.npz "12 march 1999" [more texts, or stdin]
 python -m rnnfast digits [--cell gru] [--hidden 64] [--epochs 30]
 """
 
@@ -171,6 +175,9 @@ def _parser() -> argparse.ArgumentParser:
         default=z.score,
         help="the attention's score (the dot scores need equal query and key sizes)",
     )
+    q.add_argument("--input-feeding", action="store_true",
+                   help="Luong's input feeding: h~ of each step goes into the next decoder input "
+                   "(trains step by step)")  # fmt: skip
     q.add_argument("--embed", type=_positive(int), default=z.embed)
     q.add_argument("--hidden", type=_positive(int), default=z.hidden)
     q.add_argument("--layers", type=_positive(int), default=z.layers, help="encoder layers")
@@ -179,10 +186,25 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--lr", type=_positive(float), default=z.lr)
     q.add_argument("--clip", type=_nonneg_float, default=z.clip)
     q.add_argument("--pairs", type=_positive(int), default=z.pairs, help="dates task: pairs made")
+    _decoding_arguments(q, z.beam, z.alpha)
     q.add_argument("--seed", type=int, default=z.seed)
     q.add_argument("--time-limit", type=_nonneg_float, default=z.time_limit, metavar="SECONDS")
+    q.add_argument("--checkpoint", default=z.checkpoint, help="where to save the trained model")
+    q.add_argument("--plot-attention", default=None, metavar="PNG",
+                   help="draw the attention of 4 test examples (needs matplotlib)")  # fmt: skip
     q.add_argument("--json", default=None, metavar="FILE")
     q.add_argument("--quiet", action="store_true")
+
+    r = sub.add_parser("translate", help="decode texts with a seq2seq checkpoint",
+                       description="Decode each TEXT (or each line of stdin) with a model that "
+                       "python -m rnnfast seq2seq saved; one output line per input.")  # fmt: skip
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("texts", nargs="*", metavar="TEXT")
+    _decoding_arguments(r, z.beam, z.alpha)
+    r.add_argument("--max-length", type=_positive(int), default=None,
+                   help="most tokens to output (default: the checkpoint's)")  # fmt: skip
+    r.add_argument("--plot-attention", default=None, metavar="PNG",
+                   help="draw the attention of the first 4 texts (needs matplotlib)")  # fmt: skip
 
     g = sub.add_parser("digits", help="classify scikit-learn's digits as 8 rows of 8 pixels")
     g.add_argument("--cell", choices=["gru", "lstm"], default="gru")
@@ -194,6 +216,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", default=None, metavar="FILE", help="write the result here")
     g.add_argument("--quiet", action="store_true")
     return p
+
+
+def _decoding_arguments(parser, beam: int, alpha: float) -> None:
+    parser.add_argument("--beam", type=_positive(int), default=beam,
+                        help="beam size (1: greedy)")  # fmt: skip
+    penalty = "GNMT length penalty ((5 + length) / 6) ** alpha; 0: none"
+    parser.add_argument("--alpha", type=_nonneg_float, default=alpha, help=penalty)
 
 
 def _write_json(path, data) -> None:
@@ -249,11 +278,47 @@ def main(argv=None) -> int:
             except PairsError as e:
                 raise SystemExit(f"error: {e}") from e
             _write_json(args.json, result)
-            for src, hyp, ref in result["examples"]:
-                print(f"{src!r} -> {hyp!r} (reference {ref!r})")
-            print(f"test exact match {result['exact_match']:.4f}, token accuracy "
-                  f"{result['token_accuracy']:.4f} on {result['n_test']} pairs after "
+            for src, hyp, refs in result["examples"]:
+                print(f"{src!r} -> {hyp!r} (reference{'s' * (len(refs) > 1)} "
+                      f"{' | '.join(map(repr, refs))})")  # fmt: skip
+            bleu = "BLEU n/a (pip install sacrebleu)" if result["bleu"] is None else (
+                f"BLEU {result['bleu']:.2f}")  # fmt: skip
+            print(f"test exact match {result['exact_match']:.4f} ({result['decoding']}; greedy "
+                  f"{result['exact_match_greedy']:.4f}), {bleu}, token accuracy "
+                  f"{result['token_accuracy']:.4f} on {result['n_test']} test sources after "
                   f"{result['epochs_run']} epochs in {result['seconds']:.1f} s")  # fmt: skip
+            if cfg.checkpoint:
+                print(f"saved {cfg.checkpoint}; decode with: python -m rnnfast translate "
+                      f"--checkpoint {cfg.checkpoint} TEXT")  # fmt: skip
+        elif args.command == "translate":
+            from .models import seq2seq as s2s
+
+            model, src_vocab, tgt_vocab, meta = s2s.load_model(args.checkpoint)
+            if args.plot_attention:
+                try:
+                    s2s._pyplot()  # said before decoding, not after
+                except s2s.DataError as e:
+                    raise SystemExit(f"error: {e}") from e
+            texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+            if not texts:
+                raise SystemExit("error: no text to translate (give TEXT arguments or stdin lines)")
+            try:
+                outputs = s2s.translate(
+                    model,
+                    src_vocab,
+                    tgt_vocab,
+                    texts,
+                    args.max_length or meta["max_len"],
+                    args.beam,
+                    args.alpha,
+                )
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from e
+            for ids in outputs:
+                print(tgt_vocab.decode(ids))
+            if args.plot_attention:
+                s2s.plot_attention(args.plot_attention, model, src_vocab, tgt_vocab, texts[:4],
+                                   outputs[:4])  # fmt: skip
         elif args.command == "sample":
             from .models.charlm import load_model, sample
 

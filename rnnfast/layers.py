@@ -885,10 +885,11 @@ class Linear(Module):
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have {self.in_features} features last, got shape {x.shape}")
         self._x = x if self.training else None
-        y = x @ self.params["weight"].T
+        # the product on the kernels' threads (ops.gemm), not NumPy's serial BLAS
+        y = ops.gemm(x.reshape(-1, self.in_features), self.params["weight"], trans_b=True)
         if "bias" in self.params:
             y += self.params["bias"]
-        return y
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def backward(self, dy) -> np.ndarray:
         """Adds into grads and returns dx (the shape of x)."""
@@ -901,10 +902,10 @@ class Linear(Module):
                 f"dy must have shape {x.shape[:-1] + (self.out_features,)}, got {dy.shape}"
             )
         x2, dy2 = x.reshape(-1, self.in_features), dy.reshape(-1, self.out_features)
-        self.grads["weight"] += dy2.T @ x2
+        ops.gemm(dy2, x2, trans_a=True, out=self.grads["weight"], accumulate=True)
         if "bias" in self.params:
             self.grads["bias"] += dy2.sum(axis=0)
-        return dy @ self.params["weight"]
+        return ops.gemm(dy2, self.params["weight"]).reshape(x.shape)
 
 
 # ---- single steps and chains -------------------------------------------------------------------
@@ -1123,6 +1124,11 @@ class Attention(Module):
     (NaN there changes nothing). Returns context (N, K) or
     (S, N, K) and weights (N, T) or (S, N, T). ``backward(dcontext, dweights=None)`` adds into
     ``grads`` and returns ``(dquery, dkeys)``.
+
+    As the single-step cells, each training-mode call keeps what its backward needs on a stack
+    and ``backward`` differentiates the latest call not yet differentiated, so a decoder that
+    attends once per step (Luong's input feeding) backpropagates its steps in reverse order.
+    ``clear()`` drops the stack; eval mode keeps nothing.
     """
 
     SCORES = ("additive", "bilinear", "dot", "scaled_dot")
@@ -1152,7 +1158,11 @@ class Attention(Module):
             k = 1.0 / np.sqrt(key_size)
             w = np.empty((query_size, key_size), self.dtype)
             self.register_parameter("weight", _init.uniform_(w, -k, k, rng))
-        self._saved = None
+        self._steps: list = []
+
+    def clear(self) -> None:
+        """Drops what the training calls not yet backpropagated kept."""
+        self._steps.clear()
 
     def __repr__(self) -> str:
         return f"Attention({self.query_size}, {self.key_size}, score={self.score!r})"
@@ -1184,7 +1194,9 @@ class Attention(Module):
             if self.score == "scaled_dot":
                 e = e / self.dtype.type(np.sqrt(K))
         elif self.score == "bilinear":
-            qw = qb @ self.params["weight"]  # (N, S, K)
+            qw = ops.gemm(qb.reshape(-1, self.query_size), self.params["weight"]).reshape(
+                *qb.shape[:2], self.key_size
+            )  # (N, S, K)
             e = qw @ kb.transpose(0, 2, 1)
             cache["qw"] = qw
         else:
@@ -1200,15 +1212,18 @@ class Attention(Module):
         a = np.exp(e)
         a /= a.sum(axis=-1, keepdims=True)  # padded positions: exp(-inf) = 0 exactly
         context = a @ kb  # (N, S, K)
-        self._saved = (qb, kb, a, cache, single) if self.training else None
+        if self.training:
+            self._steps.append((qb, kb, a, cache, single))
         context, a_out = context.transpose(1, 0, 2), a.transpose(1, 0, 2)
         return (context[0], a_out[0]) if single else (context, a_out)
 
     def backward(self, dcontext, dweights=None):
-        if self._saved is None:
-            raise RuntimeError("Attention.backward needs a forward in training mode first")
-        qb, kb, a, cache, single = self._saved
-        self._saved = None
+        if not self._steps:
+            raise RuntimeError(
+                "Attention.backward needs a training-mode forward not yet backpropagated (eval() "
+                "keeps nothing; each call is differentiated once)"
+            )
+        qb, kb, a, cache, single = self._steps[-1]
         S, N = qb.shape[1], qb.shape[0]
         want = (N, self.key_size) if single else (S, N, self.key_size)
         dc = _check_input("dcontext", dcontext, self.dtype)
@@ -1222,6 +1237,7 @@ class Attention(Module):
                 raise ValueError(f"dweights must have shape {want[:-1] + (kb.shape[1],)}, got "
                                  f"{dw.shape}")  # fmt: skip
             da = da + (dw[None] if single else dw).transpose(1, 0, 2)
+        self._steps.pop()  # only once the arguments are known good
         dkb = a.transpose(0, 2, 1) @ dcb  # (N, T, K)
         de = a * (da - (a * da).sum(axis=-1, keepdims=True))  # zero where a is zero
         if self.score in ("dot", "scaled_dot"):
@@ -1232,18 +1248,23 @@ class Attention(Module):
         elif self.score == "bilinear":
             W, qw = self.params["weight"], cache["qw"]
             dqw = de @ kb  # (N, S, K)
-            dqb = dqw @ W.T
-            self.grads["weight"] += np.einsum("nsq,nsk->qk", qb, dqw)
+            dqb = ops.gemm(dqw.reshape(-1, self.key_size), W, trans_b=True).reshape(qb.shape)
+            ops.gemm(qb.reshape(-1, self.query_size), dqw.reshape(-1, self.key_size),
+                     trans_a=True, out=self.grads["weight"], accumulate=True)  # fmt: skip
             dkb += de.transpose(0, 2, 1) @ qw
         else:
             W, v, z = self.params["weight"], self.params["v"], cache["z"]
             Q = self.query_size
-            self.grads["v"] += np.einsum("nst,nsta->a", de, z)
+            self.grads["v"] += de.reshape(-1) @ z.reshape(-1, z.shape[-1])
             dpre = de[..., None] * v * (1 - z * z)  # (N, S, T, A)
             dhq, dhk = dpre.sum(axis=2), dpre.sum(axis=1)  # (N, S, A), (N, T, A)
             dqb = dhq @ W[:, :Q]
             dkb += dhk @ W[:, Q:]
-            self.grads["weight"][:, :Q] += np.einsum("nsa,nsq->aq", dhq, qb)
-            self.grads["weight"][:, Q:] += np.einsum("nta,ntk->ak", dhk, kb)
+            A = dhq.shape[-1]
+            self.grads["weight"][:, :Q] += ops.gemm(dhq.reshape(-1, A), qb.reshape(-1, Q),
+                                                    trans_a=True)  # fmt: skip
+            self.grads["weight"][:, Q:] += ops.gemm(
+                dhk.reshape(-1, A), kb.reshape(-1, self.key_size), trans_a=True
+            )
         dq = dqb.transpose(1, 0, 2)
         return (dq[0] if single else dq), dkb.transpose(1, 0, 2)

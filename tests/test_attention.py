@@ -102,6 +102,36 @@ def test_misuse():
         attn(np.zeros((3, 4), np.float32), k)
     with pytest.raises(ValueError, match="lengths >= 1"):
         attn(q, k, [3, 0])
-    with pytest.raises(RuntimeError, match="training mode"):
+    with pytest.raises(RuntimeError, match="training-mode forward not yet backpropagated"):
         attn.eval()(q, k)
         attn.backward(np.zeros((2, 6), np.float32))
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_calls_are_backpropagated_latest_first(score):
+    # a decoder with input feeding attends once a step and backpropagates its steps in reverse
+    rng = np.random.default_rng(4)
+    attn = rnnfast.Attention(6, 6, score, dtype=np.float64, seed=1)
+    keys = rng.standard_normal((5, 3, 6))
+    queries = rng.standard_normal((3, 3, 6))
+    dcs = rng.standard_normal((3, 3, 6))
+    one_by_one = []
+    for q, dc in zip(queries, dcs, strict=True):
+        attn.zero_grad()
+        attn(q, keys, [5, 2, 4])
+        one_by_one.append((*attn.backward(dc), {k: v.copy() for k, v in attn.grads.items()}))
+    attn.zero_grad()
+    for q in queries:
+        attn(q, keys, [5, 2, 4])
+    for t in reversed(range(3)):
+        dq, dk = attn.backward(dcs[t])
+        np.testing.assert_array_equal(dq, one_by_one[t][0])
+        np.testing.assert_array_equal(dk, one_by_one[t][1])
+    for name, g in attn.grads.items():
+        np.testing.assert_allclose(g, sum(o[2][name] for o in one_by_one), rtol=1e-12, atol=0)
+    with pytest.raises(RuntimeError, match="not yet backpropagated"):
+        attn.backward(dcs[0])
+    attn(queries[0], keys)
+    attn.clear()
+    with pytest.raises(RuntimeError, match="not yet backpropagated"):
+        attn.backward(dcs[0])
