@@ -155,6 +155,8 @@ def test_charlm_distributed_under_torchrun(tmp_path):
 
     summary = json.loads(js.read_text())
     assert summary["steps"] == 30 and summary["val_perplexity"] < summary["unigram_perplexity"]
+    assert summary["processes"] == 2 and summary["allreduce_ms_per_step"] > 0
+    assert summary["total_chars_per_second"] == pytest.approx(2 * summary["chars_per_second"])
     assert r.stdout.count("validation perplexity") == 1  # rank 0 reports, once
     from rnnfast.models import charlm
 

@@ -302,6 +302,7 @@ class _Team:
 
     def __init__(self, distributed: bool) -> None:
         self.rank, self.world = 0, 1
+        self.reduce_seconds, self.reduces = 0.0, 0  # what the gradient averaging costs
         if not distributed:
             return
         from .. import distributed as rd
@@ -331,7 +332,10 @@ class _Team:
         if self.world == 1:
             return loss
         box = np.array([loss], dtype=np.float64)
+        t0 = time.perf_counter()
         self.rd.all_reduce_gradients([*model.grads.values(), box])
+        self.reduce_seconds += time.perf_counter() - t0
+        self.reduces += 1
         return float(box[0])
 
     def largest(self, value: float) -> float:
@@ -499,6 +503,7 @@ def train(cfg: TrainConfig) -> dict:
                 save()
             if team.main and cfg.sample_every and step % cfg.sample_every == 0:
                 show_sample()
+    train_seconds = max(time.perf_counter() - t_train, 1e-9)  # the final evaluation not counted
     if not team.main:
         team.close()
         return {"steps": step, "rank": team.rank}
@@ -521,7 +526,11 @@ def train(cfg: TrainConfig) -> dict:
         "val_perplexity": perplexity(val_loss),
         "unigram_perplexity": unigram,
         "seconds": total,
-        "chars_per_second": chars / max(time.perf_counter() - t_train, 1e-9),
+        "chars_per_second": chars / train_seconds,
+        # every process trains on chars of its own; the all-reduce time is rank 0's
+        "processes": team.world,
+        "total_chars_per_second": team.world * chars / train_seconds,
+        "allreduce_ms_per_step": 1e3 * team.reduce_seconds / max(team.reduces, 1),
         "history": history,
         "checkpoint": cfg.checkpoint,
         "config": asdict(cfg),
