@@ -275,12 +275,15 @@ class Seq2Seq(Module):
         else:
             dpre = np.empty_like(att)
             demb = np.empty((att.shape[0], att.shape[1], E), att.dtype)
-            dkeys, dfed, dh, dc = 0, 0, 0, None
+            dkeys, dfed, dh, dc = None, 0, 0, None
             for t in reversed(range(att.shape[0])):
                 dpre[t] = (datt[t] + dfed) * (1 - att[t] * att[t])
                 dcat = dpre[t] @ W
                 dq, dk = self.attention.backward(dcat[:, : 2 * H])
-                dkeys = dkeys + dk
+                if dkeys is None:
+                    dkeys = dk  # a fresh array each step: summed into in place
+                else:
+                    dkeys += dk
                 dh = dh + dcat[:, 2 * H :] + dq
                 dx, dprev = self.decoder.backward((dh, dc) if self.has_c else dh)
                 demb[t], dfed = dx[:, :E], dx[:, E:]
