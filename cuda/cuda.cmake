@@ -35,6 +35,25 @@ execute_process(
 list(APPEND _rnnfast_cublas_hints ${_rnnfast_wheel_include})
 find_path(RNNFAST_CUBLAS_INCLUDE_DIR cublas_api.h HINTS ${_rnnfast_cublas_hints} NO_DEFAULT_PATH)
 
+if(RNNFAST_CUBLAS_INCLUDE_DIR)
+  set(_rnnfast_cublas_checked 1)
+else()
+  set(_rnnfast_cublas_checked 0)
+endif()
+# the build cache of the top-level CMakeLists.txt (csrc/build_cache.cmake), as for _C
+rnnfast_cache_key(
+  _cuda _rnnfast_cuda_key
+  "${CMAKE_CUDA_COMPILER}" "${CMAKE_CUDA_COMPILER_VERSION}" "${CMAKE_CUDA_ARCHITECTURES}"
+  "${CMAKE_CUDA_FLAGS}" "${CMAKE_CUDA_FLAGS_RELEASE}" "${CMAKE_CXX_COMPILER}"
+  "${CMAKE_CXX_COMPILER_VERSION}" "${CMAKE_BUILD_TYPE}" "${CMAKE_CXX_FLAGS}"
+  "${CMAKE_CXX_FLAGS_RELEASE}" "${CMAKE_SHARED_LINKER_FLAGS}" "${CMAKE_MODULE_LINKER_FLAGS}"
+  "${Python_SOABI}" "${Python_VERSION}" "${pybind11_VERSION}" "${_rnnfast_cublas_checked}"
+  "${SKBUILD_PROJECT_VERSION}")
+rnnfast_cache_lookup(_cuda "${_rnnfast_cuda_key}" _rnnfast_cuda_cached)
+if(_rnnfast_cuda_cached)
+  return()
+endif()
+
 set(_rnnfast_cuda_sources
     ${CMAKE_CURRENT_LIST_DIR}/bindings.cpp
     ${CMAKE_CURRENT_LIST_DIR}/cublas_shim.cu
@@ -51,19 +70,17 @@ target_link_libraries(_cuda PRIVATE ${CMAKE_DL_LIBS})
 target_compile_options(_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -Xcompiler=-Wall>
                                      $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra>)
 if(RNNFAST_CUBLAS_INCLUDE_DIR)
-  set(_rnnfast_cublas_checked 1)
   # only the shim includes it, and only to check its declarations
   set_source_files_properties(${CMAKE_CURRENT_LIST_DIR}/cublas_shim.cu
                               PROPERTIES INCLUDE_DIRECTORIES "${RNNFAST_CUBLAS_INCLUDE_DIR}"
                                          COMPILE_DEFINITIONS RNNFAST_HAVE_CUBLAS_H=1)
-else()
-  set(_rnnfast_cublas_checked 0)
 endif()
 target_compile_definitions(
   _cuda PRIVATE RNNFAST_CUDA_ARCHS="${CMAKE_CUDA_ARCHITECTURES}"
                 RNNFAST_CUDA_COMPILER_VERSION="${CMAKE_CUDA_COMPILER_VERSION}"
                 RNNFAST_CUBLAS_HEADER_CHECKED=${_rnnfast_cublas_checked})
 install(TARGETS _cuda LIBRARY DESTINATION rnnfast)
+rnnfast_cache_store(_cuda "${_rnnfast_cuda_key}")
 
 if(RNNFAST_CUBLAS_INCLUDE_DIR)
   set(_rnnfast_cublas_note "declarations checked against ${RNNFAST_CUBLAS_INCLUDE_DIR}")
