@@ -1,6 +1,5 @@
-"""The command line: ``python -m rnnfast charlm|sample|classify|seq2seq|translate|digits ...`` (also
-installed as
-``rnnfast``).
+"""The command line: ``python -m rnnfast charlm|sample|classify|seq2seq|translate|digits ...``
+(also installed as ``rnnfast``).
 
 python -m rnnfast charlm [--corpus FILE] [--hidden 256] [--layers 1] [--seq-len 64]
                          [--batch 32] [--steps N] [--lr 3e-3] [--optimizer adam] [--clip 5]

@@ -24,6 +24,7 @@ from .sequences import reverse_index
 
 __all__ = [
     "Attention",
+    "AttentionKeys",
     "Module",
     "Parameter",
     "Sequential",
@@ -1116,6 +1117,15 @@ def _outer_sum(a, b):
     return a.transpose(0, 2, 1) @ b
 
 
+class AttentionKeys(NamedTuple):
+    """Encoder outputs made ready for attention once (``Attention.prepare``), for a decoder that
+    attends step by step: batch-major keys (N, T, K), zero at padded positions, and the valid
+    positions (N, T) (None without lengths)."""
+
+    keys: np.ndarray
+    valid: np.ndarray | None
+
+
 class Attention(Module):
     """Attention of decoder queries over encoder outputs, with the course's four scores:
 
@@ -1132,6 +1142,9 @@ class Attention(Module):
     (NaN there changes nothing). Returns context (N, K) or
     (S, N, K) and weights (N, T) or (S, N, T). ``backward(dcontext, dweights=None)`` adds into
     ``grads`` and returns ``(dquery, dkeys)``.
+
+    A decoder that attends once per step passes ``attn.prepare(keys, lengths)`` in place of keys
+    and lengths, so that the keys are checked and masked once, not at every step.
 
     As the single-step cells, each training-mode call keeps what its backward needs on a stack
     and ``backward`` differentiates the latest call not yet differentiated, so a decoder that
@@ -1175,27 +1188,42 @@ class Attention(Module):
     def __repr__(self) -> str:
         return f"Attention({self.query_size}, {self.key_size}, score={self.score!r})"
 
-    def forward(self, query, keys, lengths=None):
-        q = _check_input("query", query, self.dtype)
+    def prepare(self, keys, lengths=None) -> AttentionKeys:
+        """keys (T, N, K) and lengths (N,) checked, batch-major and masked, for forward."""
         k = _check_input("keys", keys, self.dtype)
         if k.ndim != 3 or k.shape[2] != self.key_size:
             raise ValueError(f"keys must be (T, N, {self.key_size}), got shape {k.shape}")
-        T, N, K = k.shape
+        T, N, _ = k.shape
+        if T == 0:
+            raise ValueError("keys have no positions (T = 0) to attend to")
+        kb = k.transpose(1, 0, 2)  # (N, T, K)
+        if lengths is None:
+            return AttentionKeys(kb, None)
+        lengths = check_lengths(lengths, T, N)
+        if lengths.min() < 1:
+            raise ValueError("each row needs at least one position to attend to (lengths >= 1)")
+        valid = np.arange(T)[None, :] < lengths[:, None]  # (N, T)
+        # padding is never read: NaN there is harmless
+        return AttentionKeys(np.where(valid[:, :, None], kb, 0), valid)
+
+    def forward(self, query, keys, lengths=None):
+        if isinstance(keys, AttentionKeys):
+            if lengths is not None:
+                raise ValueError("prepared keys carry their lengths: pass lengths to prepare()")
+            if keys.keys.dtype != self.dtype or keys.keys.shape[2] != self.key_size:
+                raise ValueError(f"these keys were prepared for {keys.keys.dtype} keys of size "
+                                 f"{keys.keys.shape[2]}; this layer takes {self.dtype} keys of "
+                                 f"size {self.key_size}")  # fmt: skip
+            kb, valid = keys
+        else:
+            kb, valid = self.prepare(keys, lengths)
+        N, T, K = kb.shape
+        q = _check_input("query", query, self.dtype)
         single = q.ndim == 2
         if q.shape[-2:] != (N, self.query_size) or q.ndim not in (2, 3):
             raise ValueError(f"query must be (N, Q) = ({N}, {self.query_size}) or (S, {N}, "
                              f"{self.query_size}), got shape {q.shape}")  # fmt: skip
-        if T == 0:
-            raise ValueError("keys have no positions (T = 0) to attend to")
         qb = (q[None] if single else q).transpose(1, 0, 2)  # (N, S, Q)
-        kb = k.transpose(1, 0, 2)  # (N, T, K)
-        valid = None
-        if lengths is not None:
-            lengths = check_lengths(lengths, T, N)
-            if lengths.min() < 1:
-                raise ValueError("each row needs at least one position to attend to (lengths >= 1)")
-            valid = np.arange(T)[None, :] < lengths[:, None]  # (N, T)
-            kb = np.where(valid[:, :, None], kb, 0)  # padding is never read: NaN there is harmless
         cache = {}
         if self.score in ("dot", "scaled_dot"):
             e = qb @ kb.transpose(0, 2, 1)

@@ -112,6 +112,19 @@ class ProgressBar:
             sys.stderr.write("\n")
 
 
+def pyplot(who_needs: str):
+    """matplotlib.pyplot on the Agg backend (files, no display), or an ImportError that says
+    ``who_needs`` it and how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError(f"{who_needs} matplotlib: pip install matplotlib") from e
+    return plt
+
+
 class History:
     """One record per epoch: ``{"epoch", "train_loss", "val_loss", "lr", "seconds", ...}`` with
     each metric as ``train_<name>`` and ``val_<name>``. ``history["val_loss"]`` is that column."""
@@ -155,13 +168,7 @@ class History:
     def plot(self, path: str | os.PathLike, keys: Iterable[str] | None = None) -> None:
         """Plots ``keys`` (default: every loss) against the epoch into an image file; needs
         matplotlib (the ``bench`` extra, or pip install matplotlib)."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as e:
-            raise ImportError("History.plot needs matplotlib: pip install matplotlib") from e
+        plt = pyplot("History.plot needs")
         keys = sorted(k for k in self.keys() if k.endswith("loss")) if keys is None else list(keys)
         fig, ax = plt.subplots(figsize=(6, 4))
         for k in keys:

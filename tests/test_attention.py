@@ -135,3 +135,38 @@ def test_calls_are_backpropagated_latest_first(score):
     attn.clear()
     with pytest.raises(RuntimeError, match="not yet backpropagated"):
         attn.backward(dcs[0])
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_prepared_keys_give_the_same_steps(score):
+    """A step loop over attn.prepare(keys, lengths) computes what passing keys and lengths at
+    every step computes, forward and backward, bit for bit."""
+    attn, q, k, lengths, rng = _setup(score)
+    dc = rng.standard_normal((S, N, attn.key_size))
+    prepared = attn.prepare(k, lengths)
+    results = []
+    for per_step in (lambda s: attn(q[s], k, lengths), lambda s: attn(q[s], prepared)):
+        attn.zero_grad()
+        outs = [per_step(s) for s in range(S)]
+        backs = [attn.backward(dc[s]) for s in reversed(range(S))]
+        results.append((outs, backs, {n: g.copy() for n, g in attn.grads.items()}))
+    (o1, b1, g1), (o2, b2, g2) = results
+    for x, y in zip(o1 + b1, o2 + b2, strict=True):
+        for u, v in zip(x, y, strict=True):
+            np.testing.assert_array_equal(u, v)
+    for n in g1:
+        np.testing.assert_array_equal(g1[n], g2[n])
+
+
+def test_prepared_keys_errors():
+    attn, q, k, lengths, _ = _setup("bilinear")
+    prepared = attn.prepare(k, lengths)
+    with pytest.raises(ValueError, match="pass lengths to prepare"):
+        attn(q[0], prepared, lengths)
+    other = rnnfast.Attention(6, 6, "bilinear", dtype=np.float32)
+    with pytest.raises(ValueError, match="prepared for float64 keys of size 6"):
+        other(q[0].astype(np.float32), prepared)
+    with pytest.raises(ValueError, match="lengths >= 1"):
+        attn.prepare(k, np.array([5, 0, 1, 3]))
+    with pytest.raises(ValueError, match="T = 0"):
+        attn.prepare(k[:0])

@@ -25,7 +25,7 @@ from ..init import as_generator
 from ..layers import GRU, LSTM, Attention, Embedding, GRUCell, Linear, LSTMCell, Module
 from ..losses import softmax_cross_entropy
 from ..sequences import pad_sequences
-from ..training import evaluate, fit
+from ..training import evaluate, fit, pyplot
 
 __all__ = [
     "Seq2Seq",
@@ -236,10 +236,11 @@ class Seq2Seq(Module):
             att = self._attentional(cat)
         else:
             self.decoder.clear()
+            prepared = self.attention.prepare(keys, src_lengths)
             cats, atts, ws = [], [], []
             for t in range(emb.shape[0]):
                 h, c = self._decoder_step(emb[t], state)
-                context, w = self.attention(h, keys, src_lengths)
+                context, w = self.attention(h, prepared)
                 cats.append(np.concatenate([context, h], axis=1))
                 atts.append(self._attentional(cats[-1]))
                 ws.append(w)
@@ -278,7 +279,7 @@ class Seq2Seq(Module):
             dkeys, dfed, dh, dc = None, 0, 0, None
             for t in reversed(range(att.shape[0])):
                 dpre[t] = (datt[t] + dfed) * (1 - att[t] * att[t])
-                dcat = dpre[t] @ W
+                dcat = ops.gemm(dpre[t], W)
                 dq, dk = self.attention.backward(dcat[:, : 2 * H])
                 if dkeys is None:
                     dkeys = dk  # a fresh array each step: summed into in place
@@ -299,11 +300,11 @@ class Seq2Seq(Module):
         dx_enc, _ = self.encoder.backward(dkeys, (dh_n, None) if self.has_c else dh_n)
         self.src_embed.backward(dx_enc)
 
-    def _step(self, tokens, state, keys, src_lengths):
-        """One decoding step from the previous tokens (N,): logits (N, V), attention weights
-        (N, T) and the new decoder state."""
+    def _step(self, tokens, state, keys):
+        """One decoding step from the previous tokens (N,) over prepared keys: logits (N, V),
+        attention weights (N, T) and the new decoder state."""
         h, c = self._decoder_step(self.tgt_embed(tokens[None])[0], state)
-        context, weights = self.attention(h, keys, src_lengths)
+        context, weights = self.attention(h, keys)
         att = self._attentional(np.concatenate([context, h], axis=1))
         return self.out(att), weights, (h, c, att if self.input_feeding else None)
 
@@ -313,10 +314,11 @@ class Seq2Seq(Module):
         self.eval()
         try:
             keys, state = self._start(src, src_lengths)
+            keys = self.attention.prepare(keys, src_lengths)
             N = src.shape[1]
             token, out, done = np.full(N, BOS), np.full((max_len, N), PAD), np.zeros(N, bool)
             for t in range(max_len):
-                logits, _, state = self._step(token, state, keys, src_lengths)
+                logits, _, state = self._step(token, state, keys)
                 token = np.where(done, PAD, _log_softmax(logits).argmax(axis=1))
                 out[t] = token
                 done |= token == EOS
@@ -347,7 +349,7 @@ class Seq2Seq(Module):
         keys, state = self._start(src, src_lengths)
         N = src.shape[1]
         rows = np.repeat(np.arange(N), K)  # beam k of source n is row n*K + k
-        keys, lengths = keys[:, rows], src_lengths[rows]
+        keys = self.attention.prepare(keys[:, rows], src_lengths[rows])
         state = tuple(None if s is None else s[rows] for s in state)
         scores = np.full((N, K), -np.inf)
         scores[:, 0] = 0.0  # the first step expands one beam per source
@@ -355,7 +357,7 @@ class Seq2Seq(Module):
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(N)]
         done = np.zeros(N, bool)
         for t in range(max_len):
-            logits, _, state = self._step(tokens, state, keys, lengths)
+            logits, _, state = self._step(tokens, state, keys)
             logp = _log_softmax(logits)
             V = logp.shape[1]
             cand = (scores.reshape(-1, 1) + logp).reshape(N, K * V)
@@ -481,13 +483,9 @@ def translate(model: Seq2Seq, src_vocab: TokenVocab, tgt_vocab: TokenVocab, text
 
 def _pyplot():
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        return pyplot("attention plots need")
     except ImportError as e:
-        raise DataError("attention plots need matplotlib: pip install matplotlib") from e
-    return plt
+        raise DataError(str(e)) from e
 
 
 def plot_attention(path: str, model: Seq2Seq, src_vocab: TokenVocab, tgt_vocab: TokenVocab,
@@ -586,7 +584,8 @@ def train_seq2seq(cfg: Seq2SeqConfig) -> dict:
     tr_s, tr_t = ids(train)
     va_s, va_t = ids(val)
     # long enough for any training target and its </s>, with room to spare
-    max_len = max(len(t) for t in tr_t) + 1 + max(5, max(len(t) for t in tr_t) // 2)
+    longest = max(len(t) for t in tr_t)
+    max_len = longest + 1 + max(5, longest // 2)
 
     def token_accuracy(logits, target):
         keep = target != PAD
