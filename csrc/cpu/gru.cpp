@@ -21,9 +21,9 @@ struct Gru : DefaultStep {
     if (!s.ln) return DefaultStep::forward_step<Cell, T>(th, s);
     (*th.product[0])(s.N, s.h_product, s.R, th.gh, th.width, Accumulate::no);
     s.gh = th.gh;
-    ln_product_sums(3, s);
+    run_pass<&ln_product_sums<3, T>>(th.isa, s);
     team_barrier(th.team);  // every block's sums
-    ln_normalise_products(3, s, th.gh);
+    run_pass<&ln_normalise_products<3, T>>(th.isa, s);
     ForwardStep<T> pass = s;
     pass.gx = s.ln->gx;
     run_pass<&Cell::template forward<T>>(th.isa, pass);
@@ -36,9 +36,9 @@ struct Gru : DefaultStep {
     if (!s.ln) return DefaultStep::backward_step<Cell, T>(th, s);
     run_pass<&Cell::template backward<T>>(th.isa, s);
     sum_bias_rows(th, s);
-    ln_gradient_sums(3, s);
+    run_pass<&ln_gradient_sums<3, T>>(th.isa, s);
     team_barrier(th.team);  // every block's sums
-    ln_product_gradients(3, s);
+    run_pass<&ln_product_gradients<3, T>>(th.isa, s);
     team_barrier(th.team);  // every unit's gate gradients
     (*th.product[0])(s.N, s.dgh, 3 * s.H, s.dh_product + th.units.begin, s.R, Accumulate::yes);
   }

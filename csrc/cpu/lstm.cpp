@@ -48,21 +48,28 @@ struct Lstm : DefaultStep {
     const LayerNormStep<T>& ln = *s.ln;
     (*th.product[0])(s.N, s.h_product, s.R, th.gh, th.width, Accumulate::no);
     s.gh = th.gh;
-    ln_product_sums(G, s);
+    run_pass<&ln_product_sums<G, T>>(th.isa, s);
     team_barrier(th.team);  // every block's sums of the products
-    ln_normalise_products(G, s, th.gh);
+    run_pass<&ln_normalise_products<G, T>>(th.isa, s);
     ForwardStep<T> pass = s;
     pass.gx = ln.gx;
     if (!pass.gates) pass.gates = ln.gates;
     run_pass<&Cell::template forward<T>>(th.isa, pass);  // its h is replaced below
-    for (int64_t n = 0; n < s.N; ++n)
-      if (s.valid(n))
-        ln_block_sums(1, s.H, s.units, s.c + n * s.H + s.units.begin, 0, ln.partials.at(n, kLnC),
-                      ln.partials.at(n, kLnC + 1));
+    run_pass<&Cell::template layer_norm_state_sums<T>>(th.isa, pass);
     team_barrier(th.team);  // every block's sums of c
     run_pass<&Cell::template layer_norm_output<T>>(th.isa, pass);
     after_pass(s);
     team_barrier(th.team);  // h_t is complete
+  }
+
+  // each valid row's block sums of the thread's units of c
+  template <typename T>
+  RNNFAST_PASS static void layer_norm_state_sums(const ForwardStep<T>& s) {
+    const LnPartials& p = s.ln->partials;
+    for (int64_t n = 0; n < s.N; ++n)
+      if (s.valid(n))
+        ln_block_sums(1, s.H, s.units, s.c + n * s.H + s.units.begin, 0, p.at(n, kLnC),
+                      p.at(n, kLnC + 1));
   }
 
   // h = o * tanh(LN(c) * gamma_c + beta_c) for the valid rows (the pass wrote the padded ones)
@@ -98,9 +105,9 @@ struct Lstm : DefaultStep {
     team_barrier(th.team);  // every block's sums of the gradient of LN(c)
     run_pass<&Cell::template layer_norm_state_backward<T>>(th.isa, s);
     sum_bias_rows(th, s);
-    ln_gradient_sums(G, s);
+    run_pass<&ln_gradient_sums<G, T>>(th.isa, s);
     team_barrier(th.team);  // every block's sums of the products' gradients
-    ln_product_gradients(G, s);
+    run_pass<&ln_product_gradients<G, T>>(th.isa, s);
     team_barrier(th.team);  // every unit's gate gradients
     (*th.product[0])(s.N, s.dgh, G* s.H, s.dh_product + th.units.begin, s.R, Accumulate::yes);
   }

@@ -32,14 +32,15 @@ struct LayerNormStep {
   const T* gamma_c{};   // [H] c's gain and bias, cells with c
   const T* beta_c{};
   LnPartials partials{};  // the team's block sums
-  T* x_hat{};             // [N, G*H] the normalised products: out in training, in for backward
-  T* h_hat{};             // [N, G*H]
+  const T* x_hat{};       // [N, G*H] the normalised x product (normalised a chunk ahead)
+  T* h_hat{};             // [N, G*H] the normalised h product: out in training, in for backward
   T* c_hat{};             // [N, H] cells with c
   T* rstd{};              // [N, 3] 1/sqrt(var + eps) of the x product, the h product and c
+                          // (training; the x product's is written a chunk ahead)
   T* gates{};             // forward in inference: [N, G*H] the gates the pass after c's reads
-  T* gx{};                // forward: [N, G*units] this thread's normalised x product
-  T* dgamma_ih{};         // backward: the gradients, summed by the threads that own the units
-  T* dgamma_hh{};
+  T* gx{};                // forward: [N, G*units] this thread's gained x product
+  T* gh{};                // forward: [N, G*units] this thread's h product, normalised in place
+  T* dgamma_hh{};         // backward: the gradients, summed by the threads that own the units
   T* dgamma_c{};
   T* dbeta_c{};
   T* dc_hat{};  // backward: [N, H] the gradient reaching c's normalised value, then c
@@ -311,85 +312,83 @@ void add_zoneout_carry(const BackwardStep<T>& s, const T* carry) {
 }
 
 // ---- layer normalisation of the products (csrc/cpu/layer_norm.h) -------------------------------
-// The steps of a cell with layer_norm use these around its passes: forward, the block sums of
-// both products (a barrier) and their normalised, gained values, which the cell's pass then reads
-// in place of the raw products; backward, after the pass has written the gradients of those
-// values to dgx and dgh, the block sums (a barrier) and the gradients of the raw products.
+// The x product is normalised a chunk of steps ahead (run_forward) and its backward follows the
+// loop (ln_input_product_backward). The steps of a cell with layer_norm use these around its
+// passes for the h product: forward, its block sums (a barrier) and the normalised, gained values
+// of both products, which the cell's pass then reads in place of the raw products; backward,
+// after the pass has written the gradients of those values to dgx and dgh, dgh's block sums (a
+// barrier) and the gradient of the raw h product. dgx stays the gradient of the gained x side.
 
-// Forward: each valid row's block sums of this thread's columns of both products.
-template <typename T>
-void ln_product_sums(int64_t G, const ForwardStep<T>& s) {
+// Forward: each valid row's block sums of this thread's columns of the h product.
+template <int64_t G, typename T>
+RNNFAST_PASS void ln_product_sums(const ForwardStep<T>& s) {
   const LnPartials& p = s.ln->partials;
   const int64_t width = G * s.units.size();
-  for (int64_t n = 0; n < s.N; ++n) {
-    if (!s.valid(n)) continue;
-    ln_block_sums(G, s.H, s.units, s.gx + n * width, s.units.size(), p.at(n, kLnX),
-                  p.at(n, kLnX + 1));
-    ln_block_sums(G, s.H, s.units, s.gh + n * width, s.units.size(), p.at(n, kLnH),
-                  p.at(n, kLnH + 1));
+  for (int64_t n = 0; n < s.N; ++n)
+    if (s.valid(n))
+      ln_block_sums(G, s.H, s.units, s.gh + n * width, s.units.size(), p.at(n, kLnH),
+                    p.at(n, kLnH + 1));
+}
+
+// ln->gx[n, g*units + j] = x_hat[n, g*H + j] * gamma_ih[g*H + j] for the thread's units j
+template <int64_t G, typename T>
+RNNFAST_INLINE inline void ln_gain_x_product(const ForwardStep<T>& s, int64_t n) {
+  const LayerNormStep<T>& ln = *s.ln;
+  const int64_t nu = s.units.size(), ub = s.units.begin;
+  for (int64_t g = 0; g < G; ++g) {
+    const T* hat = ln.x_hat + n * G * s.H + g * s.H + ub;
+    const T* gamma = ln.gamma_ih + g * s.H + ub;
+    T* out = ln.gx + n * G * nu + g * nu;
+#pragma omp simd
+    for (int64_t u = 0; u < nu; ++u) out[u] = hat[u] * gamma[u];
   }
 }
 
-// Forward, after the barrier: ln->gx = LN(gx) * gamma_ih, gh = LN(gh) * gamma_hh in place (gh is
-// the thread's own product), keeping the normalised values and rstd in training.
-template <typename T>
-void ln_normalise_products(int64_t G, const ForwardStep<T>& s, T* gh) {
+// Forward, after the barrier: ln->gx = x_hat * gamma_ih, and ln->gh = LN(gh) * gamma_hh in place,
+// keeping h's normalised values and rstd in training.
+template <int64_t G, typename T>
+RNNFAST_PASS void ln_normalise_products(const ForwardStep<T>& s) {
   const LayerNormStep<T>& ln = *s.ln;
   const int64_t nu = s.units.size(), width = G * nu, GH = G * s.H, count = G * ln_blocks(s.H);
+  const bool saving = ln.h_hat != nullptr;
   for (int64_t n = 0; n < s.N; ++n) {
     if (!s.valid(n)) continue;
-    const LnMoments mx =
-        ln_moments(ln.partials.at(n, kLnX), ln.partials.at(n, kLnX + 1), count, GH);
+    ln_gain_x_product<G>(s, n);
     const LnMoments mh =
         ln_moments(ln.partials.at(n, kLnH), ln.partials.at(n, kLnH + 1), count, GH);
-    const bool saving = ln.x_hat != nullptr;
-    ln_normalise(G, s.H, s.units, mx, ln.gamma_ih, s.gx + n * width, nu, ln.gx + n * width,
-                 saving ? ln.x_hat + n * GH : nullptr);
-    ln_normalise(G, s.H, s.units, mh, ln.gamma_hh, gh + n * width, nu, gh + n * width,
+    ln_normalise(G, s.H, s.units, mh, ln.gamma_hh, ln.gh + n * width, nu, ln.gh + n * width,
                  saving ? ln.h_hat + n * GH : nullptr);
-    if (saving && s.units.begin == 0) {  // one writer per row
-      ln.rstd[n * 3] = T(mx.rstd);
-      ln.rstd[n * 3 + 1] = T(mh.rstd);
-    }
+    if (saving && s.units.begin == 0) ln.rstd[n * 3 + 1] = T(mh.rstd);  // one writer per row
   }
 }
 
-// Backward, once dgx and dgh hold the gradients of the gained values: the gains' gradients and
-// each valid row's block sums for the way back through the normalisation.
-template <typename T>
-void ln_gradient_sums(int64_t G, const BackwardStep<T>& s) {
+// Backward, once dgh holds the gradient of the gained h side: its gain's gradient and each valid
+// row's block sums for the way back through the normalisation.
+template <int64_t G, typename T>
+RNNFAST_PASS void ln_gradient_sums(const BackwardStep<T>& s) {
   const LayerNormStep<T>& ln = *s.ln;
   const int64_t GH = G * s.H;
   for (int64_t n = 0; n < s.N; ++n) {
     if (!s.valid(n)) continue;
-    const T* dx = s.dgx + n * GH;
     const T* dh = s.dgh + n * GH;
-    const T* x_hat = ln.x_hat + n * GH;
     const T* h_hat = ln.h_hat + n * GH;
-    ln_add_gain_gradient(G, s.H, s.units, dx, x_hat, ln.dgamma_ih);
     ln_add_gain_gradient(G, s.H, s.units, dh, h_hat, ln.dgamma_hh);
-    ln_backward_sums(G, s.H, s.units, ln.gamma_ih, x_hat, dx, ln.partials.at(n, kLnX),
-                     ln.partials.at(n, kLnX + 1));
     ln_backward_sums(G, s.H, s.units, ln.gamma_hh, h_hat, dh, ln.partials.at(n, kLnH),
                      ln.partials.at(n, kLnH + 1));
   }
 }
 
-// Backward, after the barrier: dgx and dgh become the gradients of the raw products.
-template <typename T>
-void ln_product_gradients(int64_t G, const BackwardStep<T>& s) {
+// Backward, after the barrier: dgh becomes the gradient of the raw h product.
+template <int64_t G, typename T>
+RNNFAST_PASS void ln_product_gradients(const BackwardStep<T>& s) {
   const LayerNormStep<T>& ln = *s.ln;
   const int64_t GH = G * s.H, count = G * ln_blocks(s.H);
   const LnPartials& p = ln.partials;
-  for (int64_t n = 0; n < s.N; ++n) {
-    if (!s.valid(n)) continue;
-    ln_backward_row(G, s.H, s.units, ln_row_sum(p.at(n, kLnX), count),
-                    ln_row_sum(p.at(n, kLnX + 1), count), double(ln.rstd[n * 3]), ln.gamma_ih,
-                    ln.x_hat + n * GH, s.dgx + n * GH);
-    ln_backward_row(G, s.H, s.units, ln_row_sum(p.at(n, kLnH), count),
-                    ln_row_sum(p.at(n, kLnH + 1), count), double(ln.rstd[n * 3 + 1]), ln.gamma_hh,
-                    ln.h_hat + n * GH, s.dgh + n * GH);
-  }
+  for (int64_t n = 0; n < s.N; ++n)
+    if (s.valid(n))
+      ln_backward_row(G, s.H, s.units, ln_row_sum(p.at(n, kLnH), count),
+                      ln_row_sum(p.at(n, kLnH + 1), count), double(ln.rstd[n * 3 + 1]), ln.gamma_hh,
+                      ln.h_hat + n * GH, s.dgh + n * GH);
 }
 
 constexpr int64_t kUnitAlign = 16;  // a thread's units start on a 64-byte boundary (float)
@@ -479,10 +478,12 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   auto vscale = scratch<T>(variational ? NR : 0);
   auto h_masked = scratch<T>(variational ? 2 * NR : 0);
   if (variational) variational_scales(io.noise, N, R, vscale.get());
-  // layer norm: the team's block sums, and in inference the gates that the pass after c's reads
+  // layer norm: the team's block sums, in inference the gates that the pass after c's reads and
+  // the chunk's x products as whole rows (in training they go to the reserve's ln_x)
   const bool ln = d.layer_norm;
   auto ln_partials = scratch<double>(ln ? N * kLnQuantities * G * ln_blocks(H) : 0);
   auto ln_gates = scratch<T>(ln && cell.has_c && !training ? N * GH : 0);
+  auto x_chunk = scratch<T>(ln && !training ? chunk * N * GH : 0);
   TeamSetup setup;
 #pragma omp parallel num_threads(recurrent_threads(d))
   {
@@ -494,7 +495,9 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     Scratch<T> gh(nullptr, release_scratch), gx(nullptr, release_scratch),
         drop(nullptr, release_scratch), ln_gx(nullptr, release_scratch);
     StepProducts<T> products;
-    std::optional<StepProduct<T>> projection;
+    // x onto the thread's gate columns; with layer norm one product per gate, onto its columns of
+    // whole rows
+    std::optional<StepProduct<T>> projection[4];
     std::optional<StepMasks> kept, taken;  // candidate dropout's, zoneout's (training)
     const bool ok = setup.run([&] {
       gh = scratch<T>(N * th.width);
@@ -506,11 +509,16 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
         taken.emplace(io.noise, NoisePurpose::zoneout, io.noise.zoneout_threshold, N, th.units);
       if (variational) scale_columns(N, R, th.units, hs, vscale.get(), h_masked.get());
       Cell::template forward_products<T>(d, io, th, products);
-      gx = scratch<T>(chunk * N * th.width);
+      gx = scratch<T>(ln ? 0 : chunk * N * th.width);
       ln_gx = scratch<T>(ln ? N * th.width : 0);
       // this thread's outputs: the rows of all G gates of its units, G blocks of w_ih; T*N rows
-      projection.emplace(io.w_ih + th.units.begin * d.C, d.C, th.width, d.C, WeightsBy::row,
-                         OutputBlocks{th.units.size(), H}, d.T * N, io.bf16);
+      if (ln)
+        for (int64_t g = 0; g < G; ++g)
+          projection[g].emplace(io.w_ih + (g * H + th.units.begin) * d.C, d.C, th.units.size(), d.C,
+                                WeightsBy::row, OutputBlocks{}, d.T * N, io.bf16);
+      else
+        projection[0].emplace(io.w_ih + th.units.begin * d.C, d.C, th.width, d.C, WeightsBy::row,
+                              OutputBlocks{th.units.size(), H}, d.T * N, io.bf16);
     });
     th.gh = gh.get();
     for (int k = 0; k < 2; ++k) th.product[k] = products[k] ? &*products[k] : nullptr;
@@ -521,13 +529,32 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
                              {ln_partials.get(), G * ln_blocks(H)}};
     ln_step.gates = ln_gates.get();
     ln_step.gx = ln_gx.get();
+    ln_step.gh = th.gh;
     for (int64_t t0 = 0; ok && t0 < d.T; t0 += chunk) {
       const int64_t steps = std::min(chunk, d.T - t0), rows = steps * N;
       // the biases are added in the pointwise pass, which saves a pass over gx to preset them
-      (*projection)(rows, io.x + t0 * N * d.C, d.C, gx.get(), th.width, Accumulate::no);
+      const T* x = io.x + t0 * N * d.C;
+      T* x_rows =
+          ln ? (training ? io.reserve + layout.ln_x + t0 * N * GH : x_chunk.get()) : nullptr;
+      if (ln) {
+        for (int64_t g = 0; g < G; ++g)
+          (*projection[g])(rows, x, d.C, x_rows + g * H + th.units.begin, GH, Accumulate::no);
+        team_barrier(th.team);  // the chunk's rows are whole (the last step's readers are done)
+        const LnRows<T> mine{GH,
+                             N,
+                             t0,
+                             split(rows, th.team, thread_index()),
+                             io.lengths,
+                             x_rows,
+                             training ? io.reserve + layout.ln_rstd + t0 * N * 3 : nullptr};
+        run_pass<&ln_normalise_rows<T>>(th.isa, mine);
+        team_barrier(th.team);  // and normalised
+      } else {
+        (*projection[0])(rows, x, d.C, gx.get(), th.width, Accumulate::no);
+      }
       for (int64_t t = t0; t < t0 + steps; ++t) {
         ForwardStep<T> s{N, H, R, t, th.units, io.lengths};
-        s.gx = gx.get() + (t - t0) * N * th.width;
+        s.gx = ln ? nullptr : gx.get() + (t - t0) * N * th.width;
         s.bx = bx.get();
         s.bhn = bhn.get();
         s.h_prev = hs + t * NR;
@@ -554,8 +581,8 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
           s.h_product_next = h_masked.get() + ((t + 1) & 1) * NR;
         }
         if (ln) {
+          ln_step.x_hat = x_rows + (t - t0) * N * GH;
           if (training) {
-            ln_step.x_hat = io.reserve + layout.ln_x + t * N * GH;
             ln_step.h_hat = io.reserve + layout.ln_h + t * N * GH;
             ln_step.c_hat = cell.has_c ? io.reserve + layout.ln_c + t * NH : nullptr;
             ln_step.rstd = io.reserve + layout.ln_rstd + t * N * 3;
@@ -710,6 +737,31 @@ void DefaultStep::weight_gradients(const Dims& d, const BackwardIO<T>& io, const
   dw_hh_rows(d, dgh, hs, 0, d.GH(), io.dw_hh);
 }
 
+// Layer norm's x side after the loop, whole rows (csrc/cpu/layer_norm.h): gamma_ih's gradient
+// from dgx, the gradients of the gained values, which then become the gradients of the raw x
+// products for the weight gradients and dx.
+template <typename T>
+void ln_input_product_backward(const Dims& d, const BackwardIO<T>& io, const ReserveLayout& layout,
+                               T* dgx) {
+  const int64_t GH = d.GH(), TN = d.T * d.N;
+  const Isa isa = cpu_isa();
+  LnRows<T> all{GH, d.N, 0, {0, TN}, io.lengths, dgx, const_cast<T*>(io.reserve + layout.ln_rstd)};
+  all.gamma = io.ln.gamma_ih;
+  all.hat = io.reserve + layout.ln_x;
+#pragma omp parallel num_threads(team_request(get_num_threads()))
+  {
+    LnRows<T> mine = all;
+    if (io.dln.gamma_ih) {
+      mine.cols = split(GH, team_size(), thread_index(), kUnitAlign);
+      mine.dgamma = io.dln.gamma_ih;
+      run_pass<&ln_gain_gradient_rows<T>>(isa, mine);
+    }
+#pragma omp barrier
+    mine.rows = split(TN, team_size(), thread_index());
+    run_pass<&ln_backward_rows<T>>(isa, mine);
+  }
+}
+
 template <class Cell, typename T>
 void run_backward(const Dims& d, const BackwardIO<T>& io) {
   constexpr CellInfo cell = cell_info(Cell::kind);
@@ -753,7 +805,6 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   auto zero = [](T* g, int64_t n) {
     if (g) std::fill(g, g + n, T(0));
   };
-  zero(io.dln.gamma_ih, GH);
   zero(io.dln.gamma_hh, GH);
   zero(io.dln.gamma_c, H);
   zero(io.dln.beta_c, H);
@@ -792,7 +843,6 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
                              io.ln.gamma_c,
                              io.ln.beta_c,
                              {ln_partials.get(), cell.gates * ln_blocks(H)}};
-    ln_step.dgamma_ih = io.dln.gamma_ih;
     ln_step.dgamma_hh = io.dln.gamma_hh;
     ln_step.dgamma_c = io.dln.gamma_c;
     ln_step.dbeta_c = io.dln.beta_c;
@@ -850,6 +900,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
     }
   }
   setup.rethrow();
+  if (ln) ln_input_product_backward(d, io, layout, dgx.get());
 
   // with variational dropout, W_hh multiplied h_{t-1} * vscale
   auto hs_masked = scratch<T>(variational ? TN * R : 0);
