@@ -27,7 +27,7 @@ struct Gru : DefaultStep {
     ForwardStep<T> pass = s;
     pass.gx = s.ln->gx;
     run_pass<&Cell::template forward<T>>(th.isa, pass);
-    after_pass(s);
+    after_pass(th.isa, s);
     team_barrier(th.team);  // h_t is complete
   }
 
@@ -161,7 +161,7 @@ struct GruResetBefore : DefaultStep {
     team_barrier(th.team);  // r * h_{t-1} is complete
     (*th.product[1])(s.N, s.rh, s.H, th.gh + 2 * nu, th.width, Accumulate::no);
     run_pass<&Cell::template candidate_forward<T>>(th.isa, s);
-    after_pass(s);
+    after_pass(th.isa, s);
     team_barrier(th.team);  // h_t is complete
   }
 

@@ -15,28 +15,35 @@ namespace rnnfast::cpu {
 #define RNNFAST_INLINE __attribute__((always_inline))
 #define RNNFAST_PASS RNNFAST_INLINE inline
 
-template <auto Pass, class Step>
-void pass_baseline(const Step& s) {
-  Pass(s);
+// run_inline(isa, f): f() inlined into the build for `isa`, for code that is not a pass of one
+// step (f is a lambda marked RNNFAST_INLINE, each its own instantiation).
+template <class F>
+void inline_baseline(const F& f) {
+  f();
 }
 #if defined(__x86_64__)
-template <auto Pass, class Step>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma"))) void pass_avx512(const Step& s) {
-  Pass(s);
+template <class F>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma"))) void inline_avx512(const F& f) {
+  f();
 }
-template <auto Pass, class Step>
-__attribute__((target("avx2,fma"))) void pass_avx2(const Step& s) {
-  Pass(s);
+template <class F>
+__attribute__((target("avx2,fma"))) void inline_avx2(const F& f) {
+  f();
 }
 #endif
-template <auto Pass, class Step>
-inline void run_pass(Isa isa, const Step& s) {
+template <class F>
+inline void run_inline(Isa isa, const F& f) {
 #if defined(__x86_64__)
-  if (isa == Isa::avx512) return pass_avx512<Pass>(s);
-  if (isa == Isa::avx2) return pass_avx2<Pass>(s);
+  if (isa == Isa::avx512) return inline_avx512(f);
+  if (isa == Isa::avx2) return inline_avx2(f);
 #endif
   (void)isa;
-  pass_baseline<Pass>(s);
+  inline_baseline(f);
+}
+
+template <auto Pass, class Step>
+inline void run_pass(Isa isa, const Step& s) {
+  run_inline(isa, [&s]() RNNFAST_INLINE { Pass(s); });
 }
 
 }  // namespace rnnfast::cpu

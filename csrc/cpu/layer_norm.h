@@ -42,6 +42,11 @@ struct LnPartials {
 // of the passes vectorises its own width), added up in a fixed tree: the same bits whichever thread
 // owns the values.
 using LnLanes = double __attribute__((vector_size(64)));
+#if defined(__GNUC__) && !defined(__clang__)
+// the helpers below are always inlined, so no LnLanes crosses a call: GCC's note that passing one
+// by value depends on AVX-512 does not apply
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 struct LnSums {
   double a, b;
 };

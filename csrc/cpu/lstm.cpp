@@ -58,7 +58,7 @@ struct Lstm : DefaultStep {
     run_pass<&Cell::template layer_norm_state_sums<T>>(th.isa, pass);
     team_barrier(th.team);  // every block's sums of c
     run_pass<&Cell::template layer_norm_output<T>>(th.isa, pass);
-    after_pass(s);
+    after_pass(th.isa, s);
     team_barrier(th.team);  // h_t is complete
   }
 

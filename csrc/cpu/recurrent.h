@@ -179,6 +179,7 @@ class StepMasks {
         threshold_(threshold),
         N_(N),
         units_(units),
+        isa_(cpu_isa()),
         data_(scratch<uint8_t>(4 * N * units.size())) {}
   const uint8_t* at(int64_t t) {
     if (t / 4 != block_) draw(t / 4);
@@ -188,13 +189,25 @@ class StepMasks {
  private:
   void draw(int64_t block) {
     block_ = block;
-    const int64_t nu = units_.size(), NU = N_ * nu;
-    uint8_t* out = data_.get();
-    for (int64_t n = 0; n < N_; ++n) {
+    run_inline(isa_, [this, block]() RNNFAST_INLINE {
+      keep_masks(z_.seed, z_.stream, purpose_, threshold_, block, N_, units_, data_.get());
+    });
+  }
+  // [4, N, units]: steps 4 * block .. 4 * block + 3. The arguments are values and out is
+  // restrict, so that the byte stores alias nothing the loop reads and it vectorises.
+  RNNFAST_INLINE static void keep_masks(uint64_t seed, uint32_t stream, NoisePurpose purpose,
+                                        uint32_t threshold, int64_t block, int64_t N, Range units,
+                                        uint8_t* __restrict out) {
+    const int64_t nu = units.size(), NU = N * nu;
+    for (int64_t n = 0; n < N; ++n) {
+      uint8_t* o = out + n * nu;
 #pragma omp simd
       for (int64_t u = 0; u < nu; ++u) {
-        const Philox4 r = noise_draws(z_.seed, z_.stream, purpose_, block, n, units_.begin + u);
-        for (int k = 0; k < 4; ++k) out[k * NU + n * nu + u] = r.w[k] >= threshold_;
+        const Philox4 r = noise_draws(seed, stream, purpose, block, n, units.begin + u);
+        o[u] = r.w[0] >= threshold;
+        o[NU + u] = r.w[1] >= threshold;
+        o[2 * NU + u] = r.w[2] >= threshold;
+        o[3 * NU + u] = r.w[3] >= threshold;
       }
     }
   }
@@ -203,47 +216,56 @@ class StepMasks {
   uint32_t threshold_;
   int64_t N_;
   Range units_;
+  Isa isa_;
   Scratch<uint8_t> data_;
   int64_t block_ = -1;
 };
 
 // A step's candidate-dropout scales from its mask: 0 where dropped, 1/(1-p) where kept.
 template <typename T>
-void candidate_scales(const Noise& z, const uint8_t* kept, int64_t count, T* out) {
+void candidate_scales(Isa isa, const Noise& z, const uint8_t* kept, int64_t count, T* out) {
   const T scale = T(1) / (T(1) - T(z.candidate));
+  run_inline(isa, [&]() RNNFAST_INLINE {
 #pragma omp simd
-  for (int64_t k = 0; k < count; ++k) out[k] = kept[k] ? scale : T(0);
+    for (int64_t k = 0; k < count; ++k) out[k] = kept[k] ? scale : T(0);
+  });
 }
 
 // The scales of variational dropout, [N, R]: one mask per row for the whole sequence.
 template <typename T>
+RNNFAST_INLINE inline void variational_row(uint64_t seed, uint32_t stream, uint32_t threshold,
+                                           int64_t n, int64_t R, T kept, T* __restrict out) {
+#pragma omp simd
+  for (int64_t j = 0; j < R; ++j)
+    out[j] = noise_keeps(seed, stream, NoisePurpose::variational, threshold, 0, n, j) ? kept : T(0);
+}
+
+template <typename T>
 void variational_scales(const Noise& z, int64_t N, int64_t R, T* out) {
   const T kept = T(1) / (T(1) - T(z.variational));
-  for (int64_t n = 0; n < N; ++n) {
-#pragma omp simd
-    for (int64_t j = 0; j < R; ++j)
-      out[n * R + j] =
-          noise_keeps(z.seed, z.stream, NoisePurpose::variational, z.variational_threshold, 0, n, j)
-              ? kept
-              : T(0);
-  }
+  run_inline(cpu_isa(), [&]() RNNFAST_INLINE {
+    for (int64_t n = 0; n < N; ++n)
+      variational_row(z.seed, z.stream, z.variational_threshold, n, R, kept, out + n * R);
+  });
 }
 
 // h * vscale for the columns `cols` of every row, where the next products read it
 template <typename T>
-void scale_columns(int64_t N, int64_t R, Range cols, const T* h, const T* vscale, T* out) {
-  for (int64_t n = 0; n < N; ++n) {
+void scale_columns(Isa isa, int64_t N, int64_t R, Range cols, const T* h, const T* vscale, T* out) {
+  run_inline(isa, [&]() RNNFAST_INLINE {
+    for (int64_t n = 0; n < N; ++n) {
 #pragma omp simd
-    for (int64_t j = cols.begin; j < cols.end; ++j)
-      out[n * R + j] = h[n * R + j] * vscale[n * R + j];
-  }
+      for (int64_t j = cols.begin; j < cols.end; ++j)
+        out[n * R + j] = h[n * R + j] * vscale[n * R + j];
+    }
+  });
 }
 
 // Zoneout on the thread's units of h_t: where the unit is zoned out h_t = h_{t-1}, else the new
 // value; in inference p h_{t-1} + (1-p) h_new. Rows past their length are left as the pass
 // wrote them.
 template <typename T>
-void zoneout_units(const ForwardStep<T>& s) {
+RNNFAST_PASS void zoneout_units(const ForwardStep<T>& s) {
   const Noise& z = *s.zoneout;
   const T p = T(z.zoneout);
   for (int64_t n = 0; n < s.N; ++n) {
@@ -269,46 +291,50 @@ void zoneout_units(const ForwardStep<T>& s) {
 // step's last barrier: zoneout, then, with variational dropout, the masked copy of h_t that the
 // next step's products read.
 template <typename T>
-void after_pass(const ForwardStep<T>& s) {
-  if (s.zoneout) zoneout_units(s);
-  if (s.vscale) scale_columns(s.N, s.R, s.units, s.h, s.vscale, s.h_product_next);
+void after_pass(Isa isa, const ForwardStep<T>& s) {
+  if (s.zoneout) run_pass<&zoneout_units<T>>(isa, s);
+  if (s.vscale) scale_columns(isa, s.N, s.R, s.units, s.h, s.vscale, s.h_product_next);
 }
 
 // Backward of zoneout, before the cell's pass: h_t's gradient (dh + dy) goes to the new value
 // where it was taken, else straight to h_{t-1} (`carry`, [N, units], added after the step). The
 // pass then reads dh alone (its dy is zeros).
 template <typename T>
-void split_zoneout_gradient(const uint8_t* taken_all, const BackwardStep<T>& s, const T* dy,
-                            T* carry) {
+void split_zoneout_gradient(Isa isa, const uint8_t* taken_all, const BackwardStep<T>& s,
+                            const T* dy, T* carry) {
   const int64_t nu = s.units.size();
-  for (int64_t n = 0; n < s.N; ++n) {
-    T* dh = s.dh + n * s.R;
-    T* out = carry + n * nu;
-    if (!s.valid(n)) {  // a padded row passes dh through its pass untouched
-      std::fill(out, out + nu, T(0));
-      continue;
-    }
-    const T* dy_row = dy + n * s.R;
-    const uint8_t* taken_row = taken_all + n * nu;
+  run_inline(isa, [&]() RNNFAST_INLINE {
+    for (int64_t n = 0; n < s.N; ++n) {
+      T* dh = s.dh + n * s.R;
+      T* out = carry + n * nu;
+      if (!s.valid(n)) {  // a padded row passes dh through its pass untouched
+        std::fill(out, out + nu, T(0));
+        continue;
+      }
+      const T* dy_row = dy + n * s.R;
+      const uint8_t* taken_row = taken_all + n * nu;
 #pragma omp simd
-    for (int64_t u = 0; u < nu; ++u) {
-      const int64_t j = s.units.begin + u;
-      const T total = dh[j] + dy_row[j];
-      const bool taken = taken_row[u];
-      dh[j] = taken ? total : T(0);
-      out[u] = taken ? T(0) : total;
+      for (int64_t u = 0; u < nu; ++u) {
+        const int64_t j = s.units.begin + u;
+        const T total = dh[j] + dy_row[j];
+        const bool taken = taken_row[u];
+        dh[j] = taken ? total : T(0);
+        out[u] = taken ? T(0) : total;
+      }
     }
-  }
+  });
 }
 
 template <typename T>
-void add_zoneout_carry(const BackwardStep<T>& s, const T* carry) {
+void add_zoneout_carry(Isa isa, const BackwardStep<T>& s, const T* carry) {
   const int64_t nu = s.units.size();
-  for (int64_t n = 0; n < s.N; ++n) {
-    T* dh = s.dh + n * s.R + s.units.begin;
+  run_inline(isa, [&]() RNNFAST_INLINE {
+    for (int64_t n = 0; n < s.N; ++n) {
+      T* dh = s.dh + n * s.R + s.units.begin;
 #pragma omp simd
-    for (int64_t u = 0; u < nu; ++u) dh[u] += carry[n * nu + u];
-  }
+      for (int64_t u = 0; u < nu; ++u) dh[u] += carry[n * nu + u];
+    }
+  });
 }
 
 // ---- layer normalisation of the products (csrc/cpu/layer_norm.h) -------------------------------
@@ -507,7 +533,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
       }
       if (zoneout && !io.noise.expectation)
         taken.emplace(io.noise, NoisePurpose::zoneout, io.noise.zoneout_threshold, N, th.units);
-      if (variational) scale_columns(N, R, th.units, hs, vscale.get(), h_masked.get());
+      if (variational) scale_columns(th.isa, N, R, th.units, hs, vscale.get(), h_masked.get());
       Cell::template forward_products<T>(d, io, th, products);
       gx = scratch<T>(ln ? 0 : chunk * N * th.width);
       ln_gx = scratch<T>(ln ? N * th.width : 0);
@@ -570,7 +596,8 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
         }
         if (cell.reset_before) s.rh = training ? io.reserve + layout.rh + t * NH : rh_step.get();
         if (d.P) s.m = training ? io.reserve + layout.m + (t + 1) * NH : m_step.get();
-        if (dropping) candidate_scales(io.noise, kept->at(t), N * th.units.size(), drop.get());
+        if (dropping)
+          candidate_scales(th.isa, io.noise, kept->at(t), N * th.units.size(), drop.get());
         s.drop = drop.get();
         s.zoneout = zoneout;
         s.taken = taken ? taken->at(t) : nullptr;
@@ -660,7 +687,7 @@ struct DefaultStep {
     (*th.product[0])(s.N, s.h_product, s.R, th.gh, th.width, Accumulate::no);
     s.gh = th.gh;
     run_pass<&Cell::template forward<T>>(th.isa, s);
-    after_pass(s);
+    after_pass(th.isa, s);
     team_barrier(th.team);  // h_t is complete when every thread has written its units
   }
 
@@ -868,16 +895,17 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
       s.dc = io.dc0;
       s.dgx = dgx.get() + t * N * GH;
       s.dgh = dgh + t * N * GH;
-      if (dropping) candidate_scales(io.noise, kept->at(t), N * th.units.size(), drop.get());
+      if (dropping)
+        candidate_scales(th.isa, io.noise, kept->at(t), N * th.units.size(), drop.get());
       s.drop = drop.get();
       if (zoneout) {
-        split_zoneout_gradient(taken->at(t), s, s.dy, carry.get());
+        split_zoneout_gradient(th.isa, taken->at(t), s, s.dy, carry.get());
         s.dy = zeros.get();
       }
       s.h_product = s.h_prev;
       s.dh_product = s.dh;
       if (variational) {
-        scale_columns(N, R, th.units, s.h_prev, vscale.get(), h_masked.get());
+        scale_columns(th.isa, N, R, th.units, s.h_prev, vscale.get(), h_masked.get());
         for (int64_t n = 0; n < N; ++n)
           std::fill(dh_masked.get() + n * R + th.units.begin,
                     dh_masked.get() + n * R + th.units.end, T(0));
@@ -892,11 +920,14 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
         s.ln = &ln_step;
       }
       Cell::template backward_step<Cell, T>(th, s);
-      if (zoneout) add_zoneout_carry(s, carry.get());
+      if (zoneout) add_zoneout_carry(th.isa, s, carry.get());
       if (variational)  // dh_{t-1} += vscale * (the gradient reaching the products' input)
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t j = th.units.begin; j < th.units.end; ++j)
-            io.dh0[n * R + j] += vscale[n * R + j] * dh_masked[n * R + j];
+        run_inline(th.isa, [&]() RNNFAST_INLINE {
+          for (int64_t n = 0; n < N; ++n)
+#pragma omp simd
+            for (int64_t j = th.units.begin; j < th.units.end; ++j)
+              io.dh0[n * R + j] += vscale[n * R + j] * dh_masked[n * R + j];
+        });
     }
   }
   setup.rethrow();
