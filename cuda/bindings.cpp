@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bindings/noise_input.h"
 #include "cublas_shim.h"
 #include "rnnfast_cuda.h"
 
@@ -93,17 +94,20 @@ PYBIND11_MODULE(_cuda, m) {
   m.def(
       "forward_workspace_bytes",
       [](const std::string& cell, const std::string& dt, int64_t T, int64_t N, int64_t C, int64_t H,
-         bool training, int64_t P) {
-        return rc::forward_workspace_bytes(dims(cell, T, N, C, H, P), dtype(dt), training);
+         bool training, int64_t P, bool variational) {
+        return rc::forward_workspace_bytes(dims(cell, T, N, C, H, P), dtype(dt), training,
+                                           training && variational);
       },
       py::arg("cell"), py::arg("dtype"), py::arg("T"), py::arg("N"), py::arg("C"), py::arg("H"),
-      py::arg("training"), py::arg("P") = 0);
+      py::arg("training"), py::arg("P") = 0, py::arg("variational") = false);
   m.def(
       "backward_workspace_bytes",
       [](const std::string& cell, const std::string& dt, int64_t T, int64_t N, int64_t C, int64_t H,
-         int64_t P) { return rc::backward_workspace_bytes(dims(cell, T, N, C, H, P), dtype(dt)); },
+         int64_t P, bool variational) {
+        return rc::backward_workspace_bytes(dims(cell, T, N, C, H, P), dtype(dt), variational);
+      },
       py::arg("cell"), py::arg("dtype"), py::arg("T"), py::arg("N"), py::arg("C"), py::arg("H"),
-      py::arg("P") = 0);
+      py::arg("P") = 0, py::arg("variational") = false);
   m.def(
       "persistent_fits",
       [](const std::string& cell, const std::string& dt, int64_t N, int64_t H) {
@@ -117,8 +121,9 @@ PYBIND11_MODULE(_cuda, m) {
          uintptr_t x, uintptr_t w_ih, uintptr_t w_hh, uintptr_t b_ih, uintptr_t b_hh, uintptr_t h0,
          uintptr_t c0, uintptr_t lengths, uintptr_t hseq, uintptr_t h_n, uintptr_t c_n,
          uintptr_t reserve, uintptr_t workspace, uintptr_t stream, int device, bool tf32,
-         int persistent, uintptr_t w_peephole, int64_t P, uintptr_t w_hr) {
+         int persistent, uintptr_t w_peephole, int64_t P, uintptr_t w_hr, const py::object& noise) {
         const Dims d = dims(cell, T, N, C, H, P);
+        const rnnfast::Noise z = rnnfast::bindings::noise_input(d.cell, noise, d, reserve == 0);
         if (P) need(w_hr, "w_hr");
         if (w_peephole && !rnnfast::cell_info(d.cell).peephole)
           throw py::value_error("w_peephole is only for LSTM cells, not " + cell);
@@ -138,6 +143,7 @@ PYBIND11_MODULE(_cuda, m) {
                           ptr<void*>(workspace)};
         a.w_peephole = ptr<const void*>(w_peephole);
         a.w_hr = ptr<const void*>(P ? w_hr : 0);
+        a.noise = z;
         const rc::Options opt{ptr<void*>(stream), tf32, persistent, device};
         const rc::DType s = dtype(dt);
         py::gil_scoped_release release;
@@ -149,7 +155,8 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("hseq"),
       py::arg("h_n"), py::arg("c_n"), py::arg("reserve"), py::arg("workspace"), py::arg("stream"),
       py::arg("device") = -1, py::arg("tf32") = false, py::arg("persistent") = -1,
-      py::arg("w_peephole") = 0, py::arg("P") = 0, py::arg("w_hr") = 0);
+      py::arg("w_peephole") = 0, py::arg("P") = 0, py::arg("w_hr") = 0,
+      py::arg("noise") = py::none());
 
   m.def(
       "backward",
@@ -158,8 +165,10 @@ PYBIND11_MODULE(_cuda, m) {
          uintptr_t hseq, uintptr_t dy, uintptr_t dh_n, uintptr_t dc_n, uintptr_t dx, uintptr_t dh0,
          uintptr_t dc0, uintptr_t dw_ih, uintptr_t dw_hh, uintptr_t db_ih, uintptr_t db_hh,
          uintptr_t workspace, uintptr_t stream, int device, bool tf32, int persistent,
-         uintptr_t w_peephole, uintptr_t dw_peephole, int64_t P, uintptr_t w_hr, uintptr_t dw_hr) {
+         uintptr_t w_peephole, uintptr_t dw_peephole, int64_t P, uintptr_t w_hr, uintptr_t dw_hr,
+         const py::object& noise) {
         const Dims d = dims(cell, T, N, C, H, P);
+        const rnnfast::Noise z = rnnfast::bindings::noise_input(d.cell, noise, d, false);
         if (P) {
           need(w_hr, "w_hr");
           need(dw_hr, "dw_hr");
@@ -192,6 +201,7 @@ PYBIND11_MODULE(_cuda, m) {
         a.dw_peephole = ptr<void*>(dw_peephole);
         a.w_hr = ptr<const void*>(P ? w_hr : 0);
         a.dw_hr = ptr<void*>(P ? dw_hr : 0);
+        a.noise = z;
         const rc::Options opt{ptr<void*>(stream), tf32, persistent, device};
         const rc::DType s = dtype(dt);
         py::gil_scoped_release release;
@@ -204,7 +214,7 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("db_ih"), py::arg("db_hh"), py::arg("workspace"), py::arg("stream"),
       py::arg("device") = -1, py::arg("tf32") = false, py::arg("persistent") = -1,
       py::arg("w_peephole") = 0, py::arg("dw_peephole") = 0, py::arg("P") = 0, py::arg("w_hr") = 0,
-      py::arg("dw_hr") = 0);
+      py::arg("dw_hr") = 0, py::arg("noise") = py::none());
 
   m.attr("architectures") = RNNFAST_CUDA_ARCHS;
   m.attr("cuda_compiler_version") = RNNFAST_CUDA_COMPILER_VERSION;

@@ -16,12 +16,12 @@ size_t acc_size(DType s) { return s == DType::f64 ? sizeof(double) : sizeof(floa
 
 size_t reserve_bytes(const Dims& d, DType s) { return reserve_layout(d).total * acc_size(s); }
 
-size_t forward_workspace_bytes(const Dims& d, DType s, bool) {
-  return forward_workspace(d, acc_size(s)).total;
+size_t forward_workspace_bytes(const Dims& d, DType s, bool, bool variational) {
+  return forward_workspace(d, acc_size(s), variational).total;
 }
 
-size_t backward_workspace_bytes(const Dims& d, DType s) {
-  return backward_workspace(d, storage_size(s), acc_size(s)).total;
+size_t backward_workspace_bytes(const Dims& d, DType s, bool variational) {
+  return backward_workspace(d, storage_size(s), acc_size(s), variational).total;
 }
 
 static void use_device(const Options& opt) {

@@ -10,7 +10,7 @@ template <>
 struct GpuCell<CellKind::gru> : DefaultGpuSteps {
   template <typename S, typename A>
   __device__ static A forward(const FwdPtrs<S, A>& p, int t, int64_t i, int j, const A* ax,
-                              const A* ah, A* gates, bool) {
+                              const A* ah, A* gates, bool, A drop) {
     const int64_t H = p.H, NH = int64_t(p.N) * H;
     A x[3], hh[3];
 #pragma unroll
@@ -19,7 +19,9 @@ struct GpuCell<CellKind::gru> : DefaultGpuSteps {
       hh[g] = ah[g] + bias_at<A>(p.b_hh, g * H + j);
     }
     const A h_prev = p.h_acc[t * p.h_stride + i];
-    const GruPoint<A> q = gru_point_forward(x[0], x[1], x[2], hh[0], hh[1], hh[2], h_prev);
+    // the candidate's dropout scale always applied: 1 without dropout, the same bits as none
+    const GruPoint<A> q =
+        gru_point_forward<A, StdMath, true>(x[0], x[1], x[2], hh[0], hh[1], hh[2], h_prev, drop);
     if (gates) {
       gates[0] = q.r;
       gates[H] = q.z;
@@ -31,10 +33,10 @@ struct GpuCell<CellKind::gru> : DefaultGpuSteps {
 
   template <typename S, typename A>
   __device__ static A backward(const BwdPtrs<S, A>& p, int t, int64_t i, int, const A* gt, A dh,
-                               S* dax, S* dah) {
+                               S* dax, S* dah, A drop) {
     const int64_t H = p.H, NH = int64_t(p.N) * H;
-    const GruPointGrad<A> d =
-        gru_point_backward(gt[0], gt[H], gt[2 * H], p.ghn[t * NH + i], p.hs[t * NH + i], dh);
+    const GruPointGrad<A> d = gru_point_backward<A, true>(
+        gt[0], gt[H], gt[2 * H], p.ghn[t * NH + i], p.hs[t * NH + i], dh, drop);
     const S dr = from_acc<S>(d.da_r), dz = from_acc<S>(d.da_z);
     dax[0] = dr;
     dax[H] = dz;

@@ -15,7 +15,7 @@ struct GpuLstm : DefaultGpuSteps {
 
   template <typename S, typename A>
   __device__ static A forward(const FwdPtrs<S, A>& p, int t, int64_t i, int j, const A* ax,
-                              const A* ah, A* gates, bool last) {
+                              const A* ah, A* gates, bool last, A drop) {
     const int64_t H = p.H;
     A a[G];
 #pragma unroll
@@ -23,12 +23,13 @@ struct GpuLstm : DefaultGpuSteps {
       a[g] = ax[g] + (ah[g] + bias_at<A>(p.b_ih, g * H + j) + bias_at<A>(p.b_hh, g * H + j));
     const A c_prev = p.c_acc[t * p.c_stride + i];
     const A a_f = Coupled ? A(0) : a[1];
+    // the candidate's dropout scale always applied: 1 without dropout, the same bits as none
     const LstmPoint<A> q =
-        p.w_peephole ? lstm_variant_point_forward<A, StdMath, Coupled, true>(
+        p.w_peephole ? lstm_variant_point_forward<A, StdMath, Coupled, true, true>(
                            a[0], a_f, a[kG], a[kO], c_prev, to_acc<A>(p.w_peephole[j]),
-                           to_acc<A>(p.w_peephole[H + j]), to_acc<A>(p.w_peephole[2 * H + j]))
-                     : lstm_variant_point_forward<A, StdMath, Coupled, false>(
-                           a[0], a_f, a[kG], a[kO], c_prev, A(0), A(0), A(0));
+                           to_acc<A>(p.w_peephole[H + j]), to_acc<A>(p.w_peephole[2 * H + j]), drop)
+                     : lstm_variant_point_forward<A, StdMath, Coupled, false, true>(
+                           a[0], a_f, a[kG], a[kO], c_prev, A(0), A(0), A(0), drop);
     p.c_acc[(t + 1) * p.c_stride + i] = q.c;
     if (gates) {
       gates[0] = q.i;
@@ -42,17 +43,17 @@ struct GpuLstm : DefaultGpuSteps {
 
   template <typename S, typename A>
   __device__ static A backward(const BwdPtrs<S, A>& p, int t, int64_t i, int j, const A* gt, A dh,
-                               S* dax, S*) {
+                               S* dax, S*, A drop) {
     const int64_t H = p.H, NH = int64_t(p.N) * H;
     const A in = gt[0], f = Coupled ? A(1) - in : gt[H];
     const A c_prev = p.cs[t * NH + i], c = p.cs[(t + 1) * NH + i];
     const LstmPointGrad<A> d =
         p.w_peephole
-            ? lstm_variant_point_backward<A, StdMath, Coupled, true>(
+            ? lstm_variant_point_backward<A, StdMath, Coupled, true, true>(
                   in, f, gt[kG * H], gt[kO * H], c_prev, c, dh, p.dc[i], to_acc<A>(p.w_peephole[j]),
-                  to_acc<A>(p.w_peephole[H + j]), to_acc<A>(p.w_peephole[2 * H + j]))
-            : lstm_variant_point_backward<A, StdMath, Coupled, false>(
-                  in, f, gt[kG * H], gt[kO * H], c_prev, c, dh, p.dc[i], A(0), A(0), A(0));
+                  to_acc<A>(p.w_peephole[H + j]), to_acc<A>(p.w_peephole[2 * H + j]), drop)
+            : lstm_variant_point_backward<A, StdMath, Coupled, false, true>(
+                  in, f, gt[kG * H], gt[kO * H], c_prev, c, dh, p.dc[i], A(0), A(0), A(0), drop);
     dax[0] = from_acc<S>(d.da_i);
     if (!Coupled) dax[H] = from_acc<S>(d.da_f);
     dax[kG * H] = from_acc<S>(d.da_g);

@@ -37,11 +37,61 @@ struct FwdPtrs {
   int T, N, H;
   int R;                // the size of h: H, or P with a projection (hseq, h_acc, h_n)
   int64_t hseq_stride;  // between hseq's slots: N*R, or 0 where a cell writes one slot in place
+  Noise noise;          // recurrent dropout and zoneout (rnnfast/noise.h), all zero for none
 };
 
 template <typename A, typename S>
 __device__ __forceinline__ A bias_at(const S* b, int64_t k) {
   return b ? to_acc<A>(b[k]) : A(0);
+}
+
+// ---- recurrent dropout and zoneout: the CPU kernels' masks (rnnfast/noise.h), drawn in place ----
+// What the candidate (LSTM g, GRU n) is scaled by at (t, n, j): 0 where dropped, 1/(1-p) where
+// kept; 1 without dropout and in inference.
+template <typename A>
+__device__ __forceinline__ A candidate_scale(const Noise& z, int t, int n, int j) {
+  if (!(z.candidate > 0) || z.expectation) return A(1);
+  return noise_keeps(z.seed, z.stream, NoisePurpose::candidate, z.candidate_threshold, t, n, j)
+             ? A(1) / (A(1) - A(z.candidate))
+             : A(0);
+}
+
+// Whether zoneout's unit (t, n, j) takes its new value in training.
+__device__ __forceinline__ bool zoneout_takes(const Noise& z, int t, int n, int j) {
+  return noise_keeps(z.seed, z.stream, NoisePurpose::zoneout, z.zoneout_threshold, t, n, j);
+}
+
+// Variational dropout's scale of h's unit (n, j), the same at every step.
+template <typename A>
+__device__ __forceinline__ A variational_scale(const Noise& z, int n, int j) {
+  return noise_keeps(z.seed, z.stream, NoisePurpose::variational, z.variational_threshold, 0, n, j)
+             ? A(1) / (A(1) - A(z.variational))
+             : A(0);
+}
+
+// Whether a call's products read h_{t-1} scaled by variational dropout's masks.
+__host__ __device__ inline bool variational_on(const Noise& z) {
+  return z.variational > 0 && !z.expectation;
+}
+
+// out = h * the variational scale of each (row % N, unit) for `count` elements of [rows, N, H]
+template <typename S>
+__global__ void variational_mask_kernel(int64_t count, int N, int H, Noise z,
+                                        const S* __restrict__ h, S* __restrict__ out) {
+  using A = acc_t<S>;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  const int j = static_cast<int>(i % H), n = static_cast<int>((i / H) % N);
+  out[i] = from_acc<S>(to_acc<A>(h[i]) * variational_scale<A>(z, n, j));
+}
+
+// dh [N, H] += the variational scale * d, the gradient reaching the products' masked input
+template <typename A>
+__global__ void variational_gradient_kernel(int N, int H, Noise z, const A* __restrict__ d,
+                                            A* __restrict__ dh) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(N) * H) return;
+  dh[i] += variational_scale<A>(z, static_cast<int>(i / H), static_cast<int>(i % H)) * d[i];
 }
 
 // A cell's pointwise math on the GPU, one (n, j) at a time: a specialisation per kind in the
@@ -86,7 +136,15 @@ __device__ __forceinline__ void forward_point(const FwdPtrs<S, A>& p, int t, int
   A ax[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) ax[g] = gx[g * H];
-  const A h = GpuCell<Kind>::forward(p, t, i, j, ax, ah, gates, t == len - 1);
+  A h = GpuCell<Kind>::forward(p, t, i, j, ax, ah, gates, t == len - 1,
+                               candidate_scale<A>(p.noise, t, n, j));
+  if (p.noise.zoneout > 0) {  // as the CPU's zoneout_units
+    const A h_prev = p.h_acc[t * p.h_stride + i], keep = A(p.noise.zoneout);
+    if (p.noise.expectation)
+      h = keep * h_prev + (A(1) - keep) * h;
+    else if (!zoneout_takes(p.noise, t, n, j))
+      h = h_prev;
+  }
   const S hs = from_acc<S>(h);
   *h_out = hs;
   p.h_acc[(t + 1) * p.h_stride + i] = h;
@@ -140,6 +198,7 @@ struct BwdPtrs {
   S* da_h;                 // [T, N, G*H] gradient of h W_hh^T + b_hh (== da_x but for GRU)
   A* dc;                   // [N, H] in place: dc_t in, dc_{t-1} out
   int T, N, H;
+  Noise noise;  // the training forward's
 };
 
 // One (n, j) of step t. dh_in: the gradient reaching h_t from step t+1 (and dh_n), dy not
@@ -165,9 +224,17 @@ __device__ __forceinline__ A backward_point(const BwdPtrs<S, A>& p, int t, int n
     }
     return dh_in;
   }
-  const A dh = dh_in + (p.dy ? to_acc<A>(p.dy[t * NH + i]) : A(0));
+  A dh = dh_in + (p.dy ? to_acc<A>(p.dy[t * NH + i]) : A(0));
+  // zoneout: where the unit kept h_{t-1}, h_t's gradient goes straight to it
+  A carry = A(0);
+  if (p.noise.zoneout > 0 && !zoneout_takes(p.noise, t, n, j)) {
+    carry = dh;
+    dh = A(0);
+  }
   const A* gates = p.gates ? p.gates + gofs : nullptr;
-  return GpuCell<Kind>::backward(p, t, i, j, gates, dh, dax, dah);
+  return GpuCell<Kind>::backward(p, t, i, j, gates, dh, dax, dah,
+                                 candidate_scale<A>(p.noise, t, n, j)) +
+         carry;
 }
 
 template <CellKind Kind, typename S, typename A>
@@ -241,10 +308,10 @@ __global__ void mask_padding_kernel(int64_t rows, int N, int C, const S* __restr
 
 // ---- workspaces ------------------------------------------------------------------------------
 struct FwdWorkspace {
-  int64_t gx, gh, c_state, h_state, rh, m, h_n, total;  // byte offsets
+  int64_t gx, gh, c_state, h_state, rh, m, h_n, h_masked, total;  // byte offsets
 };
 
-inline FwdWorkspace forward_workspace(const Dims& d, size_t acc) {
+inline FwdWorkspace forward_workspace(const Dims& d, size_t acc, bool variational) {
   FwdWorkspace w{};
   w.gx = 0;
   w.gh = align_up(d.T * d.N * d.GH() * acc);
@@ -254,15 +321,17 @@ inline FwdWorkspace forward_workspace(const Dims& d, size_t acc) {
   w.m = w.rh + (cell_info(d.cell).reset_before ? align_up(d.N * d.H * acc) : 0);
   // with a projection: one step's o * tanh(c) in inference, and the pointwise pass's unused h_n
   w.h_n = w.m + (d.P ? align_up(d.N * d.H * acc) : 0);
-  w.total = w.h_n + (d.P ? align_up(d.N * d.H * acc) : 0);
+  w.h_masked = w.h_n + (d.P ? align_up(d.N * d.H * acc) : 0);
+  // variational dropout: h_{t-1} * its masks, what the step's product multiplies
+  w.total = w.h_masked + (variational ? align_up(d.N * d.H * acc) : 0);
   return w;
 }
 
 struct BwdWorkspace {
-  int64_t da_x, da_h, dh, dc, ones, drh, dh_seq, dm, total;
+  int64_t da_x, da_h, dh, dc, ones, drh, dh_seq, dm, dh_masked, hs_masked, total;
 };
 
-inline BwdWorkspace backward_workspace(const Dims& d, size_t st, size_t acc) {
+inline BwdWorkspace backward_workspace(const Dims& d, size_t st, size_t acc, bool variational) {
   BwdWorkspace w{};
   const int64_t da = align_up(d.T * d.N * d.GH() * st);
   w.da_x = 0;
@@ -274,7 +343,10 @@ inline BwdWorkspace backward_workspace(const Dims& d, size_t st, size_t acc) {
   w.dh_seq = w.drh + (cell_info(d.cell).reset_before ? align_up(d.N * d.H * acc) : 0);
   // with a projection: every step's gradient of h (for dW_hr), dm, and the pass's unused dh
   w.dm = w.dh_seq + (d.P ? align_up(d.T * d.N * d.P * st) : 0);
-  w.total = w.dm + (d.P ? 2 * align_up(d.N * d.H * acc) : 0);
+  w.dh_masked = w.dm + (d.P ? 2 * align_up(d.N * d.H * acc) : 0);
+  // variational dropout: the gradient reaching a step's masked h, and the masked sequence for dW_hh
+  w.hs_masked = w.dh_masked + (variational ? align_up(d.N * d.H * acc) : 0);
+  w.total = w.hs_masked + (variational ? align_up(d.T * d.N * d.H * st) : 0);
   return w;
 }
 
@@ -327,6 +399,7 @@ FwdPtrs<S, acc_t<S>> forward_pointers(const Dims& d, const ForwardArgs& a, char*
   p.T = static_cast<int>(d.T);
   p.N = static_cast<int>(d.N);
   p.H = static_cast<int>(d.H);
+  p.noise = a.noise;
   if (a.reserve) {
     const ReserveLayout r = reserve_layout(d);
     A* res = static_cast<A*>(a.reserve);
@@ -373,11 +446,20 @@ struct DefaultGpuSteps {
               GH = static_cast<int>(d.GH());
     const int64_t NH = int64_t(N) * H;
     auto* gh = reinterpret_cast<acc_t<S>*>(ws + wl.gh);
+    auto* h_masked = reinterpret_cast<S*>(ws + wl.h_masked);
     for (int t = 0; t < T; ++t) {
       const bool zero_h = t == 0 && a.h0 == nullptr;  // h W_hh^T of a zero h0 is zero
+      const S* h_in = p.hseq + t * NH;
+      if (!zero_h && variational_on(p.noise)) {
+        const auto mask = variational_mask_kernel<S>;
+        RNNFAST_LAUNCH(mask, blocks_for(NH, kPointThreads), kPointThreads, stream, NH, N, H,
+                       p.noise, h_in, h_masked);
+        RNNFAST_CHECK_LAUNCH("variational_mask_kernel");
+        h_in = h_masked;
+      }
       if (!zero_h)
-        cublas::gemm_rm(g.h, false, true, N, GH, H, &g.one, p.hseq + t * NH, g.st, H, a.w_hh, g.st,
-                        H, &g.zero, gh, g.at, GH, g.ct);
+        cublas::gemm_rm(g.h, false, true, N, GH, H, &g.one, h_in, g.st, H, a.w_hh, g.st, H, &g.zero,
+                        gh, g.at, GH, g.ct);
       const auto step = forward_step_kernel<Kind, S, acc_t<S>>;
       RNNFAST_LAUNCH(step, blocks_for(NH, kPointThreads), kPointThreads, stream, p,
                      zero_h ? nullptr : gh, t);
@@ -388,18 +470,30 @@ struct DefaultGpuSteps {
   // steps T-1..0 with dh[cur] holding dh_n; returns with dh[cur] holding dh0
   template <CellKind Kind, typename S>
   static void backward_steps(const Dims& d, const BackwardArgs& a, const BwdPtrs<S, acc_t<S>>& p,
-                             acc_t<S>* const dh[2], int& cur, char*, const BwdWorkspace&,
+                             acc_t<S>* const dh[2], int& cur, char* ws, const BwdWorkspace& wl,
                              const Gemms<S>& g, cudaStream_t stream) {
     const int N = static_cast<int>(d.N), H = static_cast<int>(d.H), GH = static_cast<int>(d.GH());
     const S* w_hh = static_cast<const S*>(a.w_hh);
+    const bool variational = variational_on(p.noise);
+    auto* dh_masked = reinterpret_cast<acc_t<S>*>(ws + wl.dh_masked);
     for (int t = static_cast<int>(d.T) - 1; t >= 0; --t) {
       const auto step = backward_step_kernel<Kind, S, acc_t<S>>;
       RNNFAST_LAUNCH(step, blocks_for(int64_t(N) * H, kPointThreads), kPointThreads, stream, p,
                      dh[cur], dh[1 - cur], t);
       RNNFAST_CHECK_LAUNCH("backward_step_kernel");
-      // dh_{t-1} += da_h[t] [N, GH] W_hh [GH, H]
-      cublas::gemm_rm(g.h, false, false, N, H, GH, &g.one, p.da_h + t * N * int64_t(GH), g.st, GH,
-                      w_hh, g.st, H, &g.one, dh[1 - cur], g.at, H, g.ct);
+      // dh_{t-1} += da_h[t] [N, GH] W_hh [GH, H] (times the masks where the product read them)
+      const S* da = p.da_h + t * N * int64_t(GH);
+      if (!variational) {
+        cublas::gemm_rm(g.h, false, false, N, H, GH, &g.one, da, g.st, GH, w_hh, g.st, H, &g.one,
+                        dh[1 - cur], g.at, H, g.ct);
+      } else {
+        cublas::gemm_rm(g.h, false, false, N, H, GH, &g.one, da, g.st, GH, w_hh, g.st, H, &g.zero,
+                        dh_masked, g.at, H, g.ct);
+        const auto add = variational_gradient_kernel<acc_t<S>>;
+        RNNFAST_LAUNCH(add, blocks_for(int64_t(N) * H, kPointThreads), kPointThreads, stream, N, H,
+                       p.noise, dh_masked, dh[1 - cur]);
+        RNNFAST_CHECK_LAUNCH("variational_gradient_kernel");
+      }
       cur = 1 - cur;
     }
   }
@@ -414,15 +508,38 @@ struct DefaultGpuSteps {
   }
 };
 
+// Where persistent is required but cannot run this call: what stops it, as an error.
+template <CellKind Kind>
+void refuse_persistent(const Dims& d, const Options& opt, bool variational) {
+  if (opt.persistent != 1) return;
+  const char* why = !GpuCell<Kind>::persistent ? "(its step has a second product)"
+                    : d.P                      ? "with a projection"
+                    : variational              ? "with variational dropout"
+                                               : nullptr;
+  if (why)
+    throw std::runtime_error(std::string("the persistent recurrence cannot run the ") +
+                             cell_info(Kind).name + " cell " + why);
+}
+
+// The cells and options the GPU's noise covers (the CPU has them all): no reset-before GRU.
+template <CellKind Kind>
+void check_gpu_noise(const Noise& z) {
+  if (Kind == CellKind::gru_reset_before && (z.candidate > 0 || z.zoneout > 0 || z.variational > 0))
+    throw std::runtime_error(
+        "recurrent dropout and zoneout on the GPU do not cover the reset-before GRU (the CPU "
+        "kernels do)");
+}
+
 template <CellKind Kind, typename S>
 void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
+  check_gpu_noise<Kind>(a.noise);
   using A = acc_t<S>;
   const int T = static_cast<int>(d.T), N = static_cast<int>(d.N), C = static_cast<int>(d.C),
             H = static_cast<int>(d.H), GH = static_cast<int>(d.GH());
   const int64_t NH = int64_t(N) * H;
   auto stream = static_cast<cudaStream_t>(opt.stream);
   char* ws = static_cast<char*>(a.workspace);
-  const FwdWorkspace wl = forward_workspace(d, sizeof(A));
+  const FwdWorkspace wl = forward_workspace(d, sizeof(A), variational_on(a.noise));
   const FwdPtrs<S, A> p = forward_pointers<Kind, S>(d, a, ws, wl);
 
   const auto init = forward_init_kernel<S, A>;
@@ -436,15 +553,13 @@ void forward_impl(const Dims& d, const ForwardArgs& a, const Options& opt) {
   cublas::gemm_rm(g.h, false, true, T * N, GH, C, &g.one, a.x, g.st, C, a.w_ih, g.st, C, &g.zero,
                   ws + wl.gx, g.at, GH, g.ct);
 
+  const bool variational = variational_on(a.noise);
   if constexpr (GpuCell<Kind>::persistent) {
-    if (d.P == 0 && opt.persistent != 0 &&
+    if (d.P == 0 && !variational && opt.persistent != 0 &&
         persistent_forward<Kind, S>(p, static_cast<const S*>(a.w_hh), stream, opt.persistent == 1))
       return;
   }
-  if (opt.persistent == 1 && (!GpuCell<Kind>::persistent || d.P))
-    throw std::runtime_error(std::string("the persistent recurrence cannot run the ") +
-                             cell_info(Kind).name + " cell " +
-                             (d.P ? "with a projection" : "(its step has a second product)"));
+  refuse_persistent<Kind>(d, opt, variational);
   GpuCell<Kind>::template forward_steps<Kind, S>(d, a, p, ws, wl, g, stream);
 }
 
@@ -470,6 +585,7 @@ BwdPtrs<S, acc_t<S>> backward_pointers(const Dims& d, const BackwardArgs& a, cha
   p.da_x = reinterpret_cast<S*>(ws + wl.da_x);
   p.da_h = reinterpret_cast<S*>(ws + (cell.reset_after ? wl.da_h : wl.da_x));
   p.dc = cell.has_c ? reinterpret_cast<A*>(ws + wl.dc) : nullptr;
+  p.noise = a.noise;
   p.T = static_cast<int>(d.T);
   p.N = static_cast<int>(d.N);
   p.H = static_cast<int>(d.H);
@@ -517,7 +633,19 @@ void backward_weight_gradients(const Dims& d, const BackwardArgs& a, const BwdPt
   // dx [TN, C] = da_x [TN, GH] W_ih [GH, C]
   cublas::gemm_rm(g.h, false, false, tn, C, GH, &g.one, p.da_x, g.st, GH, a.w_ih, g.st, C, &g.zero,
                   a.dx, g.st, C, g.ct);
-  GpuCell<Kind>::template dw_hh<S>(d, a, p, g);
+  if (variational_on(p.noise)) {  // W_hh multiplied h_{t-1} times the masks
+    BackwardArgs masked = a;
+    S* hs = reinterpret_cast<S*>(ws + wl.hs_masked);
+    const int64_t count = TN * H;
+    const auto mask = variational_mask_kernel<S>;
+    RNNFAST_LAUNCH(mask, blocks_for(count, kPointThreads), kPointThreads, stream, count, N, H,
+                   p.noise, static_cast<const S*>(a.hseq), hs);
+    RNNFAST_CHECK_LAUNCH("variational_mask_kernel");
+    masked.hseq = hs;
+    GpuCell<Kind>::template dw_hh<S>(d, masked, p, g);
+  } else {
+    GpuCell<Kind>::template dw_hh<S>(d, a, p, g);
+  }
   if (a.db_ih || a.db_hh) {
     // bias gradients as GEMVs against a ones vector: deterministic, and on the tensor cores
     S* ones = reinterpret_cast<S*>(ws + wl.ones);
@@ -539,7 +667,9 @@ void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
   const int64_t NH = d.N * d.H, NR = d.N * d.R();
   auto stream = static_cast<cudaStream_t>(opt.stream);
   char* ws = static_cast<char*>(a.workspace);
-  const BwdWorkspace wl = backward_workspace(d, sizeof(S), sizeof(A));
+  check_gpu_noise<Kind>(a.noise);
+  const bool variational = variational_on(a.noise);
+  const BwdWorkspace wl = backward_workspace(d, sizeof(S), sizeof(A), variational);
   const BwdPtrs<S, A> p = backward_pointers<Kind, S>(d, a, ws, wl);
   A* dh[2] = {reinterpret_cast<A*>(ws + wl.dh),
               reinterpret_cast<A*>(ws + wl.dh + align_up(NH * sizeof(A)))};
@@ -554,14 +684,11 @@ void backward_impl(const Dims& d, const BackwardArgs& a, const Options& opt) {
   int cur = 0;
   bool persistent = false;
   if constexpr (GpuCell<Kind>::persistent) {
-    persistent = d.P == 0 && opt.persistent != 0 &&
+    persistent = d.P == 0 && !variational && opt.persistent != 0 &&
                  persistent_backward<Kind, S>(p, static_cast<const S*>(a.w_hh), dh[0], stream,
                                               opt.persistent == 1);
   }
-  if (opt.persistent == 1 && (!GpuCell<Kind>::persistent || d.P))
-    throw std::runtime_error(std::string("the persistent recurrence cannot run the ") +
-                             cell_info(Kind).name + " cell " +
-                             (d.P ? "with a projection" : "(its step has a second product)"));
+  refuse_persistent<Kind>(d, opt, variational);
   if (!persistent)
     GpuCell<Kind>::template backward_steps<Kind, S>(d, a, p, dh, cur, ws, wl, g, stream);
   const auto finish = backward_finish_kernel<S, A>;

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "rnnfast/cell.h"
+#include "rnnfast/noise.h"
 
 namespace rnnfast::cuda {
 
@@ -27,9 +28,10 @@ struct Options {
 // The reserve: ReserveLayout(dims) elements of A (hs, cs, gates, ghn back to back). For
 // f32/f64 hs may be the caller's hseq itself (pass hseq == reserve): y is then a view of it.
 size_t reserve_bytes(const Dims& d, DType s);
-// Scratch for one call; contents need not survive between calls.
-size_t forward_workspace_bytes(const Dims& d, DType s, bool training);
-size_t backward_workspace_bytes(const Dims& d, DType s);
+// Scratch for one call; contents need not survive between calls. variational: the call has
+// variational recurrent dropout (Noise::variational > 0), whose masked copies of h take room.
+size_t forward_workspace_bytes(const Dims& d, DType s, bool training, bool variational = false);
+size_t backward_workspace_bytes(const Dims& d, DType s, bool variational = false);
 
 // Every pointer is device memory of dtype S unless said otherwise; may-be-null as marked.
 struct ForwardArgs {
@@ -48,6 +50,10 @@ struct ForwardArgs {
   void* workspace;         // forward_workspace_bytes()
   const void* w_peephole = nullptr;  // [3, H] rows i, f, o, or null; cells with peepholes only
   const void* w_hr = nullptr;        // [P, H] where Dims::P > 0; hseq, h0, h_n are then [.., N, P]
+  // recurrent dropout and zoneout (rnnfast/noise.h; all zero: none), with expectation set in
+  // inference; the masks are the CPU kernels' bit for bit. Not with a projection, nor for the
+  // reset-before GRU; never on the persistent kernels.
+  Noise noise{};
 };
 
 struct BackwardArgs {
@@ -72,6 +78,7 @@ struct BackwardArgs {
   void* dw_peephole = nullptr;       // [3, H] out where w_peephole is given
   const void* w_hr = nullptr;        // [P, H] where Dims::P > 0 (dy, dh_n, dh0 [.., N, P])
   void* dw_hr = nullptr;             // [P, H] out, likewise
+  Noise noise{};                     // the training forward's
 };
 
 // Both throw std::runtime_error (with the CUDA or cuBLAS error) on failure; the work is queued on

@@ -246,6 +246,7 @@ class CudaContext:
     inputs: Checked  # CuPy arrays; lengths an int32 device array or None
     reserve: Any
     hseq: Any  # [T+1, N, H], slot 0 = h0; y is hseq[1:]
+    noise: Any = None  # the forward's dropout and zoneout (rnnfast._validate.Noise) or None
 
     @property
     def training(self) -> bool:
@@ -291,7 +292,7 @@ def _sizes(a: Checked) -> tuple[int, int, int, int, int, int]:
 
 
 def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, w_peephole=None,
-            w_hr=None):  # fmt: skip
+            w_hr=None, noise=None):  # fmt: skip
     """The GPU side of rnnfast.ops' forward: returns (y, h_n, c_n or None, CudaContext)."""
     mod = _module()
     cupy = _cupy()
@@ -314,8 +315,10 @@ def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, w_peepho
             hseq = cupy.empty((T + 1, N, R), dtype=dt)
         h_n = cupy.empty((N, R), dtype=dt)
         c_n = cupy.empty((N, H), dtype=dt) if cell_spec(cell).has_c else None
+        variational = noise is not None and noise.variational > 0
         ws = cupy.empty(
-            mod.forward_workspace_bytes(cell, dt.name, T, N, C, H, training, P), cupy.uint8
+            mod.forward_workspace_bytes(cell, dt.name, T, N, C, H, training, P, variational),
+            cupy.uint8,
         )
         mod.forward(
             cell, dt.name, T, N, C, H,
@@ -324,9 +327,9 @@ def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training, w_peepho
             hseq=_ptr(hseq), h_n=_ptr(h_n), c_n=_ptr(c_n), reserve=_ptr(reserve),
             workspace=_ptr(ws), stream=stream.ptr, device=device.id, tf32=_options["tf32"],
             persistent=_PERSISTENT[_options["persistent"]], w_peephole=_ptr(a.w_peephole), P=P,
-            w_hr=_ptr(a.w_hr),
+            w_hr=_ptr(a.w_hr), noise=None if noise is None else tuple(noise),
         )  # fmt: skip
-        return hseq[1:], h_n, c_n, CudaContext(cell, a, reserve, hseq)
+        return hseq[1:], h_n, c_n, CudaContext(cell, a, reserve, hseq, noise)
 
 
 def backward(cell, ctx, dy, dh_n, dc_n):
@@ -353,7 +356,11 @@ def backward(cell, ctx, dy, dh_n, dc_n):
         db_ih = None if a.b_ih is None else cupy.empty((G * H,), dtype=dt)
         db_hh = None if a.b_hh is None else cupy.empty((G * H,), dtype=dt)
         dw_peephole = None if a.w_peephole is None else cupy.empty((3, H), dtype=dt)
-        ws = cupy.empty(mod.backward_workspace_bytes(cell, dt.name, T, N, C, H, P), cupy.uint8)
+        noise = ctx.noise
+        variational = noise is not None and noise.variational > 0
+        ws = cupy.empty(
+            mod.backward_workspace_bytes(cell, dt.name, T, N, C, H, P, variational), cupy.uint8
+        )
         mod.backward(
             cell, dt.name, T, N, C, H,
             x=_ptr(a.x), w_ih=_ptr(a.w_ih), w_hh=_ptr(a.w_hh), lengths=_ptr(a.lengths),
@@ -363,6 +370,7 @@ def backward(cell, ctx, dy, dh_n, dc_n):
             stream=stream.ptr, device=device.id, tf32=_options["tf32"],
             persistent=_PERSISTENT[_options["persistent"]], w_peephole=_ptr(a.w_peephole),
             dw_peephole=_ptr(dw_peephole), P=P, w_hr=_ptr(a.w_hr), dw_hr=_ptr(dw_hr),
+            noise=None if noise is None else tuple(noise),
         )  # fmt: skip
     grads = {"dx": dx, "dh0": dh0, "dc0": dc0, "dw_ih": dw_ih, "dw_hh": dw_hh, "db_ih": db_ih,
              "db_hh": db_hh, "dw_peephole": dw_peephole, "dw_hr": dw_hr}  # fmt: skip

@@ -131,8 +131,11 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     noise = check_noise(spec.name, recurrent_dropout, recurrent_dropout_mode, zoneout, seed,
                         noise_stream, projection=w_hr is not None)  # fmt: skip
     if _gpu.is_gpu_array(x):
-        if noise is not None:
-            raise NotImplementedError("recurrent dropout and zoneout run on the CPU kernels only")
+        if noise is not None and spec.name == "gru_reset_before":
+            raise NotImplementedError(
+                "recurrent dropout and zoneout on the GPU do not cover the gru_reset_before cell "
+                "(the CPU kernels do)"
+            )
         if any(v is not None for v in layer_norm.values()):
             raise NotImplementedError("layer norm runs on the CPU kernels only")
         if bf16:
@@ -140,7 +143,7 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
         if not spec.gpu:
             raise NotImplementedError(f"the {spec.name} cell runs on the CPU kernels only")
         return _gpu.forward(spec.name, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, training,
-                            w_peephole, w_hr)  # fmt: skip
+                            w_peephole, w_hr, noise)  # fmt: skip
     a = check_forward_inputs(spec.name, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
                              w_peephole=w_peephole, w_hr=w_hr, layer_norm=layer_norm)  # fmt: skip
     if bf16 and a.x.dtype != np.float32:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import (
     CELLS,
+    GATES,
     GPU_CELLS,
     GRAD_NAMES,
     PERSISTENT_CELLS,
@@ -423,3 +424,68 @@ def test_required_persistent_kernel_refuses_a_projection(persistent_mode):
     inputs["w_hr"] = np.ones((2, 8), np.float32)
     with pytest.raises(RuntimeError, match="with a projection"):
         run_forward(GPU, "lstm", **_to_gpu(inputs, "float32"))
+
+
+# ---- recurrent dropout and zoneout: the same masks as the CPU kernels (rnnfast/noise.h) --------
+NOISE_OPTIONS = {
+    "semeniuta": {"recurrent_dropout": 0.3, "recurrent_dropout_mode": "semeniuta"},
+    "variational": {"recurrent_dropout": 0.3, "recurrent_dropout_mode": "variational"},
+    "zoneout": {"zoneout": 0.2},
+    "semeniuta+zoneout": {"recurrent_dropout": 0.3, "zoneout": 0.2},
+    "variational+zoneout": {"recurrent_dropout": 0.3, "recurrent_dropout_mode": "variational",
+                            "zoneout": 0.2},
+}  # fmt: skip
+NOISE_CELLS = [c for c in GPU_CELLS if c != "gru_reset_before"]
+
+
+@pytest.mark.parametrize("persistent_mode", ["never", "auto"], indirect=True)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("option", list(NOISE_OPTIONS))
+@pytest.mark.parametrize("cell", NOISE_CELLS)
+def test_noise_against_cpu_kernels(cell, option, dtype_name, training, persistent_mode):
+    """With the same seed and stream the GPU draws the CPU's masks: same outputs and gradients
+    (the CPU kernels are checked against the reference and finite differences in test_noise.py);
+    in inference no dropout and zoneout's expectation."""
+    from rnnfast import ops
+
+    kw = NOISE_OPTIONS[option]
+    if GATES[cell] == 1 and kw.get("recurrent_dropout_mode", "semeniuta") == "semeniuta":
+        if kw.get("recurrent_dropout"):
+            pytest.skip("the RNN has no candidate to drop")
+    rng = np.random.default_rng([11, CELLS.index(cell)])
+    T, N, C, H = 9, 5, 6, 33
+    dt = np.dtype(dtype_name)
+    inputs = make_inputs(cell, T, N, C, H, dt, rng, True, True, "mixed")
+    up = make_upstream(cell, T, N, H, dt, rng)
+    opts = dict(kw, seed=1234, noise_stream=3, training=training)
+    expected = run_forward(ops, cell, **inputs, **opts)
+    actual = run_forward(ops, cell, **_to_gpu(inputs, dtype_name), **opts)
+    for name, a, e in zip(("y", "h_n", "c_n"), actual[:3], expected[:3], strict=True):
+        _compare(a, None if e is None else e.astype(np.float64), dtype_name, "output", name)
+    if not training:
+        return
+    want = run_backward(ops, cell, expected[3], **up)
+    got = run_backward(ops, cell, actual[3], **_to_gpu(up, dtype_name))
+    assert set(got) == set(want)
+    for k, e in want.items():
+        _compare(got[k], None if e is None else e.astype(np.float64), dtype_name, "grad", k)
+
+
+def test_noise_refusals_on_gpu():
+    from rnnfast import cuda, ops
+
+    _cupy()  # skips without CuPy
+    rng = np.random.default_rng(0)
+    inputs = _to_gpu(make_inputs("gru_reset_before", 3, 2, 4, 5, np.float32, rng), "float32")
+    with pytest.raises(NotImplementedError, match="gru_reset_before"):
+        run_forward(ops, "gru_reset_before", **inputs, zoneout=0.1, seed=1)
+    inputs = _to_gpu(make_inputs("lstm", 3, 2, 4, 5, np.float32, rng), "float32")
+    before = cuda.get_options()
+    cuda.set_options(persistent="always")
+    try:
+        with pytest.raises(RuntimeError, match="variational"):
+            run_forward(ops, "lstm", **inputs, recurrent_dropout=0.2,
+                        recurrent_dropout_mode="variational", seed=1)  # fmt: skip
+    finally:
+        cuda.set_options(**before)

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings/noise_input.h"
 #include "cpu/blas.h"
 #include "cpu/dense.h"
 #include "cpu/kernels.h"
@@ -22,6 +23,7 @@
 namespace py = pybind11;
 using rnnfast::CellKind;
 using rnnfast::Dims;
+using rnnfast::bindings::noise_input;
 
 namespace {
 
@@ -141,36 +143,6 @@ const T* peephole_input(CellKind cell, const py::object& w_peephole, const Dims&
     throw py::value_error(std::string("w_peephole is only for LSTM cells, not ") +
                           rnnfast::cell_info(cell).name);
   return p;
-}
-
-// The call's dropout and zoneout: None, or (seed, stream, candidate p, its threshold, zoneout p,
-// its threshold, variational p, its threshold) as rnnfast/_validate.py builds it
-rnnfast::Noise noise_input(CellKind cell, const py::object& obj, const Dims& d, bool expectation) {
-  rnnfast::Noise z;
-  z.expectation = expectation;
-  if (obj.is_none()) return z;
-  const auto t = obj.cast<py::tuple>();
-  if (t.size() != 8) throw py::value_error("noise must be an 8-tuple (see rnnfast/_validate.py)");
-  z.seed = t[0].cast<uint64_t>();
-  z.stream = t[1].cast<uint32_t>();
-  z.candidate = t[2].cast<double>();
-  z.candidate_threshold = t[3].cast<uint32_t>();
-  z.zoneout = t[4].cast<double>();
-  z.zoneout_threshold = t[5].cast<uint32_t>();
-  z.variational = t[6].cast<double>();
-  z.variational_threshold = t[7].cast<uint32_t>();
-  if (z.stream >= (1u << 28)) throw py::value_error("the noise stream must be below 2**28");
-  for (double p : {z.candidate, z.zoneout, z.variational})
-    if (!(p >= 0 && p < 1))
-      throw py::value_error("dropout and zoneout probabilities must be in [0, 1), got " +
-                            std::to_string(p));
-  const rnnfast::CellInfo& info = rnnfast::cell_info(cell);
-  if (z.candidate > 0 && !info.has_candidate())
-    throw py::value_error(std::string("recurrent dropout on the candidate needs a cell with one ") +
-                          "(LSTM g, GRU n), not " + info.name);
-  if ((z.zoneout > 0 || z.variational > 0) && d.P)
-    throw py::value_error("zoneout and variational dropout are not supported with a projection");
-  return z;
 }
 
 // Layer norm's parameters: None, or (gamma_ih, gamma_hh, gamma_c, beta_c), the last two None for
