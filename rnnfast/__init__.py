@@ -15,10 +15,10 @@ if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
 
 # read once by the extension: a value it does not know would silently mean "no cap"
 _isa = _os.environ.get("RNNFAST_ISA")
-if _isa is not None and _isa not in ("baseline", "avx2", "avx512"):
+if _isa is not None and _isa not in ("baseline", "avx2", "avx512", "amx"):
     raise ValueError(
-        f"RNNFAST_ISA must be 'baseline', 'avx2' or 'avx512' (the widest instruction set the "
-        f"kernels may use), got {_isa!r}"
+        f"RNNFAST_ISA must be 'baseline', 'avx2', 'avx512' or 'amx' (the widest instruction set "
+        f"the kernels may use), got {_isa!r}"
     )
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -378,7 +381,9 @@ needs_bf16 = pytest.mark.skipif(not ops.bfloat16_supported(), reason="CPU lacks 
 
 
 @needs_bf16
-@pytest.mark.parametrize("shape", [(4, 3, 7, 129), (3, 5, 64, 33), (2, 16, 128, 64)])
+@pytest.mark.parametrize(
+    "shape", [(4, 3, 7, 129), (3, 5, 64, 33), (2, 16, 128, 64), (5, 37, 300, 70)]
+)
 @pytest.mark.parametrize("cell", CELLS)
 def test_bfloat16_matches_the_rounded_reference(cell, shape):
     # the reference rounds the same operands to bfloat16 and computes in float64: the kernel's
@@ -410,6 +415,52 @@ def test_bfloat16_bitwise_reproducible(cell):
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             assert (a is None and b is None) or np.array_equal(a, b)
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            )
+    except OSError:
+        return []
+
+
+@needs_bf16
+def test_bfloat16_runs_on_amx_where_the_cpu_has_it(tmp_path):
+    # Linux lists amx_bf16 and amx_tile where the CPU has them and the kernel enabled them: the
+    # products must then run on the tiles (unless RNNFAST_ISA caps them); RNNFAST_ISA=avx512
+    # runs the AVX512_BF16 kernel, which must agree with the tiles' results to float32 sums
+    info = rnnfast.build_info()
+    flags = _cpu_flags()
+    if "RNNFAST_ISA" not in os.environ and sys.platform == "linux":
+        assert info["cpu_amx_bf16"] == ("amx_bf16" in flags and "amx_tile" in flags), info
+    if not info["cpu_amx_bf16"]:
+        pytest.skip("this CPU (or this setting of RNNFAST_ISA) runs bfloat16 without AMX")
+    assert "AMX" in info["recurrent_kernel"]
+    rng = np.random.default_rng(11)
+    inputs = cast(make_inputs("lstm", 6, 40, 96, 100, np.float64, rng, True, True), np.float32)
+    np.savez(tmp_path / "in.npz", **{k: v for k, v in inputs.items() if v is not None})
+    script = tmp_path / "avx512.py"
+    script.write_text(
+        "import numpy as np, rnnfast\n"
+        "assert not rnnfast.build_info()['cpu_amx_bf16']\n"
+        f"a = dict(np.load(r'{tmp_path / 'in.npz'}'))\n"
+        "y, h, c, _ = rnnfast.lstm_forward(**a, training=False, matmul_precision='bfloat16')\n"
+        f"np.savez(r'{tmp_path / 'out.npz'}', y=y)\n"
+    )
+    env = {**os.environ, "RNNFAST_ISA": "avx512"}
+    out = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    y_avx512 = np.load(tmp_path / "out.npz")["y"]
+    y_amx = run_forward(ops, "lstm", **inputs, training=False, matmul_precision="bfloat16")[0]
+    y_bf = run_forward(reference, "lstm", **cast(inputs, np.float64), training=False,
+                       matmul_precision="bfloat16")[0]  # fmt: skip
+    for name, y in (("AMX", y_amx), ("AVX512_BF16", y_avx512)):
+        assert_close(y, y_bf, rtol=1e-4, atol=6e-4, name=name)
+    assert_close(y_amx, y_avx512, rtol=1e-4, atol=6e-4, name="AMX vs AVX512_BF16")
 
 
 @pytest.mark.parametrize(

@@ -404,11 +404,13 @@ py::dict build_info() {
                  : cpu::cpu_isa() == cpu::Isa::avx2 ? "AVX2+FMA"
                                                     : "baseline";
   info["cpu_avx512_bf16"] = cpu::cpu_has_avx512_bf16();
-  info["recurrent_kernel"] = !cpu::cpu_has_packed_products() ? "BLAS"
-                             : !cpu::cpu_has_avx512() ? "avx2 packed (float32), BLAS (float64)"
-                             : cpu::cpu_has_avx512_bf16()
-                                 ? "avx512 packed (float32; bfloat16 opt-in), BLAS (float64)"
-                                 : "avx512 packed (float32), BLAS (float64)";
+  info["cpu_amx_bf16"] = cpu::cpu_has_amx_bf16();
+  info["recurrent_kernel"] =
+      !cpu::cpu_has_packed_products() ? "BLAS"
+      : !cpu::cpu_has_avx512()        ? "avx2 packed (float32), BLAS (float64)"
+      : cpu::cpu_has_amx_bf16() ? "avx512 packed (float32; bfloat16 opt-in on AMX), BLAS (float64)"
+      : cpu::cpu_has_avx512_bf16() ? "avx512 packed (float32; bfloat16 opt-in), BLAS (float64)"
+                                   : "avx512 packed (float32), BLAS (float64)";
   info["cuda"] = false;
   return info;
 }

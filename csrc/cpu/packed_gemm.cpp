@@ -6,7 +6,12 @@
 #include "cpu/packed_gemm.h"
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include <algorithm>
@@ -17,13 +22,18 @@
 
 namespace rnnfast::cpu {
 
+namespace {
+// $RNNFAST_ISA ("baseline", "avx2", "avx512" or "amx"; rnnfast/__init__.py checks the value)
+const char* isa_cap() { return std::getenv("RNNFAST_ISA"); }
+}  // namespace
+
 Isa cpu_isa() {
   // $RNNFAST_ISA caps the choice, to test the narrower paths on any machine. AVX-512 here means
   // F, BW, VL and DQ: the tiles below are compiled for F, BW and VL, the pointwise passes
   // (recurrent.h) for DQ as well; every AVX-512 CPU but Xeon Phi has all four.
   static const Isa isa = [] {
     Isa cap = Isa::avx512;
-    if (const char* v = std::getenv("RNNFAST_ISA")) {  // rnnfast/__init__.py checks the value
+    if (const char* v = isa_cap()) {
       if (std::strcmp(v, "baseline") == 0) cap = Isa::baseline;
       if (std::strcmp(v, "avx2") == 0) cap = Isa::avx2;
     }
@@ -54,6 +64,29 @@ const char* isa_name(Isa isa) {
 bool cpu_has_avx512_bf16() {
 #if defined(__x86_64__)
   static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_amx_bf16() {
+#if defined(__x86_64__) && defined(__linux__)
+  static const bool has = [] {
+    const char* cap = isa_cap();
+    if ((cap && std::strcmp(cap, "amx") != 0) || !cpu_has_avx512_bf16()) return false;
+    unsigned a, b, c, d;
+    constexpr unsigned kAmxBf16 = 1u << 22, kAmxTile = 1u << 24;  // CPUID.(7, 0):EDX
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) ||
+        (d & (kAmxBf16 | kAmxTile)) != (kAmxBf16 | kAmxTile))
+      return false;
+    // Linux enables the 8 KiB tile state per process, on request; a kernel before 5.16 (or one
+    // that refuses) answers with an error, and the tiles would fault
+    constexpr long kGetPermission = 0x1022, kRequestPermission = 0x1023, kTileData = 18;
+    unsigned long granted = 0;
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0 &&
+           syscall(SYS_arch_prctl, kGetPermission, &granted) == 0 && (granted >> kTileData & 1);
+  }();
   return has;
 #else
   return false;
@@ -135,24 +168,27 @@ RNNFAST_TILE_TARGET void tile(int64_t K, const E* A, int64_t lda, const E* panel
   }
 }
 
-// Rows of float32 rounded to bfloat16 (to nearest even), zero-padded to an even length:
-// out[r * ldo + k] for k < K + (K odd).
+// Rows of float32 rounded to bfloat16 (to nearest even), zero-padded to `width` (>= K) elements:
+// out[r * ldo + k] for k < width.
 RNNFAST_TILE_TARGET void round_rows_to_bf16(int64_t rows, int64_t K, const float* in, int64_t ld,
-                                            uint16_t* out, int64_t ldo) {
+                                            uint16_t* out, int64_t ldo, int64_t width) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* a = in + r * ld;
     uint16_t* o = out + r * ldo;
-    for (int64_t k = 0; k < K; k += kPanel) {
-      const __mmask16 m = K - k >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    for (int64_t k = 0; k < width; k += kPanel) {
+      const int64_t left = std::clamp<int64_t>(K - k, 0, kPanel);
+      const __mmask16 m = left == kPanel ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __mmask16 store =
+          width - k >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << (width - k)) - 1);
       const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, a + k));
-      _mm256_mask_storeu_epi16(o + k, m, (__m256i)v);
+      _mm256_mask_storeu_epi16(o + k, store, (__m256i)v);
     }
-    if (K % 2) o[K] = 0;
   }
 }
 
-// A float32 panel [K][16] as bfloat16 pairs [K/2][16][2], the missing k of an odd K zero.
-RNNFAST_TILE_TARGET void panel_to_bf16(const float* panel, int64_t K, uint16_t* out) {
+// A float32 panel [K][16] as bfloat16 pairs [pairs][16][2], the k past K zero.
+RNNFAST_TILE_TARGET void panel_to_bf16(const float* panel, int64_t K, int64_t pairs,
+                                       uint16_t* out) {
   // interleave: lane 2c takes k's output c (element c), lane 2c + 1 takes k + 1's (element 16 + c)
   alignas(64) uint16_t order[32];
   for (int c = 0; c < 16; ++c) {
@@ -166,6 +202,7 @@ RNNFAST_TILE_TARGET void panel_to_bf16(const float* panel, int64_t K, uint16_t* 
     const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lo in 0-15, hi in 16-31
     _mm512_store_si512(out + k * kPanel, _mm512_permutexvar_epi16(idx, both));
   }
+  std::fill(out + (K + 1) / 2 * 2 * kPanel, out + pairs * 2 * kPanel, uint16_t(0));
 }
 
 // out[k * ldo + r] = in[r * ld + k] for r, k < 8
@@ -231,11 +268,12 @@ struct RowTiles {
   }
 };
 
-// C[N, M] (+)= A[N, K] times the panels, two at a time. K counts panel steps.
+// C[N, M] (+)= A[N, K] times the panels, two at a time, panel_stride elements apart. K counts
+// panel steps.
 template <typename E>
 void multiply_panels(int64_t N, int64_t M, int64_t K, const E* A, int64_t lda, const E* panels,
-                     float* C, int64_t ldc, bool accumulate) {
-  const int64_t count = (M + kPanel - 1) / kPanel, panel_stride = K * kPerK<E>;
+                     int64_t panel_stride, float* C, int64_t ldc, bool accumulate) {
+  const int64_t count = (M + kPanel - 1) / kPanel;
   const int64_t tail = M % kPanel;
   const RowTiles tiles(N, K);
   tiles.for_blocks([&](int64_t first, int64_t end) {
@@ -339,6 +377,120 @@ void multiply_panels_avx2(int64_t N, int64_t M, int64_t K, const float* A, int64
   });
 }
 
+// ---- AMX-BF16: 16 x 16 float32 tiles, each summing 16 x 32 bfloat16 rows of A times a 32 x 16
+// block of a panel (16 pairs: a panel's layout is already the tiles' pair-interleaved one) ------
+
+#define RNNFAST_AMX_TARGET \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+constexpr int64_t kTileRows = 16;   // rows of A (and C) per tile
+constexpr int64_t kTilePairs = 16;  // pairs of k per tile: 32 bfloat16, 64 bytes a row
+
+// the pairs of k a bfloat16 panel holds: K's, padded with zeros to whole tiles (whether or not
+// the tiles run: the AVX-512 kernels skip the padding)
+constexpr int64_t padded_pairs(int64_t K) {
+  return ((K + 1) / 2 + kTilePairs - 1) / kTilePairs * kTilePairs;
+}
+
+// every tile 16 rows of 64 bytes (palette 1); the tile numbers are fixed in amx_block
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) {
+      bytes_per_row[t] = 64;
+      rows[t] = kTileRows;
+    }
+  }
+};
+
+// GCC's tile intrinsics are asm statements that do not tell it they read or write memory: the
+// barrier orders the stores of A before the tile loads, and the tile stores before their reads
+inline void compiler_barrier() { __asm__ volatile("" ::: "memory"); }
+
+// C rows [0, rows) x columns [0, columns) (+)= a tile stored as 16 x 16 floats
+RNNFAST_AMX_TARGET inline void add_tile(const float* tile, int64_t rows, int64_t columns, float* C,
+                                        int64_t ldc, bool accumulate) {
+  const __mmask16 m = columns >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << columns) - 1);
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 v = _mm512_load_ps(tile + r * kPanel);
+    if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, C + r * ldc), v);
+    _mm512_mask_storeu_ps(C + r * ldc, m, v);
+  }
+}
+
+// One block of C: RT (1 or 2) row tiles x P (1 or 2) panels, over all K. Tiles 0-3 sum C (row
+// tile r, panel p in tile 2r + p), 4-5 hold A's row tiles, 6-7 the panels' k blocks. A is bfloat16
+// rows lda elements apart, padded to whole tiles; rows and columns say how much of C is real.
+template <int RT, int P>
+RNNFAST_AMX_TARGET void amx_block(int64_t k_tiles, const uint16_t* A, int64_t lda,
+                                  const uint16_t* panel, int64_t panel_stride, float* C,
+                                  int64_t ldc, int64_t rows, int64_t columns, bool accumulate) {
+  _tile_zero(0);
+  if constexpr (P == 2) _tile_zero(1);
+  if constexpr (RT == 2) _tile_zero(2);
+  if constexpr (RT == 2 && P == 2) _tile_zero(3);
+  const int64_t a_bytes = lda * int64_t(sizeof(uint16_t));
+  for (int64_t k = 0; k < k_tiles; ++k) {
+    const uint16_t* a = A + k * 2 * kTilePairs;
+    const uint16_t* b = panel + k * kTilePairs * 2 * kPanel;
+    _tile_loadd(4, a, a_bytes);
+    _tile_loadd(6, b, 64);
+    if constexpr (P == 2) _tile_loadd(7, b + panel_stride, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (P == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (RT == 2) {
+      _tile_loadd(5, a + kTileRows * lda, a_bytes);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (P == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  alignas(64) float out[4][kTileRows * kPanel];
+  _tile_stored(0, out[0], 64);
+  if constexpr (P == 2) _tile_stored(1, out[1], 64);
+  if constexpr (RT == 2) _tile_stored(2, out[2], 64);
+  if constexpr (RT == 2 && P == 2) _tile_stored(3, out[3], 64);
+  compiler_barrier();
+  for (int r = 0; r < RT; ++r)
+    for (int p = 0; p < P; ++p)
+      add_tile(out[2 * r + p], std::min(kTileRows, rows - r * kTileRows),
+               std::min(kPanel, columns - p * kPanel), C + r * kTileRows * ldc + p * kPanel, ldc,
+               accumulate);
+}
+
+using AmxBlockFn = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*,
+                            int64_t, int64_t, int64_t, bool);
+
+// C[N, M] (+)= A[N_pad, K] times the panels on the tiles: A in blocks of row tiles that stay in
+// L2 while every panel passes over them (as RowTiles), each block in 2 x 2 tiles of C.
+RNNFAST_AMX_TARGET void multiply_panels_amx(int64_t N, int64_t M, int64_t k_tiles,
+                                            const uint16_t* A, int64_t lda, const uint16_t* panels,
+                                            int64_t panel_stride, float* C, int64_t ldc,
+                                            bool accumulate) {
+  static const TileConfig config;
+  compiler_barrier();
+  _tile_loadconfig(&config);
+  const int64_t row_tiles = (N + kTileRows - 1) / kTileRows;
+  const int64_t panel_count = (M + kPanel - 1) / kPanel;
+  const int64_t row_bytes = lda * int64_t(sizeof(uint16_t)) * kTileRows;
+  const int64_t per_block = std::max<int64_t>(2, RowTiles::kBlockBytes / row_bytes / 2 * 2);
+  constexpr AmxBlockFn blocks[2][2] = {{amx_block<1, 1>, amx_block<1, 2>},
+                                       {amx_block<2, 1>, amx_block<2, 2>}};
+  for (int64_t b0 = 0; b0 < row_tiles; b0 += per_block) {
+    const int64_t b1 = std::min(row_tiles, b0 + per_block);
+    for (int64_t p = 0; p < panel_count; p += 2) {
+      const int P = int(std::min<int64_t>(2, panel_count - p));
+      for (int64_t r = b0; r < b1; r += 2) {
+        const int RT = int(std::min<int64_t>(2, b1 - r));
+        const int64_t n0 = r * kTileRows, m0 = p * kPanel;
+        blocks[RT - 1][P - 1](k_tiles, A + n0 * lda, lda, panels + p * panel_stride, panel_stride,
+                              C + n0 * ldc + m0, ldc, N - n0, M - m0, accumulate);
+      }
+    }
+  }
+  _tile_release();  // the thread's 8 KiB of tile state need not be saved on a context switch
+}
 }  // namespace
 
 // packing runs only where the products do (AVX2 and up): its transposes are AVX2 code
@@ -349,6 +501,7 @@ RNNFAST_AVX2_TARGET PackedPanels::PackedPanels(const float* W, int64_t ldw, int6
       K_(K),
       panels_((M + kPanel - 1) / kPanel),
       bf16_(bf16),
+      amx_(bf16 && cpu_has_amx_bf16()),
       data_(scratch<float>(panels_ * K * kPanel)) {
   for (int64_t p = 0; p < panels_; ++p) {
     float* panel = data_.get() + p * K * kPanel;
@@ -389,10 +542,10 @@ RNNFAST_AVX2_TARGET PackedPanels::PackedPanels(const float* W, int64_t ldw, int6
   }
   if (!bf16) return;
   // round to bfloat16 pairs, two to each float's slot: half the bytes to stream per product
-  const int64_t pairs = (K + 1) / 2;
+  const int64_t pairs = padded_pairs(K);
   Scratch<float> rounded = scratch<float>(panels_ * pairs * kPanel);
   for (int64_t p = 0; p < panels_; ++p)
-    panel_to_bf16(data_.get() + p * K * kPanel, K,
+    panel_to_bf16(data_.get() + p * K * kPanel, K, pairs,
                   reinterpret_cast<uint16_t*>(rounded.get() + p * pairs * kPanel));
   data_ = std::move(rounded);
 }
@@ -401,17 +554,27 @@ void PackedPanels::multiply(int64_t N, const float* A, int64_t lda, float* C, in
                             bool accumulate) const {
   if (!bf16_) {
     if (cpu_has_avx512())
-      return multiply_panels<float>(N, M_, K_, A, lda, data_.get(), C, ldc, accumulate);
+      return multiply_panels<float>(N, M_, K_, A, lda, data_.get(), K_ * kPanel, C, ldc,
+                                    accumulate);
     return multiply_panels_avx2(N, M_, K_, A, lda, data_.get(), C, ldc, accumulate);
   }
-  const int64_t pairs = (K_ + 1) / 2;
-  if (N * 2 * pairs > a_capacity_) {
-    a_bf16_ = scratch<uint16_t>(N * 2 * pairs);
-    a_capacity_ = N * 2 * pairs;
+  // A rounded once per call, its rows padded to the panels' pairs (and on AMX to whole tiles of
+  // rows, zero: the tiles multiply all 16)
+  const int64_t pairs = padded_pairs(K_), width = 2 * pairs;
+  const int64_t rows = amx_ ? (N + kTileRows - 1) / kTileRows * kTileRows : N;
+  if (rows * width > a_capacity_) {
+    a_bf16_ = scratch<uint16_t>(rows * width);
+    a_capacity_ = rows * width;
   }
-  round_rows_to_bf16(N, K_, A, lda, a_bf16_.get(), 2 * pairs);
-  multiply_panels<uint16_t>(N, M_, pairs, a_bf16_.get(), 2 * pairs,
-                            reinterpret_cast<const uint16_t*>(data_.get()), C, ldc, accumulate);
+  uint16_t* a = a_bf16_.get();
+  round_rows_to_bf16(N, K_, A, lda, a, width, width);
+  std::fill(a + N * width, a + rows * width, uint16_t(0));
+  const auto* panels = reinterpret_cast<const uint16_t*>(data_.get());
+  if (amx_)
+    return multiply_panels_amx(N, M_, pairs / kTilePairs, a, width, panels, pairs * 2 * kPanel, C,
+                               ldc, accumulate);
+  multiply_panels<uint16_t>(N, M_, (K_ + 1) / 2, a, width, panels, pairs * 2 * kPanel, C, ldc,
+                            accumulate);
 }
 
 #else  // no packed products off x86-64: StepProduct takes the BLAS (cpu_has_packed_products())

@@ -23,6 +23,9 @@ const char* isa_name(Isa isa);
 inline bool cpu_has_avx512() { return cpu_isa() == Isa::avx512; }
 // AVX512_BF16 (vdpbf16ps), for the opt-in bfloat16 products
 bool cpu_has_avx512_bf16();
+// AMX-BF16 tiles for those products: the CPU has them, Linux granted the process their state
+// (arch_prctl ARCH_REQ_XCOMP_PERM, asked once), and $RNNFAST_ISA is unset or "amx"
+bool cpu_has_amx_bf16();
 // whether float32 step products run packed: AVX-512, or AVX2 with FMA
 inline bool cpu_has_packed_products() { return cpu_isa() >= Isa::avx2; }
 
@@ -55,9 +58,10 @@ class PackedPanels {
 
  private:
   int64_t M_, K_, panels_;
-  bool bf16_;
-  Scratch<float> data_{nullptr,
-                       release_scratch};  // float32 panels [K][16], or bfloat16 ones [K/2][16][2]
+  bool bf16_, amx_;
+  // float32 panels [K][16], or bfloat16 ones [pairs][16][2], pairs padded with zeros to a whole
+  // AMX tile (16 pairs)
+  Scratch<float> data_{nullptr, release_scratch};
   mutable Scratch<uint16_t> a_bf16_{nullptr, release_scratch};
   mutable int64_t a_capacity_ = 0;
 };
