@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -451,6 +452,40 @@ void gemm_into(const py::array& a, const py::array& b, py::array& out, bool tran
                                  a.shape(1), B, b.shape(1), accumulate ? T(1) : T(0), C, N);
 }
 
+// The recurrent kernels' step product alone, for tests and bench/tiles.py: c = a w^T
+// (+= with accumulate) with w [M, K] packed as a kernel packs it for `rows` rows per call (packed
+// float32 where packing pays, the BLAS otherwise; bfloat16 always packed, on AMX where the CPU
+// has it), on the calling thread, `repeats` times. Returns (c, the fastest call's seconds).
+py::tuple step_product(const py::array& a, const py::array& w, py::array& out, bool bf16,
+                       int64_t rows, int repeats, bool accumulate) {
+  const float* A = matrix<float>(a, "a");
+  const float* W = matrix<float>(w, "w");
+  const int64_t N = a.shape(0), K = a.shape(1), M = w.shape(0);
+  if (w.shape(1) != K)
+    throw py::value_error("a is " + shape_str(a) + " but w is " + shape_str(w) +
+                          ": they must have one number of columns");
+  if (repeats < 1) throw py::value_error("repeats must be at least 1");
+  float* C = const_cast<float*>(input<float>(out, "out", {N, M}));
+  if (!out.writeable()) throw py::value_error("out is read-only");
+  if (overlaps(out, a) || overlaps(out, w)) throw py::value_error("out overlaps a or w");
+  if (bf16 && !rnnfast::cpu::cpu_has_avx512_bf16())
+    throw std::runtime_error("bfloat16 products need a CPU with AVX512_BF16, which this one lacks");
+  double best = std::numeric_limits<double>::infinity();
+  {
+    py::gil_scoped_release release;
+    const rnnfast::cpu::StepProduct<float> product(W, K, M, K, rnnfast::cpu::WeightsBy::row, {},
+                                                   std::max<int64_t>(rows, 1), bf16);
+    for (int r = 0; r < repeats; ++r) {
+      const auto start = std::chrono::steady_clock::now();
+      product(N, A, K, C, M,
+              accumulate ? rnnfast::cpu::Accumulate::yes : rnnfast::cpu::Accumulate::no);
+      best = std::min(
+          best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
+  }
+  return py::make_tuple(out, best);
+}
+
 template <typename T>
 py::tuple softmax_cross_entropy(const py::array& logits, const py::object& targets,
                                 const py::object& kept, const py::object& scale) {
@@ -560,6 +595,9 @@ PYBIND11_MODULE(_C, m) {
       },
       "a"_a, "b"_a, "out"_a, "trans_a"_a = false, "trans_b"_a = false, "accumulate"_a = false,
       "out[M, N] = op(a) op(b) (+= with accumulate) on the kernels' threads; see rnnfast.ops.gemm");
+  m.def("step_product", &step_product, "a"_a, "w"_a, "out"_a, "bf16"_a = false, "rows"_a = 0,
+        "repeats"_a = 1, "accumulate"_a = false,
+        "(out, seconds): out[N, M] = a w^T through the step product's kernels (tests, bench)");
   m.def(
       "softmax_cross_entropy",
       [](const py::array& logits, const py::object& targets, const py::object& kept,

@@ -97,7 +97,9 @@ bool cpu_has_amx_bf16() {
 namespace {
 
 constexpr int64_t kPanel = 16;  // floats in a zmm
-constexpr int kMaxRows = 6;     // 2 * 6 accumulators + 2 panel loads + 1 broadcast fit in 32 zmm
+// rows of A per tile: AVX-512's 2 * 12 accumulators + 2 panel loads + 1 broadcast fit in 32 zmm,
+// AVX2's 2 * 6 + 2 + 1 in 16 ymm
+constexpr int kMaxRows = 12, kMaxRowsAvx2 = 6;
 
 // The tiles' target: the bfloat16 instantiations need AVX512_BF16; the float32 ones use only F,
 // BW and VL instructions, since nothing in them asks for a bfloat16 one.
@@ -242,8 +244,20 @@ TileFn<E> tile_for_rows(int rows) {
       return tile<E, 4, P>;
     case 5:
       return tile<E, 5, P>;
-    default:
+    case 6:
       return tile<E, 6, P>;
+    case 7:
+      return tile<E, 7, P>;
+    case 8:
+      return tile<E, 8, P>;
+    case 9:
+      return tile<E, 9, P>;
+    case 10:
+      return tile<E, 10, P>;
+    case 11:
+      return tile<E, 11, P>;
+    default:
+      return tile<E, 12, P>;
   }
 }
 
@@ -255,10 +269,10 @@ TileFn<E> tile_for_rows(int rows) {
 struct RowTiles {
   static constexpr int64_t kBlockBytes = 128 << 10;
   int64_t N, count, per_block;
-  RowTiles(int64_t N, int64_t K)
+  RowTiles(int64_t N, int64_t K, int max_rows)
       : N(N),
-        count((N + kMaxRows - 1) / kMaxRows),
-        per_block(std::max<int64_t>(1, kBlockBytes / (kMaxRows * 4 * std::max<int64_t>(K, 1)))) {}
+        count((N + max_rows - 1) / max_rows),
+        per_block(std::max<int64_t>(1, kBlockBytes / (max_rows * 4 * std::max<int64_t>(K, 1)))) {}
   int rows(int64_t i) const { return int(N / count + (i < N % count ? 1 : 0)); }
   int64_t first_row(int64_t i) const { return i * (N / count) + std::min(i, N % count); }
   // calls f(first tile, end tile) for each block
@@ -275,7 +289,7 @@ void multiply_panels(int64_t N, int64_t M, int64_t K, const E* A, int64_t lda, c
                      int64_t panel_stride, float* C, int64_t ldc, bool accumulate) {
   const int64_t count = (M + kPanel - 1) / kPanel;
   const int64_t tail = M % kPanel;
-  const RowTiles tiles(N, K);
+  const RowTiles tiles(N, K, kMaxRows);
   tiles.for_blocks([&](int64_t first, int64_t end) {
     for (int64_t p0 = 0; p0 < count; p0 += 2) {
       const int P = int(std::min<int64_t>(2, count - p0));
@@ -364,7 +378,7 @@ TileAvx2Fn tile_avx2_for_rows(int rows) {
 void multiply_panels_avx2(int64_t N, int64_t M, int64_t K, const float* A, int64_t lda,
                           const float* panels, float* C, int64_t ldc, bool accumulate) {
   const int64_t count = (M + kPanel - 1) / kPanel;
-  const RowTiles tiles(N, K);
+  const RowTiles tiles(N, K, kMaxRowsAvx2);
   tiles.for_blocks([&](int64_t first, int64_t end) {
     for (int64_t p = 0; p < count; ++p) {
       const int64_t outputs = std::min(kPanel, M - p * kPanel);
