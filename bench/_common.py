@@ -45,8 +45,9 @@ SHAPES = (
     (64, 25, 128),
 )
 MODES = ("infer", "train")
-# ours-bf16: rnnfast with the opt-in matmul_precision="bfloat16" (inference only)
-BACKENDS = ("ours", "ours-bf16", "torch", "ort", "ref")
+# ours-bf16: rnnfast with the opt-in matmul_precision="bfloat16" (on AMX tiles where the CPU has
+# them); torch-bf16: torch.nn under torch.autocast("cpu", dtype=torch.bfloat16) (oneDNN, AMX too)
+BACKENDS = ("ours", "ours-bf16", "torch", "torch-bf16", "ort", "ref")
 # the backward is two GEMMs per forward GEMM (dgates -> dh/dx, and the weight gradients)
 TRAIN_FLOP_FACTOR = 3.0
 

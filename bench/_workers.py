@@ -67,7 +67,6 @@ class RnnfastBackend:
         if not hasattr(self.api, "forward"):  # a baseline from before the uniform pair
             self.api = _UniformPair(self.api)
         self.reference = reference
-        # only an inference forward passes it: bfloat16 is not for training
         bf16 = matmul_precision != "float32"
         self.precision = {"matmul_precision": matmul_precision} if bf16 else {}
 
@@ -115,11 +114,21 @@ class RnnfastBackend:
 
 
 class TorchBackend:
-    def __init__(self, threads: int):
+    """torch.nn; with bf16, under torch.autocast("cpu", dtype=torch.bfloat16), which runs the
+    LSTM, GRU and RNN in bfloat16 on oneDNN (float32 master weights, as rnnfast's bfloat16)."""
+
+    def __init__(self, threads: int, bf16: bool = False):
+        import contextlib
+
         import torch
 
         torch.set_num_threads(threads)
         self.torch = torch
+        self.precision = (
+            (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+            if bf16
+            else contextlib.nullcontext
+        )
 
     def info(self) -> dict:
         t = self.torch
@@ -153,11 +162,12 @@ class TorchBackend:
             leaves["c0"] = c0.clone().requires_grad_()
 
         def call(xx, hh, cc):
-            if cc is None:
-                y, h_n = mod(xx, hh)
-                return y, h_n, None
-            y, (h_n, c_n) = mod(xx, (hh, cc))
-            return y, h_n, c_n
+            with self.precision():
+                if cc is None:
+                    y, h_n = mod(xx, hh)
+                    return y.float(), h_n.float(), None
+                y, (h_n, c_n) = mod(xx, (hh, cc))
+                return y.float(), h_n.float(), c_n.float()
 
         def infer():
             with torch.inference_mode():
@@ -408,6 +418,8 @@ def make_backend(name: str, threads: int):
         return RnnfastBackend(threads, reference=True)
     if name == "torch":
         return TorchBackend(threads)
+    if name == "torch-bf16":
+        return TorchBackend(threads, bf16=True)
     if name == "ort":
         return OrtBackend(threads)
     if name == "gemm":

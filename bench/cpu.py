@@ -75,6 +75,7 @@ BACKEND_LABEL = {
     "ours": "rnnfast",
     "base": "rnnfast, the --baseline build",
     "ours-bf16": "rnnfast bfloat16",
+    "torch-bf16": "torch.nn autocast bfloat16",
     "torch": "torch.nn",
     "ort": "onnxruntime",
     "ref": "NumPy reference",
@@ -151,7 +152,7 @@ def build_cases(args) -> list[Case]:
 
 
 def supports(backend: str, case: Case, args) -> bool:
-    if backend in ("ort", "ours-bf16"):
+    if backend == "ort":
         return case.mode == "infer"
     if backend == "ref":
         return case.flops() <= args.ref_max_gflop * 1e9
@@ -331,7 +332,7 @@ def run_benchmark(args) -> dict:
                     err = compare(tmp / f"{b}-{c.key.replace('/', '_')}.npz", anchor)
                     checks[b][c.key] = err
                     worst = max(err.values(), default=0.0)
-                    tol = BF16_CHECK_TOL if b == "ours-bf16" else CHECK_TOL
+                    tol = BF16_CHECK_TOL if b.endswith("-bf16") else CHECK_TOL
                     flag = "" if worst <= tol else "  <-- MISMATCH"
                     log(f"[check] {b:5s} {c.key:32s} max rel err vs torch {worst:.2e}{flag}")
                     if b == "ort" and worst > CHECK_TOL:
@@ -532,7 +533,10 @@ def table_rows(res: dict, mode: str) -> list[list[str]]:
         head += ["ort min ms"]
     head += ["ref min ms", "vs torch (min)", "vs torch (med)"]
     if mode == "infer":
-        head += ["vs ort (min)", "vs best anchor", "bf16 min ms", "bf16 vs torch", "bf16 vs best"]
+        head += ["vs ort (min)", "vs best anchor"]
+    head += ["bf16 min ms", "torch bf16 min ms", "bf16 vs torch bf16", "bf16 vs ours f32"]
+    if mode == "infer":
+        head += ["bf16 vs best"]
     head += ["ours GFLOP/s", "ours % ceiling", "torch % ceiling", "check"]
     rows = [head]
     for row in res["cases"]:
@@ -553,10 +557,12 @@ def table_rows(res: dict, mode: str) -> list[list[str]]:
             fx(ratio(t, o)),
             fx(ratio(stat(row, "torch", "median"), stat(row, "ours", "median"))),
         ]
+        best, bf16, tbf16 = best_anchor(row), stat(row, "ours-bf16"), stat(row, "torch-bf16")
         if mode == "infer":
-            best, bf16 = best_anchor(row), stat(row, "ours-bf16")
             line += [fx(ratio(stat(row, "ort"), o)), fx(ratio(best, o))]
-            line += [ms(bf16), fx(ratio(t, bf16)), fx(ratio(best, bf16))]
+        line += [ms(bf16), ms(tbf16), fx(ratio(tbf16, bf16)), fx(ratio(o, bf16))]
+        if mode == "infer":
+            line += [fx(ratio(best, bf16))]
         so, st = row["backends"].get("ours"), row["backends"].get("torch")
         line += [f"{so['gflops']:.0f}" if so else "-"]
         line += [f"{100 * so['ceiling_frac']:.0f}%" if so else "-"]
@@ -640,6 +646,30 @@ def summary_lines(res: dict) -> list[str]:
             + ", ".join(f"{x:.2f}x" for x in small if x)
             + f"; largest error against torch.nn (max abs / max abs value) {max(errs):.1e}."
         )
+    for mode in ("infer", "train"):
+        pairs = [
+            (
+                ratio(stat(r, "torch-bf16"), stat(r, "ours-bf16")),
+                ratio(stat(r, "ours"), stat(r, "ours-bf16")),
+                r["key"],
+            )
+            for r in res["cases"]
+            if r["mode"] == mode and stat(r, "ours-bf16") and stat(r, "torch-bf16")
+        ]
+        if pairs:
+            low = min((x, k) for x, _, k in pairs)
+            large = [
+                f"{k.split('/')[0]} {k.split('/')[1]} {f:.2f}x"
+                for _, f, k in pairs
+                if "/N64-T50-H512/" in k or "/N32-T100-H1024/" in k
+            ]
+            out.append(
+                f"bfloat16 {mode}, speed-up over torch.nn under autocast bfloat16: geometric mean "
+                f"{geomean([x for x, _, _ in pairs]):.2f}x, lowest {low[0]:.2f}x ({low[1]}) "
+                "(target >= 1x everywhere); over our float32 at the large shapes: "
+                + ", ".join(large)
+                + " (target >= 3x)."
+            )
     return out
 
 
@@ -762,7 +792,7 @@ def plot(res: dict, path: Path) -> None:
         ax.set_ylabel("speed-up (anchor min / rnnfast min)")
         ax.set_title(f"rnnfast {mode}, {meta['threads']} threads: speed-up ({meta['date']})")
         ax.legend()
-        present = ("ours", "ours-bf16", "torch", "ort")
+        present = ("ours", "ours-bf16", "torch", "torch-bf16", "ort")
         backends = [b for b in present if any(b in r["backends"] for r in rows)]
         w = 0.8 / len(backends)
         for i, b in enumerate(backends):

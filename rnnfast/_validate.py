@@ -203,16 +203,13 @@ def check_context(cell: str, ctx, context_type: type, api: str) -> None:
 MATMUL_PRECISIONS = ("float32", "bfloat16")
 
 
-def check_matmul_precision(matmul_precision, training) -> bool:
+def check_matmul_precision(matmul_precision) -> bool:
     """True for the bfloat16 products, False for float32; anything else raises."""
     if matmul_precision not in MATMUL_PRECISIONS:
         raise ValueError(
             f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}"
         )
-    bf16 = matmul_precision == "bfloat16"
-    if bf16 and training:
-        raise ValueError('matmul_precision="bfloat16" is for inference: pass training=False')
-    return bf16
+    return matmul_precision == "bfloat16"
 
 
 class Noise(NamedTuple):

@@ -418,7 +418,7 @@ class _Recurrent(Module):
         self.num_directions = 2 if bidirectional else 1
         self.learn_initial_state = bool(learn_initial_state)
         self.dtype = _float_dtype(dtype)
-        check_matmul_precision(matmul_precision, training=False)
+        check_matmul_precision(matmul_precision)
         if matmul_precision == "bfloat16" and self.dtype != np.float32:
             raise TypeError(f'matmul_precision="bfloat16" needs dtype float32, got {self.dtype}')
         self.matmul_precision = matmul_precision
@@ -568,7 +568,7 @@ class _Recurrent(Module):
                 (reverse_index(lengths, T), np.arange(N)[None, :]) if lengths is not None else None
             )
         training = self.training
-        precision = "float32" if training else self.matmul_precision
+        precision = self.matmul_precision
         # recurrent dropout and zoneout: one seed a forward from the layer's generator, one noise
         # stream per layer and direction (eval mode applies no dropout, zoneout's expectation)
         noisy = self.recurrent_dropout > 0 or self.zoneout > 0
@@ -726,8 +726,8 @@ class RNN(_Recurrent):
     biases, LSTM forget-gate bias 1) or a callable ``f(name, array, rng, H, G)`` that fills array
     in place; learn_initial_state adds parameters h0 (and c0) of shape (num_layers *
     num_directions, 1, H), used when forward gets no state; matmul_precision "bfloat16" (float32
-    layers on a CPU with AVX512_BF16) multiplies in bfloat16 in eval mode, for speed at up to about
-    1e-2 relative error (see rnnfast.ops); training mode always multiplies in float32.
+    layers on a CPU with AVX512_BF16) multiplies in bfloat16, forward and backward, for speed at
+    up to about 1e-2 relative error (see rnnfast.ops; AMX tiles where the CPU has them).
 
     ``recurrent_dropout=p`` (LSTM and GRU, ``recurrent_dropout_mode="semeniuta"``, their default)
     drops units of the candidate inside the fused kernels, a fresh mask each step; ``zoneout=p``

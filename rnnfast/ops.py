@@ -18,14 +18,17 @@ reaches no output and no gradient.
 In training mode ``y`` is a read-only view of the reserve (backward reads it): copy it before
 writing to it.
 
-``matmul_precision="bfloat16"`` (inference on the CPU, float32 inputs, a CPU with AVX512_BF16;
-see ``bfloat16_supported()``) rounds the weights and each step's operands of the matrix products to
-bfloat16 and sums them in float32: about twice the multiply-adds per instruction and half the
-weight bytes to stream, for outputs that differ from float32's by up to about 1e-2 relative (3e-3
-to 8e-3 over the benchmark grid; the cell state and the nonlinearities stay float32;
-bench/RESULTS.md reports the error per shape). It always packs the weights for the call, so a
-call with few rows in all (T*N of a few dozen or less, as in token-by-token sampling) runs faster
-in float32.
+``matmul_precision="bfloat16"`` (on the CPU, float32 inputs, a CPU with AVX512_BF16; see
+``bfloat16_supported()``) rounds the weights and each step's operands of the matrix products to
+bfloat16 and sums them in float32, on AMX tiles where the CPU has AMX-BF16 (``build_info()``
+reports ``cpu_amx_bf16``), else with AVX512_BF16: about twice the multiply-adds per instruction
+(on AMX an order of magnitude more) and half the weight bytes to stream, for outputs that differ
+from float32's by up to about 1e-2 relative (3e-3 to 8e-3 over the benchmark grid; the cell state
+and the nonlinearities stay float32; bench/RESULTS.md reports the error per shape). In training,
+the backward's products (the step's dh, dx and the weight gradients) are bfloat16 too, as
+torch.autocast's are: the weights, the state and every gradient stay float32. It always packs the
+weights for the call, so a call with few rows in all (T*N of a few dozen or less, as in
+token-by-token sampling) runs faster in float32.
 
 GPU arrays (CuPy, or anything with ``__cuda_array_interface__`` or ``__dlpack__``) run on the
 CUDA kernels and return CuPy arrays on the same device and stream; see rnnfast.cuda.
@@ -87,6 +90,7 @@ class RecurrentContext:
     inputs: Checked
     reserve: np.ndarray | None
     noise: tuple | None = None  # the forward's dropout and zoneout (rnnfast._validate.Noise)
+    bf16: bool = False  # the forward's products were bfloat16 (so are the backward's)
 
     @property
     def training(self) -> bool:
@@ -127,7 +131,7 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     layer_norm = {"ln_gamma_ih": ln_gamma_ih, "ln_gamma_hh": ln_gamma_hh,
                   "ln_gamma_c": ln_gamma_c, "ln_beta_c": ln_beta_c}  # fmt: skip
     spec = cell_spec(cell)
-    bf16 = check_matmul_precision(matmul_precision, training)
+    bf16 = check_matmul_precision(matmul_precision)
     noise = check_noise(spec.name, recurrent_dropout, recurrent_dropout_mode, zoneout, seed,
                         noise_stream, projection=w_hr is not None)  # fmt: skip
     if _gpu.is_gpu_array(x):
@@ -155,7 +159,7 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     )  # fmt: skip
     if reserve is not None:
         y.flags.writeable = False
-    return y, h_n, c_n, RecurrentContext(spec.name, a, reserve, noise)
+    return y, h_n, c_n, RecurrentContext(spec.name, a, reserve, noise, bf16)
 
 
 def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> dict:
@@ -180,7 +184,7 @@ def backward(ctx, dy=None, dh_n=None, dc_n=None, *, cell: str | None = None) -> 
     _, kernel = _KERNELS[spec.name]
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_peephole, dw_hr, dln = kernel(
         a.x, a.w_ih, a.w_hh, a.b_ih is not None, a.b_hh is not None, a.lengths, ctx.reserve,
-        dy, dh_n, dc_n, a.w_peephole, a.w_hr, ctx.noise, a.layer_norm,
+        dy, dh_n, dc_n, a.w_peephole, a.w_hr, ctx.noise, a.layer_norm, ctx.bf16,
     )  # fmt: skip
     grads = {"dx": dx, "dh0": dh0, "dc0": dc0, "dw_ih": dw_ih, "dw_hh": dw_hh, "db_ih": db_ih,
              "db_hh": db_hh, "dw_peephole": dw_peephole, "dw_hr": dw_hr}  # fmt: skip
@@ -218,12 +222,16 @@ def _matrix(name: str, a) -> np.ndarray:
 
 
 def gemm(a, b, *, trans_a: bool = False, trans_b: bool = False, out=None,
-         accumulate: bool = False) -> np.ndarray:  # fmt: skip
+         accumulate: bool = False, matmul_precision: str = "float32") -> np.ndarray:  # fmt: skip
     """op(a) @ op(b) for 2-D float32 or float64 arrays (op transposes where asked), on the
     kernels' threads (``set_num_threads``) and rnnfast's BLAS: the products of the layers around
     the recurrent kernels (Linear, the output head), which NumPy's serial BLAS would run on one
     core. The bits do not depend on the thread count. ``out``: a C-contiguous (M, N) array of the
-    dtype to write (with ``accumulate=True``, to add to) in place; it must not overlap a or b."""
+    dtype to write (with ``accumulate=True``, to add to) in place; it must not overlap a or b.
+    ``matmul_precision="bfloat16"`` (float32, without accumulate) rounds both operands to
+    bfloat16 and sums in float32, as the recurrent kernels' bfloat16 products (AMX tiles where
+    the CPU has them)."""
+    bf16 = check_matmul_precision(matmul_precision)
     a, b = _matrix("a", a), _matrix("b", b)
     if a.dtype != b.dtype:
         raise TypeError(f"a and b must have one dtype, got {a.dtype} and {b.dtype}")
@@ -234,7 +242,11 @@ def gemm(a, b, *, trans_a: bool = False, trans_b: bool = False, out=None,
         out = np.empty((M, N), a.dtype)
     elif not isinstance(out, np.ndarray) or out.dtype != a.dtype:
         raise TypeError(f"out must be a {a.dtype} ndarray")
-    _C.gemm(a, b, out, trans_a, trans_b, accumulate)
+    if bf16 and (a.dtype != np.float32 or accumulate):
+        raise (TypeError if a.dtype != np.float32 else ValueError)(
+            'matmul_precision="bfloat16" takes float32 inputs and overwrites out (no accumulate)'
+        )
+    _C.gemm(a, b, out, trans_a, trans_b, accumulate, bf16)
     return out
 
 

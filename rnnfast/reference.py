@@ -420,7 +420,7 @@ def forward(cell: str, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     with training=False, h_t = p h_{t-1} + (1 - p) h_new. Masks: ``recurrent_masks``."""
     spec = cell_spec(cell)
     cell = spec.name
-    bf16 = check_matmul_precision(matmul_precision, training)
+    bf16 = check_matmul_precision(matmul_precision)
     noise = check_noise(cell, recurrent_dropout, recurrent_dropout_mode, zoneout, seed,
                         noise_stream, projection=w_hr is not None)  # fmt: skip
     rounded = _round_to_bfloat16 if bf16 else (lambda m: m)  # what the products multiply

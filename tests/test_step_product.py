@@ -4,6 +4,8 @@ tails, odd K and K past one AMX tile, packed and through the BLAS, overwriting a
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -68,3 +70,38 @@ def test_step_product_errors():
         _C.step_product(a, w, np.zeros((3, 5), np.float32), repeats=0)
     with pytest.raises(TypeError, match="dtype"):
         _C.step_product(a.astype(np.float64), w, np.zeros((3, 5), np.float32))
+
+
+@pytest.mark.parametrize("trans_a, trans_b", list(itertools.product([False, True], repeat=2)))
+def test_bfloat16_gemm_against_numpy(trans_a, trans_b):
+    # rnnfast.ops.gemm's bfloat16 products (the training step's weight gradients and dx): one
+    # operand in tiles, the other in panels, A^T B through C^T, with tails in every dimension
+    if not ops.bfloat16_supported():
+        pytest.skip("CPU lacks AVX512_BF16")
+    rng = np.random.default_rng([trans_a, trans_b])
+    for M, N, K in [(70, 300, 45), (5, 3, 1), (33, 17, 100), (130, 41, 523), (16, 16, 32)]:
+        a = rng.standard_normal((K, M) if trans_a else (M, K)).astype(np.float32)
+        b = rng.standard_normal((N, K) if trans_b else (K, N)).astype(np.float32)
+        a_r, b_r = (_round_to_bfloat16(v).astype(np.float64) for v in (a, b))
+        op_a, op_b = (a_r.T if trans_a else a_r), (b_r.T if trans_b else b_r)
+        exact = op_a @ op_b
+        bound = 1e-6 + 2.0**-24 * K * (np.abs(op_a) @ np.abs(op_b))
+        got = ops.gemm(a, b, trans_a=trans_a, trans_b=trans_b, matmul_precision="bfloat16")
+        assert got.dtype == np.float32 and got.shape == (M, N)
+        err = np.abs(got - exact)
+        assert np.all(err <= bound), f"{(M, N, K)}: worst {err.max()}"
+
+
+def test_bfloat16_gemm_errors():
+    a = np.zeros((3, 4), np.float32)
+    if not ops.bfloat16_supported():
+        with pytest.raises(RuntimeError, match="AVX512_BF16"):
+            ops.gemm(a, a.T.copy(), matmul_precision="bfloat16")
+        return
+    with pytest.raises(TypeError, match="float32 inputs"):
+        ops.gemm(a.astype(np.float64), a.T.astype(np.float64), matmul_precision="bfloat16")
+    with pytest.raises(ValueError, match="no accumulate"):
+        ops.gemm(a, a.T.copy(), out=np.zeros((3, 3), np.float32), accumulate=True,
+                 matmul_precision="bfloat16")  # fmt: skip
+    with pytest.raises(ValueError, match="matmul_precision must be one of"):
+        ops.gemm(a, a.T.copy(), matmul_precision="half")

@@ -177,8 +177,6 @@ py::tuple forward_typed(CellKind cell, const py::array& x, const py::array& w_ih
                         const py::object& h0, const py::object& c0, const py::object& lengths,
                         bool training, bool bf16, const py::object& w_peephole,
                         const py::object& w_hr, const py::object& noise, const py::object& ln) {
-  if (bf16 && training)
-    throw py::value_error("bfloat16 products are for inference: pass training=False");
   if (bf16 && !rnnfast::cpu::cpu_has_avx512_bf16())
     throw std::runtime_error("bfloat16 products need a CPU with AVX512_BF16, which this one lacks");
   Dims d = dims_of(cell, x, w_hh, w_hr);
@@ -243,11 +241,12 @@ py::tuple backward_typed(CellKind cell, const py::array& x, const py::array& w_i
                          const py::object& lengths, const py::object& reserve, const py::object& dy,
                          const py::object& dh_n, const py::object& dc_n,
                          const py::object& w_peephole, const py::object& w_hr,
-                         const py::object& noise, const py::object& ln) {
+                         const py::object& noise, const py::object& ln, bool bf16) {
   Dims d = dims_of(cell, x, w_hh, w_hr);
   const int64_t GH = d.GH(), R = d.R();
   const bool has_c = rnnfast::cell_info(cell).has_c;
   rnnfast::cpu::BackwardIO<T> io{};
+  io.bf16 = bf16;
   io.x = input<T>(x, "x", {d.T, d.N, d.C});
   io.w_ih = input<T>(w_ih, "w_ih", {GH, d.C});
   io.w_hh = input<T>(w_hh, "w_hh", {GH, R});
@@ -321,13 +320,16 @@ py::tuple backward(CellKind cell, const py::array& x, const py::array& w_ih, con
                    bool has_b_ih, bool has_b_hh, const py::object& lengths,
                    const py::object& reserve, const py::object& dy, const py::object& dh_n,
                    const py::object& dc_n, const py::object& w_peephole, const py::object& w_hr,
-                   const py::object& noise, const py::object& ln) {
+                   const py::object& noise, const py::object& ln, bool bf16) {
+  if (bf16 && !rnnfast::cpu::cpu_has_avx512_bf16())
+    throw std::runtime_error("bfloat16 products need a CPU with AVX512_BF16, which this one lacks");
   if (x.dtype().is(py::dtype::of<float>()))
     return backward_typed<float>(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
-                                 dh_n, dc_n, w_peephole, w_hr, noise, ln);
+                                 dh_n, dc_n, w_peephole, w_hr, noise, ln, bf16);
+  if (bf16) throw py::type_error("bfloat16 products take float32 inputs, got float64");
   if (x.dtype().is(py::dtype::of<double>()))
     return backward_typed<double>(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy,
-                                  dh_n, dc_n, w_peephole, w_hr, noise, ln);
+                                  dh_n, dc_n, w_peephole, w_hr, noise, ln, false);
   throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
@@ -354,14 +356,14 @@ void bind_cell(py::module_& m, const rnnfast::CellInfo& info) {
                bool has_b_hh, const py::object& lengths, const py::object& reserve,
                const py::object& dy, const py::object& dh_n, const py::object& dc_n,
                const py::object& w_peephole, const py::object& w_hr, const py::object& noise,
-               const py::object& ln) {
+               const py::object& ln, bool bf16) {
           return backward(cell, x, w_ih, w_hh, has_b_ih, has_b_hh, lengths, reserve, dy, dh_n, dc_n,
-                          w_peephole, w_hr, noise, ln);
+                          w_peephole, w_hr, noise, ln, bf16);
         },
         "x"_a, "w_ih"_a, "w_hh"_a, "has_b_ih"_a, "has_b_hh"_a, "lengths"_a.none(true), "reserve"_a,
         "dy"_a.none(true), "dh_n"_a.none(true), "dc_n"_a.none(true),
         "w_peephole"_a.none(true) = py::none(), "w_hr"_a.none(true) = py::none(),
-        "noise"_a.none(true) = py::none(), "ln"_a.none(true) = py::none(),
+        "noise"_a.none(true) = py::none(), "ln"_a.none(true) = py::none(), "bf16"_a = false,
         "(dx, dh0, dc0 or None, dw_ih, dw_hh, db_ih or None, db_hh or None, dw_peephole or None, "
         "dw_hr or None, (dln_gamma_ih, dln_gamma_hh, dln_gamma_c, dln_beta_c) or None); see "
         "rnnfast.ops");
@@ -432,7 +434,7 @@ bool overlaps(const py::array& a, const py::array& b) {
 // out[M, N] = op(a) op(b), or += with accumulate, on the kernels' OpenMP team
 template <typename T>
 void gemm_into(const py::array& a, const py::array& b, py::array& out, bool trans_a, bool trans_b,
-               bool accumulate) {
+               bool accumulate, bool bf16) {
   const T* A = matrix<T>(a, "a");
   const T* B = matrix<T>(b, "b");
   const int64_t M = a.shape(trans_a ? 1 : 0), K = a.shape(trans_a ? 0 : 1);
@@ -447,7 +449,12 @@ void gemm_into(const py::array& a, const py::array& b, py::array& out, bool tran
   for (int64_t v : {M, N, K})
     if (v > std::numeric_limits<int32_t>::max())
       throw py::value_error("a matrix dimension exceeds the BLAS's 32-bit range");
+  if (bf16 && accumulate) throw py::value_error("bfloat16 products overwrite out: no accumulate");
   py::gil_scoped_release release;
+  if constexpr (std::is_same_v<T, float>)
+    if (bf16)
+      return rnnfast::cpu::parallel_gemm_bf16(rnnfast::cpu::get_num_threads(), trans_a, trans_b, M,
+                                              N, K, A, a.shape(1), B, b.shape(1), C, N);
   rnnfast::cpu::parallel_gemm<T>(rnnfast::cpu::get_num_threads(), trans_a, trans_b, M, N, K, A,
                                  a.shape(1), B, b.shape(1), accumulate ? T(1) : T(0), C, N);
 }
@@ -584,17 +591,32 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "gemm",
       [](const py::array& a, const py::array& b, py::array& out, bool trans_a, bool trans_b,
-         bool accumulate) {
+         bool accumulate, bool bf16) {
+        if (bf16 && !rnnfast::cpu::cpu_has_avx512_bf16())
+          throw std::runtime_error(
+              "bfloat16 products need a CPU with AVX512_BF16, which this one lacks");
         if (a.dtype().is(py::dtype::of<float>()))
-          gemm_into<float>(a, b, out, trans_a, trans_b, accumulate);
+          gemm_into<float>(a, b, out, trans_a, trans_b, accumulate, bf16);
+        else if (bf16)
+          throw py::type_error("bfloat16 products take float32 inputs, got float64");
         else if (a.dtype().is(py::dtype::of<double>()))
-          gemm_into<double>(a, b, out, trans_a, trans_b, accumulate);
+          gemm_into<double>(a, b, out, trans_a, trans_b, accumulate, false);
         else
           throw py::type_error("a must be float32 or float64, got " +
                                std::string(py::str(a.dtype())));
       },
       "a"_a, "b"_a, "out"_a, "trans_a"_a = false, "trans_b"_a = false, "accumulate"_a = false,
+      "bf16"_a = false,
       "out[M, N] = op(a) op(b) (+= with accumulate) on the kernels' threads; see rnnfast.ops.gemm");
+  m.def(
+      "register_peak_flops",
+      [](const std::string& kind, int64_t iterations) {
+        if (iterations < 1) throw py::value_error("iterations must be at least 1");
+        py::gil_scoped_release release;
+        return rnnfast::cpu::register_peak_flops(kind.c_str(), iterations);
+      },
+      "kind"_a, "iterations"_a = 2000000,
+      "FLOP/s of one core's register-only multiply-add loop (bench/tiles.py)");
   m.def("step_product", &step_product, "a"_a, "w"_a, "out"_a, "bf16"_a = false, "rows"_a = 0,
         "repeats"_a = 1, "accumulate"_a = false,
         "(out, seconds): out[N, M] = a w^T through the step product's kernels (tests, bench)");

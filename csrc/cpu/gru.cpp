@@ -147,9 +147,9 @@ struct GruResetBefore : DefaultStep {
                                 StepProducts<T>& out) {
     const int64_t H = d.H, nu = th.units.size();
     out[0].emplace(io.w_hh + th.units.begin, H, nu, 2 * H, WeightsBy::column, OutputBlocks{},
-                   d.T * d.N);
+                   d.T * d.N, io.bf16);
     out[1].emplace(io.w_hh + 2 * H * H + th.units.begin, H, nu, H, WeightsBy::column,
-                   OutputBlocks{}, d.T * d.N);
+                   OutputBlocks{}, d.T * d.N, io.bf16);
   }
 
   template <class Cell, typename T>
@@ -182,8 +182,8 @@ struct GruResetBefore : DefaultStep {
   static void weight_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx, const T*,
                                const T* hs, const T*) {
     input_gradients(d, io, dgx);
-    dw_hh_rows(d, dgx, hs, 0, 2 * d.H, io.dw_hh);
-    dw_hh_rows(d, dgx, io.reserve + reserve_layout(d).rh, 2 * d.H, d.H, io.dw_hh);
+    dw_hh_rows(d, io.bf16, dgx, hs, 0, 2 * d.H, io.dw_hh);
+    dw_hh_rows(d, io.bf16, dgx, io.reserve + reserve_layout(d).rh, 2 * d.H, d.H, io.dw_hh);
   }
 
   // r, z and r * h_{t-1}; z waits in h_t's slot (this thread's units, read by no one else until

@@ -47,7 +47,7 @@ struct ForwardIO {
   T* h_n;             // [N, R] out: h after each sequence's own last step
   T* c_n;             // [N, H] out, LSTM only (else null)
   T* reserve;         // [reserve_layout(dims).total] out, or null for inference; hs points into it
-  bool bf16 = false;  // the products in bfloat16, sums in float32: float32 inference only
+  bool bf16 = false;  // the products in bfloat16, sums in float32: float32 only
   Noise noise;        // recurrent dropout and zoneout (rnnfast/noise.h); none by default
   LayerNormWeights<T> ln;  // where Dims::layer_norm
 };
@@ -73,6 +73,7 @@ struct BackwardIO {
   T* db_hh;                // [G*H] out, or null where the forward had no b_hh
   T* dw_peephole;          // [3, H] out where w_peephole is given (row f zero when coupled)
   T* dw_hr;                // [P, H] out where w_hr is given
+  bool bf16 = false;       // the products in bfloat16 (sums float32), as in the forward
   Noise noise;             // as in the forward: backward draws the same masks again
   LayerNormWeights<T> ln;  // as in the forward, where Dims::layer_norm
   LayerNormGrads<T> dln;   // out where Dims::layer_norm

@@ -33,9 +33,9 @@ struct Lstm : DefaultStep {
                                 StepProducts<T>& out) {
     if (!d.P) return DefaultStep::backward_products(d, io, th, out);
     out[0].emplace(io.w_hh + th.state_cols.begin, d.P, th.state_cols.size(), G * d.H,
-                   WeightsBy::column, OutputBlocks{}, d.T * d.N);
+                   WeightsBy::column, OutputBlocks{}, d.T * d.N, io.bf16);
     out[1].emplace(io.w_hr + th.units.begin, d.H, th.units.size(), d.P, WeightsBy::column,
-                   OutputBlocks{}, d.T * d.N);
+                   OutputBlocks{}, d.T * d.N, io.bf16);
   }
 
   // With layer norm (csrc/cpu/layer_norm.h; not with a projection): forward, the product, the
@@ -248,8 +248,8 @@ struct Lstm : DefaultStep {
                                const T* hs, const T* dh_seq) {
     DefaultStep::weight_gradients(d, io, dgx, dgh, hs, dh_seq);
     if (d.P)
-      parallel_gemm<T>(get_num_threads(), true, false, d.P, d.H, d.T * d.N, dh_seq, d.P,
-                       io.reserve + reserve_layout(d).m + d.N * d.H, d.H, T(0), io.dw_hr, d.H);
+      gradient_product<T>(io.bf16, true, d.P, d.H, d.T * d.N, dh_seq, d.P,
+                          io.reserve + reserve_layout(d).m + d.N * d.H, d.H, io.dw_hr, d.H);
   }
 
   template <typename T>

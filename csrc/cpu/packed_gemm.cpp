@@ -5,6 +5,8 @@
 // panels hold pairs of k and each accumulator takes two products per lane (vdpbf16ps).
 #include "cpu/packed_gemm.h"
 
+#include "cpu/parallel.h"
+
 #if defined(__x86_64__)
 #include <cpuid.h>
 #include <immintrin.h>
@@ -15,9 +17,11 @@
 #endif
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <string>
 #include <type_traits>
 
 namespace rnnfast::cpu {
@@ -449,11 +453,14 @@ RNNFAST_AMX_TARGET void amx_block(int64_t k_tiles, const uint16_t* A, int64_t ld
   for (int64_t k = 0; k < k_tiles; ++k) {
     const uint16_t* a = A + k * 2 * kTilePairs;
     const uint16_t* b = panel + k * kTilePairs * 2 * kPanel;
+    // each load as late as it can be, so that it overlaps the products before it
     _tile_loadd(4, a, a_bytes);
     _tile_loadd(6, b, 64);
-    if constexpr (P == 2) _tile_loadd(7, b + panel_stride, 64);
     _tile_dpbf16ps(0, 4, 6);
-    if constexpr (P == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (P == 2) {
+      _tile_loadd(7, b + panel_stride, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
     if constexpr (RT == 2) {
       _tile_loadd(5, a + kTileRows * lda, a_bytes);
       _tile_dpbf16ps(2, 5, 6);
@@ -505,63 +512,172 @@ RNNFAST_AMX_TARGET void multiply_panels_amx(int64_t N, int64_t M, int64_t k_tile
   }
   _tile_release();  // the thread's 8 KiB of tile state need not be saved on a context switch
 }
+// The register-only peaks that bench/tiles.py reports the kernels against: `iterations` rounds of
+// independent multiply-adds with no memory operand, FLOPs per second of the fastest of 5 runs
+template <bool BF16>
+RNNFAST_TILE_TARGET double peak_fma(int64_t iterations) {
+  constexpr int kAcc = 24;  // chains: more than latency x pipes (4 x 2, or 6 x 2 for vdpbf16ps)
+  __m512 acc[kAcc];
+  for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_set1_ps(float(i));
+  const __m512 a = _mm512_set1_ps(1e-8f), b = _mm512_set1_ps(1.0f);
+  for (int64_t it = 0; it < iterations; ++it)
+#pragma GCC unroll 24  // whole, so that the chains stay in registers
+    for (int i = 0; i < kAcc; ++i) {
+      if constexpr (BF16)
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)a, (__m512bh)b);
+      else
+        acc[i] = _mm512_fmadd_ps(a, b, acc[i]);
+    }
+  __m512 sum = acc[0];
+  for (int i = 1; i < kAcc; ++i) sum = _mm512_add_ps(sum, acc[i]);
+  volatile float sink = _mm512_reduce_add_ps(sum);
+  (void)sink;
+  return double(iterations) * kAcc * 16 * 2 * (BF16 ? 2 : 1);
+}
+
+RNNFAST_AMX_TARGET double peak_amx(int64_t iterations) {
+  static const TileConfig config;
+  alignas(64) static const uint16_t zeros[kTileRows * 2 * kTilePairs] = {};
+  compiler_barrier();
+  _tile_loadconfig(&config);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, zeros, 64);
+  _tile_loadd(5, zeros, 64);
+  _tile_loadd(6, zeros, 64);
+  _tile_loadd(7, zeros, 64);
+  for (int64_t it = 0; it < iterations; ++it) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_release();
+  return double(iterations) * 4 * kTileRows * kPanel * 2 * kTilePairs * 2;
+}
+
 }  // namespace
 
-// packing runs only where the products do (AVX2 and up): its transposes are AVX2 code
-RNNFAST_AVX2_TARGET PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K,
-                                               bool outputs_are_rows, OutputBlocks blocks,
-                                               bool bf16)
-    : M_(M),
-      K_(K),
-      panels_((M + kPanel - 1) / kPanel),
-      bf16_(bf16),
-      amx_(bf16 && cpu_has_amx_bf16()),
-      data_(scratch<float>(panels_ * K * kPanel)) {
-  for (int64_t p = 0; p < panels_; ++p) {
-    float* panel = data_.get() + p * K * kPanel;
-    const int64_t outputs = std::min(kPanel, M - p * kPanel);
-    // the row (or column) of W holding each output's weights, once per panel: blocks() divides,
-    // and a division per element (or per 8 x 8 block) dominated the packing time
-    int64_t index[kPanel];
-    for (int64_t c = 0; c < outputs; ++c) index[c] = blocks(p * kPanel + c);
-    if (!outputs_are_rows) {  // each k's outputs lie side by side in W (in their blocks)
-      const bool adjacent = index[outputs - 1] == index[0] + outputs - 1;
-      for (int64_t k = 0; k < K; ++k) {
-        float* out = panel + k * kPanel;
-        if (adjacent)
-          std::memcpy(out, W + k * ldw + index[0], sizeof(float) * outputs);
-        else
-          for (int64_t c = 0; c < outputs; ++c) out[c] = W[k * ldw + index[c]];
-        std::fill(out + outputs, out + kPanel, 0.0f);
-      }
-      continue;
+namespace {
+
+// the row (or column) of W holding each output's weights, once per panel: blocks() divides,
+// and a division per element (or per 8 x 8 block) dominated the packing time.
+// Packing runs only where the products do (AVX2 and up): its transposes are AVX2 code.
+RNNFAST_AVX2_TARGET void pack_panel(const float* W, int64_t ldw, int64_t M, int64_t K,
+                                    bool outputs_are_rows, OutputBlocks blocks, int64_t p,
+                                    float* panel) {
+  const int64_t outputs = std::min(kPanel, M - p * kPanel);
+  int64_t index[kPanel];
+  for (int64_t c = 0; c < outputs; ++c) index[c] = blocks(p * kPanel + c);
+  if (!outputs_are_rows) {  // each k's outputs lie side by side in W (in their blocks)
+    const bool adjacent = index[outputs - 1] == index[0] + outputs - 1;
+    for (int64_t k = 0; k < K; ++k) {
+      float* out = panel + k * kPanel;
+      if (adjacent)
+        std::memcpy(out, W + k * ldw + index[0], sizeof(float) * outputs);
+      else
+        for (int64_t c = 0; c < outputs; ++c) out[c] = W[k * ldw + index[c]];
+      std::fill(out + outputs, out + kPanel, 0.0f);
     }
-    // a transpose, in 8 x 8 register blocks where 8 outputs are 8 consecutive rows of W: element
-    // by element it cost a visible share of a batch-1 call (bench/RESULTS.md)
-    bool consecutive[kPanel / 8];
-    for (int64_t c0 = 0; c0 < kPanel; c0 += 8)
-      consecutive[c0 / 8] = c0 + 8 <= outputs && index[c0 + 7] == index[c0] + 7;
-    for (int64_t k0 = 0; k0 < K; k0 += 8) {
-      for (int64_t c0 = 0; c0 < kPanel; c0 += 8) {
-        float* out = panel + k0 * kPanel + c0;
-        if (consecutive[c0 / 8] && k0 + 8 <= K) {
-          transpose8x8(W + index[c0] * ldw + k0, ldw, out, kPanel);
-          continue;
-        }
-        for (int64_t c = 0; c < 8; ++c)
-          for (int64_t k = 0; k < std::min<int64_t>(8, K - k0); ++k)
-            out[k * kPanel + c] = c0 + c < outputs ? W[index[c0 + c] * ldw + k0 + k] : 0.0f;
+    return;
+  }
+  // a transpose, in 8 x 8 register blocks where 8 outputs are 8 consecutive rows of W: element
+  // by element it cost a visible share of a batch-1 call (bench/RESULTS.md)
+  bool consecutive[kPanel / 8];
+  for (int64_t c0 = 0; c0 < kPanel; c0 += 8)
+    consecutive[c0 / 8] = c0 + 8 <= outputs && index[c0 + 7] == index[c0] + 7;
+  for (int64_t k0 = 0; k0 < K; k0 += 8) {
+    for (int64_t c0 = 0; c0 < kPanel; c0 += 8) {
+      float* out = panel + k0 * kPanel + c0;
+      if (consecutive[c0 / 8] && k0 + 8 <= K) {
+        transpose8x8(W + index[c0] * ldw + k0, ldw, out, kPanel);
+        continue;
       }
+      for (int64_t c = 0; c < 8; ++c)
+        for (int64_t k = 0; k < std::min<int64_t>(8, K - k0); ++k)
+          out[k * kPanel + c] = c0 + c < outputs ? W[index[c0 + c] * ldw + k0 + k] : 0.0f;
     }
   }
-  if (!bf16) return;
-  // round to bfloat16 pairs, two to each float's slot: half the bytes to stream per product
-  const int64_t pairs = padded_pairs(K);
-  Scratch<float> rounded = scratch<float>(panels_ * pairs * kPanel);
-  for (int64_t p = 0; p < panels_; ++p)
-    panel_to_bf16(data_.get() + p * K * kPanel, K, pairs,
-                  reinterpret_cast<uint16_t*>(rounded.get() + p * pairs * kPanel));
-  data_ = std::move(rounded);
+}
+
+// rows [0, n) of op(A) rounded to bfloat16 into out, ldo elements a row, zero past K: A's rows,
+// or with `transposed` its columns (A is then [K, lda]), through 16 x K float32 staging rows
+RNNFAST_TILE_TARGET void round_operand(bool transposed, int64_t n, int64_t K, const float* A,
+                                       int64_t lda, uint16_t* out, int64_t ldo, float* staging) {
+  if (!transposed) return round_rows_to_bf16(n, K, A, lda, out, ldo, ldo);
+  for (int64_t i0 = 0; i0 < n; i0 += kTileRows) {
+    const int64_t rows = std::min(kTileRows, n - i0);
+    for (int64_t r0 = 0; r0 < rows; r0 += 8)
+      for (int64_t k0 = 0; k0 < K; k0 += 8) {
+        const float* in = A + k0 * lda + i0 + r0;
+        float* to = staging + r0 * K + k0;
+        if (r0 + 8 <= rows && k0 + 8 <= K) {
+          transpose8x8(in, lda, to, K);
+          continue;
+        }
+        for (int64_t r = 0; r < std::min<int64_t>(8, rows - r0); ++r)
+          for (int64_t k = 0; k < std::min<int64_t>(8, K - k0); ++k)
+            to[r * K + k] = in[k * lda + r];
+      }
+    round_rows_to_bf16(rows, K, staging, K, out + i0 * ldo, ldo, ldo);
+  }
+}
+
+}  // namespace
+
+PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bool outputs_are_rows,
+                           OutputBlocks blocks, bool bf16)
+    : PackedPanels(Deferred{}, W, ldw, M, K, outputs_are_rows, blocks, bf16) {
+  Scratch<float> staging = scratch<float>(bf16 ? staging_size() : 0);
+  pack(0, panels_, staging.get());
+}
+
+PackedPanels::PackedPanels(Deferred, const float* W, int64_t ldw, int64_t M, int64_t K,
+                           bool outputs_are_rows, OutputBlocks blocks, bool bf16)
+    : W_(W),
+      ldw_(ldw),
+      M_(M),
+      K_(K),
+      panels_((M + kPanel - 1) / kPanel),
+      outputs_are_rows_(outputs_are_rows),
+      bf16_(bf16),
+      amx_(bf16 && cpu_has_amx_bf16()),
+      blocks_(blocks),
+      data_(scratch<float>(panels_ * (bf16 ? padded_pairs(K) : K) * kPanel)) {}
+
+int64_t PackedPanels::staging_size() const { return K_ * kPanel; }
+
+// bfloat16 panels pack in float32 (into staging) and round to pairs, two to each float's slot:
+// half the bytes to stream per product
+void PackedPanels::pack(int64_t first, int64_t end, float* staging) {
+  const int64_t pairs = padded_pairs(K_);
+  for (int64_t p = first; p < end; ++p) {
+    if (!bf16_) {
+      pack_panel(W_, ldw_, M_, K_, outputs_are_rows_, blocks_, p, data_.get() + p * K_ * kPanel);
+      continue;
+    }
+    pack_panel(W_, ldw_, M_, K_, outputs_are_rows_, blocks_, p, staging);
+    panel_to_bf16(staging, K_, pairs,
+                  reinterpret_cast<uint16_t*>(data_.get() + p * pairs * kPanel));
+  }
+}
+
+int64_t PackedPanels::rounded_width() const { return 2 * padded_pairs(K_); }
+int64_t PackedPanels::rounded_rows(int64_t N) const {
+  return amx_ ? (N + kTileRows - 1) / kTileRows * kTileRows : N;
+}
+
+void PackedPanels::multiply_rounded(int64_t N, const uint16_t* A, float* C, int64_t ldc,
+                                    bool accumulate) const {
+  const int64_t pairs = padded_pairs(K_), width = 2 * pairs;
+  const auto* panels = reinterpret_cast<const uint16_t*>(data_.get());
+  if (amx_)
+    return multiply_panels_amx(N, M_, pairs / kTilePairs, A, width, panels, pairs * 2 * kPanel, C,
+                               ldc, accumulate);
+  multiply_panels<uint16_t>(N, M_, (K_ + 1) / 2, A, width, panels, pairs * 2 * kPanel, C, ldc,
+                            accumulate);
 }
 
 void PackedPanels::multiply(int64_t N, const float* A, int64_t lda, float* C, int64_t ldc,
@@ -574,8 +690,7 @@ void PackedPanels::multiply(int64_t N, const float* A, int64_t lda, float* C, in
   }
   // A rounded once per call, its rows padded to the panels' pairs (and on AMX to whole tiles of
   // rows, zero: the tiles multiply all 16)
-  const int64_t pairs = padded_pairs(K_), width = 2 * pairs;
-  const int64_t rows = amx_ ? (N + kTileRows - 1) / kTileRows * kTileRows : N;
+  const int64_t width = rounded_width(), rows = rounded_rows(N);
   if (rows * width > a_capacity_) {
     a_bf16_ = scratch<uint16_t>(rows * width);
     a_capacity_ = rows * width;
@@ -583,12 +698,100 @@ void PackedPanels::multiply(int64_t N, const float* A, int64_t lda, float* C, in
   uint16_t* a = a_bf16_.get();
   round_rows_to_bf16(N, K_, A, lda, a, width, width);
   std::fill(a + N * width, a + rows * width, uint16_t(0));
-  const auto* panels = reinterpret_cast<const uint16_t*>(data_.get());
-  if (amx_)
-    return multiply_panels_amx(N, M_, pairs / kTilePairs, a, width, panels, pairs * 2 * kPanel, C,
-                               ldc, accumulate);
-  multiply_panels<uint16_t>(N, M_, (K_ + 1) / 2, a, width, panels, pairs * 2 * kPanel, C, ldc,
-                            accumulate);
+  multiply_rounded(N, a, C, ldc, accumulate);
+}
+
+double register_peak_flops(const char* kind, int64_t iterations) {
+  const std::string k = kind;
+  if ((k == "avx512_bf16" && !cpu_has_avx512_bf16()) || (k == "amx_bf16" && !cpu_has_amx_bf16()) ||
+      (k == "avx512_fma" && !cpu_has_avx512()))
+    throw std::invalid_argument("this CPU has no " + k);
+  if (k != "avx512_fma" && k != "avx512_bf16" && k != "amx_bf16")
+    throw std::invalid_argument("kind must be avx512_fma, avx512_bf16 or amx_bf16, got " + k);
+  double best = 0;
+  for (int run = 0; run < 5; ++run) {
+    const auto start = std::chrono::steady_clock::now();
+    const double flops = k == "amx_bf16"      ? peak_amx(iterations)
+                         : k == "avx512_bf16" ? peak_fma<true>(iterations)
+                                              : peak_fma<false>(iterations);
+    const double s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::max(best, flops / s);
+  }
+  return best;
+}
+
+void parallel_gemm_bf16(int threads, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                        const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                        int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    return;
+  }
+  // A^T op(B) (A K-major, as in the weight gradients): computed as C^T = op(B)^T A, op(B)^T's
+  // rows as the rows of the tiles (B's columns, transposed while rounded, or with trans_b B's
+  // rows), A's columns packed as the panels; C^T then transposed into C. Otherwise op(A)'s rows
+  // are the tiles' and op(B)'s columns the panels'.
+  const bool swap = trans_a;
+  const int64_t rows = swap ? N : M, outputs = swap ? M : N;
+  const float* tiles_of = swap ? B : A;
+  const int64_t ld_tiles = swap ? ldb : lda;
+  const bool tiles_transposed = swap ? !trans_b : false;  // op(B)^T's rows are B's columns
+  PackedPanels panels(PackedPanels::Deferred{}, swap ? A : B, swap ? lda : ldb, outputs, K,
+                      /*outputs_are_rows=*/swap ? false : trans_b, {}, true);
+  const int64_t width = panels.rounded_width();
+  threads = team_request(int(std::max<int64_t>(1, std::min<int64_t>(threads, (rows + 15) / 16))));
+  // the buffers before the team starts, so that nothing in it throws: the tiles' operand rounded
+  // (each thread's rows start on a whole tile, so its padding stays inside its own tiles) and
+  // every thread's float32 staging rows
+  Scratch<uint16_t> rounded =
+      scratch<uint16_t>((rows + kTileRows - 1) / kTileRows * kTileRows * width);
+  const int64_t staging_size = std::max(panels.staging_size(), kTileRows * K);
+  Scratch<float> staging = scratch<float>(threads * staging_size);
+  Scratch<float> transposed = scratch<float>(swap ? rows * outputs : 0);
+  float* out = swap ? transposed.get() : C;
+  const int64_t ld_out = swap ? outputs : ldc;
+#pragma omp parallel num_threads(threads)
+  {
+    const int team = std::min(team_size(), threads), me = thread_index();
+    float* mine_staging = staging.get() + std::min(me, team - 1) * staging_size;
+    if (me < team) {
+      const Range packs = split(panels.panel_count(), team, me);
+      panels.pack(packs.begin, packs.end, mine_staging);
+    }
+#pragma omp barrier
+    if (me < team) {
+      const Range mine = split(rows, team, me, kTileRows);
+      if (mine.size() > 0) {
+        uint16_t* a = rounded.get() + mine.begin * width;
+        const int64_t padded = panels.rounded_rows(mine.size());
+        const float* first =
+            tiles_transposed ? tiles_of + mine.begin : tiles_of + mine.begin * ld_tiles;
+        round_operand(tiles_transposed, mine.size(), K, first, ld_tiles, a, width, mine_staging);
+        std::fill(a + mine.size() * width, a + padded * width, uint16_t(0));
+        panels.multiply_rounded(mine.size(), a, out + mine.begin * ld_out, ld_out, false);
+      }
+    }
+    if (swap) {
+#pragma omp barrier
+      if (me < team) {  // C[i, j] = C^T[j, i] for this thread's rows i of C
+        const Range mine = split(M, team, me, 8);
+        for (int64_t i0 = mine.begin; i0 < mine.end; i0 += 8)
+          for (int64_t j0 = 0; j0 < N; j0 += 8) {
+            const float* in = out + j0 * ld_out + i0;
+            float* to = C + i0 * ldc + j0;
+            if (i0 + 8 <= mine.end && j0 + 8 <= N) {
+              transpose8x8(in, ld_out, to, ldc);
+              continue;
+            }
+            for (int64_t i = 0; i < std::min<int64_t>(8, mine.end - i0); ++i)
+              for (int64_t j = 0; j < std::min<int64_t>(8, N - j0); ++j)
+                to[i * ldc + j] = in[j * ld_out + i];
+          }
+      }
+    }
+  }
 }
 
 #else  // no packed products off x86-64: StepProduct takes the BLAS (cpu_has_packed_products())
@@ -599,6 +802,15 @@ PackedPanels::PackedPanels(const float*, int64_t, int64_t, int64_t, bool, Output
 
 void PackedPanels::multiply(int64_t, const float*, int64_t, float*, int64_t, bool) const {
   throw std::logic_error("rnnfast: packed products exist on x86-64 only");
+}
+
+void parallel_gemm_bf16(int, bool, bool, int64_t, int64_t, int64_t, const float*, int64_t,
+                        const float*, int64_t, float*, int64_t) {
+  throw std::logic_error("rnnfast: bfloat16 products exist on x86-64 only");
+}
+
+double register_peak_flops(const char*, int64_t) {
+  throw std::invalid_argument("the register peaks are measured on x86-64 only");
 }
 
 #endif

@@ -56,15 +56,43 @@ class PackedPanels {
   void multiply(int64_t N, const float* A, int64_t lda, float* C, int64_t ldc,
                 bool accumulate) const;
 
+  // For a team that packs W together and rounds its own rows of A (parallel_gemm_bf16): the
+  // object allocates, pack(first, end) fills panels [first, end) (bfloat16 through staging, a
+  // buffer of staging_size() floats), and multiply_rounded takes A already in bfloat16:
+  // rounded_rows(N) rows of rounded_width() elements, zero past K and past row N.
+  struct Deferred {};
+  PackedPanels(Deferred, const float* W, int64_t ldw, int64_t M, int64_t K, bool outputs_are_rows,
+               OutputBlocks blocks, bool bf16);
+  int64_t panel_count() const { return panels_; }
+  int64_t staging_size() const;
+  void pack(int64_t first, int64_t end, float* staging);
+  int64_t rounded_width() const;
+  int64_t rounded_rows(int64_t N) const;
+  void multiply_rounded(int64_t N, const uint16_t* A, float* C, int64_t ldc, bool accumulate) const;
+
  private:
-  int64_t M_, K_, panels_;
-  bool bf16_, amx_;
+  const float* W_;
+  int64_t ldw_, M_, K_, panels_;
+  bool outputs_are_rows_, bf16_, amx_;
+  OutputBlocks blocks_;
   // float32 panels [K][16], or bfloat16 ones [pairs][16][2], pairs padded with zeros to a whole
   // AMX tile (16 pairs)
   Scratch<float> data_{nullptr, release_scratch};
   mutable Scratch<uint16_t> a_bf16_{nullptr, release_scratch};
   mutable int64_t a_capacity_ = 0;
 };
+
+// C[M, N] = op(A) op(B), both operands rounded to bfloat16 and the sums float32, on AMX tiles where
+// the CPU has them (else AVX512_BF16, which the caller has checked), on a team of `threads`: the
+// large products after the loop of a bfloat16 training step, and rnnfast.ops.gemm's.
+void parallel_gemm_bf16(int threads, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                        const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                        int64_t ldc);
+
+// FLOPs per second on this core of a register-only loop of `iterations` rounds of independent
+// multiply-adds, the fastest of 5: kind "avx512_fma" (float32), "avx512_bf16" (vdpbf16ps) or
+// "amx_bf16" (tdpbf16ps); std::invalid_argument for a kind the CPU lacks. For bench/tiles.py.
+double register_peak_flops(const char* kind, int64_t iterations);
 
 // The step product through the packed kernels where they apply (float32) and pay, else
 // through the BLAS on W as it lies, one call per output block. Built once per thread per call.

@@ -679,7 +679,7 @@ struct DefaultStep {
   static void backward_products(const Dims& d, const BackwardIO<T>& io, const BackwardThread<T>& th,
                                 StepProducts<T>& out) {
     out[0].emplace(io.w_hh + th.units.begin, d.R(), th.units.size(), th.gates * d.H,
-                   WeightsBy::column, OutputBlocks{}, d.T * d.N);
+                   WeightsBy::column, OutputBlocks{}, d.T * d.N, io.bf16);
   }
 
   template <class Cell, typename T>
@@ -737,31 +737,40 @@ const T* finite_padding(const Dims& d, const T* x, const int32_t* lengths, Scrat
   return copy.get();
 }
 
-// After the loop: the weight gradients and dx as large GEMMs over all T*N rows. dw_hh_rows: `rows`
-// rows of dw_hh from row `first` on, dgh's columns of those rows times the sequence h [T*N, R];
+// After the loop: the weight gradients and dx as large GEMMs over all T*N rows, C = op(A) op(B)
+// on every thread, in bfloat16 where the forward's products were. dw_hh_rows: `rows` rows of
+// dw_hh from row `first` on, dgh's columns of those rows times the sequence h [T*N, R];
 // input_gradients: dw_ih and dx.
 template <typename T>
-void dw_hh_rows(const Dims& d, const T* dgh, const T* h, int64_t first, int64_t rows, T* dw_hh) {
+void gradient_product(bool bf16, bool trans_a, int64_t M, int64_t N, int64_t K, const T* A,
+                      int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>)
+    if (bf16)
+      return parallel_gemm_bf16(get_num_threads(), trans_a, false, M, N, K, A, lda, B, ldb, C, ldc);
+  parallel_gemm<T>(get_num_threads(), trans_a, false, M, N, K, A, lda, B, ldb, T(0), C, ldc);
+}
+
+template <typename T>
+void dw_hh_rows(const Dims& d, bool bf16, const T* dgh, const T* h, int64_t first, int64_t rows,
+                T* dw_hh) {
   const int64_t GH = d.GH(), R = d.R();
-  parallel_gemm<T>(get_num_threads(), true, false, rows, R, d.T * d.N, dgh + first, GH, h, R, T(0),
-                   dw_hh + first * R, R);
+  gradient_product<T>(bf16, true, rows, R, d.T * d.N, dgh + first, GH, h, R, dw_hh + first * R, R);
 }
 
 template <typename T>
 void input_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx) {
   const int64_t GH = d.GH(), TN = d.T * d.N;
-  const int threads = get_num_threads();
   auto x_masked = scratch<T>(0);
   const T* x_rows = finite_padding(d, io.x, io.lengths, x_masked);
-  parallel_gemm<T>(threads, true, false, GH, d.C, TN, dgx, GH, x_rows, d.C, T(0), io.dw_ih, d.C);
-  parallel_gemm<T>(threads, false, false, TN, d.C, GH, dgx, GH, io.w_ih, d.C, T(0), io.dx, d.C);
+  gradient_product<T>(io.bf16, true, GH, d.C, TN, dgx, GH, x_rows, d.C, io.dw_ih, d.C);
+  gradient_product<T>(io.bf16, false, TN, d.C, GH, dgx, GH, io.w_ih, d.C, io.dx, d.C);
 }
 
 template <typename T>
 void DefaultStep::weight_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx,
                                    const T* dgh, const T* hs, const T*) {
   input_gradients(d, io, dgx);
-  dw_hh_rows(d, dgh, hs, 0, d.GH(), io.dw_hh);
+  dw_hh_rows(d, io.bf16, dgh, hs, 0, d.GH(), io.dw_hh);
 }
 
 // Layer norm's x side after the loop, whole rows (csrc/cpu/layer_norm.h): gamma_ih's gradient
