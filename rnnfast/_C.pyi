@@ -29,6 +29,9 @@ def _forward(
     training: bool,
     bf16: bool = False,
     w_peephole: NDArray | None = None,
+    w_hr: NDArray | None = None,
+    noise: tuple | None = None,
+    ln: tuple | None = None,
 ) -> _Forward: ...
 def _backward(
     x: NDArray,
@@ -42,6 +45,10 @@ def _backward(
     dh_n: NDArray | None,
     dc_n: NDArray | None,
     w_peephole: NDArray | None = None,
+    w_hr: NDArray | None = None,
+    noise: tuple | None = None,
+    ln: tuple | None = None,
+    bf16: bool = False,
 ) -> _Backward: ...
 
 # (y, h_n, c_n or None, reserve or None); y is a view of the reserve in training
@@ -66,3 +73,24 @@ def set_scratch_cache_limit(bytes: int) -> None: ...
 def scratch_cache_limit() -> int: ...
 def scratch_cache_bytes() -> int: ...
 def cell_table() -> list[dict[str, object]]: ...
+def gemm(
+    a: NDArray,
+    b: NDArray,
+    out: NDArray,
+    trans_a: bool = False,
+    trans_b: bool = False,
+    accumulate: bool = False,
+    bf16: bool = False,
+) -> None: ...
+
+# (out, the fastest call's seconds): out = a w^T through the step product's kernels
+def step_product(
+    a: NDArray[np.float32],
+    w: NDArray[np.float32],
+    out: NDArray[np.float32],
+    bf16: bool = False,
+    rows: int = 0,
+    repeats: int = 1,
+    accumulate: bool = False,
+) -> tuple[NDArray[np.float32], float]: ...
+def register_peak_flops(kind: str, iterations: int = 2000000) -> float: ...

@@ -408,6 +408,7 @@ py::dict build_info() {
                                                     : "baseline";
   info["cpu_avx512_bf16"] = cpu::cpu_has_avx512_bf16();
   info["cpu_amx_bf16"] = cpu::cpu_has_amx_bf16();
+  info["l2_cache_bytes"] = cpu::l2_cache_bytes();  // sizes the AMX product's panel blocks
   info["recurrent_kernel"] =
       !cpu::cpu_has_packed_products() ? "BLAS"
       : !cpu::cpu_has_avx512()        ? "avx2 packed (float32), BLAS (float64)"

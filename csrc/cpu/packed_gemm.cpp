@@ -74,6 +74,17 @@ bool cpu_has_avx512_bf16() {
 #endif
 }
 
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (v > 0) return int64_t(v);
+#endif
+    return int64_t(1) << 20;  // where the C library does not say: 1 MiB, a common size
+  }();
+  return bytes;
+}
+
 bool cpu_has_amx_bf16() {
 #if defined(__x86_64__) && defined(__linux__)
   static const bool has = [] {
@@ -206,6 +217,26 @@ RNNFAST_TILE_TARGET void panel_to_bf16(const float* panel, int64_t K, int64_t pa
     const __m512 lo = _mm512_load_ps(panel + k * kPanel);
     const __m512 hi = k + 1 < K ? _mm512_load_ps(panel + (k + 1) * kPanel) : _mm512_setzero_ps();
     const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lo in 0-15, hi in 16-31
+    _mm512_store_si512(out + k * kPanel, _mm512_permutexvar_epi16(idx, both));
+  }
+  std::fill(out + (K + 1) / 2 * 2 * kPanel, out + pairs * 2 * kPanel, uint16_t(0));
+}
+
+// The panel of `outputs` adjacent columns of W ([K, ldw], from W's first column) as bfloat16
+// pairs [pairs][16][2], straight from W: the interleave of panel_to_bf16 on masked loads
+RNNFAST_TILE_TARGET void columns_to_bf16(const float* W, int64_t ldw, int64_t K, int64_t outputs,
+                                         int64_t pairs, uint16_t* out) {
+  alignas(64) uint16_t order[32];
+  for (int c = 0; c < 16; ++c) {
+    order[2 * c] = uint16_t(c);
+    order[2 * c + 1] = uint16_t(16 + c);
+  }
+  const __m512i idx = _mm512_load_si512(order);
+  const __mmask16 m = outputs >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << outputs) - 1);
+  for (int64_t k = 0; k < K; k += 2) {
+    const __m512 lo = _mm512_maskz_loadu_ps(m, W + k * ldw);
+    const __m512 hi = k + 1 < K ? _mm512_maskz_loadu_ps(m, W + (k + 1) * ldw) : _mm512_setzero_ps();
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
     _mm512_store_si512(out + k * kPanel, _mm512_permutexvar_epi16(idx, both));
   }
   std::fill(out + (K + 1) / 2 * 2 * kPanel, out + pairs * 2 * kPanel, uint16_t(0));
@@ -483,8 +514,12 @@ RNNFAST_AMX_TARGET void amx_block(int64_t k_tiles, const uint16_t* A, int64_t ld
 using AmxBlockFn = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*,
                             int64_t, int64_t, int64_t, bool);
 
-// C[N, M] (+)= A[N_pad, K] times the panels on the tiles: A in blocks of row tiles that stay in
-// L2 while every panel passes over them (as RowTiles), each block in 2 x 2 tiles of C.
+// C[N, M] (+)= A[N_pad, K] times the panels on the tiles, in 2 x 2 tiles of C: the panels in
+// blocks that stay in half the L2 while every pair of row tiles passes over them, and within a
+// block each row pair's A (2 x 16 rows of K) stays in L1 while the block's panels stream past.
+// (Row tiles outer, each panel pair reused from L1 by the next row pair instead, streams A from L2
+// once per panel pair: 5-15% slower over bench/tiles.py's shapes; software prefetch of the next
+// panel rows into L1 cost another 10%.)
 RNNFAST_AMX_TARGET void multiply_panels_amx(int64_t N, int64_t M, int64_t k_tiles,
                                             const uint16_t* A, int64_t lda, const uint16_t* panels,
                                             int64_t panel_stride, float* C, int64_t ldc,
@@ -494,16 +529,16 @@ RNNFAST_AMX_TARGET void multiply_panels_amx(int64_t N, int64_t M, int64_t k_tile
   _tile_loadconfig(&config);
   const int64_t row_tiles = (N + kTileRows - 1) / kTileRows;
   const int64_t panel_count = (M + kPanel - 1) / kPanel;
-  const int64_t row_bytes = lda * int64_t(sizeof(uint16_t)) * kTileRows;
-  const int64_t per_block = std::max<int64_t>(2, RowTiles::kBlockBytes / row_bytes / 2 * 2);
+  const int64_t panel_bytes = panel_stride * int64_t(sizeof(uint16_t));
+  const int64_t per_block = std::max<int64_t>(2, l2_cache_bytes() / 2 / panel_bytes / 2 * 2);
   constexpr AmxBlockFn blocks[2][2] = {{amx_block<1, 1>, amx_block<1, 2>},
                                        {amx_block<2, 1>, amx_block<2, 2>}};
-  for (int64_t b0 = 0; b0 < row_tiles; b0 += per_block) {
-    const int64_t b1 = std::min(row_tiles, b0 + per_block);
-    for (int64_t p = 0; p < panel_count; p += 2) {
-      const int P = int(std::min<int64_t>(2, panel_count - p));
-      for (int64_t r = b0; r < b1; r += 2) {
-        const int RT = int(std::min<int64_t>(2, b1 - r));
+  for (int64_t p0 = 0; p0 < panel_count; p0 += per_block) {
+    const int64_t p1 = std::min(panel_count, p0 + per_block);
+    for (int64_t r = 0; r < row_tiles; r += 2) {
+      const int RT = int(std::min<int64_t>(2, row_tiles - r));
+      for (int64_t p = p0; p < p1; p += 2) {
+        const int P = int(std::min<int64_t>(2, p1 - p));
         const int64_t n0 = r * kTileRows, m0 = p * kPanel;
         blocks[RT - 1][P - 1](k_tiles, A + n0 * lda, lda, panels + p * panel_stride, panel_stride,
                               C + n0 * ldc + m0, ldc, N - n0, M - m0, accumulate);
@@ -512,6 +547,7 @@ RNNFAST_AMX_TARGET void multiply_panels_amx(int64_t N, int64_t M, int64_t k_tile
   }
   _tile_release();  // the thread's 8 KiB of tile state need not be saved on a context switch
 }
+
 // The register-only peaks that bench/tiles.py reports the kernels against: `iterations` rounds of
 // independent multiply-adds with no memory operand, FLOPs per second of the fastest of 5 runs
 template <bool BF16>
@@ -658,9 +694,14 @@ void PackedPanels::pack(int64_t first, int64_t end, float* staging) {
       pack_panel(W_, ldw_, M_, K_, outputs_are_rows_, blocks_, p, data_.get() + p * K_ * kPanel);
       continue;
     }
+    auto* out = reinterpret_cast<uint16_t*>(data_.get() + p * pairs * kPanel);
+    const int64_t first = blocks_(p * kPanel), outputs = std::min(kPanel, M_ - p * kPanel);
+    if (!outputs_are_rows_ && blocks_(p * kPanel + outputs - 1) == first + outputs - 1) {
+      columns_to_bf16(W_ + first, ldw_, K_, outputs, pairs, out);  // no float32 staging
+      continue;
+    }
     pack_panel(W_, ldw_, M_, K_, outputs_are_rows_, blocks_, p, staging);
-    panel_to_bf16(staging, K_, pairs,
-                  reinterpret_cast<uint16_t*>(data_.get() + p * pairs * kPanel));
+    panel_to_bf16(staging, K_, pairs, out);
   }
 }
 

@@ -26,6 +26,9 @@ bool cpu_has_avx512_bf16();
 // AMX-BF16 tiles for those products: the CPU has them, Linux granted the process their state
 // (arch_prctl ARCH_REQ_XCOMP_PERM, asked once), and $RNNFAST_ISA is unset or "amx"
 bool cpu_has_amx_bf16();
+// the L2 cache of one core as the C library reports it (1 MiB where it does not): the AMX
+// product's panel blocks take half of it
+int64_t l2_cache_bytes();
 // whether float32 step products run packed: AVX-512, or AVX2 with FMA
 inline bool cpu_has_packed_products() { return cpu_isa() >= Isa::avx2; }
 
