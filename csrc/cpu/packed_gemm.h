@@ -103,11 +103,13 @@ template <typename T>
 class StepProduct {
  public:
   // Whether packing W pays for `rows` rows through the product in one call. Packing costs about
-  // as much as 16 rows through the BLAS while the packed W fits in L2 (512 KiB per thread), and
-  // proportionally more beyond that, where each step streams W from L3 whatever its layout
-  // (the measured crossovers are in bench/RESULTS.md, "Figures behind code comments").
+  // as much as 16 rows through the BLAS while the packed W fits in half the L2 (512 KiB on the
+  // 1 MiB L2 where this was measured), and proportionally more beyond that, where each step
+  // streams W from L3 whatever its layout (the measured crossovers are in bench/RESULTS.md,
+  // "Figures behind code comments").
   static bool packing_pays(int64_t M, int64_t K, int64_t rows) {
-    const int64_t l2_shares = std::max<int64_t>(1, M * K * int64_t(sizeof(float)) / (512 << 10));
+    const int64_t half_l2 = l2_cache_bytes() / 2;
+    const int64_t l2_shares = std::max<int64_t>(1, M * K * int64_t(sizeof(float)) / half_l2);
     return rows >= 16 * l2_shares;
   }
   // bf16: the products in bfloat16 (float32 only, on AVX512_BF16, always packed; else throws)
