@@ -477,10 +477,23 @@ template <int RT, int P>
 RNNFAST_AMX_TARGET void amx_block(int64_t k_tiles, const uint16_t* A, int64_t lda,
                                   const uint16_t* panel, int64_t panel_stride, float* C,
                                   int64_t ldc, int64_t rows, int64_t columns, bool accumulate) {
-  _tile_zero(0);
-  if constexpr (P == 2) _tile_zero(1);
-  if constexpr (RT == 2) _tile_zero(2);
-  if constexpr (RT == 2 && P == 2) _tile_zero(3);
+  // a whole block loads and stores its C tiles in place (16 rows of 64 bytes, ldc apart);
+  // a block at C's edge sums from zero and adds what lies inside C through a buffer
+  const bool whole = rows >= RT * kTileRows && columns >= P * kPanel;
+  const int64_t c_bytes = ldc * int64_t(sizeof(float));
+  float* c1 = C + kTileRows * ldc;
+  if (whole && accumulate) {
+    compiler_barrier();
+    _tile_loadd(0, C, c_bytes);
+    if constexpr (P == 2) _tile_loadd(1, C + kPanel, c_bytes);
+    if constexpr (RT == 2) _tile_loadd(2, c1, c_bytes);
+    if constexpr (RT == 2 && P == 2) _tile_loadd(3, c1 + kPanel, c_bytes);
+  } else {
+    _tile_zero(0);
+    if constexpr (P == 2) _tile_zero(1);
+    if constexpr (RT == 2) _tile_zero(2);
+    if constexpr (RT == 2 && P == 2) _tile_zero(3);
+  }
   const int64_t a_bytes = lda * int64_t(sizeof(uint16_t));
   for (int64_t k = 0; k < k_tiles; ++k) {
     const uint16_t* a = A + k * 2 * kTilePairs;
@@ -498,6 +511,14 @@ RNNFAST_AMX_TARGET void amx_block(int64_t k_tiles, const uint16_t* A, int64_t ld
       _tile_dpbf16ps(2, 5, 6);
       if constexpr (P == 2) _tile_dpbf16ps(3, 5, 7);
     }
+  }
+  if (whole) {
+    _tile_stored(0, C, c_bytes);
+    if constexpr (P == 2) _tile_stored(1, C + kPanel, c_bytes);
+    if constexpr (RT == 2) _tile_stored(2, c1, c_bytes);
+    if constexpr (RT == 2 && P == 2) _tile_stored(3, c1 + kPanel, c_bytes);
+    compiler_barrier();
+    return;
   }
   alignas(64) float out[4][kTileRows * kPanel];
   _tile_stored(0, out[0], 64);
