@@ -222,24 +222,34 @@ RNNFAST_TILE_TARGET void panel_to_bf16(const float* panel, int64_t K, int64_t pa
   std::fill(out + (K + 1) / 2 * 2 * kPanel, out + pairs * 2 * kPanel, uint16_t(0));
 }
 
-// The panel of `outputs` adjacent columns of W ([K, ldw], from W's first column) as bfloat16
-// pairs [pairs][16][2], straight from W: the interleave of panel_to_bf16 on masked loads
-RNNFAST_TILE_TARGET void columns_to_bf16(const float* W, int64_t ldw, int64_t K, int64_t outputs,
-                                         int64_t pairs, uint16_t* out) {
+// Panels [first, end) of W's columns ([K, ldw], M of them) as bfloat16 pairs [pairs][16][2]
+// each, panel p at out + p * pairs * 32, straight from W (the interleave of panel_to_bf16 on
+// masked loads), a pair of W's rows at a time across all the panels
+RNNFAST_TILE_TARGET void columns_to_bf16(const float* W, int64_t ldw, int64_t K, int64_t M,
+                                         int64_t first, int64_t end, int64_t pairs, uint16_t* out) {
   alignas(64) uint16_t order[32];
   for (int c = 0; c < 16; ++c) {
     order[2 * c] = uint16_t(c);
     order[2 * c + 1] = uint16_t(16 + c);
   }
   const __m512i idx = _mm512_load_si512(order);
-  const __mmask16 m = outputs >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << outputs) - 1);
+  const int64_t panel_size = pairs * 2 * kPanel;
   for (int64_t k = 0; k < K; k += 2) {
-    const __m512 lo = _mm512_maskz_loadu_ps(m, W + k * ldw);
-    const __m512 hi = k + 1 < K ? _mm512_maskz_loadu_ps(m, W + (k + 1) * ldw) : _mm512_setzero_ps();
-    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-    _mm512_store_si512(out + k * kPanel, _mm512_permutexvar_epi16(idx, both));
+    const float* lo_row = W + k * ldw;
+    const float* hi_row = k + 1 < K ? lo_row + ldw : nullptr;
+    for (int64_t p = first; p < end; ++p) {
+      const int64_t outputs = std::min(kPanel, M - p * kPanel);
+      const __mmask16 m = outputs >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << outputs) - 1);
+      const __m512 lo = _mm512_maskz_loadu_ps(m, lo_row + p * kPanel);
+      const __m512 hi =
+          hi_row ? _mm512_maskz_loadu_ps(m, hi_row + p * kPanel) : _mm512_setzero_ps();
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+      _mm512_store_si512(out + p * panel_size + k * kPanel, _mm512_permutexvar_epi16(idx, both));
+    }
   }
-  std::fill(out + (K + 1) / 2 * 2 * kPanel, out + pairs * 2 * kPanel, uint16_t(0));
+  for (int64_t p = first; p < end; ++p)
+    std::fill(out + p * panel_size + (K + 1) / 2 * 2 * kPanel, out + (p + 1) * panel_size,
+              uint16_t(0));
 }
 
 // out[k * ldo + r] = in[r * ld + k] for r, k < 8
@@ -663,25 +673,31 @@ RNNFAST_AVX2_TARGET void pack_panel(const float* W, int64_t ldw, int64_t M, int6
 }
 
 // rows [0, n) of op(A) rounded to bfloat16 into out, ldo elements a row, zero past K: A's rows,
-// or with `transposed` its columns (A is then [K, lda]), through 16 x K float32 staging rows
+// or with `transposed` its columns (A is then [K, lda]), in blocks of 8 rows x 32 k read along
+// A's rows (16 rows of op(A) at a time down all of K read 64 bytes from each row of A, a walk
+// the prefetchers missed)
 RNNFAST_TILE_TARGET void round_operand(bool transposed, int64_t n, int64_t K, const float* A,
-                                       int64_t lda, uint16_t* out, int64_t ldo, float* staging) {
+                                       int64_t lda, uint16_t* out, int64_t ldo) {
   if (!transposed) return round_rows_to_bf16(n, K, A, lda, out, ldo, ldo);
-  for (int64_t i0 = 0; i0 < n; i0 += kTileRows) {
-    const int64_t rows = std::min(kTileRows, n - i0);
-    for (int64_t r0 = 0; r0 < rows; r0 += 8)
-      for (int64_t k0 = 0; k0 < K; k0 += 8) {
-        const float* in = A + k0 * lda + i0 + r0;
-        float* to = staging + r0 * K + k0;
-        if (r0 + 8 <= rows && k0 + 8 <= K) {
-          transpose8x8(in, lda, to, K);
+  constexpr int64_t kStep = 32;
+  alignas(64) float block[8][kStep];
+  for (int64_t k0 = 0; k0 < K; k0 += kStep) {
+    const int64_t kc = std::min(kStep, K - k0);
+    const int64_t width = k0 + kStep >= K ? ldo - k0 : kStep;  // the last block zeroes the rest
+    for (int64_t i0 = 0; i0 < n; i0 += 8) {
+      const int64_t rows = std::min<int64_t>(8, n - i0);
+      for (int64_t kk = 0; kk < kc; kk += 8) {
+        const float* in = A + (k0 + kk) * lda + i0;
+        if (rows == 8 && kk + 8 <= kc) {
+          transpose8x8(in, lda, &block[0][kk], kStep);
           continue;
         }
-        for (int64_t r = 0; r < std::min<int64_t>(8, rows - r0); ++r)
-          for (int64_t k = 0; k < std::min<int64_t>(8, K - k0); ++k)
-            to[r * K + k] = in[k * lda + r];
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t k = 0; k < std::min<int64_t>(8, kc - kk); ++k)
+            block[r][kk + k] = in[k * lda + r];
       }
-    round_rows_to_bf16(rows, K, staging, K, out + i0 * ldo, ldo, ldo);
+      round_rows_to_bf16(rows, kc, &block[0][0], kStep, out + i0 * ldo + k0, ldo, width);
+    }
   }
 }
 
@@ -713,17 +729,19 @@ int64_t PackedPanels::staging_size() const { return K_ * kPanel; }
 // half the bytes to stream per product
 void PackedPanels::pack(int64_t first, int64_t end, float* staging) {
   const int64_t pairs = padded_pairs(K_);
+  if (bf16_ && !outputs_are_rows_ && blocks_.size >= M_ && first < end) {
+    // W's columns as they lie (no blocks): along W's rows, every panel a pair of k at a time (a
+    // panel down all of K read 64 bytes from each row of W, a walk the prefetchers missed)
+    auto* out = reinterpret_cast<uint16_t*>(data_.get());
+    columns_to_bf16(W_, ldw_, K_, M_, first, end, pairs, out);
+    return;
+  }
   for (int64_t p = first; p < end; ++p) {
     if (!bf16_) {
       pack_panel(W_, ldw_, M_, K_, outputs_are_rows_, blocks_, p, data_.get() + p * K_ * kPanel);
       continue;
     }
     auto* out = reinterpret_cast<uint16_t*>(data_.get() + p * pairs * kPanel);
-    const int64_t first = blocks_(p * kPanel), outputs = std::min(kPanel, M_ - p * kPanel);
-    if (!outputs_are_rows_ && blocks_(p * kPanel + outputs - 1) == first + outputs - 1) {
-      columns_to_bf16(W_ + first, ldw_, K_, outputs, pairs, out);  // no float32 staging
-      continue;
-    }
     pack_panel(W_, ldw_, M_, K_, outputs_are_rows_, blocks_, p, staging);
     panel_to_bf16(staging, K_, pairs, out);
   }
@@ -812,7 +830,7 @@ void parallel_gemm_bf16(int threads, bool trans_a, bool trans_b, int64_t M, int6
   // every thread's float32 staging rows
   Scratch<uint16_t> rounded =
       scratch<uint16_t>((rows + kTileRows - 1) / kTileRows * kTileRows * width);
-  const int64_t staging_size = std::max(panels.staging_size(), kTileRows * K);
+  const int64_t staging_size = panels.staging_size();
   Scratch<float> staging = scratch<float>(threads * staging_size);
   Scratch<float> transposed = scratch<float>(swap ? rows * outputs : 0);
   float* out = swap ? transposed.get() : C;
@@ -833,7 +851,7 @@ void parallel_gemm_bf16(int threads, bool trans_a, bool trans_b, int64_t M, int6
         const int64_t padded = panels.rounded_rows(mine.size());
         const float* first =
             tiles_transposed ? tiles_of + mine.begin : tiles_of + mine.begin * ld_tiles;
-        round_operand(tiles_transposed, mine.size(), K, first, ld_tiles, a, width, mine_staging);
+        round_operand(tiles_transposed, mine.size(), K, first, ld_tiles, a, width);
         std::fill(a + mine.size() * width, a + padded * width, uint16_t(0));
         panels.multiply_rounded(mine.size(), a, out + mine.begin * ld_out, ld_out, false);
       }
