@@ -39,8 +39,9 @@ struct LayerNormStep {
                           // (training; the x product's is written a chunk ahead)
   T* gates{};             // forward in inference: [N, G*H] the gates the pass after c's reads
   T* gx{};                // forward: [N, G*units] this thread's gained x product
-  T* gh{};                // forward: [N, G*units] this thread's h product, normalised in place
-  T* dgamma_hh{};         // backward: the gradients, summed by the threads that own the units
+  T* gh{};  // forward: [N, G*units] this thread's h product, normalised in place (ForwardStep::gh,
+            // which the passes read as const)
+  T* dgamma_hh{};  // backward: the gradients, summed by the threads that own the units
   T* dgamma_c{};
   T* dbeta_c{};
   T* dc_hat{};  // backward: [N, H] the gradient reaching c's normalised value, then c
@@ -241,9 +242,9 @@ RNNFAST_INLINE inline void variational_row(uint64_t seed, uint32_t stream, uint3
 }
 
 template <typename T>
-void variational_scales(const Noise& z, int64_t N, int64_t R, T* out) {
+void variational_scales(Isa isa, const Noise& z, int64_t N, int64_t R, T* out) {
   const T kept = T(1) / (T(1) - T(z.variational));
-  run_inline(cpu_isa(), [&]() RNNFAST_INLINE {
+  run_inline(isa, [&]() RNNFAST_INLINE {
     for (int64_t n = 0; n < N; ++n)
       variational_row(z.seed, z.stream, z.variational_threshold, n, R, kept, out + n * R);
   });
@@ -503,7 +504,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   const bool variational = io.noise.variational > 0 && !io.noise.expectation;
   auto vscale = scratch<T>(variational ? NR : 0);
   auto h_masked = scratch<T>(variational ? 2 * NR : 0);
-  if (variational) variational_scales(io.noise, N, R, vscale.get());
+  if (variational) variational_scales(cpu_isa(), io.noise, N, R, vscale.get());
   // layer norm: the team's block sums, in inference the gates that the pass after c's reads and
   // the chunk's x products as whole rows (in training they go to the reserve's ln_x)
   const bool ln = d.layer_norm;
@@ -523,7 +524,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     StepProducts<T> products;
     // x onto the thread's gate columns; with layer norm one product per gate, onto its columns of
     // whole rows
-    std::optional<StepProduct<T>> projection[4];
+    std::optional<StepProduct<T>> projection[kMaxGates];
     std::optional<StepMasks> kept, taken;  // candidate dropout's, zoneout's (training)
     const bool ok = setup.run([&] {
       gh = scratch<T>(N * th.width);
@@ -823,7 +824,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   auto vscale = scratch<T>(variational ? NR : 0);
   auto h_masked = scratch<T>(variational ? NR : 0);
   auto dh_masked = scratch<T>(variational ? NR : 0);
-  if (variational) variational_scales(io.noise, N, R, vscale.get());
+  if (variational) variational_scales(cpu_isa(), io.noise, N, R, vscale.get());
   const int64_t zero_count = io.dy && !d.P && !zoneout ? 0 : N * std::max(R, H);
   auto zeros = scratch<T>(zero_count);
   std::fill(zeros.get(), zeros.get() + zero_count, T(0));

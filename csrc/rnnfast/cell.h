@@ -92,6 +92,13 @@ inline const CellInfo& cell_info(std::string_view name) {
 
 constexpr int gate_count(CellKind cell) { return cell_info(cell).gates; }
 
+// the most gates a cell of the table has: the size of per-gate arrays
+constexpr int kMaxGates = [] {
+  int most = 0;
+  for (const CellInfo& c : kCellTable) most = c.gates > most ? c.gates : most;
+  return most;
+}();
+
 // f(std::integral_constant<CellKind, kind>{}) for the table's row of `kind`, turning a run-time
 // kind into the compile-time one kernels are instantiated for; throws for a kind the table lacks.
 // Every row is instantiated (on the GPU every row marked gpu; the others throw there), so a row
