@@ -1,9 +1,10 @@
 """The main job's training step (python -m rnnfast charlm's recipe) against the same model in
 PyTorch: embedding 64, one 256-unit LSTM over T = 64 steps of N = 32 streams carrying their state
 (truncated BPTT), linear head over the vocabulary, cross-entropy, backward, gradient clipping at
-norm 5, Adam. float32 in both; and with --bf16 rnnfast's matmul_precision="bfloat16" against
-torch.autocast("cpu", dtype=torch.bfloat16). Each backend runs in its own process with 2 threads,
-rounds interleaved; the table reports minimum times per step.
+norm 5, Adam. float32 in both; and (unless --no-bf16) rnnfast's matmul_precision="bfloat16" (the
+LSTM's and the head's products) against torch.autocast("cpu", dtype=torch.bfloat16). Each backend
+runs in its own process with 2 threads, rounds interleaved; the table reports minimum times per
+step.
 
     python bench/charlm.py                     # 3 rounds, float32 and bfloat16
     python bench/charlm.py --write-results     # ... and update bench/RESULTS.md
@@ -48,7 +49,7 @@ def ours_step(precision):
 
     rnnfast.set_num_threads(2)
     model = CharLM(V, E, H, seed=0)
-    model.rnn.matmul_precision = precision
+    model.set_matmul_precision(precision)
     opt = rnnfast.optim.Adam(model.params, lr=2e-3)
     x, y = batch()
     state = [None]

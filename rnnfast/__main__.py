@@ -85,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--layer-norm", action="store_true", default=None,
                    help="normalise the LSTM's products and c inside the fused kernels "
                    "(Ba et al. 2016)")  # fmt: skip
+    c.add_argument("--matmul-precision", choices=("float32", "bfloat16"),
+                   default=d.matmul_precision,
+                   help="the LSTM's and the head's products: bfloat16 with float32 sums (on AMX "
+                   "tiles where the CPU has them), float32 weights and gradients")  # fmt: skip
     c.add_argument("--seq-len", type=_positive(int), default=d.seq_len, help="TBPTT chunk length")
     c.add_argument("--batch", type=_positive(int), default=d.batch, help="parallel streams")
     c.add_argument("--steps", type=_positive(int), default=d.steps, help="optimizer steps in all")

@@ -307,6 +307,14 @@ class Module:
         )
 
 
+def _layer_precision(matmul_precision, dtype) -> str:
+    """A layer's matmul_precision, checked: bfloat16 products take float32 layers."""
+    check_matmul_precision(matmul_precision)
+    if matmul_precision == "bfloat16" and dtype != np.float32:
+        raise TypeError(f'matmul_precision="bfloat16" needs dtype float32, got {dtype}')
+    return matmul_precision
+
+
 def _float_dtype(dtype) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
@@ -418,10 +426,7 @@ class _Recurrent(Module):
         self.num_directions = 2 if bidirectional else 1
         self.learn_initial_state = bool(learn_initial_state)
         self.dtype = _float_dtype(dtype)
-        check_matmul_precision(matmul_precision)
-        if matmul_precision == "bfloat16" and self.dtype != np.float32:
-            raise TypeError(f'matmul_precision="bfloat16" needs dtype float32, got {self.dtype}')
-        self.matmul_precision = matmul_precision
+        self.matmul_precision = _layer_precision(matmul_precision, self.dtype)
         self.rng = _init.as_generator(seed)
         if isinstance(init, str):
             if init not in _INITS:
@@ -865,10 +870,12 @@ class Embedding(Module):
 
 
 class Linear(Module):
-    """y = x W^T + b over the last axis, as torch.nn.Linear (same init: U(+-1/sqrt(in)))."""
+    """y = x W^T + b over the last axis, as torch.nn.Linear (same init: U(+-1/sqrt(in))).
+    matmul_precision "bfloat16" (float32 layers, a CPU with AVX512_BF16) runs the forward's and
+    the backward's products in bfloat16 with float32 sums, as the recurrent layers' option."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 dtype=np.float32, seed=None):  # fmt: skip
+                 dtype=np.float32, seed=None, matmul_precision: str = "float32"):  # fmt: skip
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(
@@ -876,6 +883,7 @@ class Linear(Module):
             )
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.dtype = _float_dtype(dtype)
+        self.matmul_precision = _layer_precision(matmul_precision, self.dtype)
         rng = _init.as_generator(seed)
         k = 1.0 / np.sqrt(in_features)
         weight = np.empty((out_features, in_features), self.dtype)
@@ -886,7 +894,15 @@ class Linear(Module):
         self._x = None
 
     def __repr__(self) -> str:
-        return f"Linear({self.in_features}, {self.out_features}, bias={'bias' in self.params})"
+        precision = (
+            ""
+            if self.matmul_precision == "float32"
+            else f", matmul_precision={self.matmul_precision!r}"
+        )
+        return (
+            f"Linear({self.in_features}, {self.out_features}, bias={'bias' in self.params}"
+            f"{precision})"
+        )
 
     def forward(self, x) -> np.ndarray:
         x = _check_input("x", x, self.dtype)
@@ -894,7 +910,8 @@ class Linear(Module):
             raise ValueError(f"x must have {self.in_features} features last, got shape {x.shape}")
         self._x = x if self.training else None
         # the product on the kernels' threads (ops.gemm), not NumPy's serial BLAS
-        y = ops.gemm(x.reshape(-1, self.in_features), self.params["weight"], trans_b=True)
+        y = ops.gemm(x.reshape(-1, self.in_features), self.params["weight"], trans_b=True,
+                     matmul_precision=self.matmul_precision)  # fmt: skip
         if "bias" in self.params:
             y += self.params["bias"]
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -910,10 +927,15 @@ class Linear(Module):
                 f"dy must have shape {x.shape[:-1] + (self.out_features,)}, got {dy.shape}"
             )
         x2, dy2 = x.reshape(-1, self.in_features), dy.reshape(-1, self.out_features)
-        ops.gemm(dy2, x2, trans_a=True, out=self.grads["weight"], accumulate=True)
+        if self.matmul_precision == "float32":
+            ops.gemm(dy2, x2, trans_a=True, out=self.grads["weight"], accumulate=True)
+        else:  # the bfloat16 products overwrite: summed into the gradient after
+            self.grads["weight"] += ops.gemm(dy2, x2, trans_a=True,
+                                             matmul_precision=self.matmul_precision)  # fmt: skip
         if "bias" in self.params:
             self.grads["bias"] += dy2.sum(axis=0)
-        return ops.gemm(dy2, self.params["weight"]).reshape(x.shape)
+        dx = ops.gemm(dy2, self.params["weight"], matmul_precision=self.matmul_precision)
+        return dx.reshape(x.shape)
 
 
 # ---- single steps and chains -------------------------------------------------------------------

@@ -49,6 +49,24 @@ def test_charlm_trains_resumes_and_samples(tmp_path, capsys):
     assert text == charlm.sample(model, vocab_, "def ", 30, 0.8, rng=3)
 
 
+def test_charlm_in_bfloat16(tmp_path):
+    # the LSTM's and the head's products in bfloat16 (AMX tiles where the CPU has them): it
+    # learns as float32 does; a CPU without AVX512_BF16 gets a clear message
+    import rnnfast
+
+    js = tmp_path / "run.json"
+    args = ["charlm", *TINY, "--steps", "40", "--eval-every", "40", "--sample-every", "0",
+            "--checkpoint", str(tmp_path / "lm.npz"), "--json", str(js),
+            "--matmul-precision", "bfloat16"]  # fmt: skip
+    if not rnnfast.bfloat16_supported():
+        with pytest.raises(SystemExit, match="AVX512_BF16"):
+            main(args)
+        return
+    assert main(args) == 0
+    summary = json.loads(js.read_text())
+    assert summary["val_perplexity"] < summary["unigram_perplexity"]
+
+
 def test_charlm_with_recurrent_dropout_and_zoneout(tmp_path):
     ck, js = tmp_path / "lm.npz", tmp_path / "run.json"
     rc = main(["charlm", *TINY, "--steps", "30", "--eval-every", "30", "--sample-every", "0",

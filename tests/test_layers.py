@@ -220,11 +220,32 @@ def test_bfloat16_layer_trains_and_infers(cls):
     assert np.all(y16[:, lengths == 0] == 0)
 
 
+@pytest.mark.skipif(not rnnfast.bfloat16_supported(), reason="CPU lacks AVX512_BF16")
+def test_bfloat16_linear():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 7, 48)).astype(np.float32)
+    fast = layers.Linear(48, 33, seed=1, matmul_precision="bfloat16")
+    plain = layers.Linear(48, 33, seed=1)
+    assert "matmul_precision='bfloat16'" in repr(fast)
+    y16, y32 = fast(x), plain(x)
+    assert 1e-5 < np.abs(y16 - y32).max() < 3e-2 * np.abs(y32).max()
+    dy = rng.standard_normal(y32.shape).astype(np.float32)
+    dx16, dx32 = fast.backward(dy), plain.backward(dy)
+    assert 1e-6 < np.linalg.norm(dx16 - dx32) < 3e-2 * np.linalg.norm(dx32)
+    for name, _ in plain.named_parameters():
+        g16, g32 = fast.grads[name], plain.grads[name]
+        assert np.linalg.norm(g16 - g32) <= 3e-2 * np.linalg.norm(g32), name
+
+
 def test_bfloat16_layer_errors():
     with pytest.raises(ValueError, match="matmul_precision must be one of"):
         layers.GRU(C, H, matmul_precision="half")
     with pytest.raises(TypeError, match="needs dtype float32"):
         layers.GRU(C, H, dtype=np.float64, matmul_precision="bfloat16")
+    with pytest.raises(TypeError, match="needs dtype float32"):
+        layers.Linear(C, H, dtype=np.float64, matmul_precision="bfloat16")
+    with pytest.raises(ValueError, match="matmul_precision must be one of"):
+        layers.Linear(C, H, matmul_precision="half")
 
 
 def test_unbatched_matches_batch_of_one():

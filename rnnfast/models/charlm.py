@@ -20,8 +20,9 @@ from .. import checkpoint as ckpt
 from .. import optim as _optim
 from ..clip import NonFiniteGuard, clip_grad_norm_, grad_norm
 from ..init import as_generator
-from ..layers import LSTM, Embedding, Linear, Module
+from ..layers import LSTM, Embedding, Linear, Module, _layer_precision
 from ..losses import perplexity, softmax, softmax_cross_entropy
+from ..ops import bfloat16_supported
 from ..sequences import TruncatedBPTT
 from ..training import ProgressBar
 
@@ -149,6 +150,12 @@ class CharLM(Module):
         dx, _ = self.rnn.backward(self.head.backward(dlogits))
         self.embed.backward(dx)
 
+    def set_matmul_precision(self, matmul_precision: str) -> None:
+        """The LSTM's and the head's products in "float32" or "bfloat16" (float32 sums, float32
+        weights and gradients; AMX tiles where the CPU has them), forward and backward."""
+        for layer in (self.rnn, self.head):
+            layer.matmul_precision = _layer_precision(matmul_precision, layer.dtype)
+
 
 def evaluate(model: CharLM, ids: np.ndarray, batch: int = 32, seq_len: int = 256) -> float:
     """Mean cross-entropy (nats per character) over ``ids``, read as ``batch`` parallel streams."""
@@ -231,6 +238,7 @@ class TrainConfig:
     threads: int | None = None
     quiet: bool = False
     distributed: bool = False
+    matmul_precision: str = "float32"
 
 
 def _model_from_meta(meta: dict, state: dict, path: str) -> tuple[CharLM, Vocab]:
@@ -405,6 +413,10 @@ def train(cfg: TrainConfig) -> dict:
         model = CharLM(len(vocab), **options, seed=cfg.seed)
         opt = OPTIMIZERS[cfg.optimizer](model.params, lr=cfg.lr)
         base_lr = cfg.lr
+    if cfg.matmul_precision == "bfloat16" and not bfloat16_supported():
+        raise SystemExit("--matmul-precision bfloat16 needs a CPU with AVX512_BF16, which this "
+                         "one lacks")  # fmt: skip
+    model.set_matmul_precision(cfg.matmul_precision)
     train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
     if len(train_ids) < 2 * cfg.batch:
         most = max(1, len(train_ids) // 2)
