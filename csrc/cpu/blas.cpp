@@ -5,7 +5,7 @@
 
 #include <algorithm>
 #include <climits>
-#include <optional>
+#include <memory>
 #include <stdexcept>
 #include <type_traits>
 
@@ -72,9 +72,11 @@ void parallel_gemm(int threads, bool trans_a, bool trans_b, int64_t M, int64_t N
                       N * K * int64_t(sizeof(T)) <= l2_cache_bytes() / 2 &&
                       StepProduct<T>::packing_pays(N, K, M);
   // packed before the team (nothing in it may throw); float32's multiply is safe to share
-  std::optional<StepProduct<T>> product;
+  std::unique_ptr<const StepProduct<T>> product;  // not std::optional: GCC 12 for aarch64
+  // warned that its payload may be used uninitialized, wrongly, and the build has -Werror there
   if (packed)
-    product.emplace(B, ldb, N, K, trans_b ? WeightsBy::row : WeightsBy::column, OutputBlocks{}, M);
+    product = std::make_unique<const StepProduct<T>>(
+        B, ldb, N, K, trans_b ? WeightsBy::row : WeightsBy::column, OutputBlocks{}, M);
 #pragma omp parallel num_threads(threads)
   {
     const Range mine = split(blocks, team_size(), thread_index());
