@@ -203,16 +203,21 @@ RNNFAST_TILE_TARGET void round_rows_to_bf16(int64_t rows, int64_t K, const float
   }
 }
 
-// A float32 panel [K][16] as bfloat16 pairs [pairs][16][2], the k past K zero.
-RNNFAST_TILE_TARGET void panel_to_bf16(const float* panel, int64_t K, int64_t pairs,
-                                       uint16_t* out) {
-  // interleave: lane 2c takes k's output c (element c), lane 2c + 1 takes k + 1's (element 16 + c)
+// The permutation of _mm512_cvtne2ps_pbh(hi, lo) into pairs: lane 2c takes lo's element c (k's
+// output c), lane 2c + 1 hi's (k + 1's)
+RNNFAST_TILE_TARGET inline __m512i pair_interleave() {
   alignas(64) uint16_t order[32];
   for (int c = 0; c < 16; ++c) {
     order[2 * c] = uint16_t(c);
     order[2 * c + 1] = uint16_t(16 + c);
   }
-  const __m512i idx = _mm512_load_si512(order);
+  return _mm512_load_si512(order);
+}
+
+// A float32 panel [K][16] as bfloat16 pairs [pairs][16][2], the k past K zero.
+RNNFAST_TILE_TARGET void panel_to_bf16(const float* panel, int64_t K, int64_t pairs,
+                                       uint16_t* out) {
+  const __m512i idx = pair_interleave();
   for (int64_t k = 0; k < K; k += 2) {
     const __m512 lo = _mm512_load_ps(panel + k * kPanel);
     const __m512 hi = k + 1 < K ? _mm512_load_ps(panel + (k + 1) * kPanel) : _mm512_setzero_ps();
@@ -227,12 +232,7 @@ RNNFAST_TILE_TARGET void panel_to_bf16(const float* panel, int64_t K, int64_t pa
 // masked loads), a pair of W's rows at a time across all the panels
 RNNFAST_TILE_TARGET void columns_to_bf16(const float* W, int64_t ldw, int64_t K, int64_t M,
                                          int64_t first, int64_t end, int64_t pairs, uint16_t* out) {
-  alignas(64) uint16_t order[32];
-  for (int c = 0; c < 16; ++c) {
-    order[2 * c] = uint16_t(c);
-    order[2 * c + 1] = uint16_t(16 + c);
-  }
-  const __m512i idx = _mm512_load_si512(order);
+  const __m512i idx = pair_interleave();
   const int64_t panel_size = pairs * 2 * kPanel;
   for (int64_t k = 0; k < K; k += 2) {
     const float* lo_row = W + k * ldw;
@@ -270,6 +270,24 @@ RNNFAST_AVX2_TARGET void transpose8x8(const float* in, int64_t ld, float* out, i
     _mm256_storeu_ps(out + i * ldo, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
     _mm256_storeu_ps(out + (i + 4) * ldo, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
   }
+}
+
+// out[c * ldo + r] = in[r * ld + c] for r < rows, c < cols: 8 x 8 register blocks, the edges
+// element by element
+void transpose_blocks(int64_t rows, int64_t cols, const float* in, int64_t ld, float* out,
+                      int64_t ldo) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 8)
+    for (int64_t c0 = 0; c0 < cols; c0 += 8) {
+      const float* from = in + r0 * ld + c0;
+      float* to = out + c0 * ldo + r0;
+      if (r0 + 8 <= rows && c0 + 8 <= cols) {
+        transpose8x8(from, ld, to, ldo);
+        continue;
+      }
+      for (int64_t r = 0; r < std::min<int64_t>(8, rows - r0); ++r)
+        for (int64_t c = 0; c < std::min<int64_t>(8, cols - c0); ++c)
+          to[c * ldo + r] = from[r * ld + c];
+    }
 }
 
 template <typename E>
@@ -686,16 +704,7 @@ RNNFAST_TILE_TARGET void round_operand(bool transposed, int64_t n, int64_t K, co
     const int64_t width = k0 + kStep >= K ? ldo - k0 : kStep;  // the last block zeroes the rest
     for (int64_t i0 = 0; i0 < n; i0 += 8) {
       const int64_t rows = std::min<int64_t>(8, n - i0);
-      for (int64_t kk = 0; kk < kc; kk += 8) {
-        const float* in = A + (k0 + kk) * lda + i0;
-        if (rows == 8 && kk + 8 <= kc) {
-          transpose8x8(in, lda, &block[0][kk], kStep);
-          continue;
-        }
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t k = 0; k < std::min<int64_t>(8, kc - kk); ++k)
-            block[r][kk + k] = in[k * lda + r];
-      }
+      transpose_blocks(kc, rows, A + k0 * lda + i0, lda, &block[0][0], kStep);
       round_rows_to_bf16(rows, kc, &block[0][0], kStep, out + i0 * ldo + k0, ldo, width);
     }
   }
@@ -860,18 +869,7 @@ void parallel_gemm_bf16(int threads, bool trans_a, bool trans_b, int64_t M, int6
 #pragma omp barrier
       if (me < team) {  // C[i, j] = C^T[j, i] for this thread's rows i of C
         const Range mine = split(M, team, me, 8);
-        for (int64_t i0 = mine.begin; i0 < mine.end; i0 += 8)
-          for (int64_t j0 = 0; j0 < N; j0 += 8) {
-            const float* in = out + j0 * ld_out + i0;
-            float* to = C + i0 * ldc + j0;
-            if (i0 + 8 <= mine.end && j0 + 8 <= N) {
-              transpose8x8(in, ld_out, to, ldc);
-              continue;
-            }
-            for (int64_t i = 0; i < std::min<int64_t>(8, mine.end - i0); ++i)
-              for (int64_t j = 0; j < std::min<int64_t>(8, N - j0); ++j)
-                to[i * ldc + j] = in[j * ld_out + i];
-          }
+        transpose_blocks(N, mine.size(), out + mine.begin, ld_out, C + mine.begin * ldc, ldc);
       }
     }
   }
