@@ -106,6 +106,32 @@ def test_packed_product_in_row_blocks(cell):
     _check(cell, np.float32, _case(cell, 6, 16, 700, 40, True, True, "mixed"))
 
 
+@pytest.mark.parametrize("H", [18, 300], ids=["H18", "H300"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_float32_weight_gradients_in_chunks(cell, H):
+    # float32 sums dw_ih and dw_hh inside the backward loop, each thread its own units, a chunk of
+    # steps at a time (at H = 300 the chunks hold up to half the L2 of dG: several per call; at
+    # H = 18 the units split 16 / 2): exact against the reference, and the same bits on one thread
+    case = _case(cell, 40, 9, 33, H, True, True, "mixed")
+    _check(cell, np.float32, case)
+    inputs, up, *_ = case
+    inputs, up = cast(inputs, np.float32), cast(up, np.float32)
+
+    def gradients():
+        *_, ctx = run_forward(ops, cell, **inputs)
+        return run_backward(ops, cell, ctx, **up)
+
+    two = gradients()
+    before = rnnfast.get_num_threads()
+    try:
+        rnnfast.set_num_threads(1)
+        one = gradients()
+    finally:
+        rnnfast.set_num_threads(before)
+    for name, g in two.items():
+        assert (g is None and one[name] is None) or np.array_equal(g, one[name]), name
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("cell", CELLS)
 def test_noncontiguous_inputs(cell, dtype):

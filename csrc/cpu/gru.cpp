@@ -131,6 +131,7 @@ struct Gru : DefaultStep {
 // candidate pass, a barrier. Backward mirrors it. All biases are plain sums (folded into bx).
 struct GruResetBefore : DefaultStep {
   static constexpr CellKind kind = CellKind::gru_reset_before;
+  static constexpr bool kDefaultWeightGradients = false;  // W_hn's gradient reads r * h_{t-1}
 
   template <typename T>
   static void forward_products(const Dims& d, const ForwardIO<T>& io, const ForwardThread<T>& th,

@@ -150,6 +150,22 @@ RNNFAST_TILE_TARGET __attribute__((always_inline)) inline void multiply_add_k(
   }
 }
 
+// C[R, 16P] (+)= the accumulators, the last panel's columns masked
+template <int R, int P>
+RNNFAST_TILE_TARGET __attribute__((always_inline)) inline void store_tile(const __m512 (&acc)[R][P],
+                                                                          float* C, int64_t ldc,
+                                                                          __mmask16 last_mask,
+                                                                          bool accumulate) {
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) {
+      const __mmask16 m = p == P - 1 ? last_mask : __mmask16(0xFFFF);
+      float* c = C + r * ldc + p * kPanel;
+      __m512 v = acc[r][p];
+      if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), v);
+      _mm512_mask_storeu_ps(c, m, v);
+    }
+}
+
 // Independent sums in flight to keep two FMA pipes busy: 2 x 4 cycles of latency in float32,
 // 2 x 6 for vdpbf16ps.
 template <typename E>
@@ -173,16 +189,10 @@ RNNFAST_TILE_TARGET void tile(int64_t K, const E* A, int64_t lda, const E* panel
   for (; k + S <= K; k += S)
     for (int s = 0; s < S; ++s) multiply_add_k<E, R, P>(acc[s], A, lda, panel, panel_stride, k + s);
   for (; k < K; ++k) multiply_add_k<E, R, P>(acc[0], A, lda, panel, panel_stride, k);
-  for (int r = 0; r < R; ++r) {
-    for (int p = 0; p < P; ++p) {
-      __m512 v = acc[0][r][p];
-      for (int s = 1; s < S; ++s) v = _mm512_add_ps(v, acc[s][r][p]);
-      const __mmask16 m = p == P - 1 ? last_mask : __mmask16(0xFFFF);
-      float* c = C + r * ldc + p * kPanel;
-      if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), v);
-      _mm512_mask_storeu_ps(c, m, v);
-    }
-  }
+  for (int s = 1; s < S; ++s)
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) acc[0][r][p] = _mm512_add_ps(acc[0][r][p], acc[s][r][p]);
+  store_tile<R, P>(acc[0], C, ldc, last_mask, accumulate);
 }
 
 // Rows of float32 rounded to bfloat16 (to nearest even), zero-padded to `width` (>= K) elements:
@@ -294,34 +304,47 @@ template <typename E>
 using TileFn = void (*)(int64_t, const E*, int64_t, const E*, int64_t, float*, int64_t, __mmask16,
                         bool);
 
-template <typename E, int P>
-TileFn<E> tile_for_rows(int rows) {
+// Kernel::of<R> for 1 <= rows <= kMaxRows (more take kMaxRows)
+template <class Kernel>
+auto for_rows(int rows) {
   switch (rows) {
     case 1:
-      return tile<E, 1, P>;
+      return Kernel::template of<1>;
     case 2:
-      return tile<E, 2, P>;
+      return Kernel::template of<2>;
     case 3:
-      return tile<E, 3, P>;
+      return Kernel::template of<3>;
     case 4:
-      return tile<E, 4, P>;
+      return Kernel::template of<4>;
     case 5:
-      return tile<E, 5, P>;
+      return Kernel::template of<5>;
     case 6:
-      return tile<E, 6, P>;
+      return Kernel::template of<6>;
     case 7:
-      return tile<E, 7, P>;
+      return Kernel::template of<7>;
     case 8:
-      return tile<E, 8, P>;
+      return Kernel::template of<8>;
     case 9:
-      return tile<E, 9, P>;
+      return Kernel::template of<9>;
     case 10:
-      return tile<E, 10, P>;
+      return Kernel::template of<10>;
     case 11:
-      return tile<E, 11, P>;
+      return Kernel::template of<11>;
     default:
-      return tile<E, 12, P>;
+      return Kernel::template of<12>;
   }
+}
+
+// one_chain: one sum per output whatever the rows (in k order, so that the bits do not depend on
+// how a caller's rows fall into tiles), else as many as the rows need to hide the FMA latency
+template <typename E, int P, bool one_chain>
+struct PanelTiles {
+  template <int R>
+  static constexpr TileFn<E> of = one_chain ? tile<E, R, P, 1> : tile<E, R, P>;
+};
+template <typename E, int P, bool one_chain = false>
+TileFn<E> tile_for_rows(int rows) {
+  return for_rows<PanelTiles<E, P, one_chain>>(rows);
 }
 
 // N rows in tiles of at most kMaxRows, as even as possible (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2:
@@ -348,7 +371,7 @@ struct RowTiles {
 
 // C[N, M] (+)= A[N, K] times the panels, two at a time, panel_stride elements apart. K counts
 // panel steps.
-template <typename E>
+template <typename E, bool one_chain = false>
 void multiply_panels(int64_t N, int64_t M, int64_t K, const E* A, int64_t lda, const E* panels,
                      int64_t panel_stride, float* C, int64_t ldc, bool accumulate) {
   const int64_t count = (M + kPanel - 1) / kPanel;
@@ -362,7 +385,8 @@ void multiply_panels(int64_t N, int64_t M, int64_t K, const E* A, int64_t lda, c
       for (int64_t i = first; i < end; ++i) {
         const int rows = tiles.rows(i);
         const int64_t n0 = tiles.first_row(i);
-        const TileFn<E> f = P == 2 ? tile_for_rows<E, 2>(rows) : tile_for_rows<E, 1>(rows);
+        const TileFn<E> f =
+            P == 2 ? tile_for_rows<E, 2, one_chain>(rows) : tile_for_rows<E, 1, one_chain>(rows);
         f(K, A + n0 * lda, lda, panel, panel_stride, C + n0 * ldc + p0 * kPanel, ldc, last,
           accumulate);
       }
@@ -421,14 +445,15 @@ RNNFAST_AVX2_TARGET void tile_avx2(int64_t K, const float* A, int64_t lda, const
 using TileAvx2Fn = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
                             bool);
 
+template <bool one_chain = false>
 TileAvx2Fn tile_avx2_for_rows(int rows) {
   switch (rows) {
     case 1:
-      return tile_avx2<1>;
+      return one_chain ? tile_avx2<1, 1> : tile_avx2<1>;
     case 2:
-      return tile_avx2<2>;
+      return one_chain ? tile_avx2<2, 1> : tile_avx2<2>;
     case 3:
-      return tile_avx2<3>;
+      return one_chain ? tile_avx2<3, 1> : tile_avx2<3>;
     case 4:
       return tile_avx2<4>;
     case 5:
@@ -438,7 +463,8 @@ TileAvx2Fn tile_avx2_for_rows(int rows) {
   }
 }
 
-// C[N, M] (+)= A[N, K] times the panels, one at a time, in RowTiles
+// C[N, M] (+)= A[N, K] times the panels, one at a time, in RowTiles (one_chain as PanelTiles)
+template <bool one_chain = false>
 void multiply_panels_avx2(int64_t N, int64_t M, int64_t K, const float* A, int64_t lda,
                           const float* panels, float* C, int64_t ldc, bool accumulate) {
   const int64_t count = (M + kPanel - 1) / kPanel;
@@ -448,8 +474,9 @@ void multiply_panels_avx2(int64_t N, int64_t M, int64_t K, const float* A, int64
       const int64_t outputs = std::min(kPanel, M - p * kPanel);
       for (int64_t i = first; i < end; ++i) {
         const int64_t n0 = tiles.first_row(i);
-        tile_avx2_for_rows(tiles.rows(i))(K, A + n0 * lda, lda, panels + p * K * kPanel,
-                                          C + n0 * ldc + p * kPanel, ldc, outputs, accumulate);
+        tile_avx2_for_rows<one_chain>(tiles.rows(i))(K, A + n0 * lda, lda, panels + p * K * kPanel,
+                                                     C + n0 * ldc + p * kPanel, ldc, outputs,
+                                                     accumulate);
       }
     }
   });
@@ -793,6 +820,49 @@ void PackedPanels::multiply(int64_t N, const float* A, int64_t lda, float* C, in
   multiply_rounded(N, a, C, ldc, accumulate);
 }
 
+// k per block of the transposed products: the block's rows of B, packed, take a quarter of the
+// L2 (from what the CPU reports and the shape, never the team: the blocks fix the order of sums)
+int64_t transposed_k_block(int64_t N) {
+  const int64_t width = (N + kPanel - 1) / kPanel * kPanel;
+  return std::clamp<int64_t>(l2_cache_bytes() / 4 / (width * int64_t(sizeof(float))) / 16 * 16, 64,
+                             512);
+}
+
+int64_t transposed_workspace(int64_t rows, int64_t N) {
+  return transposed_k_block(N) * ((N + kPanel - 1) / kPanel * kPanel + rows);
+}
+
+void multiply_transposed(int64_t M, OutputBlocks blocks, int64_t N, int64_t K, const float* A,
+                         int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                         bool accumulate, float* workspace) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m) std::fill(C + blocks(m) * ldc, C + blocks(m) * ldc + N, 0.0f);
+    return;
+  }
+  const int64_t kc = transposed_k_block(N), count = (N + kPanel - 1) / kPanel;
+  const int64_t group = std::min(M, blocks.size);
+  float* panels = workspace;
+  float* a_rows = workspace + kc * count * kPanel;
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t kn = std::min(kc, K - k0);
+    const bool add = accumulate || k0 > 0;
+    for (int64_t p = 0; p < count; ++p)
+      pack_panel(B + k0 * ldb, ldb, N, kn, false, {}, p, panels + p * kn * kPanel);
+    for (int64_t m0 = 0; m0 < M; m0 += group) {
+      const int64_t rows = std::min(group, M - m0), at = blocks(m0);
+      // the group's rows of A^T: a_rows[r * kn + k] = A[(k0 + k) * lda + at + r]
+      transpose_blocks(kn, rows, A + k0 * lda + at, lda, a_rows, kn);
+      if (cpu_has_avx512())
+        multiply_panels<float, true>(rows, N, kn, a_rows, kn, panels, kn * kPanel, C + at * ldc,
+                                     ldc, add);
+      else
+        multiply_panels_avx2<true>(rows, N, kn, a_rows, kn, panels, C + at * ldc, ldc, add);
+    }
+  }
+}
+
 double register_peak_flops(const char* kind, int64_t iterations) {
   const std::string k = kind;
   if ((k == "avx512_bf16" && !cpu_has_avx512_bf16()) || (k == "amx_bf16" && !cpu_has_amx_bf16()) ||
@@ -888,6 +958,13 @@ void PackedPanels::multiply(int64_t, const float*, int64_t, float*, int64_t, boo
 void parallel_gemm_bf16(int, bool, bool, int64_t, int64_t, int64_t, const float*, int64_t,
                         const float*, int64_t, float*, int64_t) {
   throw std::logic_error("rnnfast: bfloat16 products exist on x86-64 only");
+}
+
+int64_t transposed_workspace(int64_t, int64_t) { return 0; }
+
+void multiply_transposed(int64_t, OutputBlocks, int64_t, int64_t, const float*, int64_t,
+                         const float*, int64_t, float*, int64_t, bool, float*) {
+  throw std::logic_error("rnnfast: packed products exist on x86-64 only");
 }
 
 double register_peak_flops(const char*, int64_t) {

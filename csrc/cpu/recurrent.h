@@ -665,6 +665,10 @@ void sum_bias_rows(const BackwardThread<T>& th, const BackwardStep<T>& s) {
 // The products are built once per thread per call (forward_products, backward_products), and the
 // weight gradients follow the loop (weight_gradients); a cell may replace any of these too.
 struct DefaultStep {
+  // whether weight_gradients is DefaultStep's (dw_ih = dgx^T x, dw_hh = dgh^T h_{t-1}, dx), which
+  // the loop may then sum chunk by chunk itself (weight_gradients_in_loop)
+  static constexpr bool kDefaultWeightGradients = true;
+
   // h_{t-1} [N, R] onto the thread's outputs, the rows of all G gates of its units: G blocks of
   // w_hh, with T*N rows through them in this call
   template <typename T>
@@ -759,12 +763,58 @@ void dw_hh_rows(const Dims& d, bool bf16, const T* dgh, const T* h, int64_t firs
 }
 
 template <typename T>
+void dx_product(const Dims& d, const BackwardIO<T>& io, const T* dgx) {
+  const int64_t GH = d.GH(), TN = d.T * d.N;
+  gradient_product<T>(io.bf16, false, TN, d.C, GH, dgx, GH, io.w_ih, d.C, io.dx, d.C);
+}
+
+template <typename T>
 void input_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx) {
   const int64_t GH = d.GH(), TN = d.T * d.N;
   auto x_masked = scratch<T>(0);
   const T* x_rows = finite_padding(d, io.x, io.lengths, x_masked);
   gradient_product<T>(io.bf16, true, GH, d.C, TN, dgx, GH, x_rows, d.C, io.dw_ih, d.C);
-  gradient_product<T>(io.bf16, false, TN, d.C, GH, dgx, GH, io.w_ih, d.C, io.dx, d.C);
+  dx_product(d, io, dgx);
+}
+
+// Whether dw_ih and dw_hh are summed inside the backward loop, each thread over its own units'
+// rows a chunk of steps at a time, from the columns of dG it has just written and that are still
+// in its cache (after the loop they came from memory, at under half the FMA peak: bench/RESULTS.md,
+// session 13): float32 on the packed tiles, a cell with DefaultStep's weight gradients, and nothing
+// (layer norm's x side, variational dropout's masked h, a projection) changing what they read.
+template <class Cell, typename T>
+bool weight_gradients_in_loop(const Dims& d, const BackwardIO<T>& io) {
+  // each chunk adds into the thread's rows of dw_ih and dw_hh: where all of them take more than
+  // twice the L2 (LSTM H = 512: 8 MB), those re-reads cost what the sums save
+  const int64_t gradient_bytes = d.GH() * (d.C + d.R()) * int64_t(sizeof(float));
+  return std::is_same_v<T, float> && !io.bf16 && cpu_has_packed_products() &&
+         Cell::kDefaultWeightGradients && !d.layer_norm && !d.P && !(io.noise.variational > 0) &&
+         gradient_bytes <= 2 * l2_cache_bytes();
+}
+
+// Steps per chunk of those sums: a chunk's rows of dG take up to half the L2 (the thread's columns
+// of them its share), and at least 64 rows. From the shape and the L2 alone, never the team: the
+// chunks fix the order of the sums.
+inline int64_t gradient_chunk_steps(const Dims& d) {
+  const int64_t rows =
+      std::max<int64_t>(64, l2_cache_bytes() / 2 / std::max<int64_t>(1, d.GH() * 4));
+  return std::max<int64_t>(1, rows / std::max<int64_t>(1, d.N));
+}
+
+// This thread's rows of dw_ih and dw_hh (its units in every gate) += the steps [t0, t1) of its
+// columns of dgx and dgh times x and h_{t-1}
+inline void chunk_weight_gradients(const Dims& d, const BackwardIO<float>& io, Range units,
+                                   int64_t gates, const float* dgx, const float* dgh,
+                                   const float* x_rows, const float* hs, int64_t t0, int64_t t1,
+                                   float* workspace) {
+  const int64_t GH = d.GH(), R = d.R(), K = (t1 - t0) * d.N, rows = gates * units.size();
+  const OutputBlocks by_gate{units.size(), d.H};
+  const int64_t first = t0 * d.N;
+  multiply_transposed(rows, by_gate, d.C, K, dgx + first * GH + units.begin, GH,
+                      x_rows + first * d.C, d.C, io.dw_ih + units.begin * d.C, d.C, true,
+                      workspace);
+  multiply_transposed(rows, by_gate, R, K, dgh + first * GH + units.begin, GH, hs + first * R, R,
+                      io.dw_hh + units.begin * R, R, true, workspace);
 }
 
 template <typename T>
@@ -848,6 +898,11 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   // the normalised values and rstd of the forward, read (never written) by backward's steps
   T* ln_reserve = const_cast<T*>(io.reserve);
 
+  const bool sums_in_loop = weight_gradients_in_loop<Cell, T>(d, io);
+  const int64_t chunk_steps = gradient_chunk_steps(d);
+  auto x_masked = scratch<T>(0);
+  const T* x_rows = sums_in_loop ? finite_padding(d, io.x, io.lengths, x_masked) : nullptr;
+
   TeamSetup setup;
 #pragma omp parallel num_threads(recurrent_threads(d))
   {
@@ -862,8 +917,12 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
     std::optional<StepMasks> kept, taken;  // candidate dropout's, zoneout's
     Scratch<T> drh(nullptr, release_scratch), drop(nullptr, release_scratch),
         carry(nullptr, release_scratch);
+    Scratch<float> gradient_workspace(nullptr, release_scratch);
     const bool ok = setup.run([&] {
       Cell::template backward_products<T>(d, io, th, products);
+      if (sums_in_loop)
+        gradient_workspace = scratch<float>(std::max(transposed_workspace(th.units.size(), d.C),
+                                                     transposed_workspace(th.units.size(), R)));
       drh = scratch<T>(cell.reset_before ? N * th.units.size() : 0);
       if (dropping) {
         drop = scratch<T>(N * th.units.size());
@@ -884,6 +943,13 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
     ln_step.dgamma_c = io.dln.gamma_c;
     ln_step.dbeta_c = io.dln.beta_c;
     ln_step.dc_hat = ln_dc_hat.get();
+    if constexpr (std::is_same_v<T, float>)
+      if (ok && sums_in_loop)  // the chunks add to this thread's rows
+        for (int64_t g = 0; g < cell.gates; ++g) {
+          const int64_t r0 = g * H + th.units.begin, r1 = g * H + th.units.end;
+          std::fill(io.dw_ih + r0 * d.C, io.dw_ih + r1 * d.C, 0.0f);
+          std::fill(io.dw_hh + r0 * R, io.dw_hh + r1 * R, 0.0f);
+        }
     for (int64_t t = d.T - 1; ok && t >= 0; --t) {
       BackwardStep<T> s{N, H, R, t, th.units, io.lengths};
       s.dy = io.dy ? io.dy + t * NR : zeros.get();
@@ -938,6 +1004,13 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
             for (int64_t j = th.units.begin; j < th.units.end; ++j)
               io.dh0[n * R + j] += vscale[n * R + j] * dh_masked[n * R + j];
         });
+      // a chunk is whole at its first step (chunks run from step T down, the one at 0 shorter)
+      const int64_t past_chunk = (d.T - t) % chunk_steps;
+      if constexpr (std::is_same_v<T, float>)
+        if (sums_in_loop && (past_chunk == 0 || t == 0))
+          chunk_weight_gradients(d, io, th.units, cell.gates, dgx.get(), dgh, x_rows, hs, t,
+                                 t + (past_chunk == 0 ? chunk_steps : past_chunk),
+                                 gradient_workspace.get());
     }
   }
   setup.rethrow();
@@ -948,8 +1021,11 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   if (variational)
     for (int64_t t = 0; t < d.T; ++t)
       for (int64_t k = 0; k < NR; ++k) hs_masked[t * NR + k] = hs[t * NR + k] * vscale[k];
-  Cell::template weight_gradients<T>(d, io, dgx.get(), dgh, variational ? hs_masked.get() : hs,
-                                     dh_seq.get());
+  if (sums_in_loop)
+    dx_product(d, io, dgx.get());
+  else
+    Cell::template weight_gradients<T>(d, io, dgx.get(), dgh, variational ? hs_masked.get() : hs,
+                                       dh_seq.get());
   if (io.db_ih) std::memcpy(io.db_ih, db_sum.get(), sizeof(T) * GH);
   if (io.db_hh) std::memcpy(io.db_hh, db_sum.get() + (sum_db_h ? GH : 0), sizeof(T) * GH);
 }

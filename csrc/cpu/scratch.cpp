@@ -14,7 +14,11 @@ namespace rnnfast::cpu {
 
 namespace {
 constexpr size_t kHugePage = size_t(2) << 20;
-constexpr size_t kCachedMin = size_t(1) << 20;  // smaller blocks are cheap for malloc itself
+// Smaller blocks are cheap for malloc itself. From 128 KiB on glibc maps each block afresh (and
+// raises that threshold only as far as the blocks it has seen freed), so that a call's workspace of
+// a few hundred KiB was faulted in and zeroed again on every call: 5-7% of a GRU training step at
+// (64, 25, 128), in the forward as much as in the backward (bench/RESULTS.md, session 13).
+constexpr size_t kCachedMin = size_t(64) << 10;
 
 struct ScratchCache {
   std::mutex mutex;
