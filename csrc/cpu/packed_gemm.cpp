@@ -263,7 +263,9 @@ RNNFAST_TILE_TARGET void columns_to_bf16(const float* W, int64_t ldw, int64_t K,
 }
 
 // out[k * ldo + r] = in[r * ld + k] for r, k < 8
-RNNFAST_AVX2_TARGET void transpose8x8(const float* in, int64_t ld, float* out, int64_t ldo) {
+RNNFAST_AVX2_TARGET inline __attribute__((always_inline)) void transpose8x8(const float* in,
+                                                                            int64_t ld, float* out,
+                                                                            int64_t ldo) {
   __m256 r[8], t[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * ld);
   for (int i = 0; i < 8; i += 2) {
@@ -282,10 +284,10 @@ RNNFAST_AVX2_TARGET void transpose8x8(const float* in, int64_t ld, float* out, i
   }
 }
 
-// out[c * ldo + r] = in[r * ld + c] for r < rows, c < cols: 8 x 8 register blocks, the edges
-// element by element
-void transpose_blocks(int64_t rows, int64_t cols, const float* in, int64_t ld, float* out,
-                      int64_t ldo) {
+// out[c * ldo + r] = in[r * ld + c] for r < rows, c < cols: 8 x 8 register blocks (inlined: a call
+// per block cost a third of the time), the edges element by element
+RNNFAST_AVX2_TARGET void transpose_blocks(int64_t rows, int64_t cols, const float* in, int64_t ld,
+                                          float* out, int64_t ldo) {
   for (int64_t r0 = 0; r0 < rows; r0 += 8)
     for (int64_t c0 = 0; c0 < cols; c0 += 8) {
       const float* from = in + r0 * ld + c0;
@@ -822,43 +824,68 @@ void PackedPanels::multiply(int64_t N, const float* A, int64_t lda, float* C, in
 
 // k per block of the transposed products: the block's rows of B, packed, take a quarter of the
 // L2 (from what the CPU reports and the shape, never the team: the blocks fix the order of sums)
-int64_t transposed_k_block(int64_t N) {
-  const int64_t width = (N + kPanel - 1) / kPanel * kPanel;
-  return std::clamp<int64_t>(l2_cache_bytes() / 4 / (width * int64_t(sizeof(float))) / 16 * 16, 64,
-                             512);
+namespace {
+int64_t padded_width(int64_t N) { return (N + kPanel - 1) / kPanel * kPanel; }
+
+// k per block: the block's packed rows of every B take a quarter of the L2 (from the shapes and the
+// L2 alone, never the team: the blocks fix the order of the sums)
+int64_t transposed_k_block(const TransposedTarget* targets, int count) {
+  int64_t width = 0;
+  for (int i = 0; i < count; ++i) width += padded_width(targets[i].N);
+  return std::clamp<int64_t>(
+      l2_cache_bytes() / 4 / (std::max<int64_t>(width, 1) * int64_t(sizeof(float))) / 16 * 16, 64,
+      512);
+}
+}  // namespace
+
+int64_t transposed_workspace(int64_t rows, const TransposedTarget* targets, int count) {
+  int64_t width = 0;
+  for (int i = 0; i < count; ++i) width += padded_width(targets[i].N);
+  return transposed_k_block(targets, count) * (width + rows);
 }
 
-int64_t transposed_workspace(int64_t rows, int64_t N) {
-  return transposed_k_block(N) * ((N + kPanel - 1) / kPanel * kPanel + rows);
-}
-
-void multiply_transposed(int64_t M, OutputBlocks blocks, int64_t N, int64_t K, const float* A,
-                         int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                         bool accumulate, float* workspace) {
-  if (M <= 0 || N <= 0) return;
+void multiply_transposed(int64_t M, OutputBlocks blocks, int64_t K, const float* A, int64_t lda,
+                         const TransposedTarget* targets, int count, bool accumulate,
+                         float* workspace) {
+  if (M <= 0) return;
   if (K <= 0) {
     if (!accumulate)
-      for (int64_t m = 0; m < M; ++m) std::fill(C + blocks(m) * ldc, C + blocks(m) * ldc + N, 0.0f);
+      for (int i = 0; i < count; ++i)
+        for (int64_t m = 0; m < M; ++m) {
+          float* row = targets[i].C + blocks(m) * targets[i].ldc;
+          std::fill(row, row + targets[i].N, 0.0f);
+        }
     return;
   }
-  const int64_t kc = transposed_k_block(N), count = (N + kPanel - 1) / kPanel;
+  const int64_t kc = transposed_k_block(targets, count);
   const int64_t group = std::min(M, blocks.size);
-  float* panels = workspace;
-  float* a_rows = workspace + kc * count * kPanel;
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t kn = std::min(kc, K - k0);
     const bool add = accumulate || k0 > 0;
-    for (int64_t p = 0; p < count; ++p)
-      pack_panel(B + k0 * ldb, ldb, N, kn, false, {}, p, panels + p * kn * kPanel);
+    float* panels[kMaxTransposedTargets];
+    float* next = workspace;
+    for (int i = 0; i < count; ++i) {
+      const TransposedTarget& t = targets[i];
+      panels[i] = next;
+      for (int64_t p = 0; p < padded_width(t.N) / kPanel; ++p)
+        pack_panel(t.B + k0 * t.ldb, t.ldb, t.N, kn, false, {}, p, next + p * kn * kPanel);
+      next += padded_width(t.N) * kn;
+    }
+    float* a_rows = next;
     for (int64_t m0 = 0; m0 < M; m0 += group) {
       const int64_t rows = std::min(group, M - m0), at = blocks(m0);
-      // the group's rows of A^T: a_rows[r * kn + k] = A[(k0 + k) * lda + at + r]
+      // the group's rows of A^T, once for every target: a_rows[r * kn + k] = A[(k0 + k) * lda +
+      // at + r]
       transpose_blocks(kn, rows, A + k0 * lda + at, lda, a_rows, kn);
-      if (cpu_has_avx512())
-        multiply_panels<float, true>(rows, N, kn, a_rows, kn, panels, kn * kPanel, C + at * ldc,
-                                     ldc, add);
-      else
-        multiply_panels_avx2<true>(rows, N, kn, a_rows, kn, panels, C + at * ldc, ldc, add);
+      for (int i = 0; i < count; ++i) {
+        const TransposedTarget& t = targets[i];
+        float* c = t.C + at * t.ldc;
+        if (cpu_has_avx512())
+          multiply_panels<float, true>(rows, t.N, kn, a_rows, kn, panels[i], kn * kPanel, c, t.ldc,
+                                       add);
+        else
+          multiply_panels_avx2<true>(rows, t.N, kn, a_rows, kn, panels[i], c, t.ldc, add);
+      }
     }
   }
 }
@@ -960,10 +987,10 @@ void parallel_gemm_bf16(int, bool, bool, int64_t, int64_t, int64_t, const float*
   throw std::logic_error("rnnfast: bfloat16 products exist on x86-64 only");
 }
 
-int64_t transposed_workspace(int64_t, int64_t) { return 0; }
+int64_t transposed_workspace(int64_t, const TransposedTarget*, int) { return 0; }
 
-void multiply_transposed(int64_t, OutputBlocks, int64_t, int64_t, const float*, int64_t,
-                         const float*, int64_t, float*, int64_t, bool, float*) {
+void multiply_transposed(int64_t, OutputBlocks, int64_t, const float*, int64_t,
+                         const TransposedTarget*, int, bool, float*) {
   throw std::logic_error("rnnfast: packed products exist on x86-64 only");
 }
 

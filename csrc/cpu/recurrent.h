@@ -144,7 +144,8 @@ class TeamSetup {
 
 // sum[g*H + j] += the N rows of rows[n, g*H + j] ([N, G*H]), for this thread's units j.
 template <typename T>
-void add_gate_rows(int64_t N, int64_t G, int64_t H, Range units, const T* rows, T* sum) {
+RNNFAST_PASS void add_gate_rows(int64_t N, int64_t G, int64_t H, Range units, const T* rows,
+                                T* sum) {
   for (int64_t n = 0; n < N; ++n)
     for (int64_t g = 0; g < G; ++g) {
       const T* row = rows + n * G * H + g * H;
@@ -651,8 +652,10 @@ struct BackwardThread {
 // fixed (t down, n up) whatever the thread count.
 template <typename T>
 void sum_bias_rows(const BackwardThread<T>& th, const BackwardStep<T>& s) {
-  if (th.db_x) add_gate_rows<T>(s.N, th.gates, s.H, th.units, s.dgx, th.db_x);
-  if (th.db_h) add_gate_rows<T>(s.N, th.gates, s.H, th.units, s.dgh, th.db_h);
+  run_inline(th.isa, [&]() RNNFAST_INLINE {
+    if (th.db_x) add_gate_rows<T>(s.N, th.gates, s.H, th.units, s.dgx, th.db_x);
+    if (th.db_h) add_gate_rows<T>(s.N, th.gates, s.H, th.units, s.dgh, th.db_h);
+  });
 }
 
 // The step every cell runs unless it defines its own `forward_step` or `backward_step` (static
@@ -801,20 +804,46 @@ inline int64_t gradient_chunk_steps(const Dims& d) {
   return std::max<int64_t>(1, rows / std::max<int64_t>(1, d.N));
 }
 
+// What one thread's chunk multiplies: its columns of dgx times x into dw_ih and, where dgh is
+// dgx (the LSTM, the RNN), times h_{t-1} into dw_hh too, from one transpose; else dgh apart.
+struct ChunkProducts {
+  TransposedTarget x_side[2]{}, h_side{};
+  int x_count = 0;
+  int64_t workspace = 0;
+};
+
+inline ChunkProducts chunk_products(const Dims& d, const BackwardIO<float>& io, Range units,
+                                    const float* x_rows, const float* hs, bool dgh_is_dgx) {
+  ChunkProducts p;
+  const int64_t R = d.R();
+  p.x_side[0] = {x_rows, d.C, d.C, io.dw_ih + units.begin * d.C, d.C};
+  const TransposedTarget h_side{hs, R, R, io.dw_hh + units.begin * R, R};
+  if (dgh_is_dgx)
+    p.x_side[1] = h_side;
+  else
+    p.h_side = h_side;
+  p.x_count = dgh_is_dgx ? 2 : 1;
+  const int64_t rows = units.size();
+  p.workspace = std::max(transposed_workspace(rows, p.x_side, p.x_count),
+                         transposed_workspace(rows, &p.h_side, 1));
+  return p;
+}
+
 // This thread's rows of dw_ih and dw_hh (its units in every gate) += the steps [t0, t1) of its
 // columns of dgx and dgh times x and h_{t-1}
-inline void chunk_weight_gradients(const Dims& d, const BackwardIO<float>& io, Range units,
-                                   int64_t gates, const float* dgx, const float* dgh,
-                                   const float* x_rows, const float* hs, int64_t t0, int64_t t1,
-                                   float* workspace) {
-  const int64_t GH = d.GH(), R = d.R(), K = (t1 - t0) * d.N, rows = gates * units.size();
+inline void chunk_weight_gradients(const Dims& d, const ChunkProducts& p, Range units,
+                                   int64_t gates, const float* dgx, const float* dgh, int64_t t0,
+                                   int64_t t1, float* workspace) {
+  const int64_t GH = d.GH(), K = (t1 - t0) * d.N, rows = gates * units.size(), first = t0 * d.N;
   const OutputBlocks by_gate{units.size(), d.H};
-  const int64_t first = t0 * d.N;
-  multiply_transposed(rows, by_gate, d.C, K, dgx + first * GH + units.begin, GH,
-                      x_rows + first * d.C, d.C, io.dw_ih + units.begin * d.C, d.C, true,
-                      workspace);
-  multiply_transposed(rows, by_gate, R, K, dgh + first * GH + units.begin, GH, hs + first * R, R,
-                      io.dw_hh + units.begin * R, R, true, workspace);
+  ChunkProducts at = p;  // the targets' B from the chunk's first row
+  for (int i = 0; i < at.x_count; ++i) at.x_side[i].B += first * at.x_side[i].ldb;
+  at.h_side.B += first * at.h_side.ldb;
+  multiply_transposed(rows, by_gate, K, dgx + first * GH + units.begin, GH, at.x_side, at.x_count,
+                      true, workspace);
+  if (at.x_count == 1)
+    multiply_transposed(rows, by_gate, K, dgh + first * GH + units.begin, GH, &at.h_side, 1, true,
+                        workspace);
 }
 
 template <typename T>
@@ -918,11 +947,12 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
     Scratch<T> drh(nullptr, release_scratch), drop(nullptr, release_scratch),
         carry(nullptr, release_scratch);
     Scratch<float> gradient_workspace(nullptr, release_scratch);
+    ChunkProducts chunk;
+    if constexpr (std::is_same_v<T, float>)
+      if (sums_in_loop) chunk = chunk_products(d, io, th.units, x_rows, hs, dgh == dgx.get());
     const bool ok = setup.run([&] {
       Cell::template backward_products<T>(d, io, th, products);
-      if (sums_in_loop)
-        gradient_workspace = scratch<float>(std::max(transposed_workspace(th.units.size(), d.C),
-                                                     transposed_workspace(th.units.size(), R)));
+      if (sums_in_loop) gradient_workspace = scratch<float>(chunk.workspace);
       drh = scratch<T>(cell.reset_before ? N * th.units.size() : 0);
       if (dropping) {
         drop = scratch<T>(N * th.units.size());
@@ -1008,7 +1038,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
       const int64_t past_chunk = (d.T - t) % chunk_steps;
       if constexpr (std::is_same_v<T, float>)
         if (sums_in_loop && (past_chunk == 0 || t == 0))
-          chunk_weight_gradients(d, io, th.units, cell.gates, dgx.get(), dgh, x_rows, hs, t,
+          chunk_weight_gradients(d, chunk, th.units, cell.gates, dgx.get(), dgh, t,
                                  t + (past_chunk == 0 ? chunk_steps : past_chunk),
                                  gradient_workspace.get());
     }
