@@ -845,23 +845,12 @@ int64_t transposed_workspace(int64_t rows, const TransposedTarget* targets, int 
 }
 
 void multiply_transposed(int64_t M, OutputBlocks blocks, int64_t K, const float* A, int64_t lda,
-                         const TransposedTarget* targets, int count, bool accumulate,
-                         float* workspace) {
-  if (M <= 0) return;
-  if (K <= 0) {
-    if (!accumulate)
-      for (int i = 0; i < count; ++i)
-        for (int64_t m = 0; m < M; ++m) {
-          float* row = targets[i].C + blocks(m) * targets[i].ldc;
-          std::fill(row, row + targets[i].N, 0.0f);
-        }
-    return;
-  }
+                         const TransposedTarget* targets, int count, float* workspace) {
+  if (M <= 0 || K <= 0) return;
   const int64_t kc = transposed_k_block(targets, count);
   const int64_t group = std::min(M, blocks.size);
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t kn = std::min(kc, K - k0);
-    const bool add = accumulate || k0 > 0;
     float* panels[kMaxTransposedTargets];
     float* next = workspace;
     for (int i = 0; i < count; ++i) {
@@ -882,9 +871,9 @@ void multiply_transposed(int64_t M, OutputBlocks blocks, int64_t K, const float*
         float* c = t.C + at * t.ldc;
         if (cpu_has_avx512())
           multiply_panels<float, true>(rows, t.N, kn, a_rows, kn, panels[i], kn * kPanel, c, t.ldc,
-                                       add);
+                                       true);
         else
-          multiply_panels_avx2<true>(rows, t.N, kn, a_rows, kn, panels[i], c, t.ldc, add);
+          multiply_panels_avx2<true>(rows, t.N, kn, a_rows, kn, panels[i], c, t.ldc, true);
       }
     }
   }
@@ -990,7 +979,7 @@ void parallel_gemm_bf16(int, bool, bool, int64_t, int64_t, int64_t, const float*
 int64_t transposed_workspace(int64_t, const TransposedTarget*, int) { return 0; }
 
 void multiply_transposed(int64_t, OutputBlocks, int64_t, const float*, int64_t,
-                         const TransposedTarget*, int, bool, float*) {
+                         const TransposedTarget*, int, float*) {
   throw std::logic_error("rnnfast: packed products exist on x86-64 only");
 }
 

@@ -92,7 +92,7 @@ void parallel_gemm_bf16(int threads, bool trans_a, bool trans_b, int64_t M, int6
                         const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                         int64_t ldc);
 
-// C (+)= A^T B for A [K, ...] and each target's B [K, N], row-major float32, on this thread,
+// C += A^T B for A [K, ...] and each target's B [K, N], row-major float32, on this thread,
 // through the packed tiles (cpu_has_packed_products() only): the weight gradients dG^T x and
 // dG^T h, summed chunk by chunk inside the backward loop by the thread that wrote those columns of
 // dG. Row m of A^T is A's column blocks(m) and goes to row blocks(m) of each C: M rows in groups
@@ -109,8 +109,7 @@ struct TransposedTarget {
 constexpr int kMaxTransposedTargets = 2;
 int64_t transposed_workspace(int64_t rows, const TransposedTarget* targets, int count);
 void multiply_transposed(int64_t M, OutputBlocks blocks, int64_t K, const float* A, int64_t lda,
-                         const TransposedTarget* targets, int count, bool accumulate,
-                         float* workspace);
+                         const TransposedTarget* targets, int count, float* workspace);
 
 // FLOPs per second on this core of a register-only loop of `iterations` rounds of independent
 // multiply-adds, the fastest of 5: kind "avx512_fma" (float32), "avx512_bf16" (vdpbf16ps) or

@@ -804,28 +804,23 @@ inline int64_t gradient_chunk_steps(const Dims& d) {
   return std::max<int64_t>(1, rows / std::max<int64_t>(1, d.N));
 }
 
-// What one thread's chunk multiplies: its columns of dgx times x into dw_ih and, where dgh is
-// dgx (the LSTM, the RNN), times h_{t-1} into dw_hh too, from one transpose; else dgh apart.
+// What one thread's chunk multiplies: its columns of dgx times x into dw_ih, and of dgh times
+// h_{t-1} into dw_hh; where dgh is dgx (the LSTM, the RNN) both from one transpose.
 struct ChunkProducts {
-  TransposedTarget x_side[2]{}, h_side{};
-  int x_count = 0;
+  TransposedTarget targets[2]{};  // x into dw_ih, h_{t-1} into dw_hh (B from row 0)
+  bool one_transpose = false;
   int64_t workspace = 0;
 };
 
 inline ChunkProducts chunk_products(const Dims& d, const BackwardIO<float>& io, Range units,
                                     const float* x_rows, const float* hs, bool dgh_is_dgx) {
-  ChunkProducts p;
-  const int64_t R = d.R();
-  p.x_side[0] = {x_rows, d.C, d.C, io.dw_ih + units.begin * d.C, d.C};
-  const TransposedTarget h_side{hs, R, R, io.dw_hh + units.begin * R, R};
-  if (dgh_is_dgx)
-    p.x_side[1] = h_side;
-  else
-    p.h_side = h_side;
-  p.x_count = dgh_is_dgx ? 2 : 1;
-  const int64_t rows = units.size();
-  p.workspace = std::max(transposed_workspace(rows, p.x_side, p.x_count),
-                         transposed_workspace(rows, &p.h_side, 1));
+  const int64_t R = d.R(), rows = units.size();
+  ChunkProducts p{{{x_rows, d.C, d.C, io.dw_ih + units.begin * d.C, d.C},
+                   {hs, R, R, io.dw_hh + units.begin * R, R}},
+                  dgh_is_dgx};
+  p.workspace = dgh_is_dgx ? transposed_workspace(rows, p.targets, 2)
+                           : std::max(transposed_workspace(rows, p.targets, 1),
+                                      transposed_workspace(rows, p.targets + 1, 1));
   return p;
 }
 
@@ -836,14 +831,13 @@ inline void chunk_weight_gradients(const Dims& d, const ChunkProducts& p, Range 
                                    int64_t t1, float* workspace) {
   const int64_t GH = d.GH(), K = (t1 - t0) * d.N, rows = gates * units.size(), first = t0 * d.N;
   const OutputBlocks by_gate{units.size(), d.H};
-  ChunkProducts at = p;  // the targets' B from the chunk's first row
-  for (int i = 0; i < at.x_count; ++i) at.x_side[i].B += first * at.x_side[i].ldb;
-  at.h_side.B += first * at.h_side.ldb;
-  multiply_transposed(rows, by_gate, K, dgx + first * GH + units.begin, GH, at.x_side, at.x_count,
-                      true, workspace);
-  if (at.x_count == 1)
-    multiply_transposed(rows, by_gate, K, dgh + first * GH + units.begin, GH, &at.h_side, 1, true,
-                        workspace);
+  TransposedTarget at[2] = {p.targets[0], p.targets[1]};  // B from the chunk's first row
+  for (TransposedTarget& t : at) t.B += first * t.ldb;
+  const float* dgx_chunk = dgx + first * GH + units.begin;
+  if (p.one_transpose)
+    return multiply_transposed(rows, by_gate, K, dgx_chunk, GH, at, 2, workspace);
+  multiply_transposed(rows, by_gate, K, dgx_chunk, GH, at, 1, workspace);
+  multiply_transposed(rows, by_gate, K, dgh + first * GH + units.begin, GH, at + 1, 1, workspace);
 }
 
 template <typename T>
