@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import _C, ops
 from . import init as _init
-from . import ops
 from ._validate import check_lengths, check_matmul_precision, check_noise
 from .cells import cell_spec, family_cell, rnn_cell
 from .sequences import reverse_index
@@ -616,7 +616,11 @@ class _Recurrent(Module):
                 inp = inp * mask
             ctxs.append(layer_ctxs)
             masks.append(mask)
-        y = inp if inp.flags.writeable else inp.copy()
+        if not inp.flags.writeable:  # a view of the reserve, which backward reads
+            y = ops._scratch_array(inp.shape, inp.dtype)
+            np.copyto(y, inp)
+        else:
+            y = inp
         self._cache = None
         if training:
             self._cache = {"ctxs": ctxs, "masks": masks, "rev": rev, "shape": (T, N, C),
@@ -853,20 +857,14 @@ class Embedding(Module):
             raise ValueError(
                 f"dy must have shape {ids.shape + (self.embedding_dim,)}, got {dy.shape}"
             )
-        flat = ids.reshape(-1)
-        rows = dy.reshape(-1, self.embedding_dim)
-        if self.padding_idx is not None:
-            keep = flat != self.padding_idx
-            flat, rows = flat[keep], rows[keep]
-        if flat.size == 0:
-            return
-        # the rows of each id summed in one pass over the ids in sorted order (np.add.at, an
-        # unbuffered add per row, took 0.9 ms of charlm's 27 ms step; this 0.2 ms)
-        order = np.argsort(flat, kind="stable")
-        sorted_ids = flat[order]
-        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-        summed = np.add.reduceat(rows[order], starts, axis=0)
-        self.grads["weight"][sorted_ids[starts]] += summed
+        # one pass in the kernels' scatter-add, the rows added in order (NumPy's sort-and-reduceat
+        # took 0.4 ms of charlm's 22 ms step, np.add.at 0.9 ms)
+        _C.embedding_backward(
+            np.ascontiguousarray(ids.reshape(-1), dtype=np.int64),
+            np.ascontiguousarray(dy.reshape(-1, self.embedding_dim)),
+            self.grads["weight"],
+            -1 if self.padding_idx is None else self.padding_idx,
+        )
 
 
 class Linear(Module):

@@ -211,6 +211,14 @@ def recurrent_masks(kind: str, p: float, seed: int, T: int, N: int, H: int, *,
     return np.repeat(masks, T, axis=0) if kind == "variational" else masks
 
 
+def _scratch_array(shape, dtype) -> np.ndarray:
+    """An uninitialised array from the kernels' scratch cache, as their own outputs: the arrays
+    a training step makes afresh each step (a product's output, the layers' copy of y) would
+    otherwise be new pages each time, which the OS faults in and zeroes (2.4 ms of charlm's 22 ms
+    step on a KVM Xeon, bench/RESULTS.md, session 14)."""
+    return _C.empty(tuple(int(e) for e in shape), np.dtype(dtype))
+
+
 def _matrix(name: str, a) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
@@ -239,7 +247,7 @@ def gemm(a, b, *, trans_a: bool = False, trans_b: bool = False, out=None,
     if out is None:
         if accumulate:
             raise ValueError("accumulate=True adds to out, so it needs out")
-        out = np.empty((M, N), a.dtype)
+        out = _scratch_array((M, N), a.dtype)
     elif not isinstance(out, np.ndarray) or out.dtype != a.dtype:
         raise TypeError(f"out must be a {a.dtype} ndarray")
     if bf16 and (a.dtype != np.float32 or accumulate):

@@ -7,7 +7,7 @@ import pytest
 from conftest import assert_close, tol
 
 import rnnfast
-from rnnfast import layers, losses
+from rnnfast import _C, layers, losses
 
 CLASSES = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
 T, N, C, H = 5, 3, 4, 3
@@ -360,6 +360,39 @@ def test_embedding_and_linear_match_torch():
     assert_close(emb.grads["weight"], temb.weight.grad.numpy(), **tol(np.float64, "grad"), name="e")
     with pytest.raises(IndexError, match="10"):
         emb(np.array([10]))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_embedding_gradient_large_batch(padding_idx):
+    """The scatter-add on the kernels' team (rows x dim above its threshold, dim not a multiple of
+    a cache line): equal to np.add.at in float64, the padding row untouched, and the same bits
+    from 1 and 2 threads (each element is one sum in row order)."""
+    rng = np.random.default_rng(11)
+    V, D = 50, 70
+    ids = rng.integers(0, V, (40, 64))
+    dy = rng.standard_normal((40, 64, D)).astype(np.float32)
+    want = np.zeros((V, D))
+    keep = ids.reshape(-1) != (-1 if padding_idx is None else padding_idx)
+    np.add.at(want, ids.reshape(-1)[keep], dy.reshape(-1, D)[keep].astype(np.float64))
+    grads, before = [], rnnfast.get_num_threads()
+    for threads in (1, 2):
+        rnnfast.set_num_threads(threads)
+        try:
+            emb = layers.Embedding(V, D, padding_idx=padding_idx, seed=0)
+            emb(ids)
+            emb.grads["weight"][...] = 0.5
+            emb.backward(dy)
+        finally:
+            rnnfast.set_num_threads(before)
+        grads.append(emb.grads["weight"].copy())
+    assert_close(grads[0] - 0.5, want, rtol=1e-5, atol=1e-5, name="weight")
+    np.testing.assert_array_equal(grads[0], grads[1])
+    if padding_idx is not None:
+        assert np.all(grads[0][padding_idx] == 0.5)
+    with pytest.raises(ValueError, match=r"ids\[1\] = 50 is outside \[0, 50\)"):
+        _C.embedding_backward(np.array([0, 50]), np.zeros((2, D), np.float32), grads[0])
+    with pytest.raises(ValueError, match="columns"):
+        _C.embedding_backward(np.array([0, 1]), np.zeros((2, 3), np.float32), grads[0])
 
 
 @pytest.mark.parametrize("mode", ["plain", "ignore", "mask", "sum"])

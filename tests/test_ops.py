@@ -580,6 +580,39 @@ def test_gemm_against_numpy(dtype, trans_a, trans_b):
     np.testing.assert_array_equal(one, got)
 
 
+def test_products_and_layer_outputs_come_from_the_scratch_cache():
+    """ops.gemm's output and a layer's y go back to the scratch cache when freed and come out of
+    it the next time (fresh pages each step were faulted in and zeroed by the OS), writable and
+    apart from the reserve that backward reads."""
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((300, 200)).astype(np.float32)
+    b = rng.standard_normal((200, 256)).astype(np.float32)
+    limit = rnnfast._C.scratch_cache_limit()
+    try:
+        rnnfast.empty_cache()
+        out = ops.gemm(a, b)
+        with_out = rnnfast.scratch_cache_bytes()  # the product's own workspace, returned
+        del out
+        assert rnnfast.scratch_cache_bytes() >= with_out + 300 * 256 * 4
+        out = ops.gemm(a, b)  # the same blocks again
+        assert rnnfast.scratch_cache_bytes() == with_out
+        np.testing.assert_allclose(out, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-4)
+        layer = rnnfast.LSTM(8, 64, seed=0)
+        x = rng.standard_normal((40, 30, 8)).astype(np.float32)
+        y, _ = layer(x)
+        assert y.flags.writeable and y.flags.c_contiguous
+        before = y.copy()
+        y[...] = np.nan  # the user's copy: backward still reads the reserve
+        dx, _ = layer.backward(np.ones_like(y))
+        assert np.isfinite(dx).all()
+        y2, _ = layer(x)
+        np.testing.assert_array_equal(y2, before)
+        with pytest.raises(ValueError, match="negative"):
+            rnnfast._C.empty((2, -1), np.dtype(np.float32))
+    finally:
+        rnnfast.set_scratch_cache_limit(limit)
+
+
 def test_gemm_errors():
     a = np.ones((3, 4))
     with pytest.raises(ValueError, match="op\\(a\\) is 3 x 4 but op\\(b\\) is 3 x 2"):

@@ -518,6 +518,29 @@ py::tuple softmax_cross_entropy(const py::array& logits, const py::object& targe
   return py::make_tuple(grad, losses);
 }
 
+// grad[ids[r]] += rows[r] (dense.h): ids int64 [R], rows [R, D], grad [V, D] of rows' dtype
+template <typename T>
+void embedding_backward(const py::object& ids, const py::array& rows, py::array& grad,
+                        int64_t skip) {
+  const T* g = matrix<T>(grad, "grad");
+  const int64_t V = grad.shape(0), D = grad.shape(1);
+  if (!grad.writeable()) throw py::value_error("grad is read-only");
+  const T* x = matrix<T>(rows, "rows");
+  const int64_t R = rows.shape(0);
+  if (rows.shape(1) != D)
+    throw py::value_error("rows have " + std::to_string(rows.shape(1)) + " columns, grad " +
+                          std::to_string(D));
+  const int64_t* id = input<int64_t>(ids, "ids", {R});
+  for (int64_t r = 0; r < R; ++r)
+    if (id[r] < 0 || id[r] >= V)
+      throw py::value_error("ids[" + std::to_string(r) + "] = " + std::to_string(id[r]) +
+                            " is outside [0, " + std::to_string(V) + ")");
+  if (overlaps(rows, grad)) throw py::value_error("rows shares memory with grad");
+  py::gil_scoped_release release;
+  rnnfast::cpu::embedding_backward<T>(rnnfast::cpu::get_num_threads(), R, D, id, x, skip,
+                                      const_cast<T*>(g));
+}
+
 // One parameter's Adam update in place (dense.h); every array C-contiguous, of p's dtype and
 // shape, and none sharing memory with another
 template <typename T>
@@ -634,6 +657,36 @@ PYBIND11_MODULE(_C, m) {
       },
       "logits"_a, "targets"_a, "kept"_a, "scale"_a,
       "(grad[R, V], losses[R]) of rows of logits against targets; see rnnfast.losses");
+  m.def(
+      "empty",
+      [](const py::tuple& dims, const py::dtype& dtype) {
+        std::vector<py::ssize_t> shape;
+        size_t n = 1;
+        for (const py::handle& d : dims) {
+          const py::ssize_t e = d.cast<py::ssize_t>();
+          if (e < 0) throw py::value_error("empty: negative dimension " + std::to_string(e));
+          shape.push_back(e);
+          n *= size_t(e);
+        }
+        void* p = rnnfast::cpu::allocate_scratch(size_t(dtype.itemsize()) * std::max<size_t>(n, 1));
+        py::capsule owner(p, [](void* q) { rnnfast::cpu::release_scratch(q); });
+        return py::array(dtype, std::move(shape), p, owner);
+      },
+      "shape"_a, "dtype"_a,
+      "an uninitialised C-contiguous array from the kernels' scratch cache (as the kernels' own "
+      "outputs), returned to it when freed");
+  m.def(
+      "embedding_backward",
+      [](const py::object& ids, const py::array& rows, py::array& grad, int64_t skip) {
+        if (grad.dtype().is(py::dtype::of<float>()))
+          return embedding_backward<float>(ids, rows, grad, skip);
+        if (grad.dtype().is(py::dtype::of<double>()))
+          return embedding_backward<double>(ids, rows, grad, skip);
+        throw py::type_error("grad must be float32 or float64, got " +
+                             std::string(py::str(grad.dtype())));
+      },
+      "ids"_a, "rows"_a, "grad"_a, "skip"_a = -1,
+      "grad[ids[r]] += rows[r] in r order, rows whose id is skip left out; see rnnfast.Embedding");
   m.def(
       "adam_step",
       [](py::array& p, const py::array& g, py::array& m, py::array& v, const py::object& max_v,

@@ -56,12 +56,18 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
 template <typename T>
 void parallel_gemm(int threads, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                    const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  // C's rows go in blocks whose sizes depend on M alone (at most 8, a multiple of 16 rows each),
-  // handed out whole to the threads: every thread count makes the same BLAS calls and so gets the
-  // same bits (OpenBLAS picks kernels, and with them the order of its sums, by a call's shape; a
-  // split by thread count made dw_hh differ between 1 and 2 threads)
-  const int64_t block = std::max<int64_t>(16, (M + 127) / 128 * 16);
-  const int64_t blocks = (M + block - 1) / block;
+  // C goes in blocks whose sizes depend on the shape alone (at most 8, a multiple of 16 rows or
+  // columns each), handed out whole to the threads: every thread count makes the same BLAS calls
+  // and so gets the same bits (OpenBLAS picks kernels, and with them the order of its sums, by a
+  // call's shape; a split by thread count made dw_hh differ between 1 and 2 threads). Blocks of
+  // rows, except for a weight gradient A^T B with fewer rows than columns (a Linear head's, M =
+  // its outputs): there blocks of 16 of its few rows ran at 70 GFLOP/s a core, blocks of at least
+  // 128 columns at 120 (bench/RESULTS.md, session 14).
+  const bool by_columns = trans_a && N > M;
+  const int64_t split_dim = by_columns ? N : M;
+  const int64_t block = by_columns ? std::max<int64_t>(128, (N + 127) / 128 * 16)
+                                   : std::max<int64_t>(16, (M + 127) / 128 * 16);
+  const int64_t blocks = (split_dim + block - 1) / block;
   if (M * N * K < (int64_t(1) << 18)) threads = 1;  // small products are not worth a team
   threads = team_request(int(std::min<int64_t>(threads, std::max<int64_t>(blocks, 1))));
   // Rows of A times a B whose packed panels stay in cache (the layers' Linear, dx of the
@@ -81,14 +87,20 @@ void parallel_gemm(int threads, bool trans_a, bool trans_b, int64_t M, int64_t N
   {
     const Range mine = split(blocks, team_size(), thread_index());
     for (int64_t b = mine.begin; b < mine.end; ++b) {
-      const int64_t r0 = b * block, rows = std::min(block, M - r0);
+      const int64_t i0 = b * block, size = std::min(block, split_dim - i0);
+      if (by_columns) {
+        // op(B)'s column c starts at B + c untransposed, at row c of B transposed
+        const T* bc = trans_b ? B + i0 * ldb : B + i0;
+        gemm<T>(trans_a, trans_b, M, size, K, T(1), A, lda, bc, ldb, beta, C + i0, ldc);
+        continue;
+      }
       // op(A)'s row r starts at A + r*lda untransposed, at column r of A transposed
-      const T* a = trans_a ? A + r0 : A + r0 * lda;
+      const T* a = trans_a ? A + i0 : A + i0 * lda;
       if (product)
-        (*product)(rows, a, lda, C + r0 * ldc, ldc,
+        (*product)(size, a, lda, C + i0 * ldc, ldc,
                    beta == T(0) ? Accumulate::no : Accumulate::yes);
       else
-        gemm<T>(trans_a, trans_b, rows, N, K, T(1), a, lda, B, ldb, beta, C + r0 * ldc, ldc);
+        gemm<T>(trans_a, trans_b, size, N, K, T(1), a, lda, B, ldb, beta, C + i0 * ldc, ldc);
     }
   }
 }

@@ -1,5 +1,6 @@
-// The fused softmax cross-entropy of dense.h (three passes over a row: max, exp and sum, scale)
-// and the fused Adam update, compiled for the CPU's widest vectors (isa_dispatch.h).
+// The fused softmax cross-entropy of dense.h (three passes over a row: max, exp and sum, scale),
+// the embedding's scatter-add and the fused Adam update, compiled for the CPU's widest vectors
+// (isa_dispatch.h).
 #include "cpu/dense.h"
 
 #include <algorithm>
@@ -101,6 +102,28 @@ void adam_update(int threads, int64_t n, const AdamStep<T>& h, T* p, const T* g,
 }
 
 template <typename T>
+void embedding_backward(int threads, int64_t R, int64_t D, const int64_t* ids, const T* rows,
+                        int64_t skip, T* grad) {
+  // columns in blocks of a cache line, a block's rows summed by one thread
+  constexpr int64_t kBlock = 64 / sizeof(T);
+  const int64_t blocks = (D + kBlock - 1) / kBlock;
+  if (R * D < (int64_t(1) << 16)) threads = 1;  // a small batch is not worth a team
+  threads = team_request(int(std::min<int64_t>(threads, blocks)));
+#pragma omp parallel num_threads(threads)
+  {
+    const Range mine = split(blocks, team_size(), thread_index());
+    const int64_t j0 = mine.begin * kBlock, j1 = std::min(D, mine.end * kBlock);
+    for (int64_t r = 0; r < R && j0 < j1; ++r) {
+      if (ids[r] == skip) continue;
+      const T* src = rows + r * D;
+      T* dst = grad + ids[r] * D;
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) dst[j] += src[j];
+    }
+  }
+}
+
+template <typename T>
 void softmax_cross_entropy(int threads, int64_t R, int64_t V, const T* logits,
                            const int64_t* targets, const uint8_t* kept, const double* scale,
                            T* grad, double* losses) {
@@ -123,6 +146,10 @@ template void softmax_cross_entropy<float>(int, int64_t, int64_t, const float*, 
                                            const uint8_t*, const double*, float*, double*);
 template void softmax_cross_entropy<double>(int, int64_t, int64_t, const double*, const int64_t*,
                                             const uint8_t*, const double*, double*, double*);
+template void embedding_backward<float>(int, int64_t, int64_t, const int64_t*, const float*,
+                                        int64_t, float*);
+template void embedding_backward<double>(int, int64_t, int64_t, const int64_t*, const double*,
+                                         int64_t, double*);
 template void adam_update<float>(int, int64_t, const AdamStep<float>&, float*, const float*, float*,
                                  float*, float*);
 template void adam_update<double>(int, int64_t, const AdamStep<double>&, double*, const double*,

@@ -1,6 +1,7 @@
 // The dense pieces around the recurrent kernels, for the Python layers: the output head's fused
-// softmax cross-entropy and the Adam update. (Their products go through parallel_gemm, blas.h.)
-// NumPy would run them in many passes on one core; here each is one pass on the kernels' team.
+// softmax cross-entropy, the embedding's gradient and the Adam update. (Their products go through
+// parallel_gemm, blas.h.) NumPy would run them in many passes on one core; here each is one pass on
+// the kernels' team.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +20,16 @@ void softmax_cross_entropy(int threads, int64_t R, int64_t V,
                            const double* scale,     // [R]
                            T* grad,                 // [R, V], out
                            double* losses);         // [R], out
+
+// An embedding's gradient: grad[ids[r]] += rows[r] for r = 0 .. R-1 in that order, skipping
+// rows whose id is `skip` (the padding row; -1 for none). Every id in [0, V) (the caller checks).
+// The threads split the D columns, so each element is one sum in r order whatever the team.
+template <typename T>
+void embedding_backward(int threads, int64_t R, int64_t D,
+                        const int64_t* ids,  // [R]
+                        const T* rows,       // [R, D]
+                        int64_t skip,
+                        T* grad);  // [V, D], added into
 
 // Adam's update of one parameter, in place, as rnnfast.optim.Adam's NumPy form (torch.optim.Adam's
 // order of operations) computes it: with the scalars below rounded to T from the float64 values
