@@ -857,8 +857,8 @@ class Embedding(Module):
             raise ValueError(
                 f"dy must have shape {ids.shape + (self.embedding_dim,)}, got {dy.shape}"
             )
-        # one pass in the kernels' scatter-add, the rows added in order (NumPy's sort-and-reduceat
-        # took 0.4 ms of charlm's 22 ms step, np.add.at 0.9 ms)
+        # one pass in the kernels' scatter-add, the rows added in order (NumPy's sort and
+        # reduceat, or np.add.at, took several passes: bench/RESULTS.md, session 14)
         _C.embedding_backward(
             np.ascontiguousarray(ids.reshape(-1), dtype=np.int64),
             np.ascontiguousarray(dy.reshape(-1, self.embedding_dim)),

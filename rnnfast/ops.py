@@ -214,8 +214,8 @@ def recurrent_masks(kind: str, p: float, seed: int, T: int, N: int, H: int, *,
 def _scratch_array(shape, dtype) -> np.ndarray:
     """An uninitialised array from the kernels' scratch cache, as their own outputs: the arrays
     a training step makes afresh each step (a product's output, the layers' copy of y) would
-    otherwise be new pages each time, which the OS faults in and zeroes (2.4 ms of charlm's 22 ms
-    step on a KVM Xeon, bench/RESULTS.md, session 14)."""
+    otherwise be new pages each time, which the OS faults in and zeroes (bench/RESULTS.md,
+    session 14)."""
     return _C.empty(tuple(int(e) for e in shape), np.dtype(dtype))
 
 

@@ -61,8 +61,8 @@ void parallel_gemm(int threads, bool trans_a, bool trans_b, int64_t M, int64_t N
   // and so gets the same bits (OpenBLAS picks kernels, and with them the order of its sums, by a
   // call's shape; a split by thread count made dw_hh differ between 1 and 2 threads). Blocks of
   // rows, except for a weight gradient A^T B with fewer rows than columns (a Linear head's, M =
-  // its outputs): there blocks of 16 of its few rows ran at 70 GFLOP/s a core, blocks of at least
-  // 128 columns at 120 (bench/RESULTS.md, session 14).
+  // its outputs): OpenBLAS runs a few rows by many columns poorly, so there blocks of at least
+  // 128 columns (bench/RESULTS.md, session 14).
   const bool by_columns = trans_a && N > M;
   const int64_t split_dim = by_columns ? N : M;
   const int64_t block = by_columns ? std::max<int64_t>(128, (N + 127) / 128 * 16)
