@@ -1139,9 +1139,12 @@ class Sequential(Module):
 def _outer_sum(a, b):
     """a^T b per batch row: (N, S, T), (N, S, K) -> (N, T, K). With one query (S = 1) this is an
     outer product, which NumPy's matmul runs ten times slower than a broadcast product."""
+    # the result (N x T x K, a step's whole key gradient) from the scratch cache: a decoder
+    # stepping through its targets makes one per step, fresh pages each time from NumPy
+    out = ops._scratch_array((a.shape[0], a.shape[2], b.shape[2]), np.result_type(a, b))
     if a.shape[1] == 1:
-        return a[:, 0, :, None] * b[:, 0, None, :]
-    return a.transpose(0, 2, 1) @ b
+        return np.multiply(a[:, 0, :, None], b[:, 0, None, :], out=out)
+    return np.matmul(a.transpose(0, 2, 1), b, out=out)
 
 
 class AttentionKeys(NamedTuple):
