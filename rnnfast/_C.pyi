@@ -83,7 +83,8 @@ def gemm(
     bf16: bool = False,
 ) -> None: ...
 
-# (out, the fastest call's seconds): out = a w^T through the step product's kernels
+# (out, the fastest call's seconds): out = a w^T (+ a2 w2^T, w2 stacked under w) through the step
+# product's kernels
 def step_product(
     a: NDArray[np.float32],
     w: NDArray[np.float32],
@@ -92,5 +93,7 @@ def step_product(
     rows: int = 0,
     repeats: int = 1,
     accumulate: bool = False,
+    a2: NDArray[np.float32] | None = None,
+    w2: NDArray[np.float32] | None = None,
 ) -> tuple[NDArray[np.float32], float]: ...
 def register_peak_flops(kind: str, iterations: int = 2000000) -> float: ...

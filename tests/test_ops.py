@@ -106,6 +106,35 @@ def test_packed_product_in_row_blocks(cell):
     _check(cell, np.float32, _case(cell, 6, 16, 700, 40, True, True, "mixed"))
 
 
+@pytest.mark.parametrize("lengths_kind", [None, "mixed"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_with_the_input_stacked(cell, lengths_kind):
+    # at 24 rows and small weights the LSTM's and RNN's step takes x_t in its own product (w_ih
+    # stacked under w_hh, build_info()["step_input_stacked"]; the GRUs keep the projection):
+    # exact against the reference, training and inference alike, and the same bits on one thread
+    # as on two (every team makes the same choice)
+    case = _case(cell, 7, 24, 33, 70, True, True, lengths_kind)
+    _check(cell, np.float32, case)
+    inputs = cast(case[0], np.float32)
+    runs = []
+    before = rnnfast.get_num_threads()
+    try:
+        for threads in (2, 1):
+            rnnfast.set_num_threads(threads)
+            y, h_n, _, ctx = run_forward(ops, cell, **inputs)
+            y_inference = run_forward(ops, cell, **inputs, training=False)[0]
+            runs.append(
+                (y, h_n, y_inference, run_backward(ops, cell, ctx, **cast(case[1], np.float32)))
+            )
+    finally:
+        rnnfast.set_num_threads(before)
+    (y2, h2, i2, g2), (y1, h1, i1, g1) = runs
+    assert np.array_equal(y1, y2) and np.array_equal(h1, h2) and np.array_equal(i1, i2)
+    assert np.array_equal(y2, i2), "training and inference steps differ"
+    for name, g in g2.items():
+        assert (g is None and g1[name] is None) or np.array_equal(g, g1[name]), name
+
+
 @pytest.mark.parametrize("H", [18, 300], ids=["H18", "H300"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_float32_weight_gradients_in_chunks(cell, H):
@@ -370,7 +399,11 @@ def test_paths_without_avx512_match(tmp_path, isa, kernel):
         "w_hh = rng.standard_normal((4 * 70, 70)).astype(np.float32) * 0.1\n"
         "y, h, c, ctx = rnnfast.lstm_forward(x, w_ih, w_hh, lengths=np.array([6, 0, 3, 6, 1]))\n"
         "g = rnnfast.lstm_backward(ctx, np.ones_like(y))\n"
-        "np.savez(r'%s', y=y, dx=g['dx'], dw_hh=g['dw_hh'])\n" % (tmp_path / "out.npz")
+        # 13 rows: on AVX2 (6-row tiles) the step's product takes x_t too, w_ih stacked
+        "x13 = rng.standard_normal((6, 13, 7)).astype(np.float32)\n"
+        "y13 = rnnfast.lstm_forward(x13, w_ih, w_hh, training=False)[0]\n"
+        "np.savez(r'%s', y=y, dx=g['dx'], dw_hh=g['dw_hh'], x13=x13, y13=y13)\n"
+        % (tmp_path / "out.npz")
     )
     # bfloat16 needs AVX-512
     script.write_text(
@@ -401,6 +434,8 @@ def test_paths_without_avx512_match(tmp_path, isa, kernel):
     assert_close(got["y"], y, **tol(np.float32), name="y")
     assert_close(got["dx"], g["dx"], **tol(np.float32, "grad"), name="dx")
     assert_close(got["dw_hh"], g["dw_hh"], **tol(np.float32, "grad"), name="dw_hh")
+    y13 = reference.lstm_forward(got["x13"].astype(np.float64), w_ih, w_hh)[0]
+    assert_close(got["y13"], y13, **tol(np.float32), name="y, 13 rows")
 
 
 # ---- the opt-in bfloat16 products -------------------------------------------------------------

@@ -47,6 +47,33 @@ def test_step_product_against_numpy(bf16, packed_rows, M, K):
         assert np.all(np.abs(out - (exact + base)) <= bound + 1e-6), f"accumulate, N={N}"
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("packed_rows", [1, 4096], ids=["as-called", "packed"])
+@pytest.mark.parametrize("K2", [1, 7, 64])
+@pytest.mark.parametrize("M, K", SHAPES)
+def test_stacked_step_product_against_numpy(bf16, packed_rows, K2, M, K):
+    # the step product with x_t's weights stacked under h's (the LSTM's and RNN's step at larger
+    # batch): a w^T + a2 w2^T in one sum, every tile height, odd K + K2 (a bfloat16 pair that
+    # straddles the two operands) and K + K2 past one AMX tile
+    if bf16 and not ops.bfloat16_supported():
+        pytest.skip("CPU lacks AVX512_BF16")
+    rng = np.random.default_rng([M, K, K2])
+    w = rng.standard_normal((M, K)).astype(np.float32)
+    w2 = rng.standard_normal((M, K2)).astype(np.float32)
+    for N in ROWS:
+        a = rng.standard_normal((N, K)).astype(np.float32)
+        a2 = rng.standard_normal((N, K2)).astype(np.float32)
+        exact, bound = _expected(np.hstack([a, a2]), np.hstack([w, w2]), bf16)
+        out = np.full((N, M), np.nan, np.float32)
+        _C.step_product(a, w, out, bf16=bf16, rows=packed_rows, a2=a2, w2=w2)
+        err = np.abs(out - exact)
+        assert np.all(err <= bound), f"N={N}: worst {err.max()} over bound {bound[err > bound]}"
+        base = rng.standard_normal((N, M)).astype(np.float32)
+        out = base.copy()
+        _C.step_product(a, w, out, bf16=bf16, rows=packed_rows, accumulate=True, a2=a2, w2=w2)
+        assert np.all(np.abs(out - (exact + base)) <= bound + 1e-6), f"accumulate, N={N}"
+
+
 def test_step_product_bfloat16_rounds_both_operands():
     # not float32 in disguise: a value that bfloat16 cannot hold comes out rounded
     if not ops.bfloat16_supported():
@@ -70,6 +97,11 @@ def test_step_product_errors():
         _C.step_product(a, w, np.zeros((3, 5), np.float32), repeats=0)
     with pytest.raises(TypeError, match="dtype"):
         _C.step_product(a.astype(np.float64), w, np.zeros((3, 5), np.float32))
+    out = np.zeros((3, 5), np.float32)
+    with pytest.raises(ValueError, match="a2 and w2 come together"):
+        _C.step_product(a, w, out, a2=np.zeros((3, 2), np.float32))
+    with pytest.raises(ValueError, match=r"must be \[3, K2\] and \[5, K2\]"):
+        _C.step_product(a, w, out, a2=np.zeros((3, 2), np.float32), w2=np.zeros((5, 3), np.float32))
 
 
 @pytest.mark.parametrize("trans_a, trans_b", list(itertools.product([False, True], repeat=2)))

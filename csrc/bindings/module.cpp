@@ -415,6 +415,14 @@ py::dict build_info() {
       : cpu::cpu_has_amx_bf16() ? "avx512 packed (float32; bfloat16 opt-in on AMX), BLAS (float64)"
       : cpu::cpu_has_avx512_bf16() ? "avx512 packed (float32; bfloat16 opt-in), BLAS (float64)"
                                    : "avx512 packed (float32), BLAS (float64)";
+  // when the step's product takes x_t too (StepProduct::stacking_pays): LSTM and RNN cells
+  // without layer norm
+  info["step_input_stacked"] =
+      cpu::cpu_has_packed_products()
+          ? "float32 LSTM and RNN steps of N >= " + std::to_string(cpu::packed_tile_rows()) +
+                " rows whose G*H x (C + R) weights, packed (4 bytes each, 2 in bfloat16), fit in " +
+                std::to_string(cpu::l2_cache_bytes()) + " bytes (one core's L2)"
+          : std::string("never (the products go through the BLAS)");
   info["cuda"] = false;
   return info;
 }
@@ -465,28 +473,51 @@ void gemm_into(const py::array& a, const py::array& b, py::array& out, bool tran
 // float32 where packing pays, the BLAS otherwise; bfloat16 always packed, on AMX where the CPU
 // has it), on the calling thread, `repeats` times. Returns (c, the fastest call's seconds).
 py::tuple step_product(const py::array& a, const py::array& w, py::array& out, bool bf16,
-                       int64_t rows, int repeats, bool accumulate) {
+                       int64_t rows, int repeats, bool accumulate, const py::object& a2_arg,
+                       const py::object& w2_arg) {
   const float* A = matrix<float>(a, "a");
   const float* W = matrix<float>(w, "w");
   const int64_t N = a.shape(0), K = a.shape(1), M = w.shape(0);
   if (w.shape(1) != K)
     throw py::value_error("a is " + shape_str(a) + " but w is " + shape_str(w) +
                           ": they must have one number of columns");
+  // the stacked operand: a2 [N, K2] times w2 [M, K2] summed into the same outputs
+  if (a2_arg.is_none() != w2_arg.is_none())
+    throw py::value_error("a2 and w2 come together (the stacked operand), or neither");
+  const float *A2 = nullptr, *W2 = nullptr;
+  int64_t K2 = 0;
+  py::array a2, w2;
+  if (!a2_arg.is_none()) {
+    a2 = a2_arg.cast<py::array>();
+    w2 = w2_arg.cast<py::array>();
+    A2 = matrix<float>(a2, "a2");
+    W2 = matrix<float>(w2, "w2");
+    K2 = a2.shape(1);
+    if (a2.shape(0) != N || w2.shape(0) != M || w2.shape(1) != K2)
+      throw py::value_error("a2 is " + shape_str(a2) + " and w2 " + shape_str(w2) + ": with a " +
+                            shape_str(a) + " and w " + shape_str(w) + " they must be [" +
+                            std::to_string(N) + ", K2] and [" + std::to_string(M) + ", K2]");
+    if (K2 < 1) throw py::value_error("a2 and w2 must have at least one column");
+  }
   if (repeats < 1) throw py::value_error("repeats must be at least 1");
   float* C = const_cast<float*>(input<float>(out, "out", {N, M}));
   if (!out.writeable()) throw py::value_error("out is read-only");
-  if (overlaps(out, a) || overlaps(out, w)) throw py::value_error("out overlaps a or w");
+  if (overlaps(out, a) || overlaps(out, w) || (A2 && (overlaps(out, a2) || overlaps(out, w2))))
+    throw py::value_error("out overlaps an operand");
   if (bf16 && !rnnfast::cpu::cpu_has_avx512_bf16())
     throw std::runtime_error("bfloat16 products need a CPU with AVX512_BF16, which this one lacks");
   double best = std::numeric_limits<double>::infinity();
   {
     py::gil_scoped_release release;
     const rnnfast::cpu::StepProduct<float> product(W, K, M, K, rnnfast::cpu::WeightsBy::row, {},
-                                                   std::max<int64_t>(rows, 1), bf16);
+                                                   std::max<int64_t>(rows, 1), bf16, {W2, K2, K2});
+    const auto add = accumulate ? rnnfast::cpu::Accumulate::yes : rnnfast::cpu::Accumulate::no;
     for (int r = 0; r < repeats; ++r) {
       const auto start = std::chrono::steady_clock::now();
-      product(N, A, K, C, M,
-              accumulate ? rnnfast::cpu::Accumulate::yes : rnnfast::cpu::Accumulate::no);
+      if (A2)
+        product(N, A, K, A2, K2, C, M, add);
+      else
+        product(N, A, K, C, M, add);
       best = std::min(
           best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     }
@@ -642,8 +673,9 @@ PYBIND11_MODULE(_C, m) {
       "kind"_a, "iterations"_a = 2000000,
       "FLOP/s of one core's register-only multiply-add loop (bench/tiles.py)");
   m.def("step_product", &step_product, "a"_a, "w"_a, "out"_a, "bf16"_a = false, "rows"_a = 0,
-        "repeats"_a = 1, "accumulate"_a = false,
-        "(out, seconds): out[N, M] = a w^T through the step product's kernels (tests, bench)");
+        "repeats"_a = 1, "accumulate"_a = false, "a2"_a = py::none(), "w2"_a = py::none(),
+        "(out, seconds): out[N, M] = a w^T (+ a2 w2^T, stacked) through the step product's "
+        "kernels (tests, bench)");
   m.def(
       "softmax_cross_entropy",
       [](const py::array& logits, const py::object& targets, const py::object& kept,

@@ -204,7 +204,7 @@ struct Lstm : DefaultStep {
   static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
     if (s.ln) return layer_norm_forward_step<Cell, T>(th, s);
     if (!th.product[1]) return DefaultStep::forward_step<Cell, T>(th, s);
-    (*th.product[0])(s.N, s.h_product, s.R, th.gh, th.width, Accumulate::no);
+    step_product(th, s);
     ForwardStep<T> pass = s;
     pass.gh = th.gh;
     pass.h = s.m;  // zero past a row's length, so that its h is too
@@ -268,18 +268,27 @@ struct Lstm : DefaultStep {
         if (gates) zero_gate_rows<T>(G, H, s.units, gates);
         continue;
       }
-      const T* gx = s.gx + n * G * nu;
+      // gx is null where the step's product took x_t too (gh then holds both)
+      const T* gx = s.gx ? s.gx + n * G * nu : nullptr;
       const T* gh = s.gh + n * G * nu;
       const T* b = s.bx;
       const T* peep = s.peephole;
-      // one simd loop per (gate stores for training, peepholes): each is a compile-time branch
+      // one simd loop per (gate stores for training, peepholes, dropout, a separate x product):
+      // each is a compile-time branch
       const T* drop = s.drop ? s.drop + n * nu : nullptr;
-      auto row = [&](auto save, auto peephole, auto dropout) RNNFAST_INLINE {
+      auto row = [&](auto save, auto peephole, auto dropout, auto x_apart) RNNFAST_INLINE {
         constexpr bool D = decltype(dropout)::value;
+        // gate g's pre-activation at unit u (j = j0 + u)
+        auto pre = [&](int64_t g, int64_t u, int64_t j) RNNFAST_INLINE {
+          if constexpr (decltype(x_apart)::value)
+            return gx[g * nu + u] + b[g * H + j] + gh[g * nu + u];
+          else
+            return b[g * H + j] + gh[g * nu + u];
+        };
 #pragma omp simd
         for (int64_t u = 0; u < nu; ++u) {
           const int64_t j = j0 + u;
-          const T a_f = Coupled ? T(0) : gx[nu + u] + b[H + j] + gh[nu + u];
+          const T a_f = Coupled ? T(0) : pre(1, u, j);
           T p_i = T(0), p_f = T(0), p_o = T(0);
           if constexpr (decltype(peephole)::value) {
             p_i = peep[j];
@@ -288,8 +297,7 @@ struct Lstm : DefaultStep {
           }
           const LstmPoint<T> p =
               lstm_variant_point_forward<T, Math<T>, Coupled, decltype(peephole)::value, D>(
-                  gx[u] + b[j] + gh[u], a_f, gx[kG * nu + u] + b[kG * H + j] + gh[kG * nu + u],
-                  gx[kO * nu + u] + b[kO * H + j] + gh[kO * nu + u], c_prev[j], p_i, p_f, p_o,
+                  pre(0, u, j), a_f, pre(kG, u, j), pre(kO, u, j), c_prev[j], p_i, p_f, p_o,
                   D ? drop[u] : T(1));
           c[j] = p.c;
           h[j] = p.h;
@@ -304,7 +312,10 @@ struct Lstm : DefaultStep {
       using yes = std::true_type;
       using no = std::false_type;
       auto rows = [&](auto save, auto peephole) RNNFAST_INLINE {
-        drop ? row(save, peephole, yes{}) : row(save, peephole, no{});
+        if (drop)
+          gx ? row(save, peephole, yes{}, yes{}) : row(save, peephole, yes{}, no{});
+        else
+          gx ? row(save, peephole, no{}, yes{}) : row(save, peephole, no{}, no{});
       };
       if (gates)
         peep ? rows(yes{}, yes{}) : rows(yes{}, no{});

@@ -176,19 +176,40 @@ constexpr int kChains = std::is_same_v<E, float> ? 8 : 12;
 // P: a thread's last panel runs alone (P = 1) or paired by where the team's split puts it, and
 // with S following P the same output summed in another order (other bits for another thread
 // count). K counts panel steps (pairs in bfloat16).
-template <typename E, int R, int P,
-          int S = (2 * R >= kChains<E> ? 1 : (4 * R >= kChains<E> ? 2 : 4))>
-RNNFAST_TILE_TARGET void tile(int64_t K, const E* A, int64_t lda, const E* panel,
-                              int64_t panel_stride, float* C, int64_t ldc, __mmask16 last_mask,
-                              bool accumulate) {
-  __m512 acc[S][R][P];
-  for (int s = 0; s < S; ++s)
-    for (int r = 0; r < R; ++r)
-      for (int p = 0; p < P; ++p) acc[s][r][p] = _mm512_setzero_ps();
+// A second operand after the first along k (stacked weights): its rows lda apart, K k of them
+// after the first operand's in the panels. K = 0: none. The tiles take it by reference with the
+// pointer to their own first row apart (a struct by value goes through the stack, and reloading
+// it there stalled on store forwarding: a tenth of a step's time).
+template <typename E>
+struct SecondRows {
+  const E* A = nullptr;
+  int64_t lda = 0, K = 0;
+  const E* row(int64_t n) const { return A ? A + n * lda : nullptr; }
+};
+
+template <typename E, int R, int P, int S>
+RNNFAST_TILE_TARGET __attribute__((always_inline)) inline void multiply_add_all_k(
+    __m512 (&acc)[S][R][P], int64_t K, const E* A, int64_t lda, const E* panel,
+    int64_t panel_stride) {
   int64_t k = 0;
   for (; k + S <= K; k += S)
     for (int s = 0; s < S; ++s) multiply_add_k<E, R, P>(acc[s], A, lda, panel, panel_stride, k + s);
   for (; k < K; ++k) multiply_add_k<E, R, P>(acc[0], A, lda, panel, panel_stride, k);
+}
+
+template <typename E, int R, int P,
+          int S = (2 * R >= kChains<E> ? 1 : (4 * R >= kChains<E> ? 2 : 4))>
+RNNFAST_TILE_TARGET void tile(int64_t K, const E* A, int64_t lda, const E* A2,
+                              const SecondRows<E>& second, const E* panel, int64_t panel_stride,
+                              float* C, int64_t ldc, __mmask16 last_mask, bool accumulate) {
+  __m512 acc[S][R][P];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) acc[s][r][p] = _mm512_setzero_ps();
+  multiply_add_all_k<E, R, P, S>(acc, K, A, lda, panel, panel_stride);
+  if (second.K)
+    multiply_add_all_k<E, R, P, S>(acc, second.K, A2, second.lda, panel + K * kPerK<E>,
+                                   panel_stride);
   for (int s = 1; s < S; ++s)
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < P; ++p) acc[0][r][p] = _mm512_add_ps(acc[0][r][p], acc[s][r][p]);
@@ -303,8 +324,8 @@ RNNFAST_AVX2_TARGET void transpose_blocks(int64_t rows, int64_t cols, const floa
 }
 
 template <typename E>
-using TileFn = void (*)(int64_t, const E*, int64_t, const E*, int64_t, float*, int64_t, __mmask16,
-                        bool);
+using TileFn = void (*)(int64_t, const E*, int64_t, const E*, const SecondRows<E>&, const E*,
+                        int64_t, float*, int64_t, __mmask16, bool);
 
 // Kernel::of<R> for 1 <= rows <= kMaxRows (more take kMaxRows)
 template <class Kernel>
@@ -371,14 +392,15 @@ struct RowTiles {
   }
 };
 
-// C[N, M] (+)= A[N, K] times the panels, two at a time, panel_stride elements apart. K counts
-// panel steps.
+// C[N, M] (+)= A[N, K] (and the second operand's rows after it) times the panels, two at a time,
+// panel_stride elements apart. K counts panel steps.
 template <typename E, bool one_chain = false>
 void multiply_panels(int64_t N, int64_t M, int64_t K, const E* A, int64_t lda, const E* panels,
-                     int64_t panel_stride, float* C, int64_t ldc, bool accumulate) {
+                     int64_t panel_stride, float* C, int64_t ldc, bool accumulate,
+                     const SecondRows<E>& second = {}) {
   const int64_t count = (M + kPanel - 1) / kPanel;
   const int64_t tail = M % kPanel;
-  const RowTiles tiles(N, K, kMaxRows);
+  const RowTiles tiles(N, K + second.K, kMaxRows);
   tiles.for_blocks([&](int64_t first, int64_t end) {
     for (int64_t p0 = 0; p0 < count; p0 += 2) {
       const int P = int(std::min<int64_t>(2, count - p0));
@@ -389,8 +411,8 @@ void multiply_panels(int64_t N, int64_t M, int64_t K, const E* A, int64_t lda, c
         const int64_t n0 = tiles.first_row(i);
         const TileFn<E> f =
             P == 2 ? tile_for_rows<E, 2, one_chain>(rows) : tile_for_rows<E, 1, one_chain>(rows);
-        f(K, A + n0 * lda, lda, panel, panel_stride, C + n0 * ldc + p0 * kPanel, ldc, last,
-          accumulate);
+        f(K, A + n0 * lda, lda, second.row(n0), second, panel, panel_stride,
+          C + n0 * ldc + p0 * kPanel, ldc, last, accumulate);
       }
     }
   });
@@ -415,16 +437,24 @@ RNNFAST_AVX2_TARGET __attribute__((always_inline)) inline void multiply_add_k_av
 // S interleaved sums per output as in tile() above, for FMA's 4 x 2 cycles of latency x pipes.
 // A last panel of fewer than 16 outputs goes through a buffer: AVX2's masked stores are
 // microcoded on AMD's cores.
-template <int R, int S = (2 * R >= kChains<float> ? 1 : (4 * R >= kChains<float> ? 2 : 4))>
-RNNFAST_AVX2_TARGET void tile_avx2(int64_t K, const float* A, int64_t lda, const float* panel,
-                                   float* C, int64_t ldc, int64_t outputs, bool accumulate) {
-  __m256 acc[S][R][2];
-  for (int s = 0; s < S; ++s)
-    for (int r = 0; r < R; ++r) acc[s][r][0] = acc[s][r][1] = _mm256_setzero_ps();
+template <int R, int S>
+RNNFAST_AVX2_TARGET __attribute__((always_inline)) inline void multiply_add_all_k_avx2(
+    __m256 (&acc)[S][R][2], int64_t K, const float* A, int64_t lda, const float* panel) {
   int64_t k = 0;
   for (; k + S <= K; k += S)
     for (int s = 0; s < S; ++s) multiply_add_k_avx2<R>(acc[s], A, lda, panel, k + s);
   for (; k < K; ++k) multiply_add_k_avx2<R>(acc[0], A, lda, panel, k);
+}
+
+template <int R, int S = (2 * R >= kChains<float> ? 1 : (4 * R >= kChains<float> ? 2 : 4))>
+RNNFAST_AVX2_TARGET void tile_avx2(int64_t K, const float* A, int64_t lda, const float* A2,
+                                   const SecondRows<float>& second, const float* panel, float* C,
+                                   int64_t ldc, int64_t outputs, bool accumulate) {
+  __m256 acc[S][R][2];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) acc[s][r][0] = acc[s][r][1] = _mm256_setzero_ps();
+  multiply_add_all_k_avx2<R, S>(acc, K, A, lda, panel);
+  if (second.K) multiply_add_all_k_avx2<R, S>(acc, second.K, A2, second.lda, panel + K * kPanel);
   alignas(32) float partial[R][kPanel];
   const bool whole = outputs == kPanel;
   float* out = whole ? C : &partial[0][0];
@@ -444,8 +474,8 @@ RNNFAST_AVX2_TARGET void tile_avx2(int64_t K, const float* A, int64_t lda, const
     for (int r = 0; r < R; ++r) std::memcpy(C + r * ldc, partial[r], sizeof(float) * outputs);
 }
 
-using TileAvx2Fn = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
-                            bool);
+using TileAvx2Fn = void (*)(int64_t, const float*, int64_t, const float*, const SecondRows<float>&,
+                            const float*, float*, int64_t, int64_t, bool);
 
 template <bool one_chain = false>
 TileAvx2Fn tile_avx2_for_rows(int rows) {
@@ -465,20 +495,22 @@ TileAvx2Fn tile_avx2_for_rows(int rows) {
   }
 }
 
-// C[N, M] (+)= A[N, K] times the panels, one at a time, in RowTiles (one_chain as PanelTiles)
+// C[N, M] (+)= A[N, K] (and the second operand's rows) times the panels, one at a time, in
+// RowTiles (one_chain as PanelTiles)
 template <bool one_chain = false>
 void multiply_panels_avx2(int64_t N, int64_t M, int64_t K, const float* A, int64_t lda,
-                          const float* panels, float* C, int64_t ldc, bool accumulate) {
-  const int64_t count = (M + kPanel - 1) / kPanel;
-  const RowTiles tiles(N, K, kMaxRowsAvx2);
+                          const float* panels, float* C, int64_t ldc, bool accumulate,
+                          const SecondRows<float>& second = {}) {
+  const int64_t count = (M + kPanel - 1) / kPanel, k_all = K + second.K;
+  const RowTiles tiles(N, k_all, kMaxRowsAvx2);
   tiles.for_blocks([&](int64_t first, int64_t end) {
     for (int64_t p = 0; p < count; ++p) {
       const int64_t outputs = std::min(kPanel, M - p * kPanel);
       for (int64_t i = first; i < end; ++i) {
         const int64_t n0 = tiles.first_row(i);
-        tile_avx2_for_rows<one_chain>(tiles.rows(i))(K, A + n0 * lda, lda, panels + p * K * kPanel,
-                                                     C + n0 * ldc + p * kPanel, ldc, outputs,
-                                                     accumulate);
+        tile_avx2_for_rows<one_chain>(tiles.rows(i))(
+            K, A + n0 * lda, lda, second.row(n0), second, panels + p * k_all * kPanel,
+            C + n0 * ldc + p * kPanel, ldc, outputs, accumulate);
       }
     }
   });
@@ -741,25 +773,29 @@ RNNFAST_TILE_TARGET void round_operand(bool transposed, int64_t n, int64_t K, co
 
 }  // namespace
 
+int packed_tile_rows() { return cpu_has_avx512() ? kMaxRows : kMaxRowsAvx2; }
+
 PackedPanels::PackedPanels(const float* W, int64_t ldw, int64_t M, int64_t K, bool outputs_are_rows,
-                           OutputBlocks blocks, bool bf16)
-    : PackedPanels(Deferred{}, W, ldw, M, K, outputs_are_rows, blocks, bf16) {
+                           OutputBlocks blocks, bool bf16, StackedWeights<float> stacked)
+    : PackedPanels(Deferred{}, W, ldw, M, K, outputs_are_rows, blocks, bf16, stacked) {
   Scratch<float> staging = scratch<float>(bf16 ? staging_size() : 0);
   pack(0, panels_, staging.get());
 }
 
 PackedPanels::PackedPanels(Deferred, const float* W, int64_t ldw, int64_t M, int64_t K,
-                           bool outputs_are_rows, OutputBlocks blocks, bool bf16)
+                           bool outputs_are_rows, OutputBlocks blocks, bool bf16,
+                           StackedWeights<float> stacked)
     : W_(W),
       ldw_(ldw),
       M_(M),
-      K_(K),
+      K_(K + stacked.K),
       panels_((M + kPanel - 1) / kPanel),
       outputs_are_rows_(outputs_are_rows),
       bf16_(bf16),
       amx_(bf16 && cpu_has_amx_bf16()),
       blocks_(blocks),
-      data_(scratch<float>(panels_ * (bf16 ? padded_pairs(K) : K) * kPanel)) {}
+      stacked_(stacked),
+      data_(scratch<float>(panels_ * (bf16 ? padded_pairs(K_) : K_) * kPanel)) {}
 
 int64_t PackedPanels::staging_size() const { return K_ * kPanel; }
 
@@ -767,20 +803,28 @@ int64_t PackedPanels::staging_size() const { return K_ * kPanel; }
 // half the bytes to stream per product
 void PackedPanels::pack(int64_t first, int64_t end, float* staging) {
   const int64_t pairs = padded_pairs(K_);
-  if (bf16_ && !outputs_are_rows_ && blocks_.size >= M_ && first < end) {
+  if (bf16_ && !outputs_are_rows_ && blocks_.size >= M_ && !stacked_.K && first < end) {
     // W's columns as they lie (no blocks): along W's rows, every panel a pair of k at a time (a
     // panel down all of K read 64 bytes from each row of W, a walk the prefetchers missed)
     auto* out = reinterpret_cast<uint16_t*>(data_.get());
     columns_to_bf16(W_, ldw_, K_, M_, first, end, pairs, out);
     return;
   }
+  // W's k, then the stacked weights' (float32 straight into the panel, bfloat16 via staging)
+  const int64_t K1 = K_ - stacked_.K;
+  auto pack_both = [&](int64_t p, float* panel) {
+    pack_panel(W_, ldw_, M_, K1, outputs_are_rows_, blocks_, p, panel);
+    if (stacked_.K)
+      pack_panel(stacked_.W, stacked_.ldw, M_, stacked_.K, outputs_are_rows_, blocks_, p,
+                 panel + K1 * kPanel);
+  };
   for (int64_t p = first; p < end; ++p) {
     if (!bf16_) {
-      pack_panel(W_, ldw_, M_, K_, outputs_are_rows_, blocks_, p, data_.get() + p * K_ * kPanel);
+      pack_both(p, data_.get() + p * K_ * kPanel);
       continue;
     }
     auto* out = reinterpret_cast<uint16_t*>(data_.get() + p * pairs * kPanel);
-    pack_panel(W_, ldw_, M_, K_, outputs_are_rows_, blocks_, p, staging);
+    pack_both(p, staging);
     panel_to_bf16(staging, K_, pairs, out);
   }
 }
@@ -803,21 +847,40 @@ void PackedPanels::multiply_rounded(int64_t N, const uint16_t* A, float* C, int6
 
 void PackedPanels::multiply(int64_t N, const float* A, int64_t lda, float* C, int64_t ldc,
                             bool accumulate) const {
+  if (stacked_.K) throw std::logic_error("rnnfast: a stacked product takes two operands");
+  multiply_rows(N, A, lda, nullptr, 0, C, ldc, accumulate);
+}
+
+void PackedPanels::multiply_stacked(int64_t N, const float* A, int64_t lda, const float* A2,
+                                    int64_t lda2, float* C, int64_t ldc, bool accumulate) const {
+  if (!stacked_.K) throw std::logic_error("rnnfast: a product without stacked weights");
+  multiply_rows(N, A, lda, A2, lda2, C, ldc, accumulate);
+}
+
+void PackedPanels::multiply_rows(int64_t N, const float* A, int64_t lda, const float* A2,
+                                 int64_t lda2, float* C, int64_t ldc, bool accumulate) const {
+  const int64_t K1 = K_ - stacked_.K;
   if (!bf16_) {
+    const SecondRows<float> second{A2, lda2, stacked_.K};
     if (cpu_has_avx512())
-      return multiply_panels<float>(N, M_, K_, A, lda, data_.get(), K_ * kPanel, C, ldc,
-                                    accumulate);
-    return multiply_panels_avx2(N, M_, K_, A, lda, data_.get(), C, ldc, accumulate);
+      return multiply_panels<float>(N, M_, K1, A, lda, data_.get(), K_ * kPanel, C, ldc, accumulate,
+                                    second);
+    return multiply_panels_avx2(N, M_, K1, A, lda, data_.get(), C, ldc, accumulate, second);
   }
   // A rounded once per call, its rows padded to the panels' pairs (and on AMX to whole tiles of
-  // rows, zero: the tiles multiply all 16)
+  // rows, zero: the tiles multiply all 16); a second operand's rows follow A's in each row
   const int64_t width = rounded_width(), rows = rounded_rows(N);
   if (rows * width > a_capacity_) {
     a_bf16_ = scratch<uint16_t>(rows * width);
     a_capacity_ = rows * width;
   }
   uint16_t* a = a_bf16_.get();
-  round_rows_to_bf16(N, K_, A, lda, a, width, width);
+  if (stacked_.K) {
+    round_rows_to_bf16(N, K1, A, lda, a, width, K1);
+    round_rows_to_bf16(N, stacked_.K, A2, lda2, a + K1, width, width - K1);
+  } else {
+    round_rows_to_bf16(N, K_, A, lda, a, width, width);
+  }
   std::fill(a + N * width, a + rows * width, uint16_t(0));
   multiply_rounded(N, a, C, ldc, accumulate);
 }
@@ -963,11 +1026,19 @@ void parallel_gemm_bf16(int threads, bool trans_a, bool trans_b, int64_t M, int6
 
 #else  // no packed products off x86-64: StepProduct takes the BLAS (cpu_has_packed_products())
 
-PackedPanels::PackedPanels(const float*, int64_t, int64_t, int64_t, bool, OutputBlocks, bool) {
+int packed_tile_rows() { return 1; }
+
+PackedPanels::PackedPanels(const float*, int64_t, int64_t, int64_t, bool, OutputBlocks, bool,
+                           StackedWeights<float>) {
   throw std::logic_error("rnnfast: packed products exist on x86-64 only");
 }
 
 void PackedPanels::multiply(int64_t, const float*, int64_t, float*, int64_t, bool) const {
+  throw std::logic_error("rnnfast: packed products exist on x86-64 only");
+}
+
+void PackedPanels::multiply_stacked(int64_t, const float*, int64_t, const float*, int64_t, float*,
+                                    int64_t, bool) const {
   throw std::logic_error("rnnfast: packed products exist on x86-64 only");
 }
 

@@ -53,22 +53,25 @@ struct ForwardStep {
   int64_t N, H, R, t;        // R: the size of h (Dims::R)
   Range units{};             // the hidden units this thread owns
   const int32_t* lengths{};  // [N] or null
-  const T* gx{};             // [N, G*units] this thread's input projection, without biases
-  const T* bx{};             // [G*H] b_ih plus the parts of b_hh that are plain sums: add to gx
-  const T* gh{};             // [N, G*units] this thread's recurrent product, gate-major per row
-  const T* bhn{};            // [H] GRU: b_hn, kept out of gx since r multiplies it; else null
-  const T* h_prev{};         // [N, R] (R = H but with a projection, Dims::R)
-  const T* c_prev{};         // [N, H] LSTM, else null
-  const T* peephole{};       // [3, H] w_peephole (rows i, f, o), or null
-  T* h{};                    // [N, R] out: zero where t >= length
-  T* c{};                    // [N, H] out, LSTM: carried unchanged where t >= length
-  T* gates{};                // [N, G*H] out, training only (else null)
-  T* ghn{};                  // [N, H] out, GRU training only (else null)
-  T* rh{};                   // [N, H] out, reset_before: r * h_{t-1}, read by the whole team
-  T* m{};                    // [N, H] out, with a projection: o * tanh(c), which W_hr projects to h
-  const T* drop{};           // [N, units] candidate dropout's scale (0 or 1/(1-p)), or null
-  const Noise* zoneout{};    // zoneout on h (after_pass), or null
-  const uint8_t* taken{};    // [N, units] zoneout in training: 1 where h takes its new value
+  // [N, G*units] this thread's input projection, without biases; null where the step's product
+  // takes x_t itself (ForwardThread::stacks_input), so that gh holds both products
+  const T* gx{};
+  const T* x{};            // [N, C] x_t where the step's product takes it, else null
+  const T* bx{};           // [G*H] b_ih plus the parts of b_hh that are plain sums: add to gx
+  const T* gh{};           // [N, G*units] this thread's recurrent product, gate-major per row
+  const T* bhn{};          // [H] GRU: b_hn, kept out of gx since r multiplies it; else null
+  const T* h_prev{};       // [N, R] (R = H but with a projection, Dims::R)
+  const T* c_prev{};       // [N, H] LSTM, else null
+  const T* peephole{};     // [3, H] w_peephole (rows i, f, o), or null
+  T* h{};                  // [N, R] out: zero where t >= length
+  T* c{};                  // [N, H] out, LSTM: carried unchanged where t >= length
+  T* gates{};              // [N, G*H] out, training only (else null)
+  T* ghn{};                // [N, H] out, GRU training only (else null)
+  T* rh{};                 // [N, H] out, reset_before: r * h_{t-1}, read by the whole team
+  T* m{};                  // [N, H] out, with a projection: o * tanh(c), which W_hr projects to h
+  const T* drop{};         // [N, units] candidate dropout's scale (0 or 1/(1-p)), or null
+  const Noise* zoneout{};  // zoneout on h (after_pass), or null
+  const uint8_t* taken{};  // [N, units] zoneout in training: 1 where h takes its new value
   // what the recurrent products multiply: h_{t-1}, or with variational dropout h_{t-1} * vscale
   const T* h_product{};          // [N, R]
   const T* vscale{};             // [N, R] variational dropout's scale (0 or 1/(1-p)), or null
@@ -435,11 +438,15 @@ using StepProducts = std::optional<StepProduct<T>>[2];
 // What one thread of the forward team holds for the whole call.
 template <typename T>
 struct ForwardThread {
-  int team;                            // threads in the team (the barrier's width)
-  Range units{};                       // the hidden units this thread owns
-  Range state_cols{};                  // with a projection: the columns of h it computes (of R)
-  int64_t width{};                     // G * units.size(): this thread's gate columns
-  Isa isa{};                           // which build of the pointwise passes runs
+  int team;            // threads in the team (the barrier's width)
+  Range units{};       // the hidden units this thread owns
+  Range state_cols{};  // with a projection: the columns of h it computes (of R)
+  int64_t width{};     // G * units.size(): this thread's gate columns
+  Isa isa{};           // which build of the pointwise passes runs
+  // the step's product takes x_t too, w_ih stacked under w_hh (StepProduct::stacking_pays), in
+  // place of the projection a chunk of steps ahead: cells whose passes only sum the two products
+  bool stacks_input{};
+  int64_t C{};                         // x's row length
   T* gh{};                             // [N, width] the step's recurrent products
   const StepProduct<T>* product[2]{};  // by default h_{t-1} [N, H] onto its gate columns of w_hh
 };
@@ -498,6 +505,10 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   // rows it needs stay in its own cache, and no barrier separates projection and recurrence.
   const int64_t chunk = std::clamp<int64_t>((kProjectionRows + N - 1) / N, 1,
                                             std::clamp<int64_t>(d.T, 1, kProjectionSteps));
+  // the same choice whatever the team, so that each output's sums, and its bits, are too
+  constexpr bool sums_products = !cell.reset_after && !cell.reset_before;
+  const bool stacks_input = sums_products && !d.layer_norm && d.C > 0 &&
+                            StepProduct<T>::stacking_pays(N, GH, R, d.C, io.bf16);
   const bool dropping = io.noise.candidate > 0 && !io.noise.expectation;
   const Noise* zoneout = io.noise.zoneout > 0 ? &io.noise : nullptr;
   // variational dropout: the products read h_{t-1} * vscale from two alternating slots (a thread
@@ -520,6 +531,8 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     th.state_cols = split(R, th.team, thread_index(), kUnitAlign);
     th.width = G * th.units.size();
     th.isa = cpu_isa();
+    th.stacks_input = stacks_input;
+    th.C = d.C;
     Scratch<T> gh(nullptr, release_scratch), gx(nullptr, release_scratch),
         drop(nullptr, release_scratch), ln_gx(nullptr, release_scratch);
     StepProducts<T> products;
@@ -537,14 +550,14 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
         taken.emplace(io.noise, NoisePurpose::zoneout, io.noise.zoneout_threshold, N, th.units);
       if (variational) scale_columns(th.isa, N, R, th.units, hs, vscale.get(), h_masked.get());
       Cell::template forward_products<T>(d, io, th, products);
-      gx = scratch<T>(ln ? 0 : chunk * N * th.width);
+      gx = scratch<T>(ln || stacks_input ? 0 : chunk * N * th.width);
       ln_gx = scratch<T>(ln ? N * th.width : 0);
       // this thread's outputs: the rows of all G gates of its units, G blocks of w_ih; T*N rows
       if (ln)
         for (int64_t g = 0; g < G; ++g)
           projection[g].emplace(io.w_ih + (g * H + th.units.begin) * d.C, d.C, th.units.size(), d.C,
                                 WeightsBy::row, OutputBlocks{}, d.T * N, io.bf16);
-      else
+      else if (!stacks_input)
         projection[0].emplace(io.w_ih + th.units.begin * d.C, d.C, th.width, d.C, WeightsBy::row,
                               OutputBlocks{th.units.size(), H}, d.T * N, io.bf16);
     });
@@ -577,12 +590,13 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
                              training ? io.reserve + layout.ln_rstd + t0 * N * 3 : nullptr};
         run_pass<&ln_normalise_rows<T>>(th.isa, mine);
         team_barrier(th.team);  // and normalised
-      } else {
+      } else if (!stacks_input) {
         (*projection[0])(rows, x, d.C, gx.get(), th.width, Accumulate::no);
       }
       for (int64_t t = t0; t < t0 + steps; ++t) {
         ForwardStep<T> s{N, H, R, t, th.units, io.lengths};
-        s.gx = ln ? nullptr : gx.get() + (t - t0) * N * th.width;
+        s.gx = ln || stacks_input ? nullptr : gx.get() + (t - t0) * N * th.width;
+        s.x = stacks_input ? io.x + t * N * d.C : nullptr;
         s.bx = bx.get();
         s.bhn = bhn.get();
         s.h_prev = hs + t * NR;
@@ -673,13 +687,29 @@ struct DefaultStep {
   static constexpr bool kDefaultWeightGradients = true;
 
   // h_{t-1} [N, R] onto the thread's outputs, the rows of all G gates of its units: G blocks of
-  // w_hh, with T*N rows through them in this call
+  // w_hh, with T*N rows through them in this call; with stacks_input [x_t, h_{t-1}] onto them,
+  // w_ih's G blocks with w_hh's stacked under them
   template <typename T>
   static void forward_products(const Dims& d, const ForwardIO<T>& io, const ForwardThread<T>& th,
                                StepProducts<T>& out) {
     const int64_t R = d.R();
-    out[0].emplace(io.w_hh + th.units.begin * R, R, th.width, R, WeightsBy::row,
-                   OutputBlocks{th.units.size(), d.H}, d.T * d.N, io.bf16);
+    if (th.stacks_input)
+      out[0].emplace(io.w_ih + th.units.begin * d.C, d.C, th.width, d.C, WeightsBy::row,
+                     OutputBlocks{th.units.size(), d.H}, d.T * d.N, io.bf16,
+                     StackedWeights<T>{io.w_hh + th.units.begin * R, R, R});
+    else
+      out[0].emplace(io.w_hh + th.units.begin * R, R, th.width, R, WeightsBy::row,
+                     OutputBlocks{th.units.size(), d.H}, d.T * d.N, io.bf16);
+  }
+
+  // product[0] of the step onto th.gh: h_{t-1} (as the products read it), or with stacks_input
+  // x_t and h_{t-1}
+  template <typename T>
+  static void step_product(const ForwardThread<T>& th, const ForwardStep<T>& s) {
+    if (th.stacks_input)
+      (*th.product[0])(s.N, s.x, th.C, s.h_product, s.R, th.gh, th.width, Accumulate::no);
+    else
+      (*th.product[0])(s.N, s.h_product, s.R, th.gh, th.width, Accumulate::no);
   }
 
   // dgh_t [N, G*H] onto the thread's columns of dh_{t-1}
@@ -692,7 +722,7 @@ struct DefaultStep {
 
   template <class Cell, typename T>
   static void forward_step(const ForwardThread<T>& th, ForwardStep<T>& s) {
-    (*th.product[0])(s.N, s.h_product, s.R, th.gh, th.width, Accumulate::no);
+    step_product(th, s);
     s.gh = th.gh;
     run_pass<&Cell::template forward<T>>(th.isa, s);
     after_pass(th.isa, s);

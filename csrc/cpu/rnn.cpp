@@ -19,8 +19,14 @@ struct Rnn : DefaultStep {
         std::fill(h + j0, h + s.units.end, T(0));
         continue;
       }
-      const T* gx = s.gx + n * nu;
       const T* gh = s.gh + n * nu;
+      if (!s.gx) {  // the step's product took x_t too
+#pragma omp simd
+        for (int64_t u = 0; u < nu; ++u)
+          h[j0 + u] = rnn_point_forward<T, Math<T>>(s.bx[j0 + u] + gh[u], Relu);
+        continue;
+      }
+      const T* gx = s.gx + n * nu;
 #pragma omp simd
       for (int64_t u = 0; u < nu; ++u)
         h[j0 + u] = rnn_point_forward<T, Math<T>>(gx[u] + s.bx[j0 + u] + gh[u], Relu);
