@@ -1,6 +1,7 @@
 // The drivers every cell runs. Forward: each thread owns a slice of the hidden units; it projects
 // a chunk of inputs onto its units' gates, then runs the cell's step for each t (by default:
-// h_{t-1} times its units' w_hh rows, the cell's pointwise pass, one barrier). Backward mirrors it
+// h_{t-1} times its units' w_hh rows, the cell's pointwise pass, one barrier; where it pays, x_t
+// and h_{t-1} in one product instead, ForwardThread::stacks_input). Backward mirrors it
 // and finishes with the weight gradients and dx as large GEMMs. A cell is a struct with its kind
 // (its row of the cell table, rnnfast/cell.h), its two pointwise passes and, where the default step
 // does not fit it, steps of its own; the drivers read the table, never the kind.
