@@ -419,7 +419,7 @@ py::dict build_info() {
   // without layer norm
   info["step_input_stacked"] =
       cpu::cpu_has_packed_products()
-          ? "float32 LSTM and RNN steps of N >= " + std::to_string(cpu::packed_tile_rows()) +
+          ? "LSTM and RNN steps of N >= " + std::to_string(cpu::packed_tile_rows()) +
                 " rows whose G*H x (C + R) weights, packed (4 bytes each, 2 in bfloat16), fit in " +
                 std::to_string(cpu::l2_cache_bytes()) + " bytes (one core's L2)"
           : std::string("never (the products go through the BLAS)");

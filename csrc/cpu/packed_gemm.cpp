@@ -171,11 +171,6 @@ RNNFAST_TILE_TARGET __attribute__((always_inline)) inline void store_tile(const 
 template <typename E>
 constexpr int kChains = std::is_same_v<E, float> ? 8 : 12;
 
-// S independent sums over interleaved k per output: with few rows (2R < kChains) one chain per
-// output would leave the FMA units waiting on their latency. S depends on the rows alone, not on
-// P: a thread's last panel runs alone (P = 1) or paired by where the team's split puts it, and
-// with S following P the same output summed in another order (other bits for another thread
-// count). K counts panel steps (pairs in bfloat16).
 // A second operand after the first along k (stacked weights): its rows lda apart, K k of them
 // after the first operand's in the panels. K = 0: none. The tiles take it by reference with the
 // pointer to their own first row apart (a struct by value goes through the stack, and reloading
@@ -197,6 +192,11 @@ RNNFAST_TILE_TARGET __attribute__((always_inline)) inline void multiply_add_all_
   for (; k < K; ++k) multiply_add_k<E, R, P>(acc[0], A, lda, panel, panel_stride, k);
 }
 
+// S independent sums over interleaved k per output: with few rows (2R < kChains) one chain per
+// output would leave the FMA units waiting on their latency. S depends on the rows alone, not on
+// P: a thread's last panel runs alone (P = 1) or paired by where the team's split puts it, and
+// with S following P the same output summed in another order (other bits for another thread
+// count). K counts panel steps (pairs in bfloat16).
 template <typename E, int R, int P,
           int S = (2 * R >= kChains<E> ? 1 : (4 * R >= kChains<E> ? 2 : 4))>
 RNNFAST_TILE_TARGET void tile(int64_t K, const E* A, int64_t lda, const E* A2,
