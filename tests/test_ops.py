@@ -106,15 +106,9 @@ def test_packed_product_in_row_blocks(cell):
     _check(cell, np.float32, _case(cell, 6, 16, 700, 40, True, True, "mixed"))
 
 
-@pytest.mark.parametrize("lengths_kind", [None, "mixed"])
-@pytest.mark.parametrize("cell", CELLS)
-def test_step_with_the_input_stacked(cell, lengths_kind):
-    # at 24 rows and small weights the LSTM's and RNN's step takes x_t in its own product (w_ih
-    # stacked under w_hh, build_info()["step_input_stacked"]; the GRUs keep the projection):
-    # exact against the reference, training and inference alike, and the same bits on one thread
-    # as on two (every team makes the same choice)
-    case = _case(cell, 7, 24, 33, 70, True, True, lengths_kind)
-    _check(cell, np.float32, case)
+def _same_bits_on_one_and_two_threads(cell, case):
+    """Training and inference forward, and the backward, on two threads then one: the same bits
+    (and the training forward's y that of inference)."""
     inputs = cast(case[0], np.float32)
     runs = []
     before = rnnfast.get_num_threads()
@@ -133,6 +127,30 @@ def test_step_with_the_input_stacked(cell, lengths_kind):
     assert np.array_equal(y2, i2), "training and inference steps differ"
     for name, g in g2.items():
         assert (g is None and g1[name] is None) or np.array_equal(g, g1[name]), name
+
+
+@pytest.mark.parametrize("lengths_kind", [None, "mixed"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_with_the_input_stacked(cell, lengths_kind):
+    # at 24 rows and small weights the LSTM's and RNN's step takes x_t in its own product (w_ih
+    # stacked under w_hh, build_info()["step_input_stacked"]; the GRUs keep the projection):
+    # exact against the reference, training and inference alike, and the same bits on one thread
+    # as on two (every team makes the same choice)
+    case = _case(cell, 7, 24, 33, 70, True, True, lengths_kind)
+    _check(cell, np.float32, case)
+    _same_bits_on_one_and_two_threads(cell, case)
+
+
+@pytest.mark.parametrize("lengths_kind", [None, "zero", "mixed"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_rows_apart(cell, lengths_kind):
+    # at 25 rows (13 and 12 a thread) and small weights two threads split the batch rather than
+    # the units (build_info()["rows_apart"]; the GRUs' forward keeps the units split): exact
+    # against the reference over 110 steps, which the backward's bias and weight sums take in
+    # chunks (a barrier before each), and the same bits on one thread as on two
+    case = _case(cell, 110, 25, 20, 100, True, True, lengths_kind)
+    _check(cell, np.float32, case)
+    _same_bits_on_one_and_two_threads(cell, case)
 
 
 @pytest.mark.parametrize("H", [18, 300], ids=["H18", "H300"])
@@ -399,11 +417,14 @@ def test_paths_without_avx512_match(tmp_path, isa, kernel):
         "w_hh = rng.standard_normal((4 * 70, 70)).astype(np.float32) * 0.1\n"
         "y, h, c, ctx = rnnfast.lstm_forward(x, w_ih, w_hh, lengths=np.array([6, 0, 3, 6, 1]))\n"
         "g = rnnfast.lstm_backward(ctx, np.ones_like(y))\n"
-        # 13 rows: on AVX2 (6-row tiles) the step's product takes x_t too, w_ih stacked
+        # 13 rows: on AVX2 (6-row tiles) the step's product takes x_t too, w_ih stacked, and
+        # two threads take 7 and 6 rows each (rows apart)
         "x13 = rng.standard_normal((6, 13, 7)).astype(np.float32)\n"
         "y13 = rnnfast.lstm_forward(x13, w_ih, w_hh, training=False)[0]\n"
-        "np.savez(r'%s', y=y, dx=g['dx'], dw_hh=g['dw_hh'], x13=x13, y13=y13)\n"
-        % (tmp_path / "out.npz")
+        "ctx13 = rnnfast.lstm_forward(x13, w_ih, w_hh)[3]\n"
+        "g13 = rnnfast.lstm_backward(ctx13, np.ones_like(y13))\n"
+        "np.savez(r'%s', y=y, dx=g['dx'], dw_hh=g['dw_hh'], x13=x13, y13=y13, dx13=g13['dx'],\n"
+        "         dw_hh13=g13['dw_hh'], dw_ih13=g13['dw_ih'])\n" % (tmp_path / "out.npz")
     )
     # bfloat16 needs AVX-512
     script.write_text(
@@ -434,8 +455,12 @@ def test_paths_without_avx512_match(tmp_path, isa, kernel):
     assert_close(got["y"], y, **tol(np.float32), name="y")
     assert_close(got["dx"], g["dx"], **tol(np.float32, "grad"), name="dx")
     assert_close(got["dw_hh"], g["dw_hh"], **tol(np.float32, "grad"), name="dw_hh")
-    y13 = reference.lstm_forward(got["x13"].astype(np.float64), w_ih, w_hh)[0]
+    y13, _, _, ctx13 = reference.lstm_forward(got["x13"].astype(np.float64), w_ih, w_hh)
     assert_close(got["y13"], y13, **tol(np.float32), name="y, 13 rows")
+    g13 = reference.lstm_backward(ctx13, np.ones_like(y13))
+    for name in ("dx", "dw_hh", "dw_ih"):
+        assert_close(got[name + "13"], g13[name], **tol(np.float32, "grad"),
+                     name=f"{name}, 13 rows")  # fmt: skip
 
 
 # ---- the opt-in bfloat16 products -------------------------------------------------------------

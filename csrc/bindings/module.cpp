@@ -423,6 +423,16 @@ py::dict build_info() {
                 " rows whose G*H x (C + R) weights, packed (4 bytes each, 2 in bfloat16), fit in " +
                 std::to_string(cpu::l2_cache_bytes()) + " bytes (one core's L2)"
           : std::string("never (the products go through the BLAS)");
+  // when a loop over steps splits the batch between threads rather than the units
+  // (cpu::rows_apart_pays)
+  info["rows_apart"] =
+      cpu::cpu_has_packed_products()
+          ? "float32 LSTM and RNN steps (the GRU's backward) without a projection, layer norm or "
+            "noise, where every thread's share of the batch fills " +
+                std::to_string(cpu::packed_tile_rows()) +
+                " rows and the layer's weights (4 bytes each, 2 in bfloat16) take at most " +
+                std::to_string(cpu::l2_cache_bytes() / 2) + " bytes (half of one core's L2)"
+          : std::string("never (the products go through the BLAS)");
   info["cuda"] = false;
   return info;
 }

@@ -548,15 +548,21 @@ struct alignas(64) TileConfig {
 // barrier orders the stores of A before the tile loads, and the tile stores before their reads
 inline void compiler_barrier() { __asm__ volatile("" ::: "memory"); }
 
-// C rows [0, rows) x columns [0, columns) (+)= a tile stored as 16 x 16 floats
-RNNFAST_AMX_TARGET inline void add_tile(const float* tile, int64_t rows, int64_t columns, float* C,
-                                        int64_t ldc, bool accumulate) {
+// C rows [0, rows) x columns [0, columns) = a tile stored as 16 x 16 floats
+RNNFAST_AMX_TARGET inline void store_tile(const float* tile, int64_t rows, int64_t columns,
+                                          float* C, int64_t ldc) {
   const __mmask16 m = columns >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << columns) - 1);
-  for (int64_t r = 0; r < rows; ++r) {
-    __m512 v = _mm512_load_ps(tile + r * kPanel);
-    if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, C + r * ldc), v);
-    _mm512_mask_storeu_ps(C + r * ldc, m, v);
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    _mm512_mask_storeu_ps(C + r * ldc, m, _mm512_load_ps(tile + r * kPanel));
+}
+
+// a 16 x 16 tile of floats from C rows [0, rows) x columns [0, columns), zero past them
+RNNFAST_AMX_TARGET inline void tile_from(const float* C, int64_t rows, int64_t columns, int64_t ldc,
+                                         float* tile) {
+  const __mmask16 m = columns >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << columns) - 1);
+  for (int64_t r = 0; r < kTileRows; ++r)
+    _mm512_store_ps(tile + r * kPanel,
+                    r < rows ? _mm512_maskz_loadu_ps(m, C + r * ldc) : _mm512_setzero_ps());
 }
 
 // One block of C: RT (1 or 2) row tiles x P (1 or 2) panels, over all K. Tiles 0-3 sum C (row
@@ -566,17 +572,32 @@ template <int RT, int P>
 RNNFAST_AMX_TARGET void amx_block(int64_t k_tiles, const uint16_t* A, int64_t lda,
                                   const uint16_t* panel, int64_t panel_stride, float* C,
                                   int64_t ldc, int64_t rows, int64_t columns, bool accumulate) {
-  // a whole block loads and stores its C tiles in place (16 rows of 64 bytes, ldc apart);
-  // a block at C's edge sums from zero and adds what lies inside C through a buffer
+  // a whole block loads and stores its C tiles in place (16 rows of 64 bytes, ldc apart); a block
+  // at C's edge goes through a buffer, C's part loaded into it first where the block accumulates,
+  // so that each output sums C and then the products alike, whole block or not (and its bits do
+  // not depend on the rows and columns beside it)
   const bool whole = rows >= RT * kTileRows && columns >= P * kPanel;
   const int64_t c_bytes = ldc * int64_t(sizeof(float));
   float* c1 = C + kTileRows * ldc;
+  alignas(64) float out[4][kTileRows * kPanel];
+  auto rows_in = [&](int r) { return std::min<int64_t>(kTileRows, rows - r * kTileRows); };
+  auto columns_in = [&](int p) { return std::min<int64_t>(kPanel, columns - p * kPanel); };
   if (whole && accumulate) {
     compiler_barrier();
     _tile_loadd(0, C, c_bytes);
     if constexpr (P == 2) _tile_loadd(1, C + kPanel, c_bytes);
     if constexpr (RT == 2) _tile_loadd(2, c1, c_bytes);
     if constexpr (RT == 2 && P == 2) _tile_loadd(3, c1 + kPanel, c_bytes);
+  } else if (accumulate) {
+    for (int r = 0; r < RT; ++r)
+      for (int p = 0; p < P; ++p)
+        tile_from(C + r * kTileRows * ldc + p * kPanel, rows_in(r), columns_in(p), ldc,
+                  out[2 * r + p]);
+    compiler_barrier();
+    _tile_loadd(0, out[0], 64);
+    if constexpr (P == 2) _tile_loadd(1, out[1], 64);
+    if constexpr (RT == 2) _tile_loadd(2, out[2], 64);
+    if constexpr (RT == 2 && P == 2) _tile_loadd(3, out[3], 64);
   } else {
     _tile_zero(0);
     if constexpr (P == 2) _tile_zero(1);
@@ -609,7 +630,6 @@ RNNFAST_AMX_TARGET void amx_block(int64_t k_tiles, const uint16_t* A, int64_t ld
     compiler_barrier();
     return;
   }
-  alignas(64) float out[4][kTileRows * kPanel];
   _tile_stored(0, out[0], 64);
   if constexpr (P == 2) _tile_stored(1, out[1], 64);
   if constexpr (RT == 2) _tile_stored(2, out[2], 64);
@@ -617,9 +637,8 @@ RNNFAST_AMX_TARGET void amx_block(int64_t k_tiles, const uint16_t* A, int64_t ld
   compiler_barrier();
   for (int r = 0; r < RT; ++r)
     for (int p = 0; p < P; ++p)
-      add_tile(out[2 * r + p], std::min(kTileRows, rows - r * kTileRows),
-               std::min(kPanel, columns - p * kPanel), C + r * kTileRows * ldc + p * kPanel, ldc,
-               accumulate);
+      store_tile(out[2 * r + p], rows_in(r), columns_in(p), C + r * kTileRows * ldc + p * kPanel,
+                 ldc);
 }
 
 using AmxBlockFn = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*,

@@ -114,6 +114,17 @@ struct BackwardStep {
   bool valid(int64_t n) const { return !lengths || t < lengths[n]; }
 };
 
+// Rows apart: where every thread's share of the batch fills a tile of the packed kernels and the
+// layer's G*H x (C + R) weights (4 bytes each, 2 in bfloat16) take at most half of one core's L2
+// (each core then keeps all of them, its rows' state beside them), the threads of a loop over steps
+// split the batch and not the units, each running its rows' recurrence over every unit as a team
+// of one: no barrier between steps and no h_t or dh crossing between cores. Each output's sum
+// runs over k alone whatever the rows beside it, so the bits are those of the units split.
+inline bool rows_apart_pays(int64_t N, int team, int64_t weight_bytes) {
+  return team > 1 && cpu_has_packed_products() && N >= team * packed_tile_rows() &&
+         2 * weight_bytes <= l2_cache_bytes();
+}
+
 // A step too small to share is not worth a barrier; otherwise each thread owns >= 16 units.
 inline int recurrent_threads(const Dims& d) {
   if (d.N * d.GH() * d.H < 64 * 1024) return 1;
@@ -524,12 +535,20 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   auto ln_partials = scratch<double>(ln ? N * kLnQuantities * G * ln_blocks(H) : 0);
   auto ln_gates = scratch<T>(ln && cell.has_c && !training ? N * GH : 0);
   auto x_chunk = scratch<T>(ln && !training ? chunk * N * GH : 0);
+  // rows apart (rows_apart_pays): the default step, its product taking x_t, and no noise (its
+  // masks are drawn per thread's units)
+  const bool rows_apart_may =
+      stacks_input && Cell::default_steps(d) && !dropping && !zoneout && !variational;
+  const int64_t weight_bytes = GH * (d.C + R) * (io.bf16 ? 2 : int64_t(sizeof(T)));
   TeamSetup setup;
 #pragma omp parallel num_threads(recurrent_threads(d))
   {
-    ForwardThread<T> th{team_size()};
-    th.units = split(H, th.team, thread_index(), kUnitAlign);
-    th.state_cols = split(R, th.team, thread_index(), kUnitAlign);
+    const bool rows_apart = rows_apart_may && rows_apart_pays(N, team_size(), weight_bytes);
+    const Range rows = rows_apart ? split(N, team_size(), thread_index()) : Range{0, N};
+    const int64_t r0 = rows.begin, NT = rows.size();
+    ForwardThread<T> th{rows_apart ? 1 : team_size()};
+    th.units = rows_apart ? Range{0, H} : split(H, th.team, thread_index(), kUnitAlign);
+    th.state_cols = rows_apart ? Range{0, R} : split(R, th.team, thread_index(), kUnitAlign);
     th.width = G * th.units.size();
     th.isa = cpu_isa();
     th.stacks_input = stacks_input;
@@ -542,7 +561,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     std::optional<StepProduct<T>> projection[kMaxGates];
     std::optional<StepMasks> kept, taken;  // candidate dropout's, zoneout's (training)
     const bool ok = setup.run([&] {
-      gh = scratch<T>(N * th.width);
+      gh = scratch<T>(NT * th.width);
       if (dropping) {
         drop = scratch<T>(N * th.units.size());
         kept.emplace(io.noise, NoisePurpose::candidate, io.noise.candidate_threshold, N, th.units);
@@ -595,20 +614,20 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
         (*projection[0])(rows, x, d.C, gx.get(), th.width, Accumulate::no);
       }
       for (int64_t t = t0; t < t0 + steps; ++t) {
-        ForwardStep<T> s{N, H, R, t, th.units, io.lengths};
+        ForwardStep<T> s{NT, H, R, t, th.units, io.lengths ? io.lengths + r0 : nullptr};
         s.gx = ln || stacks_input ? nullptr : gx.get() + (t - t0) * N * th.width;
-        s.x = stacks_input ? io.x + t * N * d.C : nullptr;
+        s.x = stacks_input ? io.x + (t * N + r0) * d.C : nullptr;
         s.bx = bx.get();
         s.bhn = bhn.get();
-        s.h_prev = hs + t * NR;
-        s.h = hs + (t + 1) * NR;
+        s.h_prev = hs + t * NR + r0 * R;
+        s.h = hs + (t + 1) * NR + r0 * R;
         if (cell.has_c) {
-          s.c_prev = c_slot(t);
-          s.c = c_slot(t + 1);
+          s.c_prev = c_slot(t) + r0 * H;
+          s.c = c_slot(t + 1) + r0 * H;
         }
         s.peephole = io.w_peephole;
         if (training) {
-          s.gates = cell.saves_gates ? io.reserve + layout.gates + t * N * GH : nullptr;
+          s.gates = cell.saves_gates ? io.reserve + layout.gates + (t * N + r0) * GH : nullptr;
           s.ghn = cell.reset_after ? io.reserve + layout.ghn + t * NH : nullptr;
         }
         if (cell.reset_before) s.rh = training ? io.reserve + layout.rh + t * NH : rh_step.get();
@@ -683,6 +702,10 @@ void sum_bias_rows(const BackwardThread<T>& th, const BackwardStep<T>& s) {
 // The products are built once per thread per call (forward_products, backward_products), and the
 // weight gradients follow the loop (weight_gradients); a cell may replace any of these too.
 struct DefaultStep {
+  // whether this call's steps are DefaultStep's (then rows_apart_pays may split the batch): a
+  // cell with steps of its own says where they are not
+  static bool default_steps(const Dims& d) { return !d.layer_norm && !d.P; }
+
   // whether weight_gradients is DefaultStep's (dw_ih = dgx^T x, dw_hh = dgh^T h_{t-1}, dx), which
   // the loop may then sum chunk by chunk itself (weight_gradients_in_loop)
   static constexpr bool kDefaultWeightGradients = true;
@@ -734,7 +757,7 @@ struct DefaultStep {
   static void backward_step(const BackwardThread<T>& th, const BackwardStep<T>& s) {
     run_pass<&Cell::template backward<T>>(th.isa, s);
     sum_bias_rows(th, s);
-#pragma omp barrier
+    team_barrier(th.team);                  // dgh_t is complete
     const int64_t ld_dgh = th.gates * s.H;  // dgh's rows are all G gates of all H units
     (*th.product[0])(s.N, s.dgh, ld_dgh, s.dh_product + th.units.begin, s.R, Accumulate::yes);
   }
@@ -957,16 +980,28 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   auto x_masked = scratch<T>(0);
   const T* x_rows = sums_in_loop ? finite_padding(d, io.x, io.lengths, x_masked) : nullptr;
 
+  // rows apart (rows_apart_pays) as in the forward: the default step, no noise, and no peephole
+  // gradient (each thread sums its units' over all the rows step by step)
+  const bool rows_apart_may = std::is_same_v<T, float> && Cell::default_steps(d) && !dropping &&
+                              !zoneout && !variational && !io.dw_peephole;
+  const int64_t weight_bytes = GH * (d.C + R) * (io.bf16 ? 2 : int64_t(sizeof(T)));
   TeamSetup setup;
 #pragma omp parallel num_threads(recurrent_threads(d))
   {
-    BackwardThread<T> th{team_size()};
-    th.units = split(H, th.team, thread_index(), kUnitAlign);
-    th.state_cols = split(R, th.team, thread_index(), kUnitAlign);
+    const bool rows_apart = rows_apart_may && rows_apart_pays(N, team_size(), weight_bytes);
+    const Range rows = rows_apart ? split(N, team_size(), thread_index()) : Range{0, N};
+    const int64_t r0 = rows.begin;
+    // the units whose rows of the weight gradients and entries of the bias gradients this thread
+    // sums: its own units, or rows apart its share of them, a chunk of steps at a time after a
+    // barrier (every row's dG of the chunk is written), in the same order (t down, n up)
+    const Range sum_units = split(H, team_size(), thread_index(), kUnitAlign);
+    BackwardThread<T> th{rows_apart ? 1 : team_size()};
+    th.units = rows_apart ? Range{0, H} : sum_units;
+    th.state_cols = rows_apart ? Range{0, R} : split(R, th.team, thread_index(), kUnitAlign);
     th.isa = cpu_isa();
     th.gates = cell.gates;
-    th.db_x = sum_db_x ? db_sum.get() : nullptr;
-    th.db_h = sum_db_h ? db_sum.get() + GH : nullptr;
+    th.db_x = sum_db_x && !rows_apart ? db_sum.get() : nullptr;
+    th.db_h = sum_db_h && !rows_apart ? db_sum.get() + GH : nullptr;
     StepProducts<T> products;
     std::optional<StepMasks> kept, taken;  // candidate dropout's, zoneout's
     Scratch<T> drh(nullptr, release_scratch), drop(nullptr, release_scratch),
@@ -974,7 +1009,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
     Scratch<float> gradient_workspace(nullptr, release_scratch);
     ChunkProducts chunk;
     if constexpr (std::is_same_v<T, float>)
-      if (sums_in_loop) chunk = chunk_products(d, io, th.units, x_rows, hs, dgh == dgx.get());
+      if (sums_in_loop) chunk = chunk_products(d, io, sum_units, x_rows, hs, dgh == dgx.get());
     const bool ok = setup.run([&] {
       Cell::template backward_products<T>(d, io, th, products);
       if (sums_in_loop) gradient_workspace = scratch<float>(chunk.workspace);
@@ -1001,31 +1036,31 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
     if constexpr (std::is_same_v<T, float>)
       if (ok && sums_in_loop)  // the chunks add to this thread's rows
         for (int64_t g = 0; g < cell.gates; ++g) {
-          const int64_t r0 = g * H + th.units.begin, r1 = g * H + th.units.end;
-          std::fill(io.dw_ih + r0 * d.C, io.dw_ih + r1 * d.C, 0.0f);
-          std::fill(io.dw_hh + r0 * R, io.dw_hh + r1 * R, 0.0f);
+          const int64_t w0 = g * H + sum_units.begin, w1 = g * H + sum_units.end;
+          std::fill(io.dw_ih + w0 * d.C, io.dw_ih + w1 * d.C, 0.0f);
+          std::fill(io.dw_hh + w0 * R, io.dw_hh + w1 * R, 0.0f);
         }
     for (int64_t t = d.T - 1; ok && t >= 0; --t) {
-      BackwardStep<T> s{N, H, R, t, th.units, io.lengths};
-      s.dy = io.dy ? io.dy + t * NR : zeros.get();
-      s.h_prev = hs + t * NR;
-      s.h = hs + (t + 1) * NR;
+      BackwardStep<T> s{rows.size(), H, R, t, th.units, io.lengths ? io.lengths + r0 : nullptr};
+      s.dy = io.dy ? io.dy + t * NR + r0 * R : zeros.get();
+      s.h_prev = hs + t * NR + r0 * R;
+      s.h = hs + (t + 1) * NR + r0 * R;
       if (cell.has_c) {
-        s.c_prev = io.reserve + layout.cs + t * NH;
+        s.c_prev = io.reserve + layout.cs + t * NH + r0 * H;
         s.c = s.c_prev + NH;
       }
-      if (cell.saves_gates) s.gates = io.reserve + layout.gates + t * N * GH;
-      if (cell.reset_after) s.ghn = io.reserve + layout.ghn + t * NH;
+      if (cell.saves_gates) s.gates = io.reserve + layout.gates + (t * N + r0) * GH;
+      if (cell.reset_after) s.ghn = io.reserve + layout.ghn + t * NH + r0 * H;
       s.peephole = io.w_peephole;
       s.dpeephole = io.dw_peephole;
       s.drh = drh.get();
       s.dh_seq = d.P ? dh_seq.get() + t * NR : nullptr;
       s.dm = dm.get();
       s.zeros = zeros.get();
-      s.dh = io.dh0;
-      s.dc = io.dc0;
-      s.dgx = dgx.get() + t * N * GH;
-      s.dgh = dgh + t * N * GH;
+      s.dh = io.dh0 + r0 * R;
+      s.dc = cell.has_c ? io.dc0 + r0 * H : nullptr;
+      s.dgx = dgx.get() + (t * N + r0) * GH;
+      s.dgh = dgh + (t * N + r0) * GH;
       if (dropping)
         candidate_scales(th.isa, io.noise, kept->at(t), N * th.units.size(), drop.get());
       s.drop = drop.get();
@@ -1061,10 +1096,24 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
         });
       // a chunk is whole at its first step (chunks run from step T down, the one at 0 shorter)
       const int64_t past_chunk = (d.T - t) % chunk_steps;
+      if (past_chunk != 0 && t != 0) continue;
+      const int64_t chunk_end = t + (past_chunk == 0 ? chunk_steps : past_chunk);
+      if (rows_apart) {
+#pragma omp barrier
+        if (sum_db_x)
+          run_inline(th.isa, [&]() RNNFAST_INLINE {
+            for (int64_t step = chunk_end - 1; step >= t; --step) {
+              add_gate_rows<T>(N, cell.gates, H, sum_units, dgx.get() + step * N * GH,
+                               db_sum.get());
+              if (sum_db_h)
+                add_gate_rows<T>(N, cell.gates, H, sum_units, dgh + step * N * GH,
+                                 db_sum.get() + GH);
+            }
+          });
+      }
       if constexpr (std::is_same_v<T, float>)
-        if (sums_in_loop && (past_chunk == 0 || t == 0))
-          chunk_weight_gradients(d, chunk, th.units, cell.gates, dgx.get(), dgh, t,
-                                 t + (past_chunk == 0 ? chunk_steps : past_chunk),
+        if (sums_in_loop)
+          chunk_weight_gradients(d, chunk, sum_units, cell.gates, dgx.get(), dgh, t, chunk_end,
                                  gradient_workspace.get());
     }
   }
