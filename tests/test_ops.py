@@ -145,9 +145,9 @@ def test_step_with_the_input_stacked(cell, lengths_kind):
 @pytest.mark.parametrize("cell", CELLS)
 def test_rows_apart(cell, lengths_kind):
     # at 25 rows (13 and 12 a thread) and small weights two threads split the batch rather than
-    # the units (build_info()["rows_apart"]; the GRUs' forward keeps the units split): exact
-    # against the reference over 110 steps, which the backward's bias and weight sums take in
-    # chunks (a barrier before each), and the same bits on one thread as on two
+    # the units (build_info()["rows_apart"]): exact against the reference over 110 steps, which
+    # the backward's bias and weight sums take in chunks (a barrier before each), and the same
+    # bits on one thread as on two
     case = _case(cell, 110, 25, 20, 100, True, True, lengths_kind)
     _check(cell, np.float32, case)
     _same_bits_on_one_and_two_threads(cell, case)

@@ -181,6 +181,34 @@ def test_variants_are_bitwise_repeatable(cell):
                 np.testing.assert_array_equal(v, g0[k], err_msg=k)
 
 
+@pytest.mark.openmp
+@pytest.mark.parametrize("cell", LSTMS)
+def test_peepholes_with_rows_apart(cell):
+    """At 25 rows and small weights the forward's two threads split the batch (build_info()
+    ["rows_apart"]) and read every unit's peepholes; the backward keeps the units split, since
+    each thread sums its units' peephole gradients over all the rows: exact against the reference,
+    and the same bits on one thread as on two."""
+    T, N, C, H = 12, 25, 10, 48
+    inputs, up = _peephole_case(cell, T, N, C, H, _rng("rows", cell), lengths_kind="mixed")
+    y, h_n, c_n, ctx = run_forward(reference, cell, **inputs)
+    expected = run_backward(reference, cell, ctx, **up)
+    results = []
+    before = rnnfast.get_num_threads()
+    try:
+        for threads in (2, 1):
+            rnnfast.set_num_threads(threads)
+            got = run_forward(ops, cell, **cast(inputs, np.float32))
+            results.append((got[0], run_backward(ops, cell, got[3], **cast(up, np.float32))))
+    finally:
+        rnnfast.set_num_threads(before)
+    assert_close(results[0][0], y, **tol(np.float32), name="y")
+    assert_grads_close(results[0][1], expected, np.float32, names=list(expected))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    for k, v in results[0][1].items():
+        if v is not None:
+            np.testing.assert_array_equal(v, results[1][1][k], err_msg=k)
+
+
 # ---- the projection against torch.nn.LSTM(proj_size) ---------------------------------------------
 
 

@@ -427,8 +427,8 @@ py::dict build_info() {
   // (cpu::rows_apart_pays)
   info["rows_apart"] =
       cpu::cpu_has_packed_products()
-          ? "float32 LSTM and RNN steps (the GRU's backward) without a projection, layer norm or "
-            "noise, where every thread's share of the batch fills " +
+          ? "float32 steps without a projection, layer norm or noise (nor, backward, peephole "
+            "gradients), where every thread's share of the batch fills " +
                 std::to_string(cpu::packed_tile_rows()) +
                 " rows and the layer's weights (4 bytes each, 2 in bfloat16) take at most " +
                 std::to_string(cpu::l2_cache_bytes() / 2) + " bytes (half of one core's L2)"

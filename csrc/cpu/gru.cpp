@@ -132,7 +132,6 @@ struct Gru : DefaultStep {
 struct GruResetBefore : DefaultStep {
   static constexpr CellKind kind = CellKind::gru_reset_before;
   static constexpr bool kDefaultWeightGradients = false;  // W_hn's gradient reads r * h_{t-1}
-  static bool default_steps(const Dims&) { return false; }
 
   template <typename T>
   static void forward_products(const Dims& d, const ForwardIO<T>& io, const ForwardThread<T>& th,

@@ -535,17 +535,18 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   auto ln_partials = scratch<double>(ln ? N * kLnQuantities * G * ln_blocks(H) : 0);
   auto ln_gates = scratch<T>(ln && cell.has_c && !training ? N * GH : 0);
   auto x_chunk = scratch<T>(ln && !training ? chunk * N * GH : 0);
-  // rows apart (rows_apart_pays): the default step, its product taking x_t, and no noise (its
-  // masks are drawn per thread's units)
+  // rows apart (rows_apart_pays): float32, and none of the state that this loop keeps for the
+  // whole batch in the units split (layer norm's sums, a projection's, noise masks); the input
+  // projection then goes a step at a time over the thread's rows
   const bool rows_apart_may =
-      stacks_input && Cell::default_steps(d) && !dropping && !zoneout && !variational;
+      std::is_same_v<T, float> && !ln && !d.P && !dropping && !zoneout && !variational;
   const int64_t weight_bytes = GH * (d.C + R) * (io.bf16 ? 2 : int64_t(sizeof(T)));
   TeamSetup setup;
 #pragma omp parallel num_threads(recurrent_threads(d))
   {
     const bool rows_apart = rows_apart_may && rows_apart_pays(N, team_size(), weight_bytes);
-    const Range rows = rows_apart ? split(N, team_size(), thread_index()) : Range{0, N};
-    const int64_t r0 = rows.begin, NT = rows.size();
+    const Range own_rows = rows_apart ? split(N, team_size(), thread_index()) : Range{0, N};
+    const int64_t r0 = own_rows.begin, NT = own_rows.size();
     ForwardThread<T> th{rows_apart ? 1 : team_size()};
     th.units = rows_apart ? Range{0, H} : split(H, th.team, thread_index(), kUnitAlign);
     th.state_cols = rows_apart ? Range{0, R} : split(R, th.team, thread_index(), kUnitAlign);
@@ -570,7 +571,7 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
         taken.emplace(io.noise, NoisePurpose::zoneout, io.noise.zoneout_threshold, N, th.units);
       if (variational) scale_columns(th.isa, N, R, th.units, hs, vscale.get(), h_masked.get());
       Cell::template forward_products<T>(d, io, th, products);
-      gx = scratch<T>(ln || stacks_input ? 0 : chunk * N * th.width);
+      gx = scratch<T>(ln || stacks_input ? 0 : chunk * NT * th.width);
       ln_gx = scratch<T>(ln ? N * th.width : 0);
       // this thread's outputs: the rows of all G gates of its units, G blocks of w_ih; T*N rows
       if (ln)
@@ -611,11 +612,16 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
         run_pass<&ln_normalise_rows<T>>(th.isa, mine);
         team_barrier(th.team);  // and normalised
       } else if (!stacks_input) {
-        (*projection[0])(rows, x, d.C, gx.get(), th.width, Accumulate::no);
+        if (rows_apart)
+          for (int64_t t = t0; t < t0 + steps; ++t)
+            (*projection[0])(NT, io.x + (t * N + r0) * d.C, d.C,
+                             gx.get() + (t - t0) * NT * th.width, th.width, Accumulate::no);
+        else
+          (*projection[0])(rows, x, d.C, gx.get(), th.width, Accumulate::no);
       }
       for (int64_t t = t0; t < t0 + steps; ++t) {
         ForwardStep<T> s{NT, H, R, t, th.units, io.lengths ? io.lengths + r0 : nullptr};
-        s.gx = ln || stacks_input ? nullptr : gx.get() + (t - t0) * N * th.width;
+        s.gx = ln || stacks_input ? nullptr : gx.get() + (t - t0) * NT * th.width;
         s.x = stacks_input ? io.x + (t * N + r0) * d.C : nullptr;
         s.bx = bx.get();
         s.bhn = bhn.get();
@@ -628,9 +634,10 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
         s.peephole = io.w_peephole;
         if (training) {
           s.gates = cell.saves_gates ? io.reserve + layout.gates + (t * N + r0) * GH : nullptr;
-          s.ghn = cell.reset_after ? io.reserve + layout.ghn + t * NH : nullptr;
+          s.ghn = cell.reset_after ? io.reserve + layout.ghn + t * NH + r0 * H : nullptr;
         }
-        if (cell.reset_before) s.rh = training ? io.reserve + layout.rh + t * NH : rh_step.get();
+        if (cell.reset_before)
+          s.rh = (training ? io.reserve + layout.rh + t * NH : rh_step.get()) + r0 * H;
         if (d.P) s.m = training ? io.reserve + layout.m + (t + 1) * NH : m_step.get();
         if (dropping)
           candidate_scales(th.isa, io.noise, kept->at(t), N * th.units.size(), drop.get());
@@ -702,10 +709,6 @@ void sum_bias_rows(const BackwardThread<T>& th, const BackwardStep<T>& s) {
 // The products are built once per thread per call (forward_products, backward_products), and the
 // weight gradients follow the loop (weight_gradients); a cell may replace any of these too.
 struct DefaultStep {
-  // whether this call's steps are DefaultStep's (then rows_apart_pays may split the batch): a
-  // cell with steps of its own says where they are not
-  static bool default_steps(const Dims& d) { return !d.layer_norm && !d.P; }
-
   // whether weight_gradients is DefaultStep's (dw_ih = dgx^T x, dw_hh = dgh^T h_{t-1}, dx), which
   // the loop may then sum chunk by chunk itself (weight_gradients_in_loop)
   static constexpr bool kDefaultWeightGradients = true;
@@ -980,17 +983,17 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   auto x_masked = scratch<T>(0);
   const T* x_rows = sums_in_loop ? finite_padding(d, io.x, io.lengths, x_masked) : nullptr;
 
-  // rows apart (rows_apart_pays) as in the forward: the default step, no noise, and no peephole
-  // gradient (each thread sums its units' over all the rows step by step)
-  const bool rows_apart_may = std::is_same_v<T, float> && Cell::default_steps(d) && !dropping &&
-                              !zoneout && !variational && !io.dw_peephole;
+  // rows apart (rows_apart_pays) as in the forward, and no peephole gradient (each thread sums
+  // its units' over all the rows step by step)
+  const bool rows_apart_may = std::is_same_v<T, float> && !ln && !d.P && !dropping && !zoneout &&
+                              !variational && !io.dw_peephole;
   const int64_t weight_bytes = GH * (d.C + R) * (io.bf16 ? 2 : int64_t(sizeof(T)));
   TeamSetup setup;
 #pragma omp parallel num_threads(recurrent_threads(d))
   {
     const bool rows_apart = rows_apart_may && rows_apart_pays(N, team_size(), weight_bytes);
-    const Range rows = rows_apart ? split(N, team_size(), thread_index()) : Range{0, N};
-    const int64_t r0 = rows.begin;
+    const Range own_rows = rows_apart ? split(N, team_size(), thread_index()) : Range{0, N};
+    const int64_t r0 = own_rows.begin;
     // the units whose rows of the weight gradients and entries of the bias gradients this thread
     // sums: its own units, or rows apart its share of them, a chunk of steps at a time after a
     // barrier (every row's dG of the chunk is written), in the same order (t down, n up)
@@ -1041,7 +1044,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
           std::fill(io.dw_hh + w0 * R, io.dw_hh + w1 * R, 0.0f);
         }
     for (int64_t t = d.T - 1; ok && t >= 0; --t) {
-      BackwardStep<T> s{rows.size(), H, R, t, th.units, io.lengths ? io.lengths + r0 : nullptr};
+      BackwardStep<T> s{own_rows.size(), H, R, t, th.units, io.lengths ? io.lengths + r0 : nullptr};
       s.dy = io.dy ? io.dy + t * NR + r0 * R : zeros.get();
       s.h_prev = hs + t * NR + r0 * R;
       s.h = hs + (t + 1) * NR + r0 * R;
