@@ -478,7 +478,8 @@ def train(cfg: TrainConfig) -> dict:
     while step < cfg.steps and not stopped_early:
         for x, y in bptt:
             frac = team.largest(progress_fraction())  # every process stops at the same step
-            if step >= cfg.steps or frac >= 1:
+            # a time limit that setup used up still leaves one step, so the checkpoint is trained
+            if step >= cfg.steps or (frac >= 1 and step > start_step):
                 stopped_early = step < cfg.steps
                 break
             if cfg.lr_decay:  # cosine to a tenth of the initial rate
@@ -538,6 +539,7 @@ def train(cfg: TrainConfig) -> dict:
         "val_perplexity": perplexity(val_loss),
         "unigram_perplexity": unigram,
         "seconds": total,
+        "setup_seconds": t_train - t_start,  # data, model and optimizer before the first step
         "chars_per_second": chars / train_seconds,
         # every process trains on chars of its own; the all-reduce time is rank 0's
         "processes": team.world,
