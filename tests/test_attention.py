@@ -84,7 +84,9 @@ def test_one_step_is_a_slice_of_all_steps():
     c, a = attn(q, k, lengths)
     c1, a1 = attn(q[1], k, lengths)
     assert c1.shape == (N, 6) and a1.shape == (N, T)
-    assert_close(c1, c[1], 1e-15, 0, "context")
+    # a few ulps: NumPy's BLAS may sum one query's products in another order than a batch's
+    # (AVX-512 kernels on AMD Zen 5 differ in the last bit)
+    assert_close(c1, c[1], 1e-14, 0, "context")
     dq, dk = attn.backward(np.ones((N, 6)))
     assert dq.shape == (N, 6) and dk.shape == k.shape
 

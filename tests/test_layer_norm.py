@@ -191,8 +191,11 @@ def test_reference_against_torch_layer_norm(cell):
 
 # ---- the kernels against the reference ------------------------------------------------------
 
+# the last: at 25 rows (13 and 12 a thread) and small weights the forward's two threads split
+# the batch rather than the units (build_info()["rows_apart"]), each normalising its own rows
 GRID = [(7, 5, 6, 40, "mixed"), (4, 16, 9, 150, "positive"), (3, 2, 3, 17, "zero"),
-        (5, 3, 4, 1, None), (0, 3, 4, 20, None)]  # fmt: skip
+        (5, 3, 4, 1, None), (0, 3, 4, 20, None), (12, 25, 20, 100, "mixed")]  # fmt: skip
+SHAPES_FOR_BITS = [(6, 16, 8, 150), (12, 25, 20, 100)]  # (T, N, C, H): the units split, rows apart
 
 
 @pytest.mark.openmp
@@ -222,7 +225,11 @@ def test_kernels_match_the_reference(cell, options, dtype, threads):
             w = run_backward(reference, cell, want[3], **up)
             assert set(g) == set(w)
             for name in w:
-                assert_close(g[name], w[name], **tol(dtype, "grad"), name=f"{name} at {(T, N, H)}")
+                # layer norm's gradients reach the hundreds where a product's spread is small:
+                # float32's error, near zero too, is that of the largest
+                bound = tol(dtype, "grad")
+                bound["atol"] *= max(1.0, float(np.abs(w[name]).max(initial=0)))
+                assert_close(g[name], w[name], **bound, name=f"{name} at {(T, N, H)}")
     finally:
         rnnfast.set_num_threads(before)
 
@@ -230,19 +237,22 @@ def test_kernels_match_the_reference(cell, options, dtype, threads):
 @pytest.mark.openmp
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("cell, options", CASES, ids=CASE_IDS)
-def test_same_bits_for_any_thread_count(cell, options, dtype):
-    inputs, up, opts = _case(cell, 6, 16, 8, 150, _rng("bits", cell), dtype, options=options)
+@pytest.mark.parametrize("shape", SHAPES_FOR_BITS, ids=["units_split", "rows_apart"])
+def test_same_bits_for_any_thread_count(cell, options, dtype, shape):
+    inputs, up, opts = _case(cell, *shape, _rng("bits", cell), dtype, options=options)
     before = rnnfast.get_num_threads()
     results = []
     try:
         for threads in (1, 2):
             rnnfast.set_num_threads(threads)
             y, h, c, ctx = run_forward(ops, cell, **inputs, seed=SEED, **opts)
-            results.append((y.copy(), h, run_backward(ops, cell, ctx, **up)))
+            y_eval = run_forward(ops, cell, **inputs, training=False, **opts)[0]
+            results.append((y.copy(), h, run_backward(ops, cell, ctx, **up), y_eval))
     finally:
         rnnfast.set_num_threads(before)
-    (y1, h1, g1), (y2, h2, g2) = results
+    (y1, h1, g1, e1), (y2, h2, g2, e2) = results
     np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_array_equal(e1, e2)
     np.testing.assert_array_equal(h1, h2)
     for k in g1:
         np.testing.assert_array_equal(g1[k], g2[k], err_msg=k)

@@ -176,7 +176,11 @@ def test_reference_is_the_formulas(cell, training, mode):
 # ---- the kernels against the reference ------------------------------------------------------
 
 
-GRID = [(7, 5, 6, 40, "mixed"), (4, 16, 9, 150, "positive"), (3, 2, 3, 17, "zero")]
+# the last: at 25 rows (13 and 12 a thread) and small weights two threads split the batch rather
+# than the units (build_info()["rows_apart"]), each drawing its own rows' masks
+GRID = [(7, 5, 6, 40, "mixed"), (4, 16, 9, 150, "positive"), (3, 2, 3, 17, "zero"),
+        (30, 25, 20, 100, "mixed")]  # fmt: skip
+SHAPES_FOR_BITS = [(6, 16, 8, 150), (30, 25, 20, 100)]  # (T, N, C, H): the units split, rows apart
 
 
 @pytest.mark.openmp
@@ -211,19 +215,22 @@ def test_kernels_match_the_reference(cell, options, dtype, threads):
 
 @pytest.mark.openmp
 @pytest.mark.parametrize("cell, options", ALL_CASES, ids=[f"{c}-{_ids(o)}" for c, o in ALL_CASES])
-def test_same_seed_same_bits_for_any_thread_count(cell, options):
-    inputs, up = _case(cell, 6, 16, 8, 150, _rng("bits", cell), np.float32)
+@pytest.mark.parametrize("shape", SHAPES_FOR_BITS, ids=["units_split", "rows_apart"])
+def test_same_seed_same_bits_for_any_thread_count(cell, options, shape):
+    inputs, up = _case(cell, *shape, _rng("bits", cell), np.float32)
     before = rnnfast.get_num_threads()
     results = []
     try:
         for threads in (1, 2):
             rnnfast.set_num_threads(threads)
             y, h, c, ctx = run_forward(ops, cell, **inputs, seed=SEED, **options)
-            results.append((y.copy(), h, run_backward(ops, cell, ctx, **up)))
+            y_eval = run_forward(ops, cell, **inputs, training=False, **options)[0]
+            results.append((y.copy(), h, run_backward(ops, cell, ctx, **up), y_eval))
     finally:
         rnnfast.set_num_threads(before)
-    (y1, h1, g1), (y2, h2, g2) = results
+    (y1, h1, g1, e1), (y2, h2, g2, e2) = results
     np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_array_equal(e1, e2)
     np.testing.assert_array_equal(h1, h2)
     for k in g1:
         np.testing.assert_array_equal(g1[k], g2[k], err_msg=k)

@@ -427,7 +427,7 @@ py::dict build_info() {
   // (cpu::rows_apart_pays)
   info["rows_apart"] =
       cpu::cpu_has_packed_products()
-          ? "float32 steps without a projection, layer norm or noise (nor, backward, peephole "
+          ? "float32 steps without a projection (nor, backward, layer norm's or peephole "
             "gradients), where every thread's share of the batch fills " +
                 std::to_string(cpu::packed_tile_rows()) +
                 " rows and the layer's weights (4 bytes each, 2 in bfloat16) take at most " +

@@ -185,42 +185,44 @@ inline void team_barrier(int team) {
 
 // ---- recurrent dropout and zoneout (rnnfast/noise.h) ----------------------------------------
 
-// One purpose's keep masks for a thread's units, [N, units] a step, drawn four steps at a time
-// (one Philox evaluation per row and unit gives steps 4b .. 4b + 3, rnnfast/noise.h) as the
-// steps reach a new block, forward or backward.
+// One purpose's keep masks for a thread's rows and units, [rows, units] a step, drawn four steps
+// at a time (one Philox evaluation per row and unit gives steps 4b .. 4b + 3, rnnfast/noise.h)
+// as the steps reach a new block, forward or backward. Keyed by the batch row, so the masks are
+// the same whichever thread draws them.
 class StepMasks {
  public:
-  StepMasks(const Noise& z, NoisePurpose purpose, uint32_t threshold, int64_t N, Range units)
+  StepMasks(const Noise& z, NoisePurpose purpose, uint32_t threshold, Range rows, Range units)
       : z_(z),
         purpose_(purpose),
         threshold_(threshold),
-        N_(N),
+        rows_(rows),
         units_(units),
         isa_(cpu_isa()),
-        data_(scratch<uint8_t>(4 * N * units.size())) {}
+        data_(scratch<uint8_t>(4 * rows.size() * units.size())) {}
   const uint8_t* at(int64_t t) {
     if (t / 4 != block_) draw(t / 4);
-    return data_.get() + (t % 4) * N_ * units_.size();
+    return data_.get() + (t % 4) * rows_.size() * units_.size();
   }
 
  private:
   void draw(int64_t block) {
     block_ = block;
     run_inline(isa_, [this, block]() RNNFAST_INLINE {
-      keep_masks(z_.seed, z_.stream, purpose_, threshold_, block, N_, units_, data_.get());
+      keep_masks(z_.seed, z_.stream, purpose_, threshold_, block, rows_, units_, data_.get());
     });
   }
-  // [4, N, units]: steps 4 * block .. 4 * block + 3. The arguments are values and out is
+  // [4, rows, units]: steps 4 * block .. 4 * block + 3. The arguments are values and out is
   // restrict, so that the byte stores alias nothing the loop reads and it vectorises.
   RNNFAST_INLINE static void keep_masks(uint64_t seed, uint32_t stream, NoisePurpose purpose,
-                                        uint32_t threshold, int64_t block, int64_t N, Range units,
+                                        uint32_t threshold, int64_t block, Range rows, Range units,
                                         uint8_t* __restrict out) {
-    const int64_t nu = units.size(), NU = N * nu;
-    for (int64_t n = 0; n < N; ++n) {
+    const int64_t nu = units.size(), NU = rows.size() * nu;
+    for (int64_t n = 0; n < rows.size(); ++n) {
       uint8_t* o = out + n * nu;
 #pragma omp simd
       for (int64_t u = 0; u < nu; ++u) {
-        const Philox4 r = noise_draws(seed, stream, purpose, block, n, units.begin + u);
+        const Philox4 r =
+            noise_draws(seed, stream, purpose, block, rows.begin + n, units.begin + u);
         o[u] = r.w[0] >= threshold;
         o[NU + u] = r.w[1] >= threshold;
         o[2 * NU + u] = r.w[2] >= threshold;
@@ -231,7 +233,7 @@ class StepMasks {
   const Noise& z_;
   NoisePurpose purpose_;
   uint32_t threshold_;
-  int64_t N_;
+  Range rows_;
   Range units_;
   Isa isa_;
   Scratch<uint8_t> data_;
@@ -535,11 +537,10 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
   auto ln_partials = scratch<double>(ln ? N * kLnQuantities * G * ln_blocks(H) : 0);
   auto ln_gates = scratch<T>(ln && cell.has_c && !training ? N * GH : 0);
   auto x_chunk = scratch<T>(ln && !training ? chunk * N * GH : 0);
-  // rows apart (rows_apart_pays): float32, and none of the state that this loop keeps for the
-  // whole batch in the units split (layer norm's sums, a projection's, noise masks); the input
-  // projection then goes a step at a time over the thread's rows
-  const bool rows_apart_may =
-      std::is_same_v<T, float> && !ln && !d.P && !dropping && !zoneout && !variational;
+  // rows apart (rows_apart_pays): float32 without a projection (whose second product reduces
+  // over the units); the input projection (and layer norm's of x) then goes a step at a time over
+  // the thread's rows, and the noise masks are its rows' (they are keyed by the batch row)
+  const bool rows_apart_may = std::is_same_v<T, float> && !d.P;
   const int64_t weight_bytes = GH * (d.C + R) * (io.bf16 ? 2 : int64_t(sizeof(T)));
   TeamSetup setup;
 #pragma omp parallel num_threads(recurrent_threads(d))
@@ -564,15 +565,19 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     const bool ok = setup.run([&] {
       gh = scratch<T>(NT * th.width);
       if (dropping) {
-        drop = scratch<T>(N * th.units.size());
-        kept.emplace(io.noise, NoisePurpose::candidate, io.noise.candidate_threshold, N, th.units);
+        drop = scratch<T>(NT * th.units.size());
+        kept.emplace(io.noise, NoisePurpose::candidate, io.noise.candidate_threshold, own_rows,
+                     th.units);
       }
       if (zoneout && !io.noise.expectation)
-        taken.emplace(io.noise, NoisePurpose::zoneout, io.noise.zoneout_threshold, N, th.units);
-      if (variational) scale_columns(th.isa, N, R, th.units, hs, vscale.get(), h_masked.get());
+        taken.emplace(io.noise, NoisePurpose::zoneout, io.noise.zoneout_threshold, own_rows,
+                      th.units);
+      if (variational)
+        scale_columns(th.isa, NT, R, th.units, hs + r0 * R, vscale.get() + r0 * R,
+                      h_masked.get() + r0 * R);
       Cell::template forward_products<T>(d, io, th, products);
       gx = scratch<T>(ln || stacks_input ? 0 : chunk * NT * th.width);
-      ln_gx = scratch<T>(ln ? N * th.width : 0);
+      ln_gx = scratch<T>(ln ? NT * th.width : 0);
       // this thread's outputs: the rows of all G gates of its units, G blocks of w_ih; T*N rows
       if (ln)
         for (int64_t g = 0; g < G; ++g)
@@ -584,12 +589,10 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
     });
     th.gh = gh.get();
     for (int k = 0; k < 2; ++k) th.product[k] = products[k] ? &*products[k] : nullptr;
-    LayerNormStep<T> ln_step{io.ln.gamma_ih,
-                             io.ln.gamma_hh,
-                             io.ln.gamma_c,
-                             io.ln.beta_c,
-                             {ln_partials.get(), G * ln_blocks(H)}};
-    ln_step.gates = ln_gates.get();
+    const LnPartials partials{ln_partials.get(), G * ln_blocks(H)};
+    LayerNormStep<T> ln_step{io.ln.gamma_ih, io.ln.gamma_hh, io.ln.gamma_c, io.ln.beta_c,
+                             ln ? LnPartials{partials.at(r0, 0), partials.width} : partials};
+    ln_step.gates = ln_gates.get() + (ln && cell.has_c && !training ? r0 * GH : 0);
     ln_step.gx = ln_gx.get();
     ln_step.gh = th.gh;
     for (int64_t t0 = 0; ok && t0 < d.T; t0 += chunk) {
@@ -599,18 +602,30 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
       T* x_rows =
           ln ? (training ? io.reserve + layout.ln_x + t0 * N * GH : x_chunk.get()) : nullptr;
       if (ln) {
-        for (int64_t g = 0; g < G; ++g)
-          (*projection[g])(rows, x, d.C, x_rows + g * H + th.units.begin, GH, Accumulate::no);
-        team_barrier(th.team);  // the chunk's rows are whole (the last step's readers are done)
-        const LnRows<T> mine{GH,
-                             N,
-                             t0,
-                             split(rows, th.team, thread_index()),
-                             io.lengths,
-                             x_rows,
-                             training ? io.reserve + layout.ln_rstd + t0 * N * 3 : nullptr};
-        run_pass<&ln_normalise_rows<T>>(th.isa, mine);
-        team_barrier(th.team);  // and normalised
+        LnRows<T> mine{GH,
+                       N,
+                       t0,
+                       Range{0, rows},
+                       io.lengths,
+                       x_rows,
+                       training ? io.reserve + layout.ln_rstd + t0 * N * 3 : nullptr};
+        if (rows_apart) {  // the thread's rows of each step, whole
+          for (int64_t t = t0; t < t0 + steps; ++t) {
+            const int64_t first = (t - t0) * N + r0;
+            for (int64_t g = 0; g < G; ++g)
+              (*projection[g])(NT, io.x + (t * N + r0) * d.C, d.C, x_rows + first * GH + g * H, GH,
+                               Accumulate::no);
+            mine.rows = Range{first, first + NT};
+            run_pass<&ln_normalise_rows<T>>(th.isa, mine);
+          }
+        } else {
+          for (int64_t g = 0; g < G; ++g)
+            (*projection[g])(rows, x, d.C, x_rows + g * H + th.units.begin, GH, Accumulate::no);
+          team_barrier(th.team);  // the chunk's rows are whole (the last step's readers are done)
+          mine.rows = split(rows, th.team, thread_index());
+          run_pass<&ln_normalise_rows<T>>(th.isa, mine);
+          team_barrier(th.team);  // and normalised
+        }
       } else if (!stacks_input) {
         if (rows_apart)
           for (int64_t t = t0; t < t0 + steps; ++t)
@@ -640,22 +655,22 @@ void run_forward(const Dims& d, const ForwardIO<T>& io) {
           s.rh = (training ? io.reserve + layout.rh + t * NH : rh_step.get()) + r0 * H;
         if (d.P) s.m = training ? io.reserve + layout.m + (t + 1) * NH : m_step.get();
         if (dropping)
-          candidate_scales(th.isa, io.noise, kept->at(t), N * th.units.size(), drop.get());
+          candidate_scales(th.isa, io.noise, kept->at(t), NT * th.units.size(), drop.get());
         s.drop = drop.get();
         s.zoneout = zoneout;
         s.taken = taken ? taken->at(t) : nullptr;
         s.h_product = s.h_prev;
         if (variational) {
-          s.vscale = vscale.get();
-          s.h_product = h_masked.get() + (t & 1) * NR;
-          s.h_product_next = h_masked.get() + ((t + 1) & 1) * NR;
+          s.vscale = vscale.get() + r0 * R;
+          s.h_product = h_masked.get() + (t & 1) * NR + r0 * R;
+          s.h_product_next = h_masked.get() + ((t + 1) & 1) * NR + r0 * R;
         }
         if (ln) {
-          ln_step.x_hat = x_rows + (t - t0) * N * GH;
+          ln_step.x_hat = x_rows + ((t - t0) * N + r0) * GH;
           if (training) {
-            ln_step.h_hat = io.reserve + layout.ln_h + t * N * GH;
-            ln_step.c_hat = cell.has_c ? io.reserve + layout.ln_c + t * NH : nullptr;
-            ln_step.rstd = io.reserve + layout.ln_rstd + t * N * 3;
+            ln_step.h_hat = io.reserve + layout.ln_h + (t * N + r0) * GH;
+            ln_step.c_hat = cell.has_c ? io.reserve + layout.ln_c + t * NH + r0 * H : nullptr;
+            ln_step.rstd = io.reserve + layout.ln_rstd + (t * N + r0) * 3;
           }
           s.ln = &ln_step;
         }
@@ -841,14 +856,15 @@ void input_gradients(const Dims& d, const BackwardIO<T>& io, const T* dgx) {
 // rows a chunk of steps at a time, from the columns of dG it has just written and that are still
 // in its cache (after the loop they came from memory, at under half the FMA peak: bench/RESULTS.md,
 // session 13): float32 on the packed tiles, a cell with DefaultStep's weight gradients, and nothing
-// (layer norm's x side, variational dropout's masked h, a projection) changing what they read.
+// (layer norm's x side, a projection) changing what they read (variational dropout's masked h is
+// made before the loop).
 template <class Cell, typename T>
 bool weight_gradients_in_loop(const Dims& d, const BackwardIO<T>& io) {
   // each chunk adds into the thread's rows of dw_ih and dw_hh: where all of them take more than
   // twice the L2 (LSTM H = 512: 8 MB), those re-reads cost what the sums save
   const int64_t gradient_bytes = d.GH() * (d.C + d.R()) * int64_t(sizeof(float));
   return std::is_same_v<T, float> && !io.bf16 && cpu_has_packed_products() &&
-         Cell::kDefaultWeightGradients && !d.layer_norm && !d.P && !(io.noise.variational > 0) &&
+         Cell::kDefaultWeightGradients && !d.layer_norm && !d.P &&
          gradient_bytes <= 2 * l2_cache_bytes();
 }
 
@@ -948,11 +964,10 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
 
   // dy where the caller gave none, and with a projection the pass's (its dy is in dm already)
   const bool dropping = io.noise.candidate > 0, zoneout = io.noise.zoneout > 0;
-  // variational dropout: the products' input h_{t-1} * vscale (each thread its columns, as its
-  // pass needs them), and their gradient apart from dh, added to it scaled by vscale
+  // variational dropout: the products' input h_{t-1} * vscale (hs_product below), and their
+  // gradient apart from dh, added to it scaled by vscale
   const bool variational = io.noise.variational > 0;
   auto vscale = scratch<T>(variational ? NR : 0);
-  auto h_masked = scratch<T>(variational ? NR : 0);
   auto dh_masked = scratch<T>(variational ? NR : 0);
   if (variational) variational_scales(cpu_isa(), io.noise, N, R, vscale.get());
   const int64_t zero_count = io.dy && !d.P && !zoneout ? 0 : N * std::max(R, H);
@@ -982,18 +997,23 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   const int64_t chunk_steps = gradient_chunk_steps(d);
   auto x_masked = scratch<T>(0);
   const T* x_rows = sums_in_loop ? finite_padding(d, io.x, io.lengths, x_masked) : nullptr;
+  // what W_hh multiplied: h_{t-1}, or with variational dropout h_{t-1} * vscale
+  auto hs_masked = scratch<T>(variational ? TN * R : 0);
+  if (variational)
+    for (int64_t t = 0; t < d.T; ++t)
+      for (int64_t k = 0; k < NR; ++k) hs_masked[t * NR + k] = hs[t * NR + k] * vscale[k];
+  const T* hs_product = variational ? hs_masked.get() : hs;
 
-  // rows apart (rows_apart_pays) as in the forward, and no peephole gradient (each thread sums
-  // its units' over all the rows step by step)
-  const bool rows_apart_may = std::is_same_v<T, float> && !ln && !d.P && !dropping && !zoneout &&
-                              !variational && !io.dw_peephole;
+  // rows apart (rows_apart_pays) as in the forward, but not with layer norm's gain gradients or
+  // the peepholes' (each thread sums its units' over all the rows step by step)
+  const bool rows_apart_may = std::is_same_v<T, float> && !ln && !d.P && !io.dw_peephole;
   const int64_t weight_bytes = GH * (d.C + R) * (io.bf16 ? 2 : int64_t(sizeof(T)));
   TeamSetup setup;
 #pragma omp parallel num_threads(recurrent_threads(d))
   {
     const bool rows_apart = rows_apart_may && rows_apart_pays(N, team_size(), weight_bytes);
     const Range own_rows = rows_apart ? split(N, team_size(), thread_index()) : Range{0, N};
-    const int64_t r0 = own_rows.begin;
+    const int64_t r0 = own_rows.begin, NT = own_rows.size();
     // the units whose rows of the weight gradients and entries of the bias gradients this thread
     // sums: its own units, or rows apart its share of them, a chunk of steps at a time after a
     // barrier (every row's dG of the chunk is written), in the same order (t down, n up)
@@ -1012,18 +1032,21 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
     Scratch<float> gradient_workspace(nullptr, release_scratch);
     ChunkProducts chunk;
     if constexpr (std::is_same_v<T, float>)
-      if (sums_in_loop) chunk = chunk_products(d, io, sum_units, x_rows, hs, dgh == dgx.get());
+      if (sums_in_loop)
+        chunk = chunk_products(d, io, sum_units, x_rows, hs_product, dgh == dgx.get());
     const bool ok = setup.run([&] {
       Cell::template backward_products<T>(d, io, th, products);
       if (sums_in_loop) gradient_workspace = scratch<float>(chunk.workspace);
       drh = scratch<T>(cell.reset_before ? N * th.units.size() : 0);
       if (dropping) {
-        drop = scratch<T>(N * th.units.size());
-        kept.emplace(io.noise, NoisePurpose::candidate, io.noise.candidate_threshold, N, th.units);
+        drop = scratch<T>(NT * th.units.size());
+        kept.emplace(io.noise, NoisePurpose::candidate, io.noise.candidate_threshold, own_rows,
+                     th.units);
       }
       if (zoneout) {
-        carry = scratch<T>(N * th.units.size());
-        taken.emplace(io.noise, NoisePurpose::zoneout, io.noise.zoneout_threshold, N, th.units);
+        carry = scratch<T>(NT * th.units.size());
+        taken.emplace(io.noise, NoisePurpose::zoneout, io.noise.zoneout_threshold, own_rows,
+                      th.units);
       }
     });
     for (int k = 0; k < 2; ++k) th.product[k] = products[k] ? &*products[k] : nullptr;
@@ -1044,7 +1067,7 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
           std::fill(io.dw_hh + w0 * R, io.dw_hh + w1 * R, 0.0f);
         }
     for (int64_t t = d.T - 1; ok && t >= 0; --t) {
-      BackwardStep<T> s{own_rows.size(), H, R, t, th.units, io.lengths ? io.lengths + r0 : nullptr};
+      BackwardStep<T> s{NT, H, R, t, th.units, io.lengths ? io.lengths + r0 : nullptr};
       s.dy = io.dy ? io.dy + t * NR + r0 * R : zeros.get();
       s.h_prev = hs + t * NR + r0 * R;
       s.h = hs + (t + 1) * NR + r0 * R;
@@ -1065,21 +1088,21 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
       s.dgx = dgx.get() + (t * N + r0) * GH;
       s.dgh = dgh + (t * N + r0) * GH;
       if (dropping)
-        candidate_scales(th.isa, io.noise, kept->at(t), N * th.units.size(), drop.get());
+        candidate_scales(th.isa, io.noise, kept->at(t), NT * th.units.size(), drop.get());
       s.drop = drop.get();
       if (zoneout) {
         split_zoneout_gradient(th.isa, taken->at(t), s, s.dy, carry.get());
         s.dy = zeros.get();
       }
-      s.h_product = s.h_prev;
+      s.h_product = hs_product + t * NR + r0 * R;
       s.dh_product = s.dh;
+      // the thread's rows of variational dropout's scales and of the products' input's gradient
+      const T* vs = vscale.get() + r0 * R;
+      T* dhm = dh_masked.get() + r0 * R;
       if (variational) {
-        scale_columns(th.isa, N, R, th.units, s.h_prev, vscale.get(), h_masked.get());
-        for (int64_t n = 0; n < N; ++n)
-          std::fill(dh_masked.get() + n * R + th.units.begin,
-                    dh_masked.get() + n * R + th.units.end, T(0));
-        s.h_product = h_masked.get();
-        s.dh_product = dh_masked.get();
+        for (int64_t n = 0; n < NT; ++n)
+          std::fill(dhm + n * R + th.units.begin, dhm + n * R + th.units.end, T(0));
+        s.dh_product = dhm;
       }
       if (ln) {
         ln_step.x_hat = ln_reserve + layout.ln_x + t * N * GH;
@@ -1092,10 +1115,10 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
       if (zoneout) add_zoneout_carry(th.isa, s, carry.get());
       if (variational)  // dh_{t-1} += vscale * (the gradient reaching the products' input)
         run_inline(th.isa, [&]() RNNFAST_INLINE {
-          for (int64_t n = 0; n < N; ++n)
+          for (int64_t n = 0; n < NT; ++n)
 #pragma omp simd
             for (int64_t j = th.units.begin; j < th.units.end; ++j)
-              io.dh0[n * R + j] += vscale[n * R + j] * dh_masked[n * R + j];
+              s.dh[n * R + j] += vs[n * R + j] * dhm[n * R + j];
         });
       // a chunk is whole at its first step (chunks run from step T down, the one at 0 shorter)
       const int64_t past_chunk = (d.T - t) % chunk_steps;
@@ -1123,16 +1146,10 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   setup.rethrow();
   if (ln) ln_input_product_backward(d, io, layout, dgx.get());
 
-  // with variational dropout, W_hh multiplied h_{t-1} * vscale
-  auto hs_masked = scratch<T>(variational ? TN * R : 0);
-  if (variational)
-    for (int64_t t = 0; t < d.T; ++t)
-      for (int64_t k = 0; k < NR; ++k) hs_masked[t * NR + k] = hs[t * NR + k] * vscale[k];
   if (sums_in_loop)
     dx_product(d, io, dgx.get());
   else
-    Cell::template weight_gradients<T>(d, io, dgx.get(), dgh, variational ? hs_masked.get() : hs,
-                                       dh_seq.get());
+    Cell::template weight_gradients<T>(d, io, dgx.get(), dgh, hs_product, dh_seq.get());
   if (io.db_ih) std::memcpy(io.db_ih, db_sum.get(), sizeof(T) * GH);
   if (io.db_hh) std::memcpy(io.db_hh, db_sum.get() + (sum_db_h ? GH : 0), sizeof(T) * GH);
 }
