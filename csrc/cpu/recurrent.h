@@ -1104,8 +1104,8 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
       s.h_product = hs_product + t * NR + r0 * R;
       s.dh_product = s.dh;
       // the thread's rows of variational dropout's scales and of the products' input's gradient
-      const T* vs = vscale.get() + r0 * R;
-      T* dhm = dh_masked.get() + r0 * R;
+      const T* vs = variational ? vscale.get() + r0 * R : nullptr;
+      T* dhm = variational ? dh_masked.get() + r0 * R : nullptr;
       if (variational) {
         for (int64_t n = 0; n < NT; ++n)
           std::fill(dhm + n * R + th.units.begin, dhm + n * R + th.units.end, T(0));
