@@ -154,13 +154,15 @@ def test_dates_task_is_learned_saved_translated_and_plotted(tmp_path, capsys):
     result = json.loads(js.read_text())
     assert result["exact_match"] > 0.9 and result["token_accuracy"] > 0.97, result["exact_match"]
     assert result["exact_match_greedy"] > 0.9 and result["decoding"] == "beam 5, alpha 0.6"
-    assert result["bleu"] > 90
     hyps = [h for _, h, _ in result["examples"]]
     refs = [r[0] for _, _, r in result["examples"]]
-    if importlib.util.find_spec("sacrebleu"):  # the BLEU against sacrebleu's, where installed
+    if importlib.util.find_spec("sacrebleu"):  # BLEU is sacrebleu's (an optional extra)
         import sacrebleu
 
+        assert result["bleu"] > 90
         assert s2s.bleu(hyps, [[r] for r in refs]) == sacrebleu.corpus_bleu(hyps, [refs]).score
+    else:
+        assert result["bleu"] is None and s2s.bleu(hyps, [[r] for r in refs]) is None
     assert not plots or png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
     sources = [s for s, _, _ in result["examples"]]
