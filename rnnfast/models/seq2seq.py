@@ -622,7 +622,7 @@ def train_seq2seq(cfg: Seq2SeqConfig) -> dict:
         "n_test": len(sources),
         "n_test_pairs": len(test),
         "epochs_run": len(history),
-        "stopped_by_time_limit": any(r.get("stopped_by_time_limit") for r in history.records),
+        "stopped_by_time_limit": bool(history.records[-1].get("stopped_by_time_limit")),
         "history": history.records,
         "parameters": model.num_parameters(),
         "config": asdict(cfg),
