@@ -1008,7 +1008,8 @@ void run_backward(const Dims& d, const BackwardIO<T>& io) {
   auto hs_masked = scratch<T>(variational ? TN * R : 0);
   if (variational)
     for (int64_t t = 0; t < d.T; ++t)
-      for (int64_t k = 0; k < NR; ++k) hs_masked[t * NR + k] = hs[t * NR + k] * vscale[k];
+      scale_columns(cpu_isa(), N, R, Range{0, R}, hs + t * NR, vscale.get(),
+                    hs_masked.get() + t * NR);
   const T* hs_product = variational ? hs_masked.get() : hs;
 
   // rows apart (rows_apart_pays) as in the forward, but not with layer norm's gain gradients or
